@@ -1,0 +1,127 @@
+//! Load-balancing maps: services (frontends and their backend slots), backends, and service
+//! metadata.
+//!
+//! A service port with `n` backends occupies `n + 1` entries of [`SERVICES_MAP`], all with the
+//! same frontend address, port and protocol:
+//!
+//! ```text
+//! slot 0      → ServiceValue { backend_id: 0,  count: n, flags, service_id }   the frontend
+//! slot 1..=n  → ServiceValue { backend_id: b,  count: 0, flags: 0, service_id } one per backend
+//! ```
+//!
+//! A reader looks up slot 0, picks a slot with [`crate::select_slot`], looks that slot up, then
+//! the backend by id: three O(1) hash lookups, whatever the number of services. Writers keep
+//! every intermediate state valid: backends are written before the slots that name them, slots
+//! before the frontend count that makes them reachable, and deletion runs in reverse.
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::user_pod;
+
+/// Pinned name of the services map (`bpftool map dump name KP_SERVICES`).
+pub const SERVICES_MAP: &str = "KP_SERVICES";
+/// Pinned name of the backends map.
+pub const BACKENDS_MAP: &str = "KP_BACKENDS";
+/// Pinned name of the service metadata map (reverse NAT and names, keyed by service id).
+pub const SERVICE_META_MAP: &str = "KP_SVC_META";
+
+/// Default number of service ports (frontends) the maps hold.
+pub const DEFAULT_MAX_SERVICES: u32 = 16_384;
+/// Default number of distinct backends (address, port, protocol) the maps hold.
+pub const DEFAULT_MAX_BACKENDS: u32 = 131_072;
+
+/// Capacity of [`SERVICES_MAP`] for the given limits: one frontend entry per service port plus
+/// one slot per (service port, backend) pair, which is bounded by `max_backends` per service
+/// in the worst case but is `max_services + max_backends` when backends are not shared.
+pub const fn services_map_capacity(max_services: u32, max_backends: u32) -> u32 {
+    max_services.saturating_add(max_backends)
+}
+
+/// Key of [`SERVICES_MAP`]. 12 bytes, no holes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct ServiceKey {
+    /// Frontend IPv4 address (the ClusterIP), network order.
+    pub address: [u8; 4],
+    /// Frontend port, network order.
+    pub port: [u8; 2],
+    /// 0 for the frontend entry, `1..=count` for backend slots. Host order.
+    pub slot: u16,
+    /// IP protocol: [`crate::PROTO_TCP`] or [`crate::PROTO_UDP`].
+    pub protocol: u8,
+    /// Reserved for the lookup scope (e.g. node-local traffic policy). Always 0 today.
+    pub scope: u8,
+    /// Explicit padding, always zero.
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 12);
+const _: () = assert!(core::mem::offset_of!(ServiceKey, slot) == 6);
+const _: () = assert!(core::mem::offset_of!(ServiceKey, protocol) == 8);
+
+/// Value of [`SERVICES_MAP`]. 12 bytes, no holes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct ServiceValue {
+    /// Slot > 0: id of the backend in [`BACKENDS_MAP`]. Slot 0: always 0.
+    pub backend_id: u32,
+    /// Slot 0: number of backend slots (0 means "no ready endpoint": refuse). Slot > 0: 0.
+    pub count: u16,
+    /// Slot 0: `SVC_FLAG_*` bits. Slot > 0: 0.
+    pub flags: u16,
+    /// Id of the service port, the key of [`SERVICE_META_MAP`]. Same in every slot.
+    pub service_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 12);
+const _: () = assert!(core::mem::offset_of!(ServiceValue, service_id) == 8);
+
+/// [`ServiceValue::flags`]: the frontend is a ClusterIP.
+pub const SVC_FLAG_CLUSTER_IP: u16 = 1 << 0;
+
+/// Value of [`BACKENDS_MAP`], keyed by a `u32` backend id (never 0). 8 bytes, no holes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct Backend {
+    /// Backend (pod) IPv4 address, network order.
+    pub address: [u8; 4],
+    /// Backend port, network order.
+    pub port: [u8; 2],
+    /// IP protocol, as in [`ServiceKey::protocol`].
+    pub protocol: u8,
+    /// Reserved for backend state (e.g. terminating). Always 0 today.
+    pub flags: u8,
+}
+const _: () = assert!(core::mem::size_of::<Backend>() == 8);
+
+/// Length of the NUL-padded name fields of [`ServiceMeta`]: a Kubernetes namespace, service
+/// name or port name is a DNS label of at most 63 bytes, so one NUL always fits.
+pub const NAME_LEN: usize = 64;
+
+/// Value of [`SERVICE_META_MAP`], keyed by the `u32` service id. 200 bytes, no holes.
+///
+/// The frontend half is what reverse translation needs (service id → frontend); the names make
+/// the pinned maps self-describing, so `kproxy dump` and a restarted agent can rebuild the full
+/// programmed state from bpffs alone.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct ServiceMeta {
+    /// Frontend IPv4 address, network order.
+    pub address: [u8; 4],
+    /// Frontend port, network order.
+    pub port: [u8; 2],
+    /// IP protocol, as in [`ServiceKey::protocol`].
+    pub protocol: u8,
+    /// Service type: one of `SVC_TYPE_*`.
+    pub svc_type: u8,
+    /// Namespace of the Service, NUL-padded UTF-8.
+    pub namespace: [u8; NAME_LEN],
+    /// Name of the Service, NUL-padded UTF-8.
+    pub name: [u8; NAME_LEN],
+    /// Name of the service port (may be empty), NUL-padded UTF-8.
+    pub port_name: [u8; NAME_LEN],
+}
+const _: () = assert!(core::mem::size_of::<ServiceMeta>() == 8 + 3 * NAME_LEN);
+
+/// [`ServiceMeta::svc_type`] of a ClusterIP frontend.
+pub const SVC_TYPE_CLUSTER_IP: u8 = 1;
+
+user_pod!(ServiceKey, ServiceValue, Backend, ServiceMeta);

@@ -1,0 +1,49 @@
+//! Socket-level reverse translation.
+//!
+//! `connect4` and `sendmsg4` rewrite a service address to a backend address in the socket
+//! itself, so the kernel never sees the service again. To make the socket still *appear*
+//! connected to the service (`getpeername`, the source of a UDP reply in `recvmsg`), the
+//! forward hook records "this socket talks to this backend on behalf of this frontend" here,
+//! and `getpeername4` / `recvmsg4` translate back. LRU, so entries of closed sockets age out.
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::user_pod;
+
+/// Pinned name of the socket reverse-NAT map.
+pub const SOCK_REVNAT_MAP: &str = "KP_SOCK_REVNAT";
+
+/// Default capacity of [`SOCK_REVNAT_MAP`] (sockets with a live translation).
+pub const DEFAULT_MAX_SOCK_REVNAT: u32 = 262_144;
+
+/// Key of [`SOCK_REVNAT_MAP`]. 16 bytes, no holes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SockRevNatKey {
+    /// `bpf_get_socket_cookie()` of the client socket.
+    pub cookie: u64,
+    /// Backend IPv4 address the socket was sent to, network order.
+    pub address: [u8; 4],
+    /// Backend port, network order.
+    pub port: [u8; 2],
+    /// Explicit padding, always zero.
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<SockRevNatKey>() == 16);
+
+/// Value of [`SOCK_REVNAT_MAP`]. 12 bytes, no holes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SockRevNatValue {
+    /// Frontend (service) IPv4 address the application asked for, network order.
+    pub address: [u8; 4],
+    /// Frontend port, network order.
+    pub port: [u8; 2],
+    /// Explicit padding, always zero.
+    pub _pad: [u8; 2],
+    /// Service id of the frontend, as in [`crate::lb::ServiceValue::service_id`].
+    pub service_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<SockRevNatValue>() == 12);
+
+user_pod!(SockRevNatKey, SockRevNatValue);

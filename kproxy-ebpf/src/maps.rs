@@ -1,0 +1,27 @@
+//! The maps, declared with BTF so `bpftool map dump` shows field names. Sizes here are
+//! placeholders: the agent sets every capacity at load time from its flags.
+
+use aya_ebpf::{
+    btf_maps::{HashMap, LruHashMap},
+    macros::btf_map,
+};
+use kproxy_common::{
+    lb::{Backend, ServiceKey, ServiceMeta, ServiceValue},
+    sock::{SockRevNatKey, SockRevNatValue},
+};
+
+/// Frontends and backend slots; see `kproxy_common::lb`.
+#[btf_map]
+pub static KP_SERVICES: HashMap<ServiceKey, ServiceValue, 1024> = HashMap::new();
+
+/// Backends by id.
+#[btf_map]
+pub static KP_BACKENDS: HashMap<u32, Backend, 1024> = HashMap::new();
+
+/// Service id → frontend and names. Written by the agent only; read by the reverse path.
+#[btf_map]
+pub static KP_SVC_META: HashMap<u32, ServiceMeta, 1024> = HashMap::new();
+
+/// (socket, backend) → frontend, for getpeername and UDP replies.
+#[btf_map]
+pub static KP_SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNatValue, 1024> = LruHashMap::new();
