@@ -1,1 +1,144 @@
-fn main(){}
+//! kproxy: an eBPF replacement for kube-proxy. See README.md.
+
+mod agent;
+mod dataplane;
+mod dump;
+mod loader;
+mod model;
+mod runner;
+mod sources;
+mod sync;
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{Context as _, Result};
+use clap::{Args, Parser, Subcommand};
+use kproxy_common::{
+    lb::{DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES},
+    sock::DEFAULT_MAX_SOCK_REVNAT,
+};
+
+use crate::{
+    dataplane::{bpf::BpfMaps, Dataplane as _},
+    loader::{Capacities, PinLayout},
+    runner::RunnerConfig,
+};
+
+#[derive(Parser)]
+#[command(version, about = "eBPF replacement for kube-proxy")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct PinArgs {
+    /// bpffs directory holding kproxy's pinned maps and links (bpffs is mounted if absent).
+    #[arg(long, default_value = "/sys/fs/bpf/kproxy")]
+    bpffs_dir: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Attach the datapath and keep it in sync with the Services and EndpointSlices.
+    Run(RunArgs),
+    /// Print every programmed service and its backends, from the pinned maps.
+    Dump {
+        #[command(flatten)]
+        pin: PinArgs,
+        /// Print JSON: {"services":[{"namespace","name","port_name","type","frontend","protocol","backends"}]}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Detach and remove everything kproxy pinned. Stop the agent first.
+    Cleanup {
+        #[command(flatten)]
+        pin: PinArgs,
+        /// Accepted for symmetry with `run`; the pinned links say where programs are attached.
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+    },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Service and EndpointSlice manifests: a YAML file or a directory of them. Watched.
+    #[arg(long)]
+    manifests: PathBuf,
+    #[command(flatten)]
+    pin: PinArgs,
+    /// cgroup v2 directory to attach to (default: the cgroup2 root, from /proc/self/mountinfo).
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    /// Capacity in service ports (frontends).
+    #[arg(long, default_value_t = DEFAULT_MAX_SERVICES)]
+    max_services: u32,
+    /// Capacity in distinct backends (address, port, protocol).
+    #[arg(long, default_value_t = DEFAULT_MAX_BACKENDS)]
+    max_backends: u32,
+    /// Capacity of the socket reverse-translation map (LRU).
+    #[arg(long, default_value_t = DEFAULT_MAX_SOCK_REVNAT)]
+    max_sock_revnat: u32,
+    /// Minimum interval between syncs; changes within it coalesce (kube-proxy's flag).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    min_sync_period: Duration,
+    /// Interval of full syncs, which also repair drift (kube-proxy's flag).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    sync_period: Duration,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Run(args) => {
+            let cgroup = match args.cgroup {
+                Some(c) => c,
+                None => loader::cgroup2_root()?,
+            };
+            let cfg = agent::AgentConfig {
+                manifests: args.manifests,
+                layout: PinLayout::new(args.pin.bpffs_dir),
+                cgroup,
+                capacities: Capacities {
+                    max_services: args.max_services,
+                    max_backends: args.max_backends,
+                    max_sock_revnat: args.max_sock_revnat,
+                },
+                runner: RunnerConfig {
+                    min_interval: args.min_sync_period,
+                    sync_period: args.sync_period,
+                    retry_interval: args.min_sync_period.max(Duration::from_secs(1)),
+                },
+            };
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("start the tokio runtime")?
+                .block_on(agent::run(cfg))
+        }
+        Command::Dump { pin, json } => {
+            let layout = PinLayout::new(pin.bpffs_dir);
+            let maps = BpfMaps::open(&layout.maps_dir())
+                .with_context(|| format!("is kproxy running with --bpffs-dir {}?", layout.root.display()))?;
+            let dump = dump::Dump::new(maps.read()?.frontends(), maps.usage()?);
+            let mut out = std::io::stdout().lock();
+            if json {
+                serde_json::to_writer(&mut out, &serde_json::json!({ "services": dump.services }))?;
+                println!();
+            } else {
+                dump.write_table(&mut out)?;
+            }
+            Ok(())
+        }
+        Command::Cleanup { pin, cgroup: _ } => {
+            let report = loader::cleanup(&PinLayout::new(pin.bpffs_dir))?;
+            println!("detached {} links, removed {} maps", report.links.len(), report.maps.len());
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! The BPF dataplane: the pinned kernel maps, read and written through aya.
+
+use std::path::Path;
+
+use aya::maps::{HashMap, IterableMap as _, Map, MapData, MapError};
+use kproxy_common::lb::{
+    Backend, ServiceKey, ServiceMeta, ServiceValue, BACKENDS_MAP, SERVICES_MAP, SERVICE_META_MAP,
+};
+
+use super::{Dataplane, DataplaneError, MapContents, Op};
+
+/// Handles on the load-balancing maps.
+pub struct BpfMaps {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    backends: HashMap<MapData, u32, Backend>,
+    meta: HashMap<MapData, u32, ServiceMeta>,
+}
+
+/// Capacity and use of one map, for `dump` and metrics.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct MapUsage {
+    pub name: &'static str,
+    pub entries: usize,
+    pub capacity: u32,
+}
+
+fn open<K: aya::Pod, V: aya::Pod>(maps_dir: &Path, name: &'static str) -> Result<HashMap<MapData, K, V>, DataplaneError> {
+    let path = maps_dir.join(name);
+    let open_err = |source| DataplaneError::Open { path: path.display().to_string(), source };
+    let data = MapData::from_pin(&path).map_err(open_err)?;
+    let map = Map::from_map_data(data).map_err(open_err)?;
+    HashMap::try_from(map).map_err(open_err)
+}
+
+fn map_err(map: &'static str, operation: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { map, operation, source }
+}
+
+/// Treats "no such key" on delete as done: the entry is already gone.
+fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+fn read_all<K: aya::Pod + Eq + std::hash::Hash, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    name: &'static str,
+) -> Result<std::collections::HashMap<K, V>, DataplaneError> {
+    map.iter().collect::<Result<_, _>>().map_err(map_err(name, "iterate"))
+}
+
+impl BpfMaps {
+    /// Opens the maps pinned in `maps_dir` (the agent's `<bpffs-dir>/maps`).
+    pub fn open(maps_dir: &Path) -> Result<Self, DataplaneError> {
+        Ok(Self {
+            services: open(maps_dir, SERVICES_MAP)?,
+            backends: open(maps_dir, BACKENDS_MAP)?,
+            meta: open(maps_dir, SERVICE_META_MAP)?,
+        })
+    }
+
+    /// Entries and capacity of each map, as the kernel reports them.
+    pub fn usage(&self) -> Result<Vec<MapUsage>, DataplaneError> {
+        fn one<K: aya::Pod, V: aya::Pod>(
+            m: &HashMap<MapData, K, V>,
+            name: &'static str,
+        ) -> Result<MapUsage, DataplaneError> {
+            let info = m.map().info().map_err(map_err(name, "info"))?;
+            Ok(MapUsage { name, entries: m.keys().count(), capacity: info.max_entries() })
+        }
+        Ok(vec![
+            one(&self.services, SERVICES_MAP)?,
+            one(&self.backends, BACKENDS_MAP)?,
+            one(&self.meta, SERVICE_META_MAP)?,
+        ])
+    }
+}
+
+impl Dataplane for BpfMaps {
+    fn read(&self) -> Result<MapContents, DataplaneError> {
+        Ok(MapContents {
+            services: read_all(&self.services, SERVICES_MAP)?,
+            backends: read_all(&self.backends, BACKENDS_MAP)?,
+            meta: read_all(&self.meta, SERVICE_META_MAP)?,
+        })
+    }
+
+    fn apply(&mut self, op: &Op) -> Result<(), DataplaneError> {
+        match op {
+            Op::PutBackend(id, b) => self.backends.insert(id, b, 0).map_err(map_err(BACKENDS_MAP, "insert")),
+            Op::DeleteBackend(id) => {
+                ignore_missing(self.backends.remove(id)).map_err(map_err(BACKENDS_MAP, "remove"))
+            }
+            Op::PutService(k, v) => self.services.insert(k, v, 0).map_err(map_err(SERVICES_MAP, "insert")),
+            Op::DeleteService(k) => {
+                ignore_missing(self.services.remove(k)).map_err(map_err(SERVICES_MAP, "remove"))
+            }
+            Op::PutMeta(id, m) => self.meta.insert(id, m, 0).map_err(map_err(SERVICE_META_MAP, "insert")),
+            Op::DeleteMeta(id) => {
+                ignore_missing(self.meta.remove(id)).map_err(map_err(SERVICE_META_MAP, "remove"))
+            }
+        }
+    }
+}

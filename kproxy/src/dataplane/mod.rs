@@ -1,0 +1,234 @@
+//! The dataplane: what the maps hold, how a change to them is planned, and who writes it.
+//!
+//! [`MapContents`] is the content of the load-balancing maps as plain data, in the exact types
+//! the kernel reads. [`plan::plan`] turns (current contents, desired state) into an ordered
+//! list of [`Op`]s; a [`Dataplane`] applies them. The BPF implementation ([`bpf::BpfMaps`]) is
+//! the only code that touches kernel maps; [`MapContents`] itself is the in-memory dataplane,
+//! and [`MapContents::resolve`] answers "where would this connection go?" with the same
+//! selection code as the kernel.
+
+pub mod bpf;
+pub mod plan;
+
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, SocketAddrV4},
+};
+
+use kproxy_common::{
+    lb::{Backend, ServiceKey, ServiceMeta, ServiceValue, NAME_LEN, SVC_TYPE_CLUSTER_IP},
+    select_slot,
+};
+
+use crate::model::{Frontend, Protocol, ServicePortName, ServiceType};
+
+/// One write to the maps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    PutBackend(u32, Backend),
+    DeleteBackend(u32),
+    PutService(ServiceKey, ServiceValue),
+    DeleteService(ServiceKey),
+    PutMeta(u32, ServiceMeta),
+    DeleteMeta(u32),
+}
+
+/// The content of the load-balancing maps.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapContents {
+    pub services: HashMap<ServiceKey, ServiceValue>,
+    pub backends: HashMap<u32, Backend>,
+    pub meta: HashMap<u32, ServiceMeta>,
+}
+
+/// Errors of a dataplane write or read, naming the map and the operation.
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("{map}: {operation}: {source}")]
+    Map {
+        map: &'static str,
+        operation: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("open pinned map {path}: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+/// Something that holds load-balancing maps.
+pub trait Dataplane {
+    /// Reads the whole content of the maps.
+    fn read(&self) -> Result<MapContents, DataplaneError>;
+    /// Applies one write. Deleting an entry that is already gone is not an error.
+    fn apply(&mut self, op: &Op) -> Result<(), DataplaneError>;
+}
+
+impl Dataplane for MapContents {
+    fn read(&self) -> Result<MapContents, DataplaneError> {
+        Ok(self.clone())
+    }
+
+    fn apply(&mut self, op: &Op) -> Result<(), DataplaneError> {
+        match op {
+            Op::PutBackend(id, b) => {
+                self.backends.insert(*id, *b);
+            }
+            Op::DeleteBackend(id) => {
+                self.backends.remove(id);
+            }
+            Op::PutService(k, v) => {
+                self.services.insert(*k, *v);
+            }
+            Op::DeleteService(k) => {
+                self.services.remove(k);
+            }
+            Op::PutMeta(id, m) => {
+                self.meta.insert(*id, *m);
+            }
+            Op::DeleteMeta(id) => {
+                self.meta.remove(id);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where a new connection to a frontend goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resolution {
+    NotAService,
+    Refused,
+    Backend(SocketAddrV4),
+}
+
+impl MapContents {
+    /// Resolves a new connection exactly as the kernel's `lb::lookup` does, with `random` in
+    /// place of `bpf_get_prandom_u32()`.
+    pub fn resolve(&self, frontend: Frontend, random: u32) -> Resolution {
+        let mut key = service_key(frontend, 0);
+        let Some(front) = self.services.get(&key) else { return Resolution::NotAService };
+        if front.count == 0 {
+            return Resolution::Refused;
+        }
+        key.slot = select_slot(random, front.count);
+        let backend = self.services.get(&key).and_then(|slot| self.backends.get(&slot.backend_id));
+        match backend {
+            Some(b) => Resolution::Backend(backend_addr(b)),
+            None => Resolution::Refused,
+        }
+    }
+
+    /// Every frontend (slot 0) with its backends in slot order, for display.
+    pub fn frontends(&self) -> Vec<ProgrammedService> {
+        let mut out: Vec<ProgrammedService> = self
+            .services
+            .iter()
+            .filter(|(k, _)| k.slot == 0)
+            .map(|(k, v)| {
+                let backends = (1..=v.count)
+                    .filter_map(|slot| self.services.get(&ServiceKey { slot, ..*k }))
+                    .filter_map(|s| self.backends.get(&s.backend_id))
+                    .map(backend_addr)
+                    .collect();
+                let meta = self.meta.get(&v.service_id);
+                ProgrammedService {
+                    frontend: frontend_of(k),
+                    service_id: v.service_id,
+                    name: meta.map(meta_names),
+                    frontend_type: meta.map_or("Unknown", |m| svc_type_name(m.svc_type)),
+                    backends,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.name, a.frontend).cmp(&(&b.name, b.frontend)));
+        out
+    }
+}
+
+/// A programmed frontend as read back from the maps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProgrammedService {
+    pub frontend: Frontend,
+    pub service_id: u32,
+    /// (namespace, name, port name) from the metadata map, if present.
+    pub name: Option<(String, String, String)>,
+    pub frontend_type: &'static str,
+    pub backends: Vec<SocketAddrV4>,
+}
+
+pub fn service_key(frontend: Frontend, slot: u16) -> ServiceKey {
+    ServiceKey {
+        address: frontend.address.octets(),
+        port: frontend.port.to_be_bytes(),
+        slot,
+        protocol: frontend.protocol.ip_proto(),
+        scope: 0,
+        _pad: [0; 2],
+    }
+}
+
+/// The frontend of a key; an unknown protocol number reads as TCP (the agent never writes one).
+pub fn frontend_of(key: &ServiceKey) -> Frontend {
+    Frontend {
+        address: Ipv4Addr::from(key.address),
+        port: u16::from_be_bytes(key.port),
+        protocol: Protocol::from_ip_proto(key.protocol).unwrap_or(Protocol::Tcp),
+    }
+}
+
+pub fn backend_value(addr: SocketAddrV4, protocol: Protocol) -> Backend {
+    Backend { address: addr.ip().octets(), port: addr.port().to_be_bytes(), protocol: protocol.ip_proto(), flags: 0 }
+}
+
+pub fn backend_addr(b: &Backend) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::from(b.address), u16::from_be_bytes(b.port))
+}
+
+fn svc_type_code(t: ServiceType) -> u8 {
+    match t {
+        ServiceType::ClusterIp => SVC_TYPE_CLUSTER_IP,
+        // Only ClusterIP frontends exist yet; other kinds get their own codes with their
+        // frontends.
+        ServiceType::NodePort | ServiceType::LoadBalancer => 0,
+    }
+}
+
+fn svc_type_name(code: u8) -> &'static str {
+    match code {
+        SVC_TYPE_CLUSTER_IP => "ClusterIP",
+        _ => "Unknown",
+    }
+}
+
+fn name_field(s: &str) -> [u8; NAME_LEN] {
+    let mut out = [0u8; NAME_LEN];
+    // Kubernetes names are at most 63 bytes; anything longer is cut, keeping a NUL at the end.
+    let n = s.len().min(NAME_LEN - 1);
+    out[..n].copy_from_slice(&s.as_bytes()[..n]);
+    out
+}
+
+fn name_str(field: &[u8; NAME_LEN]) -> String {
+    let end = field.iter().position(|b| *b == 0).unwrap_or(NAME_LEN);
+    String::from_utf8_lossy(&field[..end]).into_owned()
+}
+
+pub fn service_meta(frontend: Frontend, name: &ServicePortName, frontend_type: ServiceType) -> ServiceMeta {
+    ServiceMeta {
+        address: frontend.address.octets(),
+        port: frontend.port.to_be_bytes(),
+        protocol: frontend.protocol.ip_proto(),
+        svc_type: svc_type_code(frontend_type),
+        namespace: name_field(&name.namespace),
+        name: name_field(&name.name),
+        port_name: name_field(&name.port_name),
+    }
+}
+
+pub fn meta_names(m: &ServiceMeta) -> (String, String, String) {
+    (name_str(&m.namespace), name_str(&m.name), name_str(&m.port_name))
+}

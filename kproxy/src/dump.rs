@@ -1,0 +1,86 @@
+//! `kproxy dump`: what is programmed, read back from the pinned maps alone.
+
+use std::io::Write;
+
+use serde::Serialize;
+
+use crate::dataplane::{bpf::MapUsage, ProgrammedService};
+
+/// One frontend in the JSON output. The field names and formats are a stable contract.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct DumpService {
+    pub namespace: String,
+    pub name: String,
+    pub port_name: String,
+    #[serde(rename = "type")]
+    pub svc_type: String,
+    /// `address:port`.
+    pub frontend: String,
+    /// `TCP` or `UDP`.
+    pub protocol: String,
+    /// `address:port`, in slot order.
+    pub backends: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Dump {
+    pub services: Vec<DumpService>,
+    pub maps: Vec<MapUsage>,
+}
+
+impl Dump {
+    pub fn new(programmed: Vec<ProgrammedService>, maps: Vec<MapUsage>) -> Self {
+        let services = programmed
+            .into_iter()
+            .map(|p| {
+                let (namespace, name, port_name) = p.name.unwrap_or_default();
+                DumpService {
+                    namespace,
+                    name,
+                    port_name,
+                    svc_type: p.frontend_type.to_string(),
+                    frontend: format!("{}:{}", p.frontend.address, p.frontend.port),
+                    protocol: p.frontend.protocol.to_string(),
+                    backends: p.backends.iter().map(ToString::to_string).collect(),
+                }
+            })
+            .collect();
+        Self { services, maps }
+    }
+
+    pub fn write_table(&self, out: &mut impl Write) -> std::io::Result<()> {
+        let rows: Vec<[String; 5]> = self
+            .services
+            .iter()
+            .map(|s| {
+                let mut name = format!("{}/{}", s.namespace, s.name);
+                if !s.port_name.is_empty() {
+                    name = format!("{name}:{}", s.port_name);
+                }
+                let backends =
+                    if s.backends.is_empty() { "(none: refused)".to_string() } else { s.backends.join(", ") };
+                [name, s.svc_type.clone(), s.frontend.clone(), s.protocol.clone(), backends]
+            })
+            .collect();
+        let header = ["SERVICE", "TYPE", "FRONTEND", "PROTO", "BACKENDS"].map(String::from);
+        let mut widths = [0usize; 4];
+        for row in std::iter::once(&header).chain(&rows) {
+            for (w, cell) in widths.iter_mut().zip(row) {
+                *w = (*w).max(cell.len());
+            }
+        }
+        for row in std::iter::once(&header).chain(&rows) {
+            writeln!(
+                out,
+                "{:w0$}  {:w1$}  {:w2$}  {:w3$}  {}",
+                row[0], row[1], row[2], row[3], row[4],
+                w0 = widths[0], w1 = widths[1], w2 = widths[2], w3 = widths[3]
+            )?;
+        }
+        writeln!(out)?;
+        for m in &self.maps {
+            writeln!(out, "map {:<16} {:>8} / {:<8} entries", m.name, m.entries, m.capacity)?;
+        }
+        Ok(())
+    }
+}

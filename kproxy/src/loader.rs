@@ -1,0 +1,238 @@
+//! Loading, attaching, pinning, adopting and removing kproxy's kernel objects.
+//!
+//! Layout under the bpffs directory (`--bpffs-dir`, default `/sys/fs/bpf/kproxy`):
+//! ```text
+//! maps/KP_SERVICES  maps/KP_BACKENDS  maps/KP_SVC_META  maps/KP_SOCK_REVNAT
+//! links/kp_connect4 links/kp_sendmsg4 links/kp_recvmsg4 links/kp_getpeername4
+//! ```
+//! Pinned links keep the programs attached after the agent exits, and pinned maps keep their
+//! content, so the datapath serves while no agent runs. A starting agent reuses the pinned maps
+//! (aya opens a map that is already pinned instead of creating it), attaches freshly loaded
+//! programs next to the old ones, and swaps the link pins by rename: the old link is released
+//! only once the new one is attached, so no connection ever misses translation. While both are
+//! attached, the old program translates first and the new one sees a backend address, which is
+//! not a frontend, and leaves it alone.
+
+use std::{
+    fs,
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context as _, Result};
+use aya::{
+    maps::MapData,
+    programs::{links::FdLink, links::PinnedLink, CgroupAttachMode, CgroupSockAddr},
+    util::KernelVersion,
+    EbpfLoader,
+};
+use kproxy_common::{
+    lb::{Backend, ServiceKey, ServiceMeta, ServiceValue, BACKENDS_MAP, SERVICES_MAP, SERVICE_META_MAP},
+    sock::{SockRevNatKey, SockRevNatValue, SOCK_REVNAT_MAP},
+};
+
+/// The eBPF object built by `build.rs` from the `kproxy-ebpf` crate.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kproxy"));
+
+/// The cgroup sock_addr programs, in attach order.
+pub const PROGRAMS: [&str; 4] = ["kp_connect4", "kp_sendmsg4", "kp_recvmsg4", "kp_getpeername4"];
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+const DEFAULT_BPFFS_MOUNT: &str = "/sys/fs/bpf";
+
+/// Map capacities, from the agent's flags.
+#[derive(Clone, Copy, Debug)]
+pub struct Capacities {
+    pub max_services: u32,
+    pub max_backends: u32,
+    pub max_sock_revnat: u32,
+}
+
+impl Capacities {
+    pub fn service_entries(&self) -> u32 {
+        kproxy_common::lb::services_map_capacity(self.max_services, self.max_backends)
+    }
+}
+
+/// Where kproxy's objects live in bpffs.
+#[derive(Clone, Debug)]
+pub struct PinLayout {
+    pub root: PathBuf,
+}
+
+impl PinLayout {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+    pub fn maps_dir(&self) -> PathBuf {
+        self.root.join("maps")
+    }
+    pub fn links_dir(&self) -> PathBuf {
+        self.root.join("links")
+    }
+}
+
+fn fs_type(path: &Path) -> Result<i64> {
+    let st = nix::sys::statfs::statfs(path).with_context(|| format!("statfs {}", path.display()))?;
+    Ok(st.filesystem_type().0 as i64)
+}
+
+/// Makes sure `dir` can live on bpffs: if its nearest existing ancestor is not on bpffs and
+/// `dir` is under `/sys/fs/bpf`, mounts bpffs there (as Cilium does).
+pub fn ensure_bpffs(dir: &Path) -> Result<()> {
+    let existing = dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+    if fs_type(existing)? == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    if !dir.starts_with(DEFAULT_BPFFS_MOUNT) {
+        bail!("{} is not on a bpf filesystem; mount one (mount -t bpf bpf DIR) or use a directory under {DEFAULT_BPFFS_MOUNT}", dir.display());
+    }
+    let mount_point = Path::new(DEFAULT_BPFFS_MOUNT);
+    fs::create_dir_all(mount_point).with_context(|| format!("create {DEFAULT_BPFFS_MOUNT}"))?;
+    nix::mount::mount(Some("bpf"), mount_point, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+        .with_context(|| format!("mount -t bpf bpf {DEFAULT_BPFFS_MOUNT}"))?;
+    tracing::info!("mounted bpffs at {DEFAULT_BPFFS_MOUNT}");
+    Ok(())
+}
+
+/// The cgroup v2 mount point, from `/proc/self/mountinfo` (it is not always /sys/fs/cgroup).
+pub fn cgroup2_root() -> Result<PathBuf> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").context("read /proc/self/mountinfo")?;
+    for line in mountinfo.lines() {
+        // "36 35 98:0 / /mnt1 rw,noatime master:1 - cgroup2 cgroup2 rw"
+        let Some((left, right)) = line.split_once(" - ") else { continue };
+        if right.split_whitespace().next() == Some("cgroup2") {
+            if let Some(mount_point) = left.split_whitespace().nth(4) {
+                return Ok(PathBuf::from(mount_point.replace("\\040", " ")));
+            }
+        }
+    }
+    bail!("no cgroup2 filesystem in /proc/self/mountinfo; kproxy needs cgroup v2")
+}
+
+/// Checks that a map already pinned at `path` has the layout this binary expects, so an
+/// upgrade with a changed layout fails loudly instead of corrupting the datapath.
+fn check_pinned_map(path: &Path, key_size: usize, value_size: usize, capacity: u32) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let map = MapData::from_pin(path).with_context(|| format!("open pinned map {}", path.display()))?;
+    let info = map.info().with_context(|| format!("info of pinned map {}", path.display()))?;
+    if info.key_size() as usize != key_size || info.value_size() as usize != value_size {
+        bail!(
+            "pinned map {} has key/value size {}/{} but this kproxy expects {key_size}/{value_size}; run `kproxy cleanup` to start afresh (this interrupts services)",
+            path.display(),
+            info.key_size(),
+            info.value_size()
+        );
+    }
+    if info.max_entries() != capacity {
+        tracing::warn!(
+            map = %path.display(),
+            pinned = info.max_entries(),
+            requested = capacity,
+            "keeping the pinned map's capacity; a new capacity takes effect after `kproxy cleanup`"
+        );
+    }
+    Ok(())
+}
+
+/// Whether `bpf_set_retval` exists for cgroup sock_addr programs (Linux 5.18).
+fn has_set_retval() -> bool {
+    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(5, 18, 0))
+}
+
+/// Loads the programs with the pinned maps (creating and pinning maps that do not exist yet),
+/// attaches them to `cgroup`, and pins the links, replacing those of a previous agent.
+pub fn load_and_attach(layout: &PinLayout, cgroup: &Path, caps: Capacities) -> Result<()> {
+    ensure_bpffs(&layout.root)?;
+    for dir in [layout.maps_dir(), layout.links_dir()] {
+        fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    if fs_type(cgroup)? != CGROUP2_SUPER_MAGIC {
+        bail!("{} is not a cgroup v2 directory", cgroup.display());
+    }
+    let maps = layout.maps_dir();
+    let specs: [(&str, usize, usize, u32); 4] = [
+        (SERVICES_MAP, size_of::<ServiceKey>(), size_of::<ServiceValue>(), caps.service_entries()),
+        (BACKENDS_MAP, size_of::<u32>(), size_of::<Backend>(), caps.max_backends),
+        (SERVICE_META_MAP, size_of::<u32>(), size_of::<ServiceMeta>(), caps.max_services),
+        (SOCK_REVNAT_MAP, size_of::<SockRevNatKey>(), size_of::<SockRevNatValue>(), caps.max_sock_revnat),
+    ];
+    let set_retval = u8::from(has_set_retval());
+    let mut loader = EbpfLoader::new();
+    loader.override_global("KP_HAS_SET_RETVAL", &set_retval, true);
+    for (name, key_size, value_size, capacity) in specs {
+        check_pinned_map(&maps.join(name), key_size, value_size, capacity)?;
+        loader.map_pin_path(name, maps.join(name)).map_max_entries(name, capacity);
+    }
+    let mut ebpf = loader.load(EBPF_OBJECT).context("load the eBPF object")?;
+
+    let cgroup_dir = fs::File::open(cgroup).with_context(|| format!("open cgroup {}", cgroup.display()))?;
+    for name in PROGRAMS {
+        let program: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the eBPF object"))?
+            .try_into()
+            .with_context(|| format!("program {name} is not a cgroup sock_addr program"))?;
+        program.load().with_context(|| format!("load program {name}"))?;
+        let link_id = program
+            .attach(cgroup_dir.as_fd(), CgroupAttachMode::AllowMultiple)
+            .with_context(|| format!("attach {name} to {}", cgroup.display()))?;
+        let link: FdLink = program
+            .take_link(link_id)
+            .with_context(|| format!("take link of {name}"))?
+            .try_into()
+            .with_context(|| format!("link of {name} is not a bpf_link (Linux >= 5.7 needed)"))?;
+        let pin = layout.links_dir().join(name);
+        let staged = layout.links_dir().join(format!(".{name}.new"));
+        let _ = fs::remove_file(&staged); // left over by an agent killed mid-swap
+        link.pin(&staged).with_context(|| format!("pin link {}", staged.display()))?;
+        // Atomic swap: the previous agent's link (if any) is released only now, after the new
+        // program is attached.
+        fs::rename(&staged, &pin).with_context(|| format!("rename {} to {}", staged.display(), pin.display()))?;
+    }
+    tracing::info!(cgroup = %cgroup.display(), bpffs = %layout.root.display(), set_retval, "programs attached");
+    Ok(())
+}
+
+/// What `cleanup` removed.
+#[derive(Debug, Default)]
+pub struct CleanupReport {
+    pub links: Vec<PathBuf>,
+    pub maps: Vec<PathBuf>,
+}
+
+/// Detaches and removes everything kproxy pinned under `layout`. Idempotent.
+pub fn cleanup(layout: &PinLayout) -> Result<CleanupReport> {
+    let mut report = CleanupReport::default();
+    if !layout.root.exists() {
+        return Ok(report);
+    }
+    let links_dir = layout.links_dir();
+    if links_dir.exists() {
+        for entry in fs::read_dir(&links_dir).with_context(|| format!("read {}", links_dir.display()))? {
+            let path = entry?.path();
+            // The pin is the only reference kproxy keeps to a link (the agent drops its fds
+            // once pinned), so removing it detaches the program.
+            let link = PinnedLink::from_pin(&path).with_context(|| format!("open pinned link {}", path.display()))?;
+            link.unpin().with_context(|| format!("unpin {}", path.display()))?;
+            report.links.push(path);
+        }
+    }
+    let maps_dir = layout.maps_dir();
+    if maps_dir.exists() {
+        for entry in fs::read_dir(&maps_dir).with_context(|| format!("read {}", maps_dir.display()))? {
+            let path = entry?.path();
+            fs::remove_file(&path).with_context(|| format!("unpin {}", path.display()))?;
+            report.maps.push(path);
+        }
+    }
+    for dir in [links_dir, maps_dir, layout.root.clone()] {
+        if dir.exists() {
+            fs::remove_dir(&dir).with_context(|| format!("remove {}", dir.display()))?;
+        }
+    }
+    Ok(report)
+}

@@ -1,0 +1,528 @@
+//! The model: Services and EndpointSlices reduced to what the dataplane serves, validated.
+//!
+//! Sources (manifest files, later the apiserver) hand Kubernetes objects to [`ServiceInfo::from_service`]
+//! and [`SliceInfo::from_slice`]; [`desired_state`] joins them the way kube-proxy does. Invalid
+//! objects become [`InvalidObject`] errors that name the object and the field; they are skipped
+//! and never affect other objects.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::{Ipv4Addr, SocketAddrV4},
+};
+
+use k8s_openapi::{
+    api::{core::v1::Service, discovery::v1::EndpointSlice},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+
+/// Label that joins an EndpointSlice to its Service.
+pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// Services with this label belong to another proxy (kube-proxy skips them too).
+pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+/// Services with this label are headless (kube-proxy skips them too).
+pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+
+/// L4 protocols kproxy serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// The IP protocol number used in map keys.
+    pub fn ip_proto(self) -> u8 {
+        match self {
+            Protocol::Tcp => kproxy_common::PROTO_TCP,
+            Protocol::Udp => kproxy_common::PROTO_UDP,
+        }
+    }
+
+    pub fn from_ip_proto(proto: u8) -> Option<Self> {
+        match proto {
+            kproxy_common::PROTO_TCP => Some(Protocol::Tcp),
+            kproxy_common::PROTO_UDP => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a Kubernetes `protocol` field holds.
+enum ParsedProtocol {
+    Served(Protocol),
+    /// Valid in Kubernetes but not served by kproxy yet.
+    Sctp,
+}
+
+fn parse_protocol(value: Option<&str>) -> Result<ParsedProtocol, String> {
+    match value.unwrap_or("TCP") {
+        "TCP" => Ok(ParsedProtocol::Served(Protocol::Tcp)),
+        "UDP" => Ok(ParsedProtocol::Served(Protocol::Udp)),
+        "SCTP" => Ok(ParsedProtocol::Sctp),
+        other => Err(format!("unknown protocol {other:?} (want TCP, UDP or SCTP)")),
+    }
+}
+
+/// Service types kproxy distinguishes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ServiceType {
+    ClusterIp,
+    NodePort,
+    LoadBalancer,
+}
+
+impl ServiceType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceType::ClusterIp => "ClusterIP",
+            ServiceType::NodePort => "NodePort",
+            ServiceType::LoadBalancer => "LoadBalancer",
+        }
+    }
+}
+
+/// `namespace/name:port_name`, kube-proxy's `ServicePortName` (protocol included, since the
+/// same port name may not repeat but TCP and UDP ports are distinct frontends).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServicePortName {
+    pub namespace: String,
+    pub name: String,
+    pub port_name: String,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for ServicePortName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)?;
+        if !self.port_name.is_empty() {
+            write!(f, ":{}", self.port_name)?;
+        }
+        write!(f, "/{}", self.protocol)
+    }
+}
+
+/// An object that failed validation: which object, which field, and why.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{kind} {object}: {field}: {reason}")]
+pub struct InvalidObject {
+    /// `Service` or `EndpointSlice`.
+    pub kind: &'static str,
+    /// `namespace/name`, or a description of where the object came from if it has no name.
+    pub object: String,
+    /// Path of the offending field, e.g. `spec.ports[1].port`.
+    pub field: String,
+    pub reason: String,
+}
+
+/// Why a valid Service is not programmed (not an error: kube-proxy ignores these too).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ignored {
+    ExternalName,
+    Headless,
+    OtherProxy,
+    NoIpv4ClusterIp,
+}
+
+/// One served port of a Service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePortInfo {
+    pub name: ServicePortName,
+    pub port: u16,
+}
+
+/// A validated Service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceInfo {
+    pub namespace: String,
+    pub name: String,
+    pub svc_type: ServiceType,
+    pub cluster_ip: Ipv4Addr,
+    pub ports: Vec<ServicePortInfo>,
+    /// Ports skipped because kproxy does not serve their protocol (SCTP), as field paths.
+    pub unsupported_ports: Vec<String>,
+}
+
+/// Outcome of reading one Service object.
+#[derive(Debug)]
+pub enum ServiceOutcome {
+    Served(ServiceInfo),
+    Ignored(Ignored),
+}
+
+fn object_name(kind: &'static str, meta: &ObjectMeta) -> Result<(String, String), InvalidObject> {
+    let namespace = meta.namespace.clone().unwrap_or_else(|| "default".to_string());
+    match meta.name.as_deref() {
+        Some(name) if !name.is_empty() => Ok((namespace, name.to_string())),
+        _ => Err(InvalidObject {
+            kind,
+            object: format!("{namespace}/<unnamed>"),
+            field: "metadata.name".into(),
+            reason: "missing".into(),
+        }),
+    }
+}
+
+fn parse_port(value: i32) -> Result<u16, String> {
+    u16::try_from(value)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("{value} is out of range 1-65535"))
+}
+
+impl ServiceInfo {
+    /// Validates a Service. `Err` names the field; `Ignored` is a valid Service kproxy must not
+    /// touch (ExternalName, headless, owned by another proxy, IPv6-only).
+    pub fn from_service(svc: &Service) -> Result<ServiceOutcome, InvalidObject> {
+        let (namespace, name) = object_name("Service", &svc.metadata)?;
+        let invalid = |field: &str, reason: String| InvalidObject {
+            kind: "Service",
+            object: format!("{namespace}/{name}"),
+            field: field.to_string(),
+            reason,
+        };
+        let labels = svc.metadata.labels.as_ref();
+        if labels.is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME)) {
+            return Ok(ServiceOutcome::Ignored(Ignored::OtherProxy));
+        }
+        if labels.is_some_and(|l| l.contains_key(LABEL_HEADLESS)) {
+            return Ok(ServiceOutcome::Ignored(Ignored::Headless));
+        }
+        let spec = svc.spec.as_ref().ok_or_else(|| invalid("spec", "missing".into()))?;
+        let svc_type = match spec.type_.as_deref().unwrap_or("ClusterIP") {
+            "ClusterIP" => ServiceType::ClusterIp,
+            "NodePort" => ServiceType::NodePort,
+            "LoadBalancer" => ServiceType::LoadBalancer,
+            "ExternalName" => return Ok(ServiceOutcome::Ignored(Ignored::ExternalName)),
+            other => return Err(invalid("spec.type", format!("unknown service type {other:?}"))),
+        };
+        let cluster_ip = match spec.cluster_ip.as_deref() {
+            None | Some("") | Some("None") => return Ok(ServiceOutcome::Ignored(Ignored::Headless)),
+            Some(ip) => ip,
+        };
+        // spec.clusterIPs[0] equals spec.clusterIP; a second entry is the other family.
+        let mut ipv4 = None;
+        let all_ips = spec.cluster_ips.clone().unwrap_or_else(|| vec![cluster_ip.to_string()]);
+        for (i, ip) in all_ips.iter().enumerate() {
+            let field = if spec.cluster_ips.is_some() {
+                format!("spec.clusterIPs[{i}]")
+            } else {
+                "spec.clusterIP".to_string()
+            };
+            match ip.parse::<std::net::IpAddr>() {
+                Ok(std::net::IpAddr::V4(v4)) => ipv4 = ipv4.or(Some(v4)),
+                Ok(std::net::IpAddr::V6(_)) => {}
+                Err(_) => return Err(invalid(&field, format!("{ip:?} is not an IP address"))),
+            }
+        }
+        let Some(cluster_ip) = ipv4 else {
+            return Ok(ServiceOutcome::Ignored(Ignored::NoIpv4ClusterIp));
+        };
+        let mut ports = Vec::new();
+        let mut unsupported_ports = Vec::new();
+        let spec_ports = spec.ports.as_deref().unwrap_or_default();
+        for (i, p) in spec_ports.iter().enumerate() {
+            let port_name = p.name.clone().unwrap_or_default();
+            if port_name.is_empty() && spec_ports.len() > 1 {
+                return Err(invalid(
+                    &format!("spec.ports[{i}].name"),
+                    "required when a service has more than one port".into(),
+                ));
+            }
+            let port = parse_port(p.port).map_err(|r| invalid(&format!("spec.ports[{i}].port"), r))?;
+            let protocol = match parse_protocol(p.protocol.as_deref())
+                .map_err(|r| invalid(&format!("spec.ports[{i}].protocol"), r))?
+            {
+                ParsedProtocol::Served(protocol) => protocol,
+                ParsedProtocol::Sctp => {
+                    unsupported_ports.push(format!("spec.ports[{i}]"));
+                    continue;
+                }
+            };
+            let name = ServicePortName {
+                namespace: namespace.clone(),
+                name: name.clone(),
+                port_name,
+                protocol,
+            };
+            if ports.iter().any(|q: &ServicePortInfo| q.name == name || (q.port == port && q.name.protocol == protocol)) {
+                return Err(invalid(&format!("spec.ports[{i}]"), "duplicate port".into()));
+            }
+            ports.push(ServicePortInfo { name, port });
+        }
+        Ok(ServiceOutcome::Served(ServiceInfo {
+            namespace,
+            name,
+            svc_type,
+            cluster_ip,
+            ports,
+            unsupported_ports,
+        }))
+    }
+}
+
+/// One endpoint of an EndpointSlice (its first address, as kube-proxy uses).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointInfo {
+    pub address: Ipv4Addr,
+    /// `conditions.ready`, where unset means ready.
+    pub ready: bool,
+    /// `conditions.serving`, where unset means the value of `ready`.
+    pub serving: bool,
+    /// `conditions.terminating`, where unset means false.
+    pub terminating: bool,
+    pub node_name: Option<String>,
+    pub zone: Option<String>,
+}
+
+/// One port of an EndpointSlice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlicePort {
+    /// Port name, matched against the service port name ("" for an unnamed port).
+    pub name: String,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+/// A validated IPv4 EndpointSlice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SliceInfo {
+    pub namespace: String,
+    pub name: String,
+    /// The Service it belongs to, from the `kubernetes.io/service-name` label.
+    pub service: String,
+    pub ports: Vec<SlicePort>,
+    pub endpoints: Vec<EndpointInfo>,
+}
+
+impl SliceInfo {
+    /// Validates an EndpointSlice. `Ok(None)` for slices kproxy does not serve (IPv6, FQDN).
+    pub fn from_slice(slice: &EndpointSlice) -> Result<Option<SliceInfo>, InvalidObject> {
+        let (namespace, name) = object_name("EndpointSlice", &slice.metadata)?;
+        let invalid = |field: String, reason: String| InvalidObject {
+            kind: "EndpointSlice",
+            object: format!("{namespace}/{name}"),
+            field,
+            reason,
+        };
+        let service = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(LABEL_SERVICE_NAME))
+            .filter(|s| !s.is_empty())
+            .cloned()
+            .ok_or_else(|| invalid(format!("metadata.labels[{LABEL_SERVICE_NAME}]"), "missing".into()))?;
+        match slice.address_type.as_str() {
+            "IPv4" => {}
+            "IPv6" | "FQDN" => return Ok(None),
+            other => {
+                return Err(invalid("addressType".into(), format!("unknown address type {other:?}")))
+            }
+        }
+        let mut ports = Vec::new();
+        for (i, p) in slice.ports.as_deref().unwrap_or_default().iter().enumerate() {
+            // A nil port means "all ports": only meaningful for selector-less services, which
+            // kube-proxy skips too.
+            let Some(port) = p.port else { continue };
+            let port = parse_port(port).map_err(|r| invalid(format!("ports[{i}].port"), r))?;
+            let protocol = match parse_protocol(p.protocol.as_deref())
+                .map_err(|r| invalid(format!("ports[{i}].protocol"), r))?
+            {
+                ParsedProtocol::Served(protocol) => protocol,
+                ParsedProtocol::Sctp => continue,
+            };
+            ports.push(SlicePort { name: p.name.clone().unwrap_or_default(), port, protocol });
+        }
+        let mut endpoints = Vec::new();
+        for (i, ep) in slice.endpoints.iter().enumerate() {
+            let Some(first) = ep.addresses.first() else {
+                return Err(invalid(format!("endpoints[{i}].addresses"), "empty".into()));
+            };
+            let address = first.parse::<Ipv4Addr>().map_err(|_| {
+                invalid(format!("endpoints[{i}].addresses[0]"), format!("{first:?} is not an IPv4 address"))
+            })?;
+            let conditions = ep.conditions.as_ref();
+            let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+            endpoints.push(EndpointInfo {
+                address,
+                ready,
+                serving: conditions.and_then(|c| c.serving).unwrap_or(ready),
+                terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+                node_name: ep.node_name.clone(),
+                zone: ep.zone.clone(),
+            });
+        }
+        Ok(Some(SliceInfo { namespace, name, service, ports, endpoints }))
+    }
+}
+
+/// A frontend: what a client connects to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Frontend {
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for Frontend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.address, self.port, self.protocol)
+    }
+}
+
+/// What one frontend must translate to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredService {
+    pub name: ServicePortName,
+    /// Kind of frontend: a ClusterIP frontend is `ClusterIp` whatever the Service's type.
+    pub frontend_type: ServiceType,
+    /// Backends that receive new connections (ready endpoints), sorted and de-duplicated.
+    pub backends: Vec<SocketAddrV4>,
+}
+
+/// Everything the dataplane must serve, keyed by frontend.
+pub type DesiredState = BTreeMap<Frontend, DesiredService>;
+
+/// Joins services and slices into the desired state, as kube-proxy does: slices join their
+/// service by the `kubernetes.io/service-name` label (several slices per service merge), slice
+/// ports match service ports by name and protocol, and only ready endpoints are backends.
+///
+/// Two services claiming the same frontend is a conflict: the first one (by namespace/name)
+/// keeps it and the other's port is reported.
+pub fn desired_state(
+    services: &[ServiceInfo],
+    slices: &[SliceInfo],
+) -> (DesiredState, Vec<InvalidObject>) {
+    let mut by_service: BTreeMap<(&str, &str), Vec<&SliceInfo>> = BTreeMap::new();
+    for slice in slices {
+        by_service.entry((&slice.namespace, &slice.service)).or_default().push(slice);
+    }
+    let mut sorted: Vec<&ServiceInfo> = services.iter().collect();
+    sorted.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+
+    let mut state = DesiredState::new();
+    let mut conflicts = Vec::new();
+    for svc in sorted {
+        let svc_slices = by_service.get(&(svc.namespace.as_str(), svc.name.as_str()));
+        for (i, port) in svc.ports.iter().enumerate() {
+            let mut backends = BTreeSet::new();
+            for slice in svc_slices.into_iter().flatten() {
+                let matching = slice
+                    .ports
+                    .iter()
+                    .filter(|p| p.name == port.name.port_name && p.protocol == port.name.protocol);
+                for slice_port in matching {
+                    for ep in slice.endpoints.iter().filter(|ep| ep.ready) {
+                        backends.insert(SocketAddrV4::new(ep.address, slice_port.port));
+                    }
+                }
+            }
+            let frontend = Frontend {
+                address: svc.cluster_ip,
+                port: port.port,
+                protocol: port.name.protocol,
+            };
+            if let Some(owner) = state.get(&frontend) {
+                conflicts.push(InvalidObject {
+                    kind: "Service",
+                    object: format!("{}/{}", svc.namespace, svc.name),
+                    field: format!("spec.ports[{i}]"),
+                    reason: format!("frontend {frontend} is already served for {}", owner.name),
+                });
+                continue;
+            }
+            state.insert(
+                frontend,
+                DesiredService {
+                    name: port.name.clone(),
+                    frontend_type: ServiceType::ClusterIp,
+                    backends: backends.into_iter().collect(),
+                },
+            );
+        }
+    }
+    (state, conflicts)
+}
+
+/// The model built from one consistent set of objects: the desired state, and what was left
+/// out and why.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub desired: DesiredState,
+    /// Objects (or ports) skipped as invalid; each names the object and the field.
+    pub invalid: Vec<InvalidObject>,
+    /// Valid Services that kproxy leaves alone (headless, ExternalName, other proxy, IPv6-only).
+    pub ignored: Vec<(String, Ignored)>,
+}
+
+impl Snapshot {
+    /// Validates every object and joins them. Duplicates (same kind, namespace and name) keep
+    /// the first object and report the others.
+    pub fn build(services: &[Service], slices: &[EndpointSlice]) -> Snapshot {
+        let mut snapshot = Snapshot::default();
+        let mut seen = BTreeSet::new();
+        let mut duplicate = |kind: &'static str, ns: &str, name: &str| {
+            (!seen.insert((kind, ns.to_string(), name.to_string()))).then(|| InvalidObject {
+                kind,
+                object: format!("{ns}/{name}"),
+                field: "metadata.name".into(),
+                reason: "duplicate object; the first one is used".into(),
+            })
+        };
+        let mut infos = Vec::new();
+        for svc in services {
+            match ServiceInfo::from_service(svc) {
+                Ok(ServiceOutcome::Served(info)) => {
+                    if let Some(e) = duplicate("Service", &info.namespace, &info.name) {
+                        snapshot.invalid.push(e);
+                        continue;
+                    }
+                    for field in &info.unsupported_ports {
+                        snapshot.invalid.push(InvalidObject {
+                            kind: "Service",
+                            object: format!("{}/{}", info.namespace, info.name),
+                            field: format!("{field}.protocol"),
+                            reason: "SCTP is not served by kproxy; port skipped".into(),
+                        });
+                    }
+                    infos.push(info);
+                }
+                Ok(ServiceOutcome::Ignored(why)) => {
+                    let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
+                    let name = svc.metadata.name.as_deref().unwrap_or_default();
+                    snapshot.ignored.push((format!("{ns}/{name}"), why));
+                }
+                Err(e) => snapshot.invalid.push(e),
+            }
+        }
+        let mut slice_infos = Vec::new();
+        for slice in slices {
+            match SliceInfo::from_slice(slice) {
+                Ok(Some(info)) => match duplicate("EndpointSlice", &info.namespace, &info.name) {
+                    Some(e) => snapshot.invalid.push(e),
+                    None => slice_infos.push(info),
+                },
+                Ok(None) => {}
+                Err(e) => snapshot.invalid.push(e),
+            }
+        }
+        let (desired, conflicts) = desired_state(&infos, &slice_infos);
+        snapshot.desired = desired;
+        snapshot.invalid.extend(conflicts);
+        snapshot
+    }
+}

@@ -1,0 +1,152 @@
+//! A bounded-frequency runner, after kube-proxy's `BoundedFrequencyRunner`: a change triggers a
+//! run at once unless the last run was less than `min_interval` ago (then bursts coalesce into
+//! one run when the interval has passed); a full run happens at least every `sync_period`; a
+//! failed run is retried after `retry_interval`. Uses tokio's clock, so tests pause time.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use tokio::{sync::Notify, time::Instant};
+
+#[derive(Clone, Copy, Debug)]
+pub struct RunnerConfig {
+    pub min_interval: Duration,
+    pub sync_period: Duration,
+    pub retry_interval: Duration,
+}
+
+/// Why a run happens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunKind {
+    /// Something changed: apply the difference.
+    Changed,
+    /// Periodic, at start, or retry after a failure: re-read everything and repair drift.
+    Full,
+}
+
+/// Runs `run` until `shutdown` completes. The first run is a full one, at once.
+pub async fn run<F, S>(cfg: RunnerConfig, trigger: Arc<Notify>, shutdown: S, mut run: F)
+where
+    F: FnMut(RunKind) -> bool,
+    S: Future<Output = ()>,
+{
+    tokio::pin!(shutdown);
+    let mut pending: Option<RunKind> = Some(RunKind::Full);
+    let mut last_run: Option<Instant> = None;
+    let mut next_full = Instant::now() + cfg.sync_period;
+    loop {
+        let now = Instant::now();
+        if now >= next_full {
+            pending = Some(RunKind::Full);
+        }
+        let earliest = last_run.map_or(now, |t| t + cfg.min_interval);
+        let wake = match pending {
+            Some(_) => earliest.max(now),
+            None => next_full,
+        };
+        tokio::select! {
+            biased;
+            _ = &mut shutdown => return,
+            _ = trigger.notified() => {
+                pending = Some(pending.unwrap_or(RunKind::Changed));
+                continue;
+            }
+            _ = tokio::time::sleep_until(wake) => {}
+        }
+        let Some(kind) = pending.take() else { continue };
+        if Instant::now() < earliest {
+            pending = Some(kind);
+            continue;
+        }
+        last_run = Some(Instant::now());
+        if kind == RunKind::Full {
+            next_full = Instant::now() + cfg.sync_period;
+        }
+        if !run(kind) {
+            // Retry no sooner than retry_interval, as a full run (the maps may be off).
+            last_run = Some(Instant::now() + cfg.retry_interval.saturating_sub(cfg.min_interval));
+            pending = Some(RunKind::Full);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    const CFG: RunnerConfig = RunnerConfig {
+        min_interval: Duration::from_secs(1),
+        sync_period: Duration::from_secs(30),
+        retry_interval: Duration::from_secs(5),
+    };
+
+    /// Starts the runner; returns the trigger, a log of (time since start, kind), and a stop.
+    fn start(
+        fail_first: usize,
+    ) -> (Arc<Notify>, Arc<Mutex<Vec<(Duration, RunKind)>>>, tokio::sync::oneshot::Sender<()>) {
+        let trigger = Arc::new(Notify::new());
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let t0 = Instant::now();
+        let (l, t) = (log.clone(), trigger.clone());
+        let mut failures = fail_first;
+        tokio::spawn(run(CFG, t, async move { let _ = stopped.await; }, move |kind| {
+            l.lock().unwrap().push((t0.elapsed(), kind));
+            if failures > 0 {
+                failures -= 1;
+                return false;
+            }
+            true
+        }));
+        (trigger, log, stop)
+    }
+
+    fn secs(s: f64) -> Duration {
+        Duration::from_secs_f64(s)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn first_run_is_immediate_and_full_then_bursts_coalesce() {
+        let (trigger, log, _stop) = start(0);
+        tokio::time::sleep(secs(5.0)).await;
+        // A burst of 10 changes 100 ms apart: one run at once, one after min_interval.
+        for _ in 0..10 {
+            trigger.notify_one();
+            tokio::time::sleep(secs(0.1)).await;
+        }
+        tokio::time::sleep(secs(3.0)).await;
+        let log = log.lock().unwrap().clone();
+        assert_eq!(
+            log,
+            vec![(secs(0.0), RunKind::Full), (secs(5.0), RunKind::Changed), (secs(6.0), RunKind::Changed)],
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn periodic_full_resync() {
+        let (_trigger, log, _stop) = start(0);
+        tokio::time::sleep(secs(61.0)).await;
+        let kinds: Vec<_> = log.lock().unwrap().iter().map(|(t, k)| (t.as_secs(), *k)).collect();
+        assert_eq!(kinds, vec![(0, RunKind::Full), (30, RunKind::Full), (60, RunKind::Full)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failure_retries_after_retry_interval() {
+        let (_trigger, log, _stop) = start(2);
+        tokio::time::sleep(secs(11.0)).await;
+        let times: Vec<_> = log.lock().unwrap().iter().map(|(t, _)| t.as_secs()).collect();
+        assert_eq!(times, vec![0, 5, 10]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stops_on_shutdown() {
+        let (trigger, log, stop) = start(0);
+        tokio::time::sleep(secs(1.5)).await;
+        stop.send(()).unwrap();
+        tokio::time::sleep(secs(0.1)).await;
+        trigger.notify_one();
+        tokio::time::sleep(secs(60.0)).await;
+        assert_eq!(log.lock().unwrap().len(), 1);
+    }
+}
