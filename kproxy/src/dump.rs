@@ -28,7 +28,17 @@ pub struct Dump {
     pub maps: Vec<MapUsage>,
 }
 
+/// The JSON form: `{"services":[…]}`.
+#[derive(Debug, Serialize)]
+pub struct JsonDump<'a> {
+    pub services: &'a [DumpService],
+}
+
 impl Dump {
+    pub fn json(&self) -> JsonDump<'_> {
+        JsonDump { services: &self.services }
+    }
+
     pub fn new(programmed: Vec<ProgrammedService>, maps: Vec<MapUsage>) -> Self {
         let services = programmed
             .into_iter()

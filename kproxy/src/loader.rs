@@ -178,7 +178,9 @@ pub fn load_and_attach(layout: &PinLayout, cgroup: &Path, caps: Capacities) -> R
             .with_context(|| format!("program {name} is not a cgroup sock_addr program"))?;
         program.load().with_context(|| format!("load program {name}"))?;
         let link_id = program
-            .attach(cgroup_dir.as_fd(), CgroupAttachMode::AllowMultiple)
+            // A cgroup bpf_link always coexists with other programs (the kernel rejects any
+            // attach flag on link create), which is what lets old and new overlap.
+            .attach(cgroup_dir.as_fd(), CgroupAttachMode::Single)
             .with_context(|| format!("attach {name} to {}", cgroup.display()))?;
         let link: FdLink = program
             .take_link(link_id)
@@ -186,7 +188,8 @@ pub fn load_and_attach(layout: &PinLayout, cgroup: &Path, caps: Capacities) -> R
             .try_into()
             .with_context(|| format!("link of {name} is not a bpf_link (Linux >= 5.7 needed)"))?;
         let pin = layout.links_dir().join(name);
-        let staged = layout.links_dir().join(format!(".{name}.new"));
+        // bpffs refuses names with a dot.
+        let staged = layout.links_dir().join(format!("{name}_staged"));
         let _ = fs::remove_file(&staged); // left over by an agent killed mid-swap
         link.pin(&staged).with_context(|| format!("pin link {}", staged.display()))?;
         // Atomic swap: the previous agent's link (if any) is released only now, after the new

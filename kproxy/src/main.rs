@@ -128,7 +128,7 @@ fn main() -> Result<()> {
             let dump = dump::Dump::new(maps.read()?.frontends(), maps.usage()?);
             let mut out = std::io::stdout().lock();
             if json {
-                serde_json::to_writer(&mut out, &serde_json::json!({ "services": dump.services }))?;
+                serde_json::to_writer(&mut out, &dump.json())?;
                 println!();
             } else {
                 dump.write_table(&mut out)?;

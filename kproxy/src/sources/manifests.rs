@@ -91,7 +91,7 @@ fn collect_files(path: &Path, files: &mut Vec<PathBuf>) -> std::io::Result<()> {
         }
         if entry.is_dir() {
             collect_files(&entry, files)?;
-        } else if entry.extension().is_some_and(|e| e == "yaml" || e == "yml" || e == "json") {
+        } else if is_manifest_file(&entry) {
             files.push(entry);
         }
     }
@@ -174,24 +174,38 @@ pub struct ManifestWatcher {
 
 impl ManifestWatcher {
     pub fn new(path: &Path, changed: Arc<tokio::sync::Notify>) -> notify::Result<Self> {
+        let watched_file = (!path.is_dir()).then(|| path.to_path_buf());
         let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            tracing::debug!(?event, "manifest watch event");
             let relevant = match &event {
-                Ok(e) => !matches!(e.kind, notify::EventKind::Access(_)),
+                Ok(e) => {
+                    !matches!(e.kind, notify::EventKind::Access(_))
+                        && e.paths.iter().any(|p| match &watched_file {
+                            // Other files in the same directory (logs, editor swap files)
+                            // must not trigger syncs.
+                            Some(file) => p.file_name() == file.file_name(),
+                            None => is_manifest_file(p) || p.extension().is_none(),
+                        })
+                }
                 Err(_) => true, // re-read on watcher errors: better a spare sync than a lost one
             };
             if relevant {
                 changed.notify_one();
             }
         })?;
-        let (target, mode) = if path.is_dir() {
-            (path.to_path_buf(), RecursiveMode::Recursive)
-        } else {
-            let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-            (parent.to_path_buf(), RecursiveMode::NonRecursive)
+        let target = match path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            _ if path.is_dir() => path.to_path_buf(),
+            Some(parent) => parent.to_path_buf(),
+            None => PathBuf::from("."),
         };
+        let mode = if path.is_dir() { RecursiveMode::Recursive } else { RecursiveMode::NonRecursive };
         watcher.watch(&target, mode)?;
         Ok(Self { _watcher: watcher })
     }
+}
+
+fn is_manifest_file(p: &Path) -> bool {
+    p.extension().is_some_and(|e| e == "yaml" || e == "yml" || e == "json")
 }
 
 #[cfg(test)]
