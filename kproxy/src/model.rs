@@ -526,3 +526,224 @@ impl Snapshot {
         snapshot
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn objects(yaml: &str) -> (Vec<Service>, Vec<EndpointSlice>) {
+        let mut m = crate::sources::manifests::Manifests::default();
+        crate::sources::manifests::parse_into(std::path::Path::new("t.yaml"), yaml, &mut m);
+        assert!(m.errors.is_empty(), "{:?}", m.errors);
+        (m.services, m.slices)
+    }
+
+    fn build(yaml: &str) -> Snapshot {
+        let (services, slices) = objects(yaml);
+        Snapshot::build(&services, &slices)
+    }
+
+    fn fe(addr: &str, port: u16, protocol: Protocol) -> Frontend {
+        Frontend { address: addr.parse().unwrap(), port, protocol }
+    }
+
+    fn addrs(list: &[&str]) -> Vec<SocketAddrV4> {
+        list.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    const WEB: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  ports:
+  - {name: http, port: 80}
+  - {name: dns, port: 53, protocol: UDP}
+  - {name: dns-tcp, port: 53, protocol: TCP}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-a, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}, {name: dns, port: 5353, protocol: UDP}]
+endpoints:
+- addresses: [10.244.1.1]
+- addresses: [10.244.1.2]
+  conditions: {ready: false, serving: true, terminating: true}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-b, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}, {name: dns-tcp, port: 5353}]
+endpoints:
+- addresses: [10.244.2.1]
+  conditions: {ready: true}
+- addresses: [10.244.1.1]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: other, namespace: default, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 9999}]
+endpoints: [{addresses: [10.244.9.9]}]
+"#;
+
+    #[test]
+    fn slices_merge_by_label_ports_match_by_name_and_only_ready_endpoints_serve() {
+        let s = build(WEB);
+        assert!(s.invalid.is_empty(), "{:?}", s.invalid);
+        assert_eq!(s.desired.len(), 3);
+        let http = &s.desired[&fe("10.96.0.10", 80, Protocol::Tcp)];
+        assert_eq!(http.name.to_string(), "shop/web:http/TCP");
+        // Merged from both slices, de-duplicated, the not-ready one left out, and the slice of
+        // the same-named service in another namespace ignored.
+        assert_eq!(http.backends, addrs(&["10.244.1.1:8080", "10.244.2.1:8080"]));
+        let dns = &s.desired[&fe("10.96.0.10", 53, Protocol::Udp)];
+        assert_eq!(dns.backends, addrs(&["10.244.1.1:5353"]));
+        let dns_tcp = &s.desired[&fe("10.96.0.10", 53, Protocol::Tcp)];
+        assert_eq!(dns_tcp.backends, addrs(&["10.244.1.1:5353", "10.244.2.1:5353"]));
+    }
+
+    #[test]
+    fn services_kube_proxy_leaves_alone_are_ignored() {
+        let s = build(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: headless}
+spec: {clusterIP: None, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ext}
+spec: {type: ExternalName, externalName: example.com}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: other, labels: {service.kubernetes.io/service-proxy-name: foo}}
+spec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: labelled-headless, labels: {service.kubernetes.io/headless: ""}}
+spec: {clusterIP: 10.96.0.2, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: v6}
+spec: {clusterIP: "fd00::1", clusterIPs: ["fd00::1"], ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: dual}
+spec: {clusterIP: "fd00::2", clusterIPs: ["fd00::2", "10.96.0.3"], ports: [{port: 80}]}
+"#,
+        );
+        assert!(s.invalid.is_empty(), "{:?}", s.invalid);
+        let ignored: Vec<_> = s.ignored.iter().map(|(n, w)| (n.as_str(), *w)).collect();
+        assert_eq!(
+            ignored,
+            [
+                ("default/headless", Ignored::Headless),
+                ("default/ext", Ignored::ExternalName),
+                ("default/other", Ignored::OtherProxy),
+                ("default/labelled-headless", Ignored::Headless),
+                ("default/v6", Ignored::NoIpv4ClusterIp),
+            ]
+        );
+        assert_eq!(s.desired.keys().copied().collect::<Vec<_>>(), [fe("10.96.0.3", 80, Protocol::Tcp)]);
+    }
+
+    #[test]
+    fn invalid_objects_name_object_and_field_and_never_disturb_others() {
+        let s = build(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: bad-ip}
+spec: {clusterIP: 10.96.0.300, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: bad-port}
+spec: {clusterIP: 10.96.0.2, ports: [{port: 70000}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: bad-proto}
+spec: {clusterIP: 10.96.0.3, ports: [{port: 80, protocol: TPC}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: sctp}
+spec: {clusterIP: 10.96.0.4, ports: [{name: a, port: 80, protocol: SCTP}, {name: b, port: 81}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: good}
+spec: {clusterIP: 10.96.0.5, ports: [{port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: no-label}
+addressType: IPv4
+endpoints: []
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: bad-ep, labels: {kubernetes.io/service-name: good}}
+addressType: IPv4
+ports: [{port: 80}]
+endpoints: [{addresses: [10.244.0.1]}, {addresses: [nope]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: good-1, labels: {kubernetes.io/service-name: good}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.244.0.2]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: orphan, labels: {kubernetes.io/service-name: not-yet}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.244.0.3]}]
+"#,
+        );
+        let errors: Vec<String> = s.invalid.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            errors,
+            [
+                r#"Service default/bad-ip: spec.clusterIP: "10.96.0.300" is not an IP address"#,
+                "Service default/bad-port: spec.ports[0].port: 70000 is out of range 1-65535",
+                r#"Service default/bad-proto: spec.ports[0].protocol: unknown protocol "TPC" (want TCP, UDP or SCTP)"#,
+                "Service default/sctp: spec.ports[0].protocol: SCTP is not served by kproxy; port skipped",
+                "EndpointSlice default/no-label: metadata.labels[kubernetes.io/service-name]: missing",
+                r#"EndpointSlice default/bad-ep: endpoints[1].addresses[0]: "nope" is not an IPv4 address"#,
+            ]
+        );
+        let frontends: Vec<_> = s.desired.keys().copied().collect();
+        assert_eq!(frontends, [fe("10.96.0.4", 81, Protocol::Tcp), fe("10.96.0.5", 80, Protocol::Tcp)]);
+        assert_eq!(s.desired[&fe("10.96.0.5", 80, Protocol::Tcp)].backends, addrs(&["10.244.0.2:8080"]));
+    }
+
+    #[test]
+    fn duplicate_objects_and_frontend_conflicts_are_reported() {
+        let svc = |name: &str, ip: &str| {
+            format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}\n---\n")
+        };
+        let s = build(&(svc("a", "10.96.0.1") + &svc("a", "10.96.0.2") + &svc("b", "10.96.0.1")));
+        let errors: Vec<String> = s.invalid.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            errors,
+            [
+                "Service default/a: metadata.name: duplicate object; the first one is used",
+                "Service default/b: spec.ports[0]: frontend 10.96.0.1:80/TCP is already served for default/a/TCP",
+            ]
+        );
+        assert_eq!(s.desired.len(), 1);
+    }
+}

@@ -239,3 +239,206 @@ fn keep_current(
         backends.extend(id);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddrV4;
+
+    use super::*;
+    use crate::{
+        dataplane::{Dataplane as _, Resolution},
+        model::{DesiredService, Protocol},
+    };
+
+    const LIMITS: Limits = Limits { max_services: 100, max_backends: 100, max_service_entries: 1000 };
+
+    fn fe(s: &str) -> Frontend {
+        let a: SocketAddrV4 = s.parse().unwrap();
+        Frontend { address: *a.ip(), port: a.port(), protocol: Protocol::Tcp }
+    }
+
+    fn svc(name: &str, backends: &[&str]) -> DesiredService {
+        DesiredService {
+            name: ServicePortName { namespace: "default".into(), name: name.into(), port_name: "http".into(), protocol: Protocol::Tcp },
+            frontend_type: ServiceType::ClusterIp,
+            backends: backends.iter().map(|b| b.parse().unwrap()).collect(),
+        }
+    }
+
+    fn desired(list: &[(&str, DesiredService)]) -> DesiredState {
+        list.iter().map(|(f, s)| (fe(f), s.clone())).collect()
+    }
+
+    /// Applies a plan one op at a time, checking after each op that every frontend in
+    /// `stable` resolves, for every random value, to one of its allowed backends.
+    fn apply_checked(maps: &mut MapContents, plan: &Plan, stable: &[(&str, Vec<SocketAddrV4>)]) {
+        for op in &plan.ops {
+            maps.apply(op).unwrap();
+            for (f, allowed) in stable {
+                for r in 0..12 {
+                    match maps.resolve(fe(f), r) {
+                        Resolution::Backend(b) => assert!(allowed.contains(&b), "{f} -> {b} after {op:?}"),
+                        other => panic!("{f} resolved to {other:?} after {op:?}"),
+                    }
+                }
+            }
+        }
+    }
+
+    fn spread(maps: &MapContents, f: &str, n: u32) -> std::collections::BTreeMap<String, u32> {
+        let mut hits = std::collections::BTreeMap::new();
+        for r in 0..n {
+            if let Resolution::Backend(b) = maps.resolve(fe(f), r) {
+                *hits.entry(b.to_string()).or_insert(0) += 1;
+            }
+        }
+        hits
+    }
+
+    #[test]
+    fn programs_from_nothing_in_a_safe_order_and_selects_uniformly() {
+        let want = desired(&[
+            ("10.96.0.10:80", svc("web", &["10.244.1.1:8080", "10.244.1.2:8080", "10.244.1.3:8080"])),
+            ("10.96.0.11:80", svc("api", &["10.244.1.1:8080"])),
+            ("10.96.0.12:80", svc("empty", &[])),
+        ]);
+        let p = plan(&MapContents::default(), &want, &LIMITS);
+        assert!(p.refused.is_empty());
+        // A backend shared by two services is written once; backends and metadata come first,
+        // and every frontend entry comes after its slots.
+        let kinds: Vec<&str> = p
+            .ops
+            .iter()
+            .map(|op| match op {
+                Op::PutBackend(..) => "backend",
+                Op::PutMeta(..) => "meta",
+                Op::PutService(k, _) if k.slot == 0 => "frontend",
+                Op::PutService(..) => "slot",
+                _ => "delete",
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            ["backend", "backend", "backend", "meta", "meta", "meta", "slot", "slot", "slot", "frontend", "slot", "frontend", "frontend"]
+        );
+        let mut maps = MapContents::default();
+        for op in &p.ops {
+            maps.apply(op).unwrap();
+        }
+        assert_eq!(maps.backends.len(), 3);
+        let hits = spread(&maps, "10.96.0.10:80", 300);
+        assert_eq!(hits.values().copied().collect::<Vec<_>>(), [100, 100, 100], "{hits:?}");
+        assert_eq!(maps.resolve(fe("10.96.0.12:80"), 7), Resolution::Refused);
+        assert_eq!(maps.resolve(fe("10.96.0.13:80"), 7), Resolution::NotAService);
+        // Nothing left to do: a second plan is empty.
+        assert_eq!(plan(&maps, &want, &LIMITS), Plan::default());
+    }
+
+    #[test]
+    fn removing_a_backend_writes_only_the_difference_and_never_breaks_the_service() {
+        let old = ["10.244.1.1:8080", "10.244.1.2:8080", "10.244.1.3:8080"];
+        let mut maps = MapContents::default();
+        for op in plan(&maps.clone(), &desired(&[("10.96.0.10:80", svc("web", &old))]), &LIMITS).ops {
+            maps.apply(&op).unwrap();
+        }
+        let new = ["10.244.1.1:8080", "10.244.1.3:8080"];
+        let p = plan(&maps, &desired(&[("10.96.0.10:80", svc("web", &new))]), &LIMITS);
+        // Slot 2 takes the backend from slot 3, the count drops, slot 3 and the backend go.
+        assert_eq!(p.ops.len(), 4, "{:#?}", p.ops);
+        assert!(matches!(p.ops[3], Op::DeleteBackend(_)));
+        let allowed: Vec<SocketAddrV4> = old.iter().map(|a| a.parse().unwrap()).collect();
+        apply_checked(&mut maps, &p, &[("10.96.0.10:80", allowed)]);
+        let hits = spread(&maps, "10.96.0.10:80", 100);
+        assert_eq!(hits.keys().cloned().collect::<Vec<_>>(), new);
+        assert_eq!(maps.backends.len(), 2);
+    }
+
+    #[test]
+    fn adding_backends_keeps_existing_slots() {
+        let mut maps = MapContents::default();
+        for op in plan(&maps.clone(), &desired(&[("10.96.0.10:80", svc("web", &["10.244.1.5:80"]))]), &LIMITS).ops {
+            maps.apply(&op).unwrap();
+        }
+        let before = maps.services.clone();
+        let want = desired(&[("10.96.0.10:80", svc("web", &["10.244.1.1:80", "10.244.1.5:80"]))]);
+        let p = plan(&maps, &want, &LIMITS);
+        apply_checked(&mut maps, &p, &[("10.96.0.10:80", vec!["10.244.1.1:80".parse().unwrap(), "10.244.1.5:80".parse().unwrap()])]);
+        let slot1 = service_key(fe("10.96.0.10:80"), 1);
+        assert_eq!(maps.services[&slot1], before[&slot1], "existing backend moved");
+        assert_eq!(p.ops.len(), 3, "{:#?}", p.ops); // new backend, new slot 2, count
+    }
+
+    #[test]
+    fn removed_service_goes_frontend_first_and_its_id_is_not_reused_at_once() {
+        let mut maps = MapContents::default();
+        for op in plan(&maps.clone(), &desired(&[("10.96.0.10:80", svc("a", &["10.244.1.1:80"]))]), &LIMITS).ops {
+            maps.apply(&op).unwrap();
+        }
+        let old_id = maps.services[&service_key(fe("10.96.0.10:80"), 0)].service_id;
+        let p = plan(&maps, &desired(&[("10.96.0.20:80", svc("b", &["10.244.1.1:80"]))]), &LIMITS);
+        let first_delete = p.ops.iter().position(|op| matches!(op, Op::DeleteService(_))).unwrap();
+        assert!(matches!(p.ops[first_delete], Op::DeleteService(k) if k.slot == 0));
+        for op in &p.ops {
+            maps.apply(op).unwrap();
+        }
+        let new_id = maps.services[&service_key(fe("10.96.0.20:80"), 0)].service_id;
+        assert_ne!(old_id, new_id);
+        assert_eq!(maps.meta.len(), 1);
+        assert_eq!(maps.backends.len(), 1, "the shared backend stays");
+        assert_eq!(maps.resolve(fe("10.96.0.10:80"), 0), Resolution::NotAService);
+    }
+
+    #[test]
+    fn adopts_state_written_by_another_agent_and_repairs_drift() {
+        let want = desired(&[("10.96.0.10:80", svc("web", &["10.244.1.1:80", "10.244.1.2:80"]))]);
+        // Another agent used other ids.
+        let mut maps = MapContents::default();
+        for op in plan(&maps.clone(), &want, &LIMITS).ops {
+            let op = match op {
+                Op::PutBackend(id, b) => Op::PutBackend(id + 40, b),
+                Op::PutService(k, v) if k.slot > 0 => Op::PutService(k, ServiceValue { backend_id: v.backend_id + 40, service_id: 7, ..v }),
+                Op::PutService(k, v) => Op::PutService(k, ServiceValue { service_id: 7, ..v }),
+                Op::PutMeta(_, m) => Op::PutMeta(7, m),
+                other => other,
+            };
+            maps.apply(&op).unwrap();
+        }
+        assert_eq!(plan(&maps, &want, &LIMITS), Plan::default(), "adoption must not rewrite anything");
+        // Drift: a slot and the metadata deleted by hand, a stray entry added.
+        maps.services.remove(&service_key(fe("10.96.0.10:80"), 2));
+        maps.meta.clear();
+        maps.services.insert(service_key(fe("10.96.0.99:80"), 3), ServiceValue::default());
+        let p = plan(&maps, &want, &LIMITS);
+        assert_eq!(p.ops.len(), 3, "{:#?}", p.ops);
+        for op in &p.ops {
+            maps.apply(op).unwrap();
+        }
+        assert_eq!(plan(&maps, &want, &LIMITS), Plan::default());
+        assert_eq!(spread(&maps, "10.96.0.10:80", 10).len(), 2);
+    }
+
+    #[test]
+    fn full_maps_refuse_new_services_and_keep_live_ones() {
+        let limits = Limits { max_services: 2, max_backends: 3, max_service_entries: 100 };
+        let mut maps = MapContents::default();
+        let first = desired(&[("10.96.0.1:80", svc("a", &["10.244.0.1:80", "10.244.0.2:80"]))]);
+        for op in plan(&maps.clone(), &first, &limits).ops {
+            maps.apply(&op).unwrap();
+        }
+        let want = desired(&[
+            ("10.96.0.1:80", svc("a", &["10.244.0.1:80", "10.244.0.2:80", "10.244.0.3:80", "10.244.0.4:80"])),
+            ("10.96.0.2:80", svc("b", &["10.244.0.1:80"])),
+            ("10.96.0.3:80", svc("c", &["10.244.0.1:80"])),
+        ]);
+        let p = plan(&maps, &want, &limits);
+        let refused: Vec<String> = p.refused.iter().map(|r| r.name.name.clone()).collect();
+        assert_eq!(refused, ["a", "c"], "a grows past max_backends, c past max_services");
+        assert!(p.refused[0].reason.contains("left as programmed"), "{}", p.refused[0].reason);
+        for op in &p.ops {
+            maps.apply(op).unwrap();
+        }
+        assert_eq!(spread(&maps, "10.96.0.1:80", 10).len(), 2, "a keeps its programming");
+        assert!(matches!(maps.resolve(fe("10.96.0.2:80"), 0), Resolution::Backend(_)));
+        assert_eq!(maps.resolve(fe("10.96.0.3:80"), 0), Resolution::NotAService);
+    }
+}
