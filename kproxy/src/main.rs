@@ -54,7 +54,8 @@ enum Command {
     Cleanup {
         #[command(flatten)]
         pin: PinArgs,
-        /// Accepted for symmetry with `run`; the pinned links say where programs are attached.
+        /// Also check that no kproxy program is left attached to this cgroup (one held by a
+        /// running agent would be); fails if one is.
         #[arg(long)]
         cgroup: Option<PathBuf>,
     },
@@ -135,9 +136,19 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Command::Cleanup { pin, cgroup: _ } => {
+        Command::Cleanup { pin, cgroup } => {
             let report = loader::cleanup(&PinLayout::new(pin.bpffs_dir))?;
             println!("detached {} links, removed {} maps", report.links.len(), report.maps.len());
+            if let Some(cgroup) = cgroup {
+                let left = loader::attached_kproxy_programs(&cgroup)?;
+                if !left.is_empty() {
+                    anyhow::bail!(
+                        "{} still has kproxy programs attached ({}); is an agent still running?",
+                        cgroup.display(),
+                        left.join(", ")
+                    );
+                }
+            }
             Ok(())
         }
     }
