@@ -13,8 +13,9 @@ use crate::user_pod;
 /// Pinned name of the socket reverse-NAT map.
 pub const SOCK_REVNAT_MAP: &str = "KP_SOCK_REVNAT";
 
-/// Default capacity of [`SOCK_REVNAT_MAP`] (sockets with a live translation).
-pub const DEFAULT_MAX_SOCK_REVNAT: u32 = 262_144;
+/// Default capacity of [`SOCK_REVNAT_MAP`] and [`SOCK_AFFINITY_MAP`] (sockets with a live
+/// translation).
+pub const DEFAULT_MAX_SOCK_ENTRIES: u32 = 262_144;
 
 /// Key of [`SOCK_REVNAT_MAP`]. 16 bytes, no holes.
 #[repr(C)]
@@ -47,3 +48,42 @@ pub struct SockRevNatValue {
 const _: () = assert!(core::mem::size_of::<SockRevNatValue>() == 12);
 
 user_pod!(SockRevNatKey, SockRevNatValue);
+
+/// Pinned name of the socket affinity map.
+pub const SOCK_AFFINITY_MAP: &str = "KP_SOCK_AFFIN";
+
+/// Key of [`SOCK_AFFINITY_MAP`]: an unconnected UDP socket talking to one frontend. 16 bytes.
+///
+/// kube-proxy's conntrack keeps every datagram of a (socket, service) pair on one backend; so
+/// does this map, for `sendmsg4`. The entry is only trusted while its slot of the service still
+/// holds the same backend, so a removed backend loses its clients on their next datagram.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SockAffinityKey {
+    /// `bpf_get_socket_cookie()` of the client socket.
+    pub cookie: u64,
+    /// Frontend IPv4 address, network order.
+    pub address: [u8; 4],
+    /// Frontend port, network order.
+    pub port: [u8; 2],
+    /// IP protocol of the frontend.
+    pub protocol: u8,
+    /// Explicit padding, always zero.
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<SockAffinityKey>() == 16);
+
+/// Value of [`SOCK_AFFINITY_MAP`]. 8 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SockAffinityValue {
+    /// Backend id chosen for this socket and frontend.
+    pub backend_id: u32,
+    /// Slot of the service that held `backend_id` when it was chosen.
+    pub slot: u16,
+    /// Explicit padding, always zero.
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<SockAffinityValue>() == 8);
+
+user_pod!(SockAffinityKey, SockAffinityValue);

@@ -11,13 +11,14 @@ use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 /// TCP connect() and connected UDP: service → backend.
 #[cgroup_sock_addr(connect4)]
 pub fn kp_connect4(ctx: SockAddrContext) -> i32 {
-    sock::forward(&ctx)
+    sock::forward(&ctx, sock::Affinity::None)
 }
 
-/// Unconnected UDP sendto()/sendmsg(): service → backend, per datagram.
+/// Unconnected UDP sendto()/sendmsg(): service → backend, per datagram, the same backend for
+/// every datagram of a socket while that backend stays in the service.
 #[cgroup_sock_addr(sendmsg4)]
 pub fn kp_sendmsg4(ctx: SockAddrContext) -> i32 {
-    sock::forward(&ctx)
+    sock::forward(&ctx, sock::Affinity::PerSocket)
 }
 
 /// UDP recvfrom()/recvmsg(): a reply from a backend appears to come from the service.

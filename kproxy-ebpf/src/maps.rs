@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use kproxy_common::{
     lb::{Backend, ServiceKey, ServiceMeta, ServiceValue},
-    sock::{SockRevNatKey, SockRevNatValue},
+    sock::{SockAffinityKey, SockAffinityValue, SockRevNatKey, SockRevNatValue},
 };
 
 /// Frontends and backend slots; see `kproxy_common::lb`.
@@ -25,3 +25,7 @@ pub static KP_SVC_META: HashMap<u32, ServiceMeta, 1024> = HashMap::new();
 /// (socket, backend) → frontend, for getpeername and UDP replies.
 #[btf_map]
 pub static KP_SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNatValue, 1024> = LruHashMap::new();
+
+/// (socket, frontend) → backend, so an unconnected UDP socket keeps its backend.
+#[btf_map]
+pub static KP_SOCK_AFFIN: LruHashMap<SockAffinityKey, SockAffinityValue, 1024> = LruHashMap::new();

@@ -6,11 +6,11 @@ use aya_ebpf::{
     helpers::{bpf_get_socket_cookie, bpf_set_retval},
     programs::SockAddrContext,
 };
-use kproxy_common::sock::{SockRevNatKey, SockRevNatValue};
+use kproxy_common::sock::{SockAffinityKey, SockAffinityValue, SockRevNatKey, SockRevNatValue};
 
 use crate::{
-    lb::{self, Lookup},
-    maps::KP_SOCK_REVNAT,
+    lb::{self, Lookup, Sticky},
+    maps::{KP_SOCK_AFFIN, KP_SOCK_REVNAT},
 };
 
 /// Verdicts of cgroup sock_addr programs.
@@ -60,13 +60,32 @@ fn cookie(ctx: &SockAddrContext) -> u64 {
     unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) }
 }
 
+/// Whether the forward translation keeps a socket on the backend it chose before.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Affinity {
+    /// connect4: a connected socket is translated once, nothing to remember.
+    None,
+    /// sendmsg4: every datagram of an unconnected socket is translated; keep them on one
+    /// backend per frontend, as kube-proxy's conntrack entry does.
+    PerSocket,
+}
+
 /// connect4 / sendmsg4: rewrite a service destination to a chosen backend and remember the
 /// frontend for the reverse path. Anything that is not a frontend passes untouched.
 #[inline(always)]
-pub fn forward(ctx: &SockAddrContext) -> i32 {
+pub fn forward(ctx: &SockAddrContext, affinity: Affinity) -> i32 {
     let d = dest(ctx);
     let protocol = sock_addr(ctx).protocol as u8;
-    match lb::lookup(d.address, d.port, protocol) {
+    let cookie = cookie(ctx);
+    let affinity_key =
+        SockAffinityKey { cookie, address: d.address, port: d.port, protocol, _pad: 0 };
+    let sticky = match affinity {
+        Affinity::None => None,
+        // SAFETY: the value is copied out at once.
+        Affinity::PerSocket => unsafe { KP_SOCK_AFFIN.get(&affinity_key) }
+            .map(|v| Sticky { slot: v.slot, backend_id: v.backend_id }),
+    };
+    match lb::lookup(d.address, d.port, protocol, sticky) {
         Lookup::NotAService => ALLOW,
         Lookup::NoBackend => {
             // SAFETY: reading a constant global patched at load time.
@@ -76,9 +95,15 @@ pub fn forward(ctx: &SockAddrContext) -> i32 {
             }
             REJECT
         }
-        Lookup::Backend { backend, service_id } => {
+        Lookup::Backend { backend, backend_id, slot, service_id } => {
+            let unchanged = sticky.is_some_and(|s| s.slot == slot && s.backend_id == backend_id);
+            if affinity == Affinity::PerSocket && !unchanged {
+                let value = SockAffinityValue { backend_id, slot, _pad: 0 };
+                // Best effort, like the reverse entry below.
+                let _ = KP_SOCK_AFFIN.insert(&affinity_key, &value, 0);
+            }
             let key = SockRevNatKey {
-                cookie: cookie(ctx),
+                cookie,
                 address: backend.address,
                 port: backend.port,
                 _pad: [0; 2],

@@ -2,7 +2,7 @@
 //!
 //! Layout under the bpffs directory (`--bpffs-dir`, default `/sys/fs/bpf/kproxy`):
 //! ```text
-//! maps/KP_SERVICES  maps/KP_BACKENDS  maps/KP_SVC_META  maps/KP_SOCK_REVNAT
+//! maps/KP_SERVICES  maps/KP_BACKENDS  maps/KP_SVC_META  maps/KP_SOCK_REVNAT  maps/KP_SOCK_AFFIN
 //! links/kp_connect4 links/kp_sendmsg4 links/kp_recvmsg4 links/kp_getpeername4
 //! ```
 //! Pinned links keep the programs attached after the agent exits, and pinned maps keep their
@@ -28,7 +28,10 @@ use aya::{
 };
 use kproxy_common::{
     lb::{Backend, ServiceKey, ServiceMeta, ServiceValue, BACKENDS_MAP, SERVICES_MAP, SERVICE_META_MAP},
-    sock::{SockRevNatKey, SockRevNatValue, SOCK_REVNAT_MAP},
+    sock::{
+        SockAffinityKey, SockAffinityValue, SockRevNatKey, SockRevNatValue, SOCK_AFFINITY_MAP,
+        SOCK_REVNAT_MAP,
+    },
 };
 
 /// The eBPF object built by `build.rs` from the `kproxy-ebpf` crate.
@@ -46,7 +49,8 @@ const DEFAULT_BPFFS_MOUNT: &str = "/sys/fs/bpf";
 pub struct Capacities {
     pub max_services: u32,
     pub max_backends: u32,
-    pub max_sock_revnat: u32,
+    /// Capacity of each socket-level LRU map (reverse translation, UDP affinity).
+    pub max_sock_entries: u32,
 }
 
 impl Capacities {
@@ -154,11 +158,12 @@ pub fn load_and_attach(layout: &PinLayout, cgroup: &Path, caps: Capacities) -> R
         bail!("{} is not a cgroup v2 directory", cgroup.display());
     }
     let maps = layout.maps_dir();
-    let specs: [(&str, usize, usize, u32); 4] = [
+    let specs: [(&str, usize, usize, u32); 5] = [
         (SERVICES_MAP, size_of::<ServiceKey>(), size_of::<ServiceValue>(), caps.service_entries()),
         (BACKENDS_MAP, size_of::<u32>(), size_of::<Backend>(), caps.max_backends),
         (SERVICE_META_MAP, size_of::<u32>(), size_of::<ServiceMeta>(), caps.max_services),
-        (SOCK_REVNAT_MAP, size_of::<SockRevNatKey>(), size_of::<SockRevNatValue>(), caps.max_sock_revnat),
+        (SOCK_REVNAT_MAP, size_of::<SockRevNatKey>(), size_of::<SockRevNatValue>(), caps.max_sock_entries),
+        (SOCK_AFFINITY_MAP, size_of::<SockAffinityKey>(), size_of::<SockAffinityValue>(), caps.max_sock_entries),
     ];
     let set_retval = u8::from(has_set_retval());
     let mut loader = EbpfLoader::new();

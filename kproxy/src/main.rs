@@ -15,7 +15,7 @@ use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand};
 use kproxy_common::{
     lb::{DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES},
-    sock::DEFAULT_MAX_SOCK_REVNAT,
+    sock::DEFAULT_MAX_SOCK_ENTRIES,
 };
 
 use crate::{
@@ -77,9 +77,9 @@ struct RunArgs {
     /// Capacity in distinct backends (address, port, protocol).
     #[arg(long, default_value_t = DEFAULT_MAX_BACKENDS)]
     max_backends: u32,
-    /// Capacity of the socket reverse-translation map (LRU).
-    #[arg(long, default_value_t = DEFAULT_MAX_SOCK_REVNAT)]
-    max_sock_revnat: u32,
+    /// Capacity of each socket-level LRU map (reverse translation, UDP socket affinity).
+    #[arg(long, default_value_t = DEFAULT_MAX_SOCK_ENTRIES)]
+    max_sock_entries: u32,
     /// Minimum interval between syncs; changes within it coalesce (kube-proxy's flag).
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     min_sync_period: Duration,
@@ -108,7 +108,7 @@ fn main() -> Result<()> {
                 capacities: Capacities {
                     max_services: args.max_services,
                     max_backends: args.max_backends,
-                    max_sock_revnat: args.max_sock_revnat,
+                    max_sock_entries: args.max_sock_entries,
                 },
                 runner: RunnerConfig {
                     min_interval: args.min_sync_period,
