@@ -1,1 +1,45 @@
-fn main(){}
+//! `cargo xtask <command>`: kproxy's development tasks.
+
+mod tasks;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(
+    name = "xtask",
+    bin_name = "cargo xtask",
+    about = "kproxy development tasks"
+)]
+enum Cli {
+    /// Install what building and testing need (Debian packages, nightly + rust-src,
+    /// bpf-linker); fast when nothing is missing.
+    Setup,
+    /// Setup, then build kproxy (with its eBPF programs) and the xtask binaries.
+    Build,
+    /// Build, then run the unit tests and the privileged end-to-end tests.
+    Test,
+    /// Build, then show kproxy balancing real traffic between three pods.
+    Demo {
+        /// The manifest to load [default: deploy/examples/demo.yaml].
+        #[arg(long)]
+        manifests: Option<PathBuf>,
+        /// Use the binaries already in the target directory instead of building.
+        #[arg(long)]
+        no_build: bool,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse() {
+        Cli::Setup => tasks::setup::run(),
+        Cli::Build => tasks::build::build().map(drop),
+        Cli::Test => tasks::build::test(),
+        Cli::Demo {
+            manifests,
+            no_build,
+        } => tasks::demo::run(manifests, no_build),
+    }
+}

@@ -1,0 +1,60 @@
+//! `cargo xtask build` and `cargo xtask test`.
+
+use std::process::Command;
+
+use anyhow::{bail, Result};
+use xtask::cmd;
+use xtask::harness::Binaries;
+
+use super::{cargo, setup, target_dir};
+
+/// `cargo <args>` in the workspace root, `args` split at spaces.
+fn cargo_with(args: &str) -> Command {
+    let mut command = cargo();
+    command.args(args.split_whitespace());
+    command
+}
+
+/// Setup, then builds kproxy (its build script builds the eBPF programs) and the xtask binaries
+/// (`kproxy-testpod`). Returns where they are.
+pub fn build() -> Result<Binaries> {
+    setup::run()?;
+    cmd::run(&mut cargo_with("build --package kproxy"))?;
+    cmd::run(&mut cargo_with("build --package xtask --bins"))?;
+    let bins = Binaries::in_target_dir(&target_dir()?);
+    bins.check()?;
+    Ok(bins)
+}
+
+/// Builds, then runs every test suite (all of them, even after a failure) and fails if any did.
+pub fn test() -> Result<()> {
+    let bins = build()?;
+    let mut e2e = cargo_with("test --package xtask --test socket_lb -- --test-threads=1");
+    e2e.env("KPROXY_BIN", &bins.kproxy)
+        .env("KPROXY_TESTPOD_BIN", &bins.testpod);
+    let suites = [
+        (
+            "kproxy and kproxy-common tests",
+            cargo_with("test --workspace --exclude kproxy-ebpf --exclude xtask"),
+        ),
+        (
+            "xtask unit tests and topology tests",
+            cargo_with("test --package xtask --lib --bins --test topology"),
+        ),
+        ("xtask doc tests", cargo_with("test --package xtask --doc")),
+        ("end-to-end tests (socket_lb)", e2e),
+    ];
+    let mut failed = Vec::new();
+    for (name, mut command) in suites {
+        println!("==> {name}: {}", cmd::describe(&command));
+        if let Err(e) = cmd::run(&mut command) {
+            eprintln!("FAILED {name}: {e:#}");
+            failed.push(name);
+        }
+    }
+    if !failed.is_empty() {
+        bail!("test suites failed: {}", failed.join(", "));
+    }
+    println!("all test suites passed");
+    Ok(())
+}
