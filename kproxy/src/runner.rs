@@ -1,7 +1,8 @@
-//! A bounded-frequency runner, after kube-proxy's `BoundedFrequencyRunner`: a change triggers a
-//! run at once unless the last run was less than `min_interval` ago (then bursts coalesce into
-//! one run when the interval has passed); a full run happens at least every `sync_period`; a
-//! failed run is retried after `retry_interval`. Uses tokio's clock, so tests pause time.
+//! A bounded-frequency runner, after kube-proxy's `BoundedFrequencyRunner`: runs are paced by a
+//! token bucket that refills one token per `min_interval` and holds `BURST` tokens (kube-proxy
+//! uses 2), so an isolated change is applied at once while a storm of changes coalesces into at
+//! most one run per `min_interval`; a full run happens at least every `sync_period`; a failed
+//! run is retried after `retry_interval`. Uses tokio's clock, so tests pause time.
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -23,7 +24,40 @@ pub enum RunKind {
     Full,
 }
 
-/// Runs `run` until `shutdown` completes. The first run is a full one, at once.
+/// Runs that may happen back to back before `min_interval` pacing applies (kube-proxy's
+/// `burstSyncs`).
+pub const BURST: f64 = 2.0;
+
+/// Token bucket: `BURST` tokens, one more every `min_interval`.
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+    refill: Duration,
+}
+
+impl Bucket {
+    fn level(&self, now: Instant) -> f64 {
+        if self.refill.is_zero() {
+            return BURST;
+        }
+        let refilled = now.saturating_duration_since(self.at).as_secs_f64() / self.refill.as_secs_f64();
+        (self.tokens + refilled).min(BURST)
+    }
+
+    /// When the bucket next holds a whole token.
+    fn ready_at(&self, now: Instant) -> Instant {
+        let missing = 1.0 - self.level(now);
+        if missing <= 0.0 { now } else { now + self.refill.mul_f64(missing) }
+    }
+
+    fn take(&mut self, now: Instant) {
+        self.tokens = self.level(now) - 1.0;
+        self.at = now;
+    }
+}
+
+/// Runs `run` until `shutdown` completes. The first run is a full one, at once. `run` returns
+/// whether it succeeded.
 pub async fn run<F, S>(cfg: RunnerConfig, trigger: Arc<Notify>, shutdown: S, mut run: F)
 where
     F: FnMut(RunKind) -> bool,
@@ -31,39 +65,38 @@ where
 {
     tokio::pin!(shutdown);
     let mut pending: Option<RunKind> = Some(RunKind::Full);
-    let mut last_run: Option<Instant> = None;
+    let mut bucket = Bucket { tokens: BURST, at: Instant::now(), refill: cfg.min_interval };
+    // No run before this (set after a failure).
+    let mut not_before = Instant::now();
     let mut next_full = Instant::now() + cfg.sync_period;
     loop {
         let now = Instant::now();
         if now >= next_full {
             pending = Some(RunKind::Full);
         }
-        let earliest = last_run.map_or(now, |t| t + cfg.min_interval);
         let wake = match pending {
-            Some(_) => earliest.max(now),
+            Some(_) => bucket.ready_at(now).max(not_before),
             None => next_full,
         };
-        tokio::select! {
-            biased;
-            _ = &mut shutdown => return,
-            _ = trigger.notified() => {
-                pending = Some(pending.unwrap_or(RunKind::Changed));
-                continue;
+        if pending.is_none() || wake > now {
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => return,
+                _ = trigger.notified() => {
+                    pending = Some(pending.unwrap_or(RunKind::Changed));
+                }
+                _ = tokio::time::sleep_until(wake) => {}
             }
-            _ = tokio::time::sleep_until(wake) => {}
-        }
-        let Some(kind) = pending.take() else { continue };
-        if Instant::now() < earliest {
-            pending = Some(kind);
             continue;
         }
-        last_run = Some(Instant::now());
+        let Some(kind) = pending.take() else { continue };
+        bucket.take(now);
         if kind == RunKind::Full {
-            next_full = Instant::now() + cfg.sync_period;
+            next_full = now + cfg.sync_period;
         }
         if !run(kind) {
-            // Retry no sooner than retry_interval, as a full run (the maps may be off).
-            last_run = Some(Instant::now() + cfg.retry_interval.saturating_sub(cfg.min_interval));
+            // Retry as a full run (the maps may be off), no sooner than retry_interval.
+            not_before = Instant::now() + cfg.retry_interval;
             pending = Some(RunKind::Full);
         }
     }
@@ -110,17 +143,28 @@ mod tests {
     async fn first_run_is_immediate_and_full_then_bursts_coalesce() {
         let (trigger, log, _stop) = start(0);
         tokio::time::sleep(secs(5.0)).await;
-        // A burst of 10 changes 100 ms apart: one run at once, one after min_interval.
+        // A storm of 10 changes 100 ms apart: two runs at once (the burst), then one when the
+        // bucket holds a token again, one second after the first.
         for _ in 0..10 {
             trigger.notify_one();
             tokio::time::sleep(secs(0.1)).await;
         }
         tokio::time::sleep(secs(3.0)).await;
-        let log = log.lock().unwrap().clone();
+        let log: Vec<_> = log.lock().unwrap().iter().map(|(t, k)| (t.as_millis(), *k)).collect();
         assert_eq!(
             log,
-            vec![(secs(0.0), RunKind::Full), (secs(5.0), RunKind::Changed), (secs(6.0), RunKind::Changed)],
+            vec![(0, RunKind::Full), (5000, RunKind::Changed), (5100, RunKind::Changed), (6000, RunKind::Changed)],
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_change_right_after_a_run_is_applied_at_once() {
+        let (trigger, log, _stop) = start(0);
+        tokio::time::sleep(secs(0.05)).await;
+        trigger.notify_one();
+        tokio::time::sleep(secs(0.01)).await;
+        let times: Vec<_> = log.lock().unwrap().iter().map(|(t, _)| t.as_millis()).collect();
+        assert_eq!(times, vec![0, 50]);
     }
 
     #[tokio::test(start_paused = true)]
