@@ -1,23 +1,17 @@
 //! `kproxy run`: attach the datapath, then keep the maps equal to the manifests.
 
-use std::{
-    collections::{BTreeSet, HashMap},
-    path::PathBuf,
-    sync::Arc,
-    time::Instant,
-};
+use std::{collections::BTreeSet, path::PathBuf, sync::Arc, time::Instant};
 
 use anyhow::{Context as _, Result};
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use tokio::sync::Notify;
 
 use crate::{
     dataplane::{bpf::BpfMaps, plan::Limits},
     loader::{self, Capacities, PinLayout},
-    model::Snapshot,
     runner::{self, RunKind, RunnerConfig},
-    sources::manifests::{self, ManifestWatcher},
-    sync::Syncer,
+    sources::manifests::{ManifestSource, ManifestWatcher},
+    sync::{SyncScope, Syncer},
+    tracker::ModelStore,
 };
 
 pub struct AgentConfig {
@@ -28,52 +22,17 @@ pub struct AgentConfig {
     pub runner: RunnerConfig,
 }
 
-/// The manifest source with memory: a file that fails to parse keeps serving the objects of
-/// its last good version, so a half-saved edit never takes services down.
-struct ManifestSource {
-    path: PathBuf,
-    last_good: HashMap<PathBuf, (Vec<Service>, Vec<EndpointSlice>)>,
+/// Logs each problem once, when it first appears, and forgets the ones that went away.
+#[derive(Default)]
+struct ProblemLog {
     reported: BTreeSet<String>,
 }
 
-impl ManifestSource {
-    /// Reads the manifests; `None` when the path itself cannot be read (nothing is changed
-    /// then: an unreadable path must not look like "no services").
-    fn read(&mut self) -> Option<Snapshot> {
-        if !self.path.exists() {
-            self.report(vec![format!("{}: no such file or directory; keeping the programmed services", self.path.display())]);
-            return None;
-        }
-        let mut services = Vec::new();
-        let mut slices = Vec::new();
-        let mut messages = Vec::new();
-        let mut seen = HashMap::new();
-        for (file, m) in manifests::read_files(&self.path) {
-            messages.extend(m.errors.iter().map(|e| e.to_string()));
-            let objects = if m.errors.is_empty() {
-                (m.services, m.slices)
-            } else if let Some(good) = self.last_good.get(&file) {
-                messages.push(format!("{}: has errors; serving its last good version", file.display()));
-                good.clone()
-            } else {
-                (m.services, m.slices)
-            };
-            services.extend(objects.0.iter().cloned());
-            slices.extend(objects.1.iter().cloned());
-            seen.insert(file, objects);
-        }
-        self.last_good = seen;
-        let snapshot = Snapshot::build(&services, &slices);
-        messages.extend(snapshot.invalid.iter().map(|e| format!("skipped invalid object: {e}")));
-        self.report(messages);
-        Some(snapshot)
-    }
-
-    /// Logs each problem once, when it first appears.
-    fn report(&mut self, messages: Vec<String>) {
-        let current: BTreeSet<String> = messages.into_iter().collect();
-        for m in current.difference(&self.reported) {
-            tracing::error!("{m}");
+impl ProblemLog {
+    fn report(&mut self, problems: impl IntoIterator<Item = String>) {
+        let current: BTreeSet<String> = problems.into_iter().collect();
+        for p in current.difference(&self.reported) {
+            tracing::error!("{p}");
         }
         self.reported = current;
     }
@@ -88,7 +47,9 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         max_service_entries: cfg.capacities.service_entries(),
     };
     let mut syncer = Syncer::new(maps, limits);
-    let mut source = ManifestSource { path: cfg.manifests.clone(), last_good: HashMap::new(), reported: BTreeSet::new() };
+    let mut source = ManifestSource::new(cfg.manifests.clone());
+    let mut store = ModelStore::default();
+    let mut problems = ProblemLog::default();
 
     let trigger = Arc::new(Notify::new());
     let _watcher = ManifestWatcher::new(&cfg.manifests, trigger.clone())
@@ -97,17 +58,31 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
 
     let sync_once = move |kind: RunKind| -> bool {
         let started = Instant::now();
-        let Some(snapshot) = source.read() else { return false };
-        match syncer.sync(&snapshot.desired, kind == RunKind::Full) {
+        let set = match source.read() {
+            Ok(set) => set,
+            Err(e) => {
+                problems.report([e]);
+                return false;
+            }
+        };
+        store.replace_all(&set.services, &set.slices);
+        let changes = store.take_changes();
+        let invalid = store.invalid().map(|e| format!("skipped invalid object: {e}"));
+        problems.report(set.problems.into_iter().chain(invalid));
+        let scope = match kind {
+            RunKind::Full => SyncScope::Full,
+            RunKind::Changed => SyncScope::Changed(&changes.frontends),
+        };
+        match syncer.sync(store.desired(), scope) {
             Ok(stats) => {
                 for r in &stats.refused {
                     tracing::error!(service = %r.name, frontend = %r.frontend, "not programmed: {}", r.reason);
                 }
                 tracing::info!(
-                    ?kind,
-                    frontends = stats.frontends,
+                    full = stats.full,
+                    frontends = store.desired().len(),
+                    changed_frontends = changes.frontends.len(),
                     writes = stats.ops,
-                    invalid = snapshot.invalid.len(),
                     sync_ms = format!("{:.3}", stats.duration.as_secs_f64() * 1e3),
                     total_ms = format!("{:.3}", started.elapsed().as_secs_f64() * 1e3),
                     "synced"

@@ -8,6 +8,7 @@ mod model;
 mod runner;
 mod sources;
 mod sync;
+mod tracker;
 
 use std::{path::PathBuf, time::Duration};
 

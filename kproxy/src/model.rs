@@ -85,16 +85,6 @@ pub enum ServiceType {
     LoadBalancer,
 }
 
-impl ServiceType {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ServiceType::ClusterIp => "ClusterIP",
-            ServiceType::NodePort => "NodePort",
-            ServiceType::LoadBalancer => "LoadBalancer",
-        }
-    }
-}
-
 /// `namespace/name:port_name`, kube-proxy's `ServicePortName` (protocol included, since the
 /// same port name may not repeat but TCP and UDP ports are distinct frontends).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -397,30 +387,18 @@ pub struct DesiredService {
 /// Everything the dataplane must serve, keyed by frontend.
 pub type DesiredState = BTreeMap<Frontend, DesiredService>;
 
-/// Joins services and slices into the desired state, as kube-proxy does: slices join their
-/// service by the `kubernetes.io/service-name` label (several slices per service merge), slice
-/// ports match service ports by name and protocol, and only ready endpoints are backends.
-///
-/// Two services claiming the same frontend is a conflict: the first one (by namespace/name)
-/// keeps it and the other's port is reported.
-pub fn desired_state(
-    services: &[ServiceInfo],
-    slices: &[SliceInfo],
-) -> (DesiredState, Vec<InvalidObject>) {
-    let mut by_service: BTreeMap<(&str, &str), Vec<&SliceInfo>> = BTreeMap::new();
-    for slice in slices {
-        by_service.entry((&slice.namespace, &slice.service)).or_default().push(slice);
-    }
-    let mut sorted: Vec<&ServiceInfo> = services.iter().collect();
-    sorted.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-
-    let mut state = DesiredState::new();
-    let mut conflicts = Vec::new();
-    for svc in sorted {
-        let svc_slices = by_service.get(&(svc.namespace.as_str(), svc.name.as_str()));
-        for (i, port) in svc.ports.iter().enumerate() {
+/// The frontends of one Service with their backends, joined with its slices as kube-proxy
+/// does: slice ports match service ports by name and protocol, several slices merge, and only
+/// ready endpoints are backends.
+pub fn service_frontends<'a>(
+    svc: &ServiceInfo,
+    slices: impl Iterator<Item = &'a SliceInfo> + Clone,
+) -> Vec<(Frontend, DesiredService)> {
+    svc.ports
+        .iter()
+        .map(|port| {
             let mut backends = BTreeSet::new();
-            for slice in svc_slices.into_iter().flatten() {
+            for slice in slices.clone() {
                 let matching = slice
                     .ports
                     .iter()
@@ -431,100 +409,16 @@ pub fn desired_state(
                     }
                 }
             }
-            let frontend = Frontend {
-                address: svc.cluster_ip,
-                port: port.port,
-                protocol: port.name.protocol,
+            let frontend =
+                Frontend { address: svc.cluster_ip, port: port.port, protocol: port.name.protocol };
+            let desired = DesiredService {
+                name: port.name.clone(),
+                frontend_type: ServiceType::ClusterIp,
+                backends: backends.into_iter().collect(),
             };
-            if let Some(owner) = state.get(&frontend) {
-                conflicts.push(InvalidObject {
-                    kind: "Service",
-                    object: format!("{}/{}", svc.namespace, svc.name),
-                    field: format!("spec.ports[{i}]"),
-                    reason: format!("frontend {frontend} is already served for {}", owner.name),
-                });
-                continue;
-            }
-            state.insert(
-                frontend,
-                DesiredService {
-                    name: port.name.clone(),
-                    frontend_type: ServiceType::ClusterIp,
-                    backends: backends.into_iter().collect(),
-                },
-            );
-        }
-    }
-    (state, conflicts)
-}
-
-/// The model built from one consistent set of objects: the desired state, and what was left
-/// out and why.
-#[derive(Debug, Default)]
-pub struct Snapshot {
-    pub desired: DesiredState,
-    /// Objects (or ports) skipped as invalid; each names the object and the field.
-    pub invalid: Vec<InvalidObject>,
-    /// Valid Services that kproxy leaves alone (headless, ExternalName, other proxy, IPv6-only).
-    pub ignored: Vec<(String, Ignored)>,
-}
-
-impl Snapshot {
-    /// Validates every object and joins them. Duplicates (same kind, namespace and name) keep
-    /// the first object and report the others.
-    pub fn build(services: &[Service], slices: &[EndpointSlice]) -> Snapshot {
-        let mut snapshot = Snapshot::default();
-        let mut seen = BTreeSet::new();
-        let mut duplicate = |kind: &'static str, ns: &str, name: &str| {
-            (!seen.insert((kind, ns.to_string(), name.to_string()))).then(|| InvalidObject {
-                kind,
-                object: format!("{ns}/{name}"),
-                field: "metadata.name".into(),
-                reason: "duplicate object; the first one is used".into(),
-            })
-        };
-        let mut infos = Vec::new();
-        for svc in services {
-            match ServiceInfo::from_service(svc) {
-                Ok(ServiceOutcome::Served(info)) => {
-                    if let Some(e) = duplicate("Service", &info.namespace, &info.name) {
-                        snapshot.invalid.push(e);
-                        continue;
-                    }
-                    for field in &info.unsupported_ports {
-                        snapshot.invalid.push(InvalidObject {
-                            kind: "Service",
-                            object: format!("{}/{}", info.namespace, info.name),
-                            field: format!("{field}.protocol"),
-                            reason: "SCTP is not served by kproxy; port skipped".into(),
-                        });
-                    }
-                    infos.push(info);
-                }
-                Ok(ServiceOutcome::Ignored(why)) => {
-                    let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
-                    let name = svc.metadata.name.as_deref().unwrap_or_default();
-                    snapshot.ignored.push((format!("{ns}/{name}"), why));
-                }
-                Err(e) => snapshot.invalid.push(e),
-            }
-        }
-        let mut slice_infos = Vec::new();
-        for slice in slices {
-            match SliceInfo::from_slice(slice) {
-                Ok(Some(info)) => match duplicate("EndpointSlice", &info.namespace, &info.name) {
-                    Some(e) => snapshot.invalid.push(e),
-                    None => slice_infos.push(info),
-                },
-                Ok(None) => {}
-                Err(e) => snapshot.invalid.push(e),
-            }
-        }
-        let (desired, conflicts) = desired_state(&infos, &slice_infos);
-        snapshot.desired = desired;
-        snapshot.invalid.extend(conflicts);
-        snapshot
-    }
+            (frontend, desired)
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -538,9 +432,25 @@ mod tests {
         (m.services, m.slices)
     }
 
-    fn build(yaml: &str) -> Snapshot {
+    /// The outcome of feeding the objects into a fresh store.
+    struct Built {
+        desired: DesiredState,
+        invalid: Vec<InvalidObject>,
+        ignored: Vec<(String, Ignored)>,
+    }
+
+    fn build(yaml: &str) -> Built {
         let (services, slices) = objects(yaml);
-        Snapshot::build(&services, &slices)
+        let mut store = crate::tracker::ModelStore::default();
+        let errors = store.replace_all(&services, &slices);
+        store.take_changes();
+        let mut invalid: Vec<InvalidObject> = store.invalid().cloned().collect();
+        // Duplicates are reported by replace_all only (the object itself is fine).
+        invalid.extend(errors.into_iter().filter(|e| e.reason.starts_with("duplicate")));
+        let mut ignored: Vec<(String, Ignored)> =
+            store.ignored().map(|((ns, n), w)| (format!("{ns}/{n}"), *w)).collect();
+        ignored.sort_by(|a, b| a.0.cmp(&b.0));
+        Built { desired: store.desired().clone(), invalid, ignored }
     }
 
     fn fe(addr: &str, port: u16, protocol: Protocol) -> Frontend {
@@ -646,10 +556,10 @@ spec: {clusterIP: "fd00::2", clusterIPs: ["fd00::2", "10.96.0.3"], ports: [{port
         assert_eq!(
             ignored,
             [
-                ("default/headless", Ignored::Headless),
                 ("default/ext", Ignored::ExternalName),
-                ("default/other", Ignored::OtherProxy),
+                ("default/headless", Ignored::Headless),
                 ("default/labelled-headless", Ignored::Headless),
+                ("default/other", Ignored::OtherProxy),
                 ("default/v6", Ignored::NoIpv4ClusterIp),
             ]
         );
@@ -717,12 +627,12 @@ endpoints: [{addresses: [10.244.0.3]}]
         assert_eq!(
             errors,
             [
+                r#"EndpointSlice default/bad-ep: endpoints[1].addresses[0]: "nope" is not an IPv4 address"#,
+                "EndpointSlice default/no-label: metadata.labels[kubernetes.io/service-name]: missing",
                 r#"Service default/bad-ip: spec.clusterIP: "10.96.0.300" is not an IP address"#,
                 "Service default/bad-port: spec.ports[0].port: 70000 is out of range 1-65535",
                 r#"Service default/bad-proto: spec.ports[0].protocol: unknown protocol "TPC" (want TCP, UDP or SCTP)"#,
                 "Service default/sctp: spec.ports[0].protocol: SCTP is not served by kproxy; port skipped",
-                "EndpointSlice default/no-label: metadata.labels[kubernetes.io/service-name]: missing",
-                r#"EndpointSlice default/bad-ep: endpoints[1].addresses[0]: "nope" is not an IPv4 address"#,
             ]
         );
         let frontends: Vec<_> = s.desired.keys().copied().collect();
@@ -740,8 +650,8 @@ endpoints: [{addresses: [10.244.0.3]}]
         assert_eq!(
             errors,
             [
+                "Service default/b: spec.ports[0]: frontend 10.96.0.1:80/TCP is already served for default/a",
                 "Service default/a: metadata.name: duplicate object; the first one is used",
-                "Service default/b: spec.ports[0]: frontend 10.96.0.1:80/TCP is already served for default/a/TCP",
             ]
         );
         assert_eq!(s.desired.len(), 1);

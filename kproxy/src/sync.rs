@@ -1,32 +1,46 @@
 //! Sync: bring the dataplane to the desired state by writing only the difference.
 
-use std::time::{Duration, Instant};
+use std::{
+    collections::BTreeSet,
+    time::{Duration, Instant},
+};
 
 use crate::{
     dataplane::{
-        plan::{plan, Limits, Refused},
-        Dataplane, DataplaneError, MapContents,
+        plan::{plan, Limits, Mirror, Refused, Scope},
+        Dataplane, DataplaneError,
     },
-    model::DesiredState,
+    model::{DesiredState, Frontend},
 };
 
 /// What one sync did.
 #[derive(Debug, Default)]
 pub struct SyncStats {
+    /// Whether the whole state was reconciled (after a re-read of the maps).
+    pub full: bool,
     /// Map writes and deletes applied.
     pub ops: usize,
-    pub frontends: usize,
     pub refused: Vec<Refused>,
     pub duration: Duration,
 }
 
-/// Owns the dataplane and a mirror of what it holds, so a sync costs O(changes) map writes and
-/// no map reads. The mirror is re-read from the maps on the first sync, on every full sync
-/// (which repairs drift, such as entries deleted by hand) and after a failed write.
+/// Owns the dataplane and an indexed mirror of what it holds, so a sync of a few changed
+/// frontends costs O(changes): no map reads, no scan. The mirror is rebuilt from the maps on
+/// the first sync, on every full sync (which repairs drift, such as entries deleted by hand)
+/// and after a failed write.
 pub struct Syncer<D> {
     dataplane: D,
-    mirror: Option<MapContents>,
+    mirror: Option<Mirror>,
     limits: Limits,
+}
+
+/// What a sync must look at.
+#[derive(Clone, Copy, Debug)]
+pub enum SyncScope<'a> {
+    /// Re-read the maps and reconcile everything.
+    Full,
+    /// Reconcile these frontends against the mirror.
+    Changed(&'a BTreeSet<Frontend>),
 }
 
 impl<D: Dataplane> Syncer<D> {
@@ -34,28 +48,21 @@ impl<D: Dataplane> Syncer<D> {
         Self { dataplane, mirror: None, limits }
     }
 
-    pub fn dataplane(&self) -> &D {
-        &self.dataplane
-    }
-
-    pub fn sync(&mut self, desired: &DesiredState, full: bool) -> Result<SyncStats, DataplaneError> {
+    pub fn sync(&mut self, desired: &DesiredState, scope: SyncScope<'_>) -> Result<SyncStats, DataplaneError> {
         let start = Instant::now();
-        let mut mirror = match self.mirror.take() {
-            Some(m) if !full => m,
-            _ => self.dataplane.read()?,
+        let (mut mirror, plan_scope) = match (self.mirror.take(), scope) {
+            (Some(m), SyncScope::Changed(set)) => (m, Scope::Frontends(set)),
+            // No trusted mirror (first sync, or a write failed): a changed sync becomes full.
+            _ => (Mirror::new(self.dataplane.read()?), Scope::Full),
         };
-        let plan = plan(&mirror, desired, &self.limits);
+        let full = matches!(plan_scope, Scope::Full);
+        let plan = plan(&mirror, desired, plan_scope, &self.limits);
         for op in &plan.ops {
             // On error the mirror is dropped (self.mirror stays None): the next sync re-reads.
             self.dataplane.apply(op)?;
-            mirror.apply(op).expect("the in-memory dataplane never fails");
+            mirror.apply(op);
         }
         self.mirror = Some(mirror);
-        Ok(SyncStats {
-            ops: plan.ops.len(),
-            frontends: desired.len() - plan.refused.len(),
-            refused: plan.refused,
-            duration: start.elapsed(),
-        })
+        Ok(SyncStats { full, ops: plan.ops.len(), refused: plan.refused, duration: start.elapsed() })
     }
 }

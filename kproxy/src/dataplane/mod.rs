@@ -97,7 +97,8 @@ impl Dataplane for MapContents {
     }
 }
 
-/// Where a new connection to a frontend goes.
+/// Where a new connection to a frontend goes (tests trace connections with it).
+#[cfg(test)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Resolution {
     NotAService,
@@ -108,6 +109,7 @@ pub enum Resolution {
 impl MapContents {
     /// Resolves a new connection exactly as the kernel's `lb::lookup` does, with `random` in
     /// place of `bpf_get_prandom_u32()`.
+    #[cfg(test)]
     pub fn resolve(&self, frontend: Frontend, random: u32) -> Resolution {
         let mut key = service_key(frontend, 0);
         let Some(front) = self.services.get(&key) else { return Resolution::NotAService };

@@ -10,15 +10,17 @@
 //!    entries and metadata;
 //! 4. backends that no slot references any more.
 //!
+//! A plan covers a [`Scope`]: the frontends that changed (a sync after events costs O(changes))
+//! or everything (start-up and periodic full syncs, which also remove stray entries).
 //! Backends are shared: one id per (address, port, protocol), whatever the number of services
-//! that use it. Ids already in the maps are kept, so a restarted agent adopts them; new ids are
-//! the lowest ones not in use anywhere in the maps (never an id this plan frees).
+//! that use it. Ids already in the maps are kept, so a restarted agent adopts them; new ids
+//! come from a cursor past every id in use, so a plan never reuses an id it frees.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 use kproxy_common::lb::{Backend, ServiceKey, ServiceValue, SVC_FLAG_CLUSTER_IP};
 
-use super::{backend_value, service_key, service_meta, MapContents, Op};
+use super::{backend_value, frontend_of, service_key, service_meta, Dataplane as _, MapContents, Op};
 use crate::model::{DesiredState, Frontend, ServicePortName, ServiceType};
 
 /// Map capacities the plan must respect.
@@ -30,6 +32,15 @@ pub struct Limits {
     pub max_backends: u32,
     /// Entries of the services map: frontends plus slots.
     pub max_service_entries: u32,
+}
+
+/// Which frontends a plan reconciles.
+#[derive(Clone, Copy, Debug)]
+pub enum Scope<'a> {
+    /// Every frontend, desired or programmed, plus a sweep of stray entries.
+    Full,
+    /// Only these frontends (whether desired, programmed, or both).
+    Frontends(&'a BTreeSet<Frontend>),
 }
 
 /// A frontend left as it was because the maps are full.
@@ -47,79 +58,197 @@ pub struct Plan {
     pub refused: Vec<Refused>,
 }
 
-/// Allocates the lowest ids not in `used`, in increasing order: O(1) amortised per id.
-struct IdAllocator {
-    used: HashSet<u32>,
-    next: u32,
+/// The programmed state: the maps' content and the indexes planning needs, kept current as
+/// ops are applied, so planning a change never scans the maps.
+#[derive(Clone, Debug, Default)]
+pub struct Mirror {
+    contents: MapContents,
+    /// The id of each backend value (the lowest, should the maps hold a value twice).
+    ids_by_backend: HashMap<Backend, u32>,
+    /// How many slots name each backend id.
+    backend_refs: HashMap<u32, u32>,
+    frontends: usize,
+    next_backend_id: u32,
+    next_service_id: u32,
 }
 
-impl IdAllocator {
-    fn new(used: HashSet<u32>) -> Self {
-        Self { used, next: 1 }
-    }
-
-    fn allocate(&mut self) -> u32 {
-        while self.used.contains(&self.next) {
-            self.next += 1;
+impl Mirror {
+    /// Indexes the content read from the maps. O(entries).
+    pub fn new(contents: MapContents) -> Self {
+        let mut m = Mirror { next_backend_id: 1, next_service_id: 1, ..Default::default() };
+        let mut backends: Vec<(u32, Backend)> = contents.backends.iter().map(|(i, b)| (*i, *b)).collect();
+        backends.sort();
+        for (id, b) in backends {
+            m.ids_by_backend.entry(b).or_insert(id);
+            m.next_backend_id = m.next_backend_id.max(id.saturating_add(1));
         }
-        self.used.insert(self.next);
-        self.next
+        for (k, v) in &contents.services {
+            if k.slot == 0 {
+                m.frontends += 1;
+            } else {
+                *m.backend_refs.entry(v.backend_id).or_default() += 1;
+                m.next_backend_id = m.next_backend_id.max(v.backend_id.saturating_add(1));
+            }
+            m.next_service_id = m.next_service_id.max(v.service_id.saturating_add(1));
+        }
+        for id in contents.meta.keys() {
+            m.next_service_id = m.next_service_id.max(id.saturating_add(1));
+        }
+        m.contents = contents;
+        m
+    }
+
+    pub fn contents(&self) -> &MapContents {
+        &self.contents
+    }
+
+    /// Applies one op to the content and the indexes.
+    pub fn apply(&mut self, op: &Op) {
+        match op {
+            Op::PutBackend(id, b) => {
+                if let Some(old) = self.contents.backends.get(id).copied() {
+                    self.unindex_backend(*id, old);
+                }
+                let e = self.ids_by_backend.entry(*b).or_insert(*id);
+                *e = (*e).min(*id);
+                self.next_backend_id = self.next_backend_id.max(id.saturating_add(1));
+            }
+            Op::DeleteBackend(id) => {
+                if let Some(old) = self.contents.backends.get(id).copied() {
+                    self.unindex_backend(*id, old);
+                }
+            }
+            Op::PutService(k, v) => {
+                match self.contents.services.get(k) {
+                    None if k.slot == 0 => self.frontends += 1,
+                    Some(old) if k.slot > 0 => self.unref(old.backend_id),
+                    _ => {}
+                }
+                if k.slot > 0 {
+                    *self.backend_refs.entry(v.backend_id).or_default() += 1;
+                }
+                self.next_service_id = self.next_service_id.max(v.service_id.saturating_add(1));
+            }
+            Op::DeleteService(k) => match self.contents.services.get(k) {
+                Some(_) if k.slot == 0 => self.frontends -= 1,
+                Some(old) => self.unref(old.backend_id),
+                None => {}
+            },
+            Op::PutMeta(id, _) => self.next_service_id = self.next_service_id.max(id.saturating_add(1)),
+            Op::DeleteMeta(_) => {}
+        }
+        self.contents.apply(op).expect("the in-memory dataplane never fails");
+    }
+
+    fn unref(&mut self, id: u32) {
+        if let Some(n) = self.backend_refs.get_mut(&id) {
+            *n -= 1;
+            if *n == 0 {
+                self.backend_refs.remove(&id);
+            }
+        }
+    }
+
+    fn unindex_backend(&mut self, id: u32, old: Backend) {
+        if self.ids_by_backend.get(&old) == Some(&id) {
+            self.ids_by_backend.remove(&old);
+            // Rare (a value the maps held twice): fall back to its other id.
+            let other = self.contents.backends.iter().filter(|(i, b)| **i != id && **b == old).map(|(i, _)| *i).min();
+            if let Some(other) = other {
+                self.ids_by_backend.insert(old, other);
+            }
+        }
+    }
+
+    fn refs(&self, id: u32) -> u32 {
+        self.backend_refs.get(&id).copied().unwrap_or(0)
     }
 }
 
-/// A frontend as currently programmed.
-struct Current {
-    value: ServiceValue,
-    /// Backend id per slot 1..=count (`None` where the slot entry is missing).
-    slots: Vec<Option<u32>>,
+/// Hands out ids past every id in use, wrapping around (and skipping ids in use) at u32::MAX.
+struct Ids<'a> {
+    next: u32,
+    in_use: &'a dyn Fn(u32) -> bool,
+    taken: HashSet<u32>,
 }
 
-pub fn plan(current: &MapContents, desired: &DesiredState, limits: &Limits) -> Plan {
-    // What is programmed, per frontend.
-    let mut programmed: HashMap<ServiceKey, Current> = HashMap::new();
-    for (key, value) in current.services.iter().filter(|(k, _)| k.slot == 0) {
-        let slots = (1..=value.count)
-            .map(|slot| current.services.get(&ServiceKey { slot, ..*key }).map(|s| s.backend_id))
-            .collect();
-        programmed.insert(*key, Current { value: *value, slots });
+impl Ids<'_> {
+    fn allocate(&mut self) -> u32 {
+        loop {
+            let id = self.next;
+            self.next = self.next.checked_add(1).unwrap_or(1);
+            if id != 0 && !(self.in_use)(id) && self.taken.insert(id) {
+                return id;
+            }
+        }
     }
-    // One id per backend value: the lowest id wins if a value appears twice.
-    let mut ids_by_backend: HashMap<Backend, u32> = HashMap::new();
-    let mut sorted_backends: Vec<(&u32, &Backend)> = current.backends.iter().collect();
-    sorted_backends.sort();
-    for (id, b) in sorted_backends {
-        ids_by_backend.entry(*b).or_insert(*id);
-    }
-    let mut backend_ids = IdAllocator::new(
-        current.backends.keys().copied().chain(current.services.values().map(|v| v.backend_id)).collect(),
-    );
-    let mut service_ids = IdAllocator::new(
-        current.meta.keys().copied().chain(current.services.values().map(|v| v.service_id)).collect(),
-    );
+}
+
+pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &Limits) -> Plan {
+    let current = &mirror.contents;
+    let targets: BTreeSet<Frontend> = match scope {
+        Scope::Frontends(set) => set.clone(),
+        Scope::Full => desired
+            .keys()
+            .copied()
+            .chain(current.services.keys().filter(|k| k.slot == 0).map(frontend_of))
+            .collect(),
+    };
+    let backend_in_use = |id: u32| current.backends.contains_key(&id) || mirror.backend_refs.contains_key(&id);
+    let mut backend_ids = Ids { next: mirror.next_backend_id, in_use: &backend_in_use, taken: HashSet::new() };
+    let service_in_use = |id: u32| current.meta.contains_key(&id);
+    let mut service_ids = Ids { next: mirror.next_service_id, in_use: &service_in_use, taken: HashSet::new() };
+    let mut new_ids: HashMap<Backend, u32> = HashMap::new();
+    // Slot references gained (+) and lost (-) per backend id.
+    let mut ref_delta: HashMap<u32, i64> = HashMap::new();
 
     // Running totals, never decreased within one plan: deletions come last, so the peak is
     // what was there plus what is added.
-    let mut n_services = programmed.len() as u64;
+    let mut n_services = mirror.frontends as u64;
     let mut n_backends = current.backends.len() as u64;
     let mut n_entries = current.services.len() as u64;
 
     let mut backend_ops = Vec::new();
     let mut meta_ops = Vec::new();
     let mut service_ops = Vec::new();
+    let mut removal_ops = Vec::new();
+    let mut meta_deletes = Vec::new();
     let mut refused = Vec::new();
-    // Everything that must survive the plan.
+    // Full scope only: everything that must survive the sweep of stray entries.
     let mut keep_keys: HashSet<ServiceKey> = HashSet::new();
-    let mut keep_backends: HashSet<u32> = HashSet::new();
     let mut keep_meta: HashSet<u32> = HashSet::new();
 
-    for (frontend, want) in desired {
+    for frontend in &targets {
         let key0 = service_key(*frontend, 0);
-        let existing = programmed.get(&key0);
-        let backends: Vec<Backend> =
-            want.backends.iter().map(|a| backend_value(*a, frontend.protocol)).collect();
-        let new_backends: BTreeSet<Backend> =
-            backends.iter().filter(|b| !ids_by_backend.contains_key(b)).copied().collect();
-        let old_count = existing.map_or(0, |c| c.slots.len());
+        let existing = current.services.get(&key0).copied();
+        let old_slots: Vec<Option<u32>> = existing.map_or_else(Vec::new, |v| {
+            (1..=v.count).map(|slot| current.services.get(&ServiceKey { slot, ..key0 }).map(|s| s.backend_id)).collect()
+        });
+        let Some(want) = desired.get(frontend) else {
+            // Removed: the frontend entry first, so readers stop at once.
+            if let Some(v) = existing {
+                removal_ops.push(Op::DeleteService(key0));
+                for slot in 1..=v.count {
+                    let key = ServiceKey { slot, ..key0 };
+                    if let Some(s) = current.services.get(&key) {
+                        *ref_delta.entry(s.backend_id).or_default() -= 1;
+                        removal_ops.push(Op::DeleteService(key));
+                    }
+                }
+                if current.meta.contains_key(&v.service_id) {
+                    meta_deletes.push(v.service_id);
+                }
+            }
+            continue;
+        };
+
+        let backends: Vec<Backend> = want.backends.iter().map(|a| backend_value(*a, frontend.protocol)).collect();
+        let new_backends: BTreeSet<Backend> = backends
+            .iter()
+            .filter(|b| !mirror.ids_by_backend.contains_key(b) && !new_ids.contains_key(b))
+            .copied()
+            .collect();
+        let old_count = old_slots.len();
         let added_entries = (backends.len() + 1).saturating_sub(old_count + usize::from(existing.is_some()));
         let fits = (n_services + u64::from(existing.is_none()) <= u64::from(limits.max_services))
             && (n_backends + new_backends.len() as u64 <= u64::from(limits.max_backends))
@@ -136,8 +265,10 @@ pub fn plan(current: &MapContents, desired: &DesiredState, limits: &Limits) -> P
                     if existing.is_some() { "left as programmed" } else { "not programmed" },
                 ),
             });
-            if let Some(c) = existing {
-                keep_current(&key0, c, &mut keep_keys, &mut keep_backends, &mut keep_meta);
+            if let Some(v) = existing {
+                keep_keys.insert(key0);
+                keep_keys.extend((1..=v.count).map(|slot| ServiceKey { slot, ..key0 }));
+                keep_meta.insert(v.service_id);
             }
             continue;
         }
@@ -147,15 +278,17 @@ pub fn plan(current: &MapContents, desired: &DesiredState, limits: &Limits) -> P
 
         for b in &new_backends {
             let id = backend_ids.allocate();
-            ids_by_backend.insert(*b, id);
+            new_ids.insert(*b, id);
             backend_ops.push(Op::PutBackend(id, *b));
         }
-        let ids: Vec<u32> = backends.iter().map(|b| ids_by_backend[b]).collect();
-        // A backend entry deleted behind our back is not in `ids_by_backend`: it gets a new
-        // id above and the slots that named the old one are rewritten below.
-        keep_backends.extend(ids.iter().copied());
+        // A backend entry deleted behind our back is not indexed: it gets a new id above and
+        // the slots that named the old one are rewritten below.
+        let ids: Vec<u32> = backends
+            .iter()
+            .map(|b| mirror.ids_by_backend.get(b).or_else(|| new_ids.get(b)).copied().expect("allocated above"))
+            .collect();
 
-        let service_id = existing.map_or_else(|| service_ids.allocate(), |c| c.value.service_id);
+        let service_id = existing.map_or_else(|| service_ids.allocate(), |v| v.service_id);
         keep_meta.insert(service_id);
         let meta = service_meta(*frontend, &want.name, want.frontend_type);
         if current.meta.get(&service_id) != Some(&meta) {
@@ -163,10 +296,9 @@ pub fn plan(current: &MapContents, desired: &DesiredState, limits: &Limits) -> P
         }
 
         // Backends keep their slot when they stay; new ones fill the free slots.
-        let old_slots = existing.map_or(&[][..], |c| &c.slots[..]);
         let mut remaining: BTreeSet<u32> = ids.iter().copied().collect();
         let mut slots: Vec<Option<u32>> = vec![None; ids.len()];
-        for (slot, old) in slots.iter_mut().zip(old_slots) {
+        for (slot, old) in slots.iter_mut().zip(&old_slots) {
             if let Some(id) = old {
                 if remaining.remove(id) {
                     *slot = Some(*id);
@@ -179,40 +311,80 @@ pub fn plan(current: &MapContents, desired: &DesiredState, limits: &Limits) -> P
         }
 
         for (i, backend_id) in slots.iter().enumerate() {
-            let key = ServiceKey { slot: i as u16 + 1, ..key0 };
             let backend_id = backend_id.expect("every slot is filled: as many ids as slots");
+            let key = ServiceKey { slot: i as u16 + 1, ..key0 };
             let value = ServiceValue { backend_id, count: 0, flags: 0, service_id };
             keep_keys.insert(key);
-            if current.services.get(&key) != Some(&value) {
+            let old = current.services.get(&key);
+            if old != Some(&value) {
+                if let Some(old) = old {
+                    *ref_delta.entry(old.backend_id).or_default() -= 1;
+                }
+                *ref_delta.entry(backend_id).or_default() += 1;
                 service_ops.push(Op::PutService(key, value));
             }
         }
-        let front = ServiceValue { backend_id: 0, count: slots.len() as u16, flags: frontend_flags(want.frontend_type), service_id };
+        let front = ServiceValue {
+            backend_id: 0,
+            count: slots.len() as u16,
+            flags: frontend_flags(want.frontend_type),
+            service_id,
+        };
         keep_keys.insert(key0);
-        if current.services.get(&key0) != Some(&front) {
+        if existing != Some(front) {
             service_ops.push(Op::PutService(key0, front));
         }
         for slot in slots.len() + 1..=old_count {
-            service_ops.push(Op::DeleteService(ServiceKey { slot: slot as u16, ..key0 }));
-            keep_keys.insert(ServiceKey { slot: slot as u16, ..key0 }); // already handled
+            let key = ServiceKey { slot: slot as u16, ..key0 };
+            if let Some(old) = current.services.get(&key) {
+                *ref_delta.entry(old.backend_id).or_default() -= 1;
+                service_ops.push(Op::DeleteService(key));
+            }
         }
     }
 
-    // Removed frontends first (slot 0 before its slots), then any other stray entry.
-    let mut removals: Vec<&ServiceKey> = current.services.keys().filter(|k| !keep_keys.contains(k)).collect();
-    removals.sort_by_key(|k| (k.slot != 0, k.address, k.port, k.protocol, k.slot));
-    service_ops.extend(removals.into_iter().map(|k| Op::DeleteService(*k)));
-
-    let mut stale_meta: Vec<u32> = current.meta.keys().filter(|id| !keep_meta.contains(id)).copied().collect();
-    stale_meta.sort_unstable();
-    let mut stale_backends: Vec<u32> =
-        current.backends.keys().filter(|id| !keep_backends.contains(id)).copied().collect();
-    stale_backends.sort_unstable();
+    let mut stale_backends: BTreeSet<u32> = ref_delta
+        .iter()
+        .filter(|(id, delta)| **delta < 0 && i64::from(mirror.refs(**id)) + **delta <= 0)
+        .map(|(id, _)| *id)
+        .filter(|id| current.backends.contains_key(id))
+        .collect();
+    if let Scope::Full = scope {
+        // Stray entries: slots past a count or without a frontend, unreferenced backends and
+        // metadata, as left by a crash or a hand edit.
+        let deleted: HashSet<ServiceKey> = removal_ops
+            .iter()
+            .chain(&service_ops)
+            .filter_map(|op| match op {
+                Op::DeleteService(k) => Some(*k),
+                _ => None,
+            })
+            .collect();
+        let mut strays: Vec<&ServiceKey> =
+            current.services.keys().filter(|k| !keep_keys.contains(k) && !deleted.contains(k)).collect();
+        strays.sort_by_key(|k| (k.slot != 0, k.address, k.port, k.protocol, k.slot));
+        for k in strays {
+            if k.slot > 0 {
+                *ref_delta.entry(current.services[k].backend_id).or_default() -= 1;
+            }
+            removal_ops.push(Op::DeleteService(*k));
+        }
+        stale_backends.extend(
+            current
+                .backends
+                .keys()
+                .filter(|id| i64::from(mirror.refs(**id)) + ref_delta.get(id).copied().unwrap_or(0) <= 0),
+        );
+        meta_deletes.extend(current.meta.keys().filter(|id| !keep_meta.contains(id)));
+    }
+    meta_deletes.sort_unstable();
+    meta_deletes.dedup();
 
     let mut ops = backend_ops;
     ops.extend(meta_ops);
     ops.extend(service_ops);
-    ops.extend(stale_meta.into_iter().map(Op::DeleteMeta));
+    ops.extend(removal_ops);
+    ops.extend(meta_deletes.into_iter().map(Op::DeleteMeta));
     ops.extend(stale_backends.into_iter().map(Op::DeleteBackend));
     Plan { ops, refused }
 }
@@ -224,31 +396,20 @@ fn frontend_flags(t: ServiceType) -> u16 {
     }
 }
 
-/// Marks a programmed frontend, its slots, backends and metadata as staying.
-fn keep_current(
-    key0: &ServiceKey,
-    c: &Current,
-    keys: &mut HashSet<ServiceKey>,
-    backends: &mut HashSet<u32>,
-    meta: &mut HashSet<u32>,
-) {
-    keys.insert(*key0);
-    meta.insert(c.value.service_id);
-    for (i, id) in c.slots.iter().enumerate() {
-        keys.insert(ServiceKey { slot: i as u16 + 1, ..*key0 });
-        backends.extend(id);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::net::SocketAddrV4;
 
     use super::*;
     use crate::{
-        dataplane::{Dataplane as _, Resolution},
+        dataplane::Resolution,
         model::{DesiredService, Protocol},
     };
+
+    /// A full-scope plan against `contents`.
+    fn full(contents: &MapContents, want: &DesiredState, limits: &Limits) -> Plan {
+        plan(&Mirror::new(contents.clone()), want, Scope::Full, limits)
+    }
 
     const LIMITS: Limits = Limits { max_services: 100, max_backends: 100, max_service_entries: 1000 };
 
@@ -302,7 +463,7 @@ mod tests {
             ("10.96.0.11:80", svc("api", &["10.244.1.1:8080"])),
             ("10.96.0.12:80", svc("empty", &[])),
         ]);
-        let p = plan(&MapContents::default(), &want, &LIMITS);
+        let p = full(&MapContents::default(), &want, &LIMITS);
         assert!(p.refused.is_empty());
         // A backend shared by two services is written once; backends and metadata come first,
         // and every frontend entry comes after its slots.
@@ -331,18 +492,18 @@ mod tests {
         assert_eq!(maps.resolve(fe("10.96.0.12:80"), 7), Resolution::Refused);
         assert_eq!(maps.resolve(fe("10.96.0.13:80"), 7), Resolution::NotAService);
         // Nothing left to do: a second plan is empty.
-        assert_eq!(plan(&maps, &want, &LIMITS), Plan::default());
+        assert_eq!(full(&maps, &want, &LIMITS), Plan::default());
     }
 
     #[test]
     fn removing_a_backend_writes_only_the_difference_and_never_breaks_the_service() {
         let old = ["10.244.1.1:8080", "10.244.1.2:8080", "10.244.1.3:8080"];
         let mut maps = MapContents::default();
-        for op in plan(&maps.clone(), &desired(&[("10.96.0.10:80", svc("web", &old))]), &LIMITS).ops {
+        for op in full(&maps, &desired(&[("10.96.0.10:80", svc("web", &old))]), &LIMITS).ops {
             maps.apply(&op).unwrap();
         }
         let new = ["10.244.1.1:8080", "10.244.1.3:8080"];
-        let p = plan(&maps, &desired(&[("10.96.0.10:80", svc("web", &new))]), &LIMITS);
+        let p = full(&maps, &desired(&[("10.96.0.10:80", svc("web", &new))]), &LIMITS);
         // Slot 2 takes the backend from slot 3, the count drops, slot 3 and the backend go.
         assert_eq!(p.ops.len(), 4, "{:#?}", p.ops);
         assert!(matches!(p.ops[3], Op::DeleteBackend(_)));
@@ -356,12 +517,12 @@ mod tests {
     #[test]
     fn adding_backends_keeps_existing_slots() {
         let mut maps = MapContents::default();
-        for op in plan(&maps.clone(), &desired(&[("10.96.0.10:80", svc("web", &["10.244.1.5:80"]))]), &LIMITS).ops {
+        for op in full(&maps, &desired(&[("10.96.0.10:80", svc("web", &["10.244.1.5:80"]))]), &LIMITS).ops {
             maps.apply(&op).unwrap();
         }
         let before = maps.services.clone();
         let want = desired(&[("10.96.0.10:80", svc("web", &["10.244.1.1:80", "10.244.1.5:80"]))]);
-        let p = plan(&maps, &want, &LIMITS);
+        let p = full(&maps, &want, &LIMITS);
         apply_checked(&mut maps, &p, &[("10.96.0.10:80", vec!["10.244.1.1:80".parse().unwrap(), "10.244.1.5:80".parse().unwrap()])]);
         let slot1 = service_key(fe("10.96.0.10:80"), 1);
         assert_eq!(maps.services[&slot1], before[&slot1], "existing backend moved");
@@ -371,11 +532,11 @@ mod tests {
     #[test]
     fn removed_service_goes_frontend_first_and_its_id_is_not_reused_at_once() {
         let mut maps = MapContents::default();
-        for op in plan(&maps.clone(), &desired(&[("10.96.0.10:80", svc("a", &["10.244.1.1:80"]))]), &LIMITS).ops {
+        for op in full(&maps, &desired(&[("10.96.0.10:80", svc("a", &["10.244.1.1:80"]))]), &LIMITS).ops {
             maps.apply(&op).unwrap();
         }
         let old_id = maps.services[&service_key(fe("10.96.0.10:80"), 0)].service_id;
-        let p = plan(&maps, &desired(&[("10.96.0.20:80", svc("b", &["10.244.1.1:80"]))]), &LIMITS);
+        let p = full(&maps, &desired(&[("10.96.0.20:80", svc("b", &["10.244.1.1:80"]))]), &LIMITS);
         let first_delete = p.ops.iter().position(|op| matches!(op, Op::DeleteService(_))).unwrap();
         assert!(matches!(p.ops[first_delete], Op::DeleteService(k) if k.slot == 0));
         for op in &p.ops {
@@ -393,7 +554,7 @@ mod tests {
         let want = desired(&[("10.96.0.10:80", svc("web", &["10.244.1.1:80", "10.244.1.2:80"]))]);
         // Another agent used other ids.
         let mut maps = MapContents::default();
-        for op in plan(&maps.clone(), &want, &LIMITS).ops {
+        for op in full(&maps, &want, &LIMITS).ops {
             let op = match op {
                 Op::PutBackend(id, b) => Op::PutBackend(id + 40, b),
                 Op::PutService(k, v) if k.slot > 0 => Op::PutService(k, ServiceValue { backend_id: v.backend_id + 40, service_id: 7, ..v }),
@@ -403,17 +564,17 @@ mod tests {
             };
             maps.apply(&op).unwrap();
         }
-        assert_eq!(plan(&maps, &want, &LIMITS), Plan::default(), "adoption must not rewrite anything");
+        assert_eq!(full(&maps, &want, &LIMITS), Plan::default(), "adoption must not rewrite anything");
         // Drift: a slot and the metadata deleted by hand, a stray entry added.
         maps.services.remove(&service_key(fe("10.96.0.10:80"), 2));
         maps.meta.clear();
         maps.services.insert(service_key(fe("10.96.0.99:80"), 3), ServiceValue::default());
-        let p = plan(&maps, &want, &LIMITS);
+        let p = full(&maps, &want, &LIMITS);
         assert_eq!(p.ops.len(), 3, "{:#?}", p.ops);
         for op in &p.ops {
             maps.apply(op).unwrap();
         }
-        assert_eq!(plan(&maps, &want, &LIMITS), Plan::default());
+        assert_eq!(full(&maps, &want, &LIMITS), Plan::default());
         assert_eq!(spread(&maps, "10.96.0.10:80", 10).len(), 2);
     }
 
@@ -422,7 +583,7 @@ mod tests {
         let limits = Limits { max_services: 2, max_backends: 3, max_service_entries: 100 };
         let mut maps = MapContents::default();
         let first = desired(&[("10.96.0.1:80", svc("a", &["10.244.0.1:80", "10.244.0.2:80"]))]);
-        for op in plan(&maps.clone(), &first, &limits).ops {
+        for op in full(&maps, &first, &limits).ops {
             maps.apply(&op).unwrap();
         }
         let want = desired(&[
@@ -430,7 +591,7 @@ mod tests {
             ("10.96.0.2:80", svc("b", &["10.244.0.1:80"])),
             ("10.96.0.3:80", svc("c", &["10.244.0.1:80"])),
         ]);
-        let p = plan(&maps, &want, &limits);
+        let p = full(&maps, &want, &limits);
         let refused: Vec<String> = p.refused.iter().map(|r| r.name.name.clone()).collect();
         assert_eq!(refused, ["a", "c"], "a grows past max_backends, c past max_services");
         assert!(p.refused[0].reason.contains("left as programmed"), "{}", p.refused[0].reason);
@@ -440,5 +601,69 @@ mod tests {
         assert_eq!(spread(&maps, "10.96.0.1:80", 10).len(), 2, "a keeps its programming");
         assert!(matches!(maps.resolve(fe("10.96.0.2:80"), 0), Resolution::Backend(_)));
         assert_eq!(maps.resolve(fe("10.96.0.3:80"), 0), Resolution::NotAService);
+    }
+}
+
+#[cfg(test)]
+mod scope_tests {
+    use std::net::{Ipv4Addr, SocketAddrV4};
+
+    use super::*;
+    use crate::model::{DesiredService, Protocol};
+
+    const LIMITS: Limits = Limits { max_services: 1000, max_backends: 1000, max_service_entries: 10_000 };
+
+    fn svc(i: u32, backends: impl IntoIterator<Item = u32>) -> (Frontend, DesiredService) {
+        let f = Frontend { address: Ipv4Addr::from(0x0a60_0000 + i), port: 80, protocol: Protocol::Tcp };
+        let name = ServicePortName { namespace: "ns".into(), name: format!("s{i}"), port_name: String::new(), protocol: Protocol::Tcp };
+        let backends = backends.into_iter().map(|b| SocketAddrV4::new(Ipv4Addr::from(0x0af4_0000 + b), 8080)).collect();
+        (f, DesiredService { name, frontend_type: ServiceType::ClusterIp, backends })
+    }
+
+    /// Applies a plan to a mirror and returns it.
+    fn run(mut mirror: Mirror, want: &DesiredState, scope: Scope<'_>) -> Mirror {
+        for op in plan(&mirror, want, scope, &LIMITS).ops {
+            mirror.apply(&op);
+        }
+        mirror
+    }
+
+    #[test]
+    fn plans_of_changed_frontends_reach_the_same_state_as_full_plans() {
+        // 20 services over 30 shared backends, then a series of edits: each applied with a
+        // scoped plan must leave the maps serving exactly what a full plan would, and a full
+        // plan afterwards must find nothing to do.
+        let mut want: DesiredState = (0..20).map(|i| svc(i, (i..i + 5).map(|b| b % 30))).collect();
+        let mut mirror = run(Mirror::default(), &want, Scope::Full);
+        let edits: Vec<Box<dyn Fn(&mut DesiredState) -> BTreeSet<Frontend>>> = vec![
+            Box::new(|w| { let (f, s) = svc(3, [1, 2]); w.insert(f, s); [f].into() }),
+            Box::new(|w| { let (f, _) = svc(4, []); w.remove(&f); [f].into() }),
+            Box::new(|w| { let (f, s) = svc(25, [29, 31, 32]); w.insert(f, s); [f].into() }),
+            Box::new(|w| { let (f, s) = svc(5, []); w.insert(f, s); [f].into() }),
+            Box::new(|w| {
+                let (a, sa) = svc(6, [40]);
+                let (b, _) = svc(7, []);
+                w.insert(a, sa);
+                w.remove(&b);
+                [a, b].into()
+            }),
+        ];
+        for edit in edits {
+            let dirty = edit(&mut want);
+            mirror = run(mirror, &want, Scope::Frontends(&dirty));
+            let fresh = run(Mirror::default(), &want, Scope::Full);
+            let view = |m: &Mirror| {
+                m.contents().frontends().into_iter().map(|mut p| { p.backends.sort(); (p.frontend, p.name, p.backends) }).collect::<Vec<_>>()
+            };
+            assert_eq!(view(&mirror), view(&fresh));
+            assert_eq!(mirror.contents().backends.len(), fresh.contents().backends.len(), "stale backends left");
+            assert_eq!(mirror.contents().meta.len(), fresh.contents().meta.len(), "stale metadata left");
+            assert_eq!(plan(&mirror, &want, Scope::Full, &LIMITS), Plan::default());
+            // The indexes stay equal to a rebuild from the content.
+            let rebuilt = Mirror::new(mirror.contents().clone());
+            assert_eq!(rebuilt.ids_by_backend, mirror.ids_by_backend);
+            assert_eq!(rebuilt.backend_refs, mirror.backend_refs);
+            assert_eq!(rebuilt.frontends, mirror.frontends);
+        }
     }
 }

@@ -3,6 +3,7 @@
 //! prints it), watched for changes.
 
 use std::{
+    collections::HashMap,
     fmt,
     path::{Path, PathBuf},
     sync::Arc,
@@ -164,6 +165,53 @@ fn typed<T: DeserializeOwned>(doc: Value) -> Result<T, String> {
         let field = if path == "." { String::new() } else { format!("{path}: ") };
         format!("{name}: {field}{}", e.inner())
     })
+}
+
+/// The manifest source with memory: a file that fails to parse keeps serving the objects of
+/// its last good version, so a half-saved edit never takes services down.
+pub struct ManifestSource {
+    path: PathBuf,
+    last_good: HashMap<PathBuf, (Vec<Service>, Vec<EndpointSlice>)>,
+}
+
+/// One complete read of the manifests.
+#[derive(Debug, Default)]
+pub struct ManifestSet {
+    pub services: Vec<Service>,
+    pub slices: Vec<EndpointSlice>,
+    /// Problems found, each naming file and document (and what was done about it).
+    pub problems: Vec<String>,
+}
+
+impl ManifestSource {
+    pub fn new(path: PathBuf) -> Self {
+        Self { path, last_good: HashMap::new() }
+    }
+
+    /// Reads every manifest. `Err` when the path itself is gone: an unreadable path must not
+    /// look like "no services", so the caller changes nothing then.
+    pub fn read(&mut self) -> Result<ManifestSet, String> {
+        if !self.path.exists() {
+            return Err(format!("{}: no such file or directory; keeping the programmed services", self.path.display()));
+        }
+        let mut set = ManifestSet::default();
+        let mut seen = HashMap::new();
+        for (file, m) in read_files(&self.path) {
+            set.problems.extend(m.errors.iter().map(ToString::to_string));
+            let objects = match self.last_good.get(&file) {
+                Some(good) if !m.errors.is_empty() => {
+                    set.problems.push(format!("{}: has errors; serving its last good version", file.display()));
+                    good.clone()
+                }
+                _ => (m.services, m.slices),
+            };
+            set.services.extend(objects.0.iter().cloned());
+            set.slices.extend(objects.1.iter().cloned());
+            seen.insert(file, objects);
+        }
+        self.last_good = seen;
+        Ok(set)
+    }
 }
 
 /// Watches the manifest path and calls `changed` (from the watcher's thread) on every change.

@@ -1,0 +1,407 @@
+//! Change tracking, after kube-proxy's `ServiceChangeTracker` and `EndpointsChangeTracker`.
+//!
+//! Sources feed every object update into a [`ModelStore`]: it validates the object once, keeps
+//! the last valid version, drops updates that change nothing kproxy serves, and records which
+//! Services changed. A sync then calls [`ModelStore::take_changes`], which recomputes the
+//! desired frontends of those Services only and returns the frontends that differ, so a sync
+//! costs O(changes), not O(services).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+use crate::model::{
+    service_frontends, DesiredService, DesiredState, Frontend, Ignored, InvalidObject, ServiceInfo,
+    ServiceOutcome, SliceInfo,
+};
+
+/// `(namespace, name)` of an object.
+pub type ObjectKey = (String, String);
+
+fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectKey {
+    (
+        meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+/// What one `take_changes` found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Frontends whose desired entry was added, changed or removed.
+    pub frontends: BTreeSet<Frontend>,
+    /// Services whose definition changed since the last call (kube-proxy's service changes).
+    pub services: usize,
+    /// Services whose endpoints changed since the last call (kube-proxy's endpoint changes).
+    pub endpoints: usize,
+}
+
+/// Validated objects, the desired state built from them, and the changes not yet synced.
+#[derive(Debug, Default)]
+pub struct ModelStore {
+    services: HashMap<ObjectKey, ServiceInfo>,
+    /// Valid Services that kproxy leaves alone, with the reason.
+    ignored: HashMap<ObjectKey, Ignored>,
+    slices: HashMap<ObjectKey, SliceInfo>,
+    /// Slice names per Service `(namespace, service name)`.
+    slices_by_service: HashMap<ObjectKey, BTreeSet<String>>,
+    /// Objects whose latest version is invalid, by kind and key.
+    invalid: BTreeMap<(&'static str, ObjectKey), InvalidObject>,
+
+    desired: DesiredState,
+    /// Frontends each Service claims (whether or not it owns them).
+    claims_of: HashMap<ObjectKey, Vec<Frontend>>,
+    /// Services claiming each frontend; the first one (by namespace/name) owns it.
+    claimants: HashMap<Frontend, BTreeSet<ObjectKey>>,
+    /// Services that lost a frontend to another one.
+    conflicts: BTreeMap<(Frontend, ObjectKey), InvalidObject>,
+
+    service_changes: BTreeSet<ObjectKey>,
+    endpoint_changes: BTreeSet<ObjectKey>,
+}
+
+impl ModelStore {
+    /// Adds or updates a Service. An invalid update keeps the last valid version serving and
+    /// returns the error (it is also listed by [`Self::invalid`] until fixed).
+    pub fn apply_service(&mut self, svc: &Service) -> Result<(), InvalidObject> {
+        let key = key_of(&svc.metadata);
+        match ServiceInfo::from_service(svc) {
+            Ok(ServiceOutcome::Served(info)) => {
+                self.invalid.remove(&("Service", key.clone()));
+                if let Some(field) = info.unsupported_ports.first() {
+                    // Served, but not every port: say which one is left out.
+                    let warning = InvalidObject {
+                        kind: "Service",
+                        object: format!("{}/{}", key.0, key.1),
+                        field: format!("{field}.protocol"),
+                        reason: "SCTP is not served by kproxy; port skipped".into(),
+                    };
+                    self.invalid.insert(("Service", key.clone()), warning);
+                }
+                self.ignored.remove(&key);
+                if self.services.get(&key) != Some(&info) {
+                    self.services.insert(key.clone(), info);
+                    self.service_changes.insert(key);
+                }
+                Ok(())
+            }
+            Ok(ServiceOutcome::Ignored(why)) => {
+                self.invalid.remove(&("Service", key.clone()));
+                self.ignored.insert(key.clone(), why);
+                if self.services.remove(&key).is_some() {
+                    self.service_changes.insert(key);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.invalid.insert(("Service", key), e.clone());
+                Err(e)
+            }
+        }
+    }
+
+    pub fn delete_service(&mut self, namespace: &str, name: &str) {
+        let key = (namespace.to_string(), name.to_string());
+        self.invalid.remove(&("Service", key.clone()));
+        self.ignored.remove(&key);
+        if self.services.remove(&key).is_some() {
+            self.service_changes.insert(key);
+        }
+    }
+
+    /// Adds or updates an EndpointSlice; as [`Self::apply_service`] for invalid ones.
+    pub fn apply_slice(&mut self, slice: &EndpointSlice) -> Result<(), InvalidObject> {
+        let key = key_of(&slice.metadata);
+        match SliceInfo::from_slice(slice) {
+            Ok(Some(info)) => {
+                self.invalid.remove(&("EndpointSlice", key.clone()));
+                if self.slices.get(&key) != Some(&info) {
+                    self.remove_slice(&key);
+                    let service = (info.namespace.clone(), info.service.clone());
+                    self.slices_by_service.entry(service.clone()).or_default().insert(key.1.clone());
+                    self.slices.insert(key, info);
+                    self.endpoint_changes.insert(service);
+                }
+                Ok(())
+            }
+            Ok(None) => {
+                self.invalid.remove(&("EndpointSlice", key.clone()));
+                self.remove_slice(&key);
+                Ok(())
+            }
+            Err(e) => {
+                self.invalid.insert(("EndpointSlice", key), e.clone());
+                Err(e)
+            }
+        }
+    }
+
+    pub fn delete_slice(&mut self, namespace: &str, name: &str) {
+        let key = (namespace.to_string(), name.to_string());
+        self.invalid.remove(&("EndpointSlice", key.clone()));
+        self.remove_slice(&key);
+    }
+
+    fn remove_slice(&mut self, key: &ObjectKey) {
+        if let Some(old) = self.slices.remove(key) {
+            let service = (old.namespace, old.service);
+            if let Some(names) = self.slices_by_service.get_mut(&service) {
+                names.remove(&key.1);
+                if names.is_empty() {
+                    self.slices_by_service.remove(&service);
+                }
+            }
+            self.endpoint_changes.insert(service);
+        }
+    }
+
+    /// Replaces every object with this complete set (a relist, or a re-read of the manifests):
+    /// objects absent from it are deleted, the others applied, and only real differences are
+    /// recorded as changes. Returns the errors of invalid objects.
+    pub fn replace_all(&mut self, services: &[Service], slices: &[EndpointSlice]) -> Vec<InvalidObject> {
+        let mut errors = Vec::new();
+        let keep: BTreeSet<ObjectKey> = services.iter().map(|s| key_of(&s.metadata)).collect();
+        let gone: Vec<ObjectKey> = self
+            .services
+            .keys()
+            .chain(self.ignored.keys())
+            .chain(self.invalid.keys().filter(|(k, _)| *k == "Service").map(|(_, o)| o))
+            .filter(|k| !keep.contains(*k))
+            .cloned()
+            .collect();
+        for (ns, name) in gone {
+            self.delete_service(&ns, &name);
+        }
+        let keep: BTreeSet<ObjectKey> = slices.iter().map(|s| key_of(&s.metadata)).collect();
+        let gone: Vec<ObjectKey> = self
+            .slices
+            .keys()
+            .chain(self.invalid.keys().filter(|(k, _)| *k == "EndpointSlice").map(|(_, o)| o))
+            .filter(|k| !keep.contains(*k))
+            .cloned()
+            .collect();
+        for (ns, name) in gone {
+            self.delete_slice(&ns, &name);
+        }
+        let mut seen = BTreeSet::new();
+        for svc in services {
+            if !seen.insert(("Service", key_of(&svc.metadata))) {
+                errors.push(duplicate("Service", &svc.metadata));
+                continue;
+            }
+            errors.extend(self.apply_service(svc).err());
+        }
+        for slice in slices {
+            if !seen.insert(("EndpointSlice", key_of(&slice.metadata))) {
+                errors.push(duplicate("EndpointSlice", &slice.metadata));
+                continue;
+            }
+            errors.extend(self.apply_slice(slice).err());
+        }
+        errors
+    }
+
+    /// Objects whose latest version is invalid, and Services that lost a frontend conflict.
+    pub fn invalid(&self) -> impl Iterator<Item = &InvalidObject> {
+        self.invalid.values().chain(self.conflicts.values())
+    }
+
+    pub fn ignored(&self) -> impl Iterator<Item = (&ObjectKey, &Ignored)> {
+        self.ignored.iter()
+    }
+
+    /// Services and endpoint sets changed since the last [`Self::take_changes`].
+    pub fn pending(&self) -> (usize, usize) {
+        (self.service_changes.len(), self.endpoint_changes.len())
+    }
+
+    pub fn desired(&self) -> &DesiredState {
+        &self.desired
+    }
+
+    /// Recomputes the desired frontends of every changed Service and returns what differs.
+    /// Frontend conflicts (two Services, one frontend) go to the first Service by
+    /// namespace/name; the other is reported as invalid and takes over if the first leaves.
+    pub fn take_changes(&mut self) -> Changes {
+        let service_changes = std::mem::take(&mut self.service_changes);
+        let endpoint_changes = std::mem::take(&mut self.endpoint_changes);
+        let mut changes = Changes {
+            services: service_changes.len(),
+            endpoints: endpoint_changes.len(),
+            ..Default::default()
+        };
+        let changed: BTreeSet<ObjectKey> = service_changes.into_iter().chain(endpoint_changes).collect();
+        let mut touched: BTreeSet<Frontend> = BTreeSet::new();
+        let mut wanted: HashMap<ObjectKey, BTreeMap<Frontend, DesiredService>> = HashMap::new();
+        for key in &changed {
+            // Drop the old claims; re-claim what the current version serves.
+            for f in self.claims_of.remove(key).unwrap_or_default() {
+                if let Some(c) = self.claimants.get_mut(&f) {
+                    c.remove(key);
+                    if c.is_empty() {
+                        self.claimants.remove(&f);
+                    }
+                }
+                touched.insert(f);
+            }
+            let Some(svc) = self.services.get(key) else { continue };
+            let names = self.slices_by_service.get(key);
+            let slices = names.into_iter().flatten().filter_map(|n| self.slices.get(&(key.0.clone(), n.clone())));
+            let frontends: BTreeMap<Frontend, DesiredService> = service_frontends(svc, slices).into_iter().collect();
+            for f in frontends.keys() {
+                self.claimants.entry(*f).or_default().insert(key.clone());
+                touched.insert(*f);
+            }
+            self.claims_of.insert(key.clone(), frontends.keys().copied().collect());
+            wanted.insert(key.clone(), frontends);
+        }
+        for f in touched {
+            let owner = self.claimants.get(&f).and_then(|c| c.first()).cloned();
+            let entry = owner.and_then(|o| match wanted.get(&o) {
+                Some(w) => w.get(&f).cloned(),
+                // An unchanged Service takes over a frontend released by another one.
+                None => self.frontend_of_service(&o, f),
+            });
+            self.conflicts.retain(|(g, _), _| *g != f);
+            if let Some(claimants) = self.claimants.get(&f) {
+                for other in claimants.iter().skip(1) {
+                    let conflict = self.conflict(other, claimants.first().expect("non-empty"), f);
+                    self.conflicts.insert((f, other.clone()), conflict);
+                }
+            }
+            let changed = match entry {
+                Some(e) => self.desired.insert(f, e.clone()).as_ref() != Some(&e),
+                None => self.desired.remove(&f).is_some(),
+            };
+            if changed {
+                changes.frontends.insert(f);
+            }
+        }
+        changes
+    }
+
+    fn frontend_of_service(&self, key: &ObjectKey, f: Frontend) -> Option<DesiredService> {
+        let svc = self.services.get(key)?;
+        let names = self.slices_by_service.get(key);
+        let slices = names.into_iter().flatten().filter_map(|n| self.slices.get(&(key.0.clone(), n.clone())));
+        service_frontends(svc, slices).into_iter().find(|(g, _)| *g == f).map(|(_, d)| d)
+    }
+
+    fn conflict(&self, loser: &ObjectKey, owner: &ObjectKey, f: Frontend) -> InvalidObject {
+        let index = self
+            .services
+            .get(loser)
+            .and_then(|s| s.ports.iter().position(|p| p.port == f.port && p.name.protocol == f.protocol))
+            .unwrap_or_default();
+        InvalidObject {
+            kind: "Service",
+            object: format!("{}/{}", loser.0, loser.1),
+            field: format!("spec.ports[{index}]"),
+            reason: format!("frontend {f} is already served for {}/{}", owner.0, owner.1),
+        }
+    }
+}
+
+fn duplicate(kind: &'static str, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> InvalidObject {
+    let (ns, name) = key_of(meta);
+    InvalidObject {
+        kind,
+        object: format!("{ns}/{name}"),
+        field: "metadata.name".into(),
+        reason: "duplicate object; the first one is used".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Protocol;
+
+    fn parse(yaml: &str) -> (Vec<Service>, Vec<EndpointSlice>) {
+        let mut m = crate::sources::manifests::Manifests::default();
+        crate::sources::manifests::parse_into(std::path::Path::new("t.yaml"), yaml, &mut m);
+        assert!(m.errors.is_empty(), "{:?}", m.errors);
+        (m.services, m.slices)
+    }
+
+    fn service(name: &str, ip: &str) -> Service {
+        parse(&format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}\n")).0.remove(0)
+    }
+
+    fn slice(name: &str, svc: &str, ips: &[&str]) -> EndpointSlice {
+        let eps: Vec<String> = ips.iter().map(|ip| format!("{{addresses: [{ip}]}}")).collect();
+        parse(&format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}, labels: {{kubernetes.io/service-name: {svc}}}}}\naddressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{}]\n",
+            eps.join(", ")
+        ))
+        .1
+        .remove(0)
+    }
+
+    fn fe(ip: &str) -> Frontend {
+        Frontend { address: ip.parse().unwrap(), port: 80, protocol: Protocol::Tcp }
+    }
+
+    #[test]
+    fn only_real_changes_are_tracked() {
+        let mut store = ModelStore::default();
+        store.apply_service(&service("web", "10.96.0.1")).unwrap();
+        store.apply_slice(&slice("web-1", "web", &["10.244.0.1"])).unwrap();
+        assert_eq!(store.pending(), (1, 1));
+        let c = store.take_changes();
+        assert_eq!((c.services, c.endpoints, c.frontends), (1, 1, [fe("10.96.0.1")].into()));
+        // The same objects again (a resync, a relist, a status update): nothing to do.
+        store.apply_service(&service("web", "10.96.0.1")).unwrap();
+        store.apply_slice(&slice("web-1", "web", &["10.244.0.1"])).unwrap();
+        assert_eq!(store.pending(), (0, 0));
+        // A change and its undo before the sync: tracked, but no frontend differs.
+        store.apply_slice(&slice("web-1", "web", &["10.244.0.2"])).unwrap();
+        store.apply_slice(&slice("web-1", "web", &["10.244.0.1"])).unwrap();
+        assert!(store.take_changes().frontends.is_empty());
+        // An endpoint change touches only its service's frontend.
+        store.apply_service(&service("api", "10.96.0.2")).unwrap();
+        store.take_changes();
+        store.apply_slice(&slice("web-2", "web", &["10.244.0.9"])).unwrap();
+        let c = store.take_changes();
+        assert_eq!(c.frontends, [fe("10.96.0.1")].into());
+        assert_eq!(store.desired()[&fe("10.96.0.1")].backends.len(), 2);
+        store.delete_slice("default", "web-1");
+        store.take_changes();
+        assert_eq!(store.desired()[&fe("10.96.0.1")].backends, ["10.244.0.9:8080".parse().unwrap()]);
+        store.delete_service("default", "web");
+        assert_eq!(store.take_changes().frontends, [fe("10.96.0.1")].into());
+        assert!(!store.desired().contains_key(&fe("10.96.0.1")));
+    }
+
+    #[test]
+    fn an_invalid_update_keeps_the_last_valid_version() {
+        let mut store = ModelStore::default();
+        store.apply_service(&service("web", "10.96.0.1")).unwrap();
+        store.take_changes();
+        let err = store.apply_service(&service("web", "10.96.0.999")).unwrap_err();
+        assert_eq!(err.field, "spec.clusterIP");
+        assert!(store.take_changes().frontends.is_empty());
+        assert!(store.desired().contains_key(&fe("10.96.0.1")));
+        assert_eq!(store.invalid().count(), 1);
+        store.apply_service(&service("web", "10.96.0.3")).unwrap();
+        assert_eq!(store.invalid().count(), 0);
+        assert_eq!(store.take_changes().frontends, [fe("10.96.0.1"), fe("10.96.0.3")].into());
+    }
+
+    #[test]
+    fn a_frontend_conflict_is_reported_and_resolved_when_the_owner_leaves() {
+        let mut store = ModelStore::default();
+        let errors = store.replace_all(&[service("b", "10.96.0.1"), service("a", "10.96.0.1")], &[slice("b-1", "b", &["10.244.0.2"])]);
+        assert!(errors.is_empty());
+        store.take_changes();
+        assert_eq!(store.desired()[&fe("10.96.0.1")].name.name, "a");
+        let conflicts: Vec<String> = store.invalid().map(ToString::to_string).collect();
+        assert_eq!(conflicts, ["Service default/b: spec.ports[0]: frontend 10.96.0.1:80/TCP is already served for default/a"]);
+        // The owner goes: the other service takes the frontend over, with its endpoints.
+        store.replace_all(&[service("b", "10.96.0.1")], &[slice("b-1", "b", &["10.244.0.2"])]);
+        assert_eq!(store.take_changes().frontends, [fe("10.96.0.1")].into());
+        assert_eq!(store.desired()[&fe("10.96.0.1")].name.name, "b");
+        assert_eq!(store.desired()[&fe("10.96.0.1")].backends.len(), 1);
+        assert_eq!(store.invalid().count(), 0);
+    }
+}
