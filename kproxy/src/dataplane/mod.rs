@@ -15,10 +15,7 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4},
 };
 
-use kproxy_common::{
-    lb::{Backend, ServiceKey, ServiceMeta, ServiceValue, NAME_LEN, SVC_TYPE_CLUSTER_IP},
-    select_slot,
-};
+use kproxy_common::lb::{Backend, ServiceKey, ServiceMeta, ServiceValue, NAME_LEN, SVC_TYPE_CLUSTER_IP};
 
 use crate::model::{Frontend, Protocol, ServicePortName, ServiceType};
 
@@ -116,7 +113,7 @@ impl MapContents {
         if front.count == 0 {
             return Resolution::Refused;
         }
-        key.slot = select_slot(random, front.count);
+        key.slot = kproxy_common::select_slot(random, front.count);
         let backend = self.services.get(&key).and_then(|slot| self.backends.get(&slot.backend_id));
         match backend {
             Some(b) => Resolution::Backend(backend_addr(b)),

@@ -98,6 +98,7 @@ impl Mirror {
         m
     }
 
+    #[cfg(test)]
     pub fn contents(&self) -> &MapContents {
         &self.contents
     }
