@@ -1,14 +1,5 @@
-//! kproxy: an eBPF replacement for kube-proxy. See README.md.
-
-mod agent;
-mod dataplane;
-mod dump;
-mod loader;
-mod model;
-mod runner;
-mod sources;
-mod sync;
-mod tracker;
+//! kproxy: an eBPF replacement for kube-proxy. See README.md. The CLI; everything else is in
+//! the library.
 
 use std::{path::PathBuf, time::Duration};
 
@@ -19,9 +10,11 @@ use kproxy_common::{
     sock::DEFAULT_MAX_SOCK_ENTRIES,
 };
 
-use crate::{
+use kproxy::{
+    agent,
     dataplane::{bpf::BpfMaps, Dataplane as _},
-    loader::{Capacities, PinLayout},
+    dump,
+    loader::{self, Capacities, PinLayout},
     runner::RunnerConfig,
 };
 

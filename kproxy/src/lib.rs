@@ -1,0 +1,19 @@
+//! kproxy's agent as a library: sources → model → tracking & sync → dataplane.
+//!
+//! - [`sources`]: manifest files (and, later, the apiserver) into Kubernetes objects;
+//! - [`model`]: validation and the per-service join of Services and EndpointSlices;
+//! - [`tracker`]: the validated objects, the desired state, and what changed;
+//! - [`sync`] and [`runner`]: when and what to write;
+//! - [`dataplane`]: the map contents, the planner, and the BPF maps;
+//! - [`loader`]: loading, attaching, pinning and removing the kernel objects;
+//! - [`agent`]: `kproxy run`; [`dump`]: `kproxy dump`.
+
+pub mod agent;
+pub mod dataplane;
+pub mod dump;
+pub mod loader;
+pub mod model;
+pub mod runner;
+pub mod sources;
+pub mod sync;
+pub mod tracker;
