@@ -11,7 +11,9 @@
 pub mod agent;
 pub mod dataplane;
 pub mod dump;
+pub mod health;
 pub mod loader;
+pub mod metrics;
 pub mod model;
 pub mod runner;
 pub mod sources;

@@ -106,7 +106,7 @@ impl fmt::Display for ServicePortName {
 }
 
 /// An object that failed validation: which object, which field, and why.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, thiserror::Error)]
 #[error("{kind} {object}: {field}: {reason}")]
 pub struct InvalidObject {
     /// `Service` or `EndpointSlice`.
@@ -115,7 +115,40 @@ pub struct InvalidObject {
     pub object: String,
     /// Path of the offending field, e.g. `spec.ports[1].port`.
     pub field: String,
+    /// What is wrong, for people.
     pub reason: String,
+    /// What is wrong, for metrics.
+    pub code: InvalidCode,
+}
+
+/// Classes of invalid input (the `reason` label of `kproxy_invalid_objects_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum InvalidCode {
+    MissingField,
+    InvalidAddress,
+    InvalidPort,
+    UnknownProtocol,
+    UnknownType,
+    UnsupportedProtocol,
+    DuplicatePort,
+    DuplicateObject,
+    FrontendConflict,
+}
+
+impl InvalidCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InvalidCode::MissingField => "missing_field",
+            InvalidCode::InvalidAddress => "invalid_address",
+            InvalidCode::InvalidPort => "invalid_port",
+            InvalidCode::UnknownProtocol => "unknown_protocol",
+            InvalidCode::UnknownType => "unknown_type",
+            InvalidCode::UnsupportedProtocol => "unsupported_protocol",
+            InvalidCode::DuplicatePort => "duplicate_port",
+            InvalidCode::DuplicateObject => "duplicate_object",
+            InvalidCode::FrontendConflict => "frontend_conflict",
+        }
+    }
 }
 
 /// Why a valid Service is not programmed (not an error: kube-proxy ignores these too).
@@ -162,6 +195,7 @@ fn object_name(kind: &'static str, meta: &ObjectMeta) -> Result<(String, String)
             object: format!("{namespace}/<unnamed>"),
             field: "metadata.name".into(),
             reason: "missing".into(),
+            code: InvalidCode::MissingField,
         }),
     }
 }
@@ -178,11 +212,12 @@ impl ServiceInfo {
     /// touch (ExternalName, headless, owned by another proxy, IPv6-only).
     pub fn from_service(svc: &Service) -> Result<ServiceOutcome, InvalidObject> {
         let (namespace, name) = object_name("Service", &svc.metadata)?;
-        let invalid = |field: &str, reason: String| InvalidObject {
+        let invalid = |code: InvalidCode, field: &str, reason: String| InvalidObject {
             kind: "Service",
             object: format!("{namespace}/{name}"),
             field: field.to_string(),
             reason,
+            code,
         };
         let labels = svc.metadata.labels.as_ref();
         if labels.is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME)) {
@@ -191,13 +226,13 @@ impl ServiceInfo {
         if labels.is_some_and(|l| l.contains_key(LABEL_HEADLESS)) {
             return Ok(ServiceOutcome::Ignored(Ignored::Headless));
         }
-        let spec = svc.spec.as_ref().ok_or_else(|| invalid("spec", "missing".into()))?;
+        let spec = svc.spec.as_ref().ok_or_else(|| invalid(InvalidCode::MissingField, "spec", "missing".into()))?;
         let svc_type = match spec.type_.as_deref().unwrap_or("ClusterIP") {
             "ClusterIP" => ServiceType::ClusterIp,
             "NodePort" => ServiceType::NodePort,
             "LoadBalancer" => ServiceType::LoadBalancer,
             "ExternalName" => return Ok(ServiceOutcome::Ignored(Ignored::ExternalName)),
-            other => return Err(invalid("spec.type", format!("unknown service type {other:?}"))),
+            other => return Err(invalid(InvalidCode::UnknownType, "spec.type", format!("unknown service type {other:?}"))),
         };
         let cluster_ip = match spec.cluster_ip.as_deref() {
             None | Some("") | Some("None") => return Ok(ServiceOutcome::Ignored(Ignored::Headless)),
@@ -215,7 +250,7 @@ impl ServiceInfo {
             match ip.parse::<std::net::IpAddr>() {
                 Ok(std::net::IpAddr::V4(v4)) => ipv4 = ipv4.or(Some(v4)),
                 Ok(std::net::IpAddr::V6(_)) => {}
-                Err(_) => return Err(invalid(&field, format!("{ip:?} is not an IP address"))),
+                Err(_) => return Err(invalid(InvalidCode::InvalidAddress, &field, format!("{ip:?} is not an IP address"))),
             }
         }
         let Some(cluster_ip) = ipv4 else {
@@ -228,13 +263,14 @@ impl ServiceInfo {
             let port_name = p.name.clone().unwrap_or_default();
             if port_name.is_empty() && spec_ports.len() > 1 {
                 return Err(invalid(
+                    InvalidCode::MissingField,
                     &format!("spec.ports[{i}].name"),
                     "required when a service has more than one port".into(),
                 ));
             }
-            let port = parse_port(p.port).map_err(|r| invalid(&format!("spec.ports[{i}].port"), r))?;
+            let port = parse_port(p.port).map_err(|r| invalid(InvalidCode::InvalidPort, &format!("spec.ports[{i}].port"), r))?;
             let protocol = match parse_protocol(p.protocol.as_deref())
-                .map_err(|r| invalid(&format!("spec.ports[{i}].protocol"), r))?
+                .map_err(|r| invalid(InvalidCode::UnknownProtocol, &format!("spec.ports[{i}].protocol"), r))?
             {
                 ParsedProtocol::Served(protocol) => protocol,
                 ParsedProtocol::Sctp => {
@@ -249,7 +285,7 @@ impl ServiceInfo {
                 protocol,
             };
             if ports.iter().any(|q: &ServicePortInfo| q.name == name || (q.port == port && q.name.protocol == protocol)) {
-                return Err(invalid(&format!("spec.ports[{i}]"), "duplicate port".into()));
+                return Err(invalid(InvalidCode::DuplicatePort, &format!("spec.ports[{i}]"), "duplicate port".into()));
             }
             ports.push(ServicePortInfo { name, port });
         }
@@ -302,11 +338,12 @@ impl SliceInfo {
     /// Validates an EndpointSlice. `Ok(None)` for slices kproxy does not serve (IPv6, FQDN).
     pub fn from_slice(slice: &EndpointSlice) -> Result<Option<SliceInfo>, InvalidObject> {
         let (namespace, name) = object_name("EndpointSlice", &slice.metadata)?;
-        let invalid = |field: String, reason: String| InvalidObject {
+        let invalid = |code: InvalidCode, field: String, reason: String| InvalidObject {
             kind: "EndpointSlice",
             object: format!("{namespace}/{name}"),
             field,
             reason,
+            code,
         };
         let service = slice
             .metadata
@@ -315,12 +352,12 @@ impl SliceInfo {
             .and_then(|l| l.get(LABEL_SERVICE_NAME))
             .filter(|s| !s.is_empty())
             .cloned()
-            .ok_or_else(|| invalid(format!("metadata.labels[{LABEL_SERVICE_NAME}]"), "missing".into()))?;
+            .ok_or_else(|| invalid(InvalidCode::MissingField, format!("metadata.labels[{LABEL_SERVICE_NAME}]"), "missing".into()))?;
         match slice.address_type.as_str() {
             "IPv4" => {}
             "IPv6" | "FQDN" => return Ok(None),
             other => {
-                return Err(invalid("addressType".into(), format!("unknown address type {other:?}")))
+                return Err(invalid(InvalidCode::UnknownType, "addressType".into(), format!("unknown address type {other:?}")))
             }
         }
         let mut ports = Vec::new();
@@ -328,9 +365,9 @@ impl SliceInfo {
             // A nil port means "all ports": only meaningful for selector-less services, which
             // kube-proxy skips too.
             let Some(port) = p.port else { continue };
-            let port = parse_port(port).map_err(|r| invalid(format!("ports[{i}].port"), r))?;
+            let port = parse_port(port).map_err(|r| invalid(InvalidCode::InvalidPort, format!("ports[{i}].port"), r))?;
             let protocol = match parse_protocol(p.protocol.as_deref())
-                .map_err(|r| invalid(format!("ports[{i}].protocol"), r))?
+                .map_err(|r| invalid(InvalidCode::UnknownProtocol, format!("ports[{i}].protocol"), r))?
             {
                 ParsedProtocol::Served(protocol) => protocol,
                 ParsedProtocol::Sctp => continue,
@@ -340,10 +377,14 @@ impl SliceInfo {
         let mut endpoints = Vec::new();
         for (i, ep) in slice.endpoints.iter().enumerate() {
             let Some(first) = ep.addresses.first() else {
-                return Err(invalid(format!("endpoints[{i}].addresses"), "empty".into()));
+                return Err(invalid(InvalidCode::MissingField, format!("endpoints[{i}].addresses"), "empty".into()));
             };
             let address = first.parse::<Ipv4Addr>().map_err(|_| {
-                invalid(format!("endpoints[{i}].addresses[0]"), format!("{first:?} is not an IPv4 address"))
+                invalid(
+                    InvalidCode::InvalidAddress,
+                    format!("endpoints[{i}].addresses[0]"),
+                    format!("{first:?} is not an IPv4 address"),
+                )
             })?;
             let conditions = ep.conditions.as_ref();
             let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
@@ -442,11 +483,9 @@ mod tests {
     fn build(yaml: &str) -> Built {
         let (services, slices) = objects(yaml);
         let mut store = crate::tracker::ModelStore::default();
-        let errors = store.replace_all(&services, &slices);
+        store.replace_all(&services, &slices);
         store.take_changes();
-        let mut invalid: Vec<InvalidObject> = store.invalid().cloned().collect();
-        // Duplicates are reported by replace_all only (the object itself is fine).
-        invalid.extend(errors.into_iter().filter(|e| e.reason.starts_with("duplicate")));
+        let invalid: Vec<InvalidObject> = store.invalid().cloned().collect();
         let mut ignored: Vec<(String, Ignored)> =
             store.ignored().map(|((ns, n), w)| (format!("{ns}/{n}"), *w)).collect();
         ignored.sort_by(|a, b| a.0.cmp(&b.0));

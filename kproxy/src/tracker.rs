@@ -11,8 +11,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 use crate::model::{
-    service_frontends, DesiredService, DesiredState, Frontend, Ignored, InvalidObject, ServiceInfo,
-    ServiceOutcome, SliceInfo,
+    service_frontends, DesiredService, DesiredState, Frontend, Ignored, InvalidCode, InvalidObject,
+    ServiceInfo, ServiceOutcome, SliceInfo,
 };
 
 /// `(namespace, name)` of an object.
@@ -55,6 +55,8 @@ pub struct ModelStore {
     claimants: HashMap<Frontend, BTreeSet<ObjectKey>>,
     /// Services that lost a frontend to another one.
     conflicts: BTreeMap<(Frontend, ObjectKey), InvalidObject>,
+    /// Second copies of an object in the last complete set (`replace_all`).
+    duplicates: Vec<InvalidObject>,
 
     service_changes: BTreeSet<ObjectKey>,
     endpoint_changes: BTreeSet<ObjectKey>,
@@ -75,6 +77,7 @@ impl ModelStore {
                         object: format!("{}/{}", key.0, key.1),
                         field: format!("{field}.protocol"),
                         reason: "SCTP is not served by kproxy; port skipped".into(),
+                        code: InvalidCode::UnsupportedProtocol,
                     };
                     self.invalid.insert(("Service", key.clone()), warning);
                 }
@@ -157,9 +160,9 @@ impl ModelStore {
 
     /// Replaces every object with this complete set (a relist, or a re-read of the manifests):
     /// objects absent from it are deleted, the others applied, and only real differences are
-    /// recorded as changes. Returns the errors of invalid objects.
-    pub fn replace_all(&mut self, services: &[Service], slices: &[EndpointSlice]) -> Vec<InvalidObject> {
-        let mut errors = Vec::new();
+    /// recorded as changes. Invalid objects are listed by [`Self::invalid`].
+    pub fn replace_all(&mut self, services: &[Service], slices: &[EndpointSlice]) {
+        self.duplicates.clear();
         let keep: BTreeSet<ObjectKey> = services.iter().map(|s| key_of(&s.metadata)).collect();
         let gone: Vec<ObjectKey> = self
             .services
@@ -186,24 +189,25 @@ impl ModelStore {
         let mut seen = BTreeSet::new();
         for svc in services {
             if !seen.insert(("Service", key_of(&svc.metadata))) {
-                errors.push(duplicate("Service", &svc.metadata));
+                self.duplicates.push(duplicate("Service", &svc.metadata));
                 continue;
             }
-            errors.extend(self.apply_service(svc).err());
+            // An invalid object is recorded in `self.invalid`.
+            let _ = self.apply_service(svc);
         }
         for slice in slices {
             if !seen.insert(("EndpointSlice", key_of(&slice.metadata))) {
-                errors.push(duplicate("EndpointSlice", &slice.metadata));
+                self.duplicates.push(duplicate("EndpointSlice", &slice.metadata));
                 continue;
             }
-            errors.extend(self.apply_slice(slice).err());
+            let _ = self.apply_slice(slice);
         }
-        errors
     }
 
-    /// Objects whose latest version is invalid, and Services that lost a frontend conflict.
+    /// Objects whose latest version is invalid, Services that lost a frontend conflict, and
+    /// duplicate objects.
     pub fn invalid(&self) -> impl Iterator<Item = &InvalidObject> {
-        self.invalid.values().chain(self.conflicts.values())
+        self.invalid.values().chain(self.conflicts.values()).chain(&self.duplicates)
     }
 
     pub fn ignored(&self) -> impl Iterator<Item = (&ObjectKey, &Ignored)> {
@@ -298,6 +302,7 @@ impl ModelStore {
             object: format!("{}/{}", loser.0, loser.1),
             field: format!("spec.ports[{index}]"),
             reason: format!("frontend {f} is already served for {}/{}", owner.0, owner.1),
+            code: InvalidCode::FrontendConflict,
         }
     }
 }
@@ -309,6 +314,7 @@ fn duplicate(kind: &'static str, meta: &k8s_openapi::apimachinery::pkg::apis::me
         object: format!("{ns}/{name}"),
         field: "metadata.name".into(),
         reason: "duplicate object; the first one is used".into(),
+        code: InvalidCode::DuplicateObject,
     }
 }
 
@@ -391,8 +397,7 @@ mod tests {
     #[test]
     fn a_frontend_conflict_is_reported_and_resolved_when_the_owner_leaves() {
         let mut store = ModelStore::default();
-        let errors = store.replace_all(&[service("b", "10.96.0.1"), service("a", "10.96.0.1")], &[slice("b-1", "b", &["10.244.0.2"])]);
-        assert!(errors.is_empty());
+        store.replace_all(&[service("b", "10.96.0.1"), service("a", "10.96.0.1")], &[slice("b-1", "b", &["10.244.0.2"])]);
         store.take_changes();
         assert_eq!(store.desired()[&fe("10.96.0.1")].name.name, "a");
         let conflicts: Vec<String> = store.invalid().map(ToString::to_string).collect();

@@ -1,0 +1,212 @@
+//! `/healthz` and `/livez` with kube-proxy's meaning, and the small HTTP server that serves them
+//! and `/metrics`.
+//!
+//! Healthy means: no update has been waiting longer than the health timeout (kube-proxy uses
+//! twice `--sync-period`) since it was queued. `/healthz` additionally requires the node to be
+//! eligible: not being deleted and not tainted `ToBeDeletedByClusterAutoscaler`, so load
+//! balancers drain the node before it goes.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Context as _, Result};
+use http_body_util::Full;
+use hyper::{body::Bytes, server::conn::http1, service::service_fn, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use k8s_openapi::api::core::v1::Node;
+
+use crate::metrics::{CodeLabel, Metrics};
+
+/// Taint the cluster autoscaler puts on a node it is about to delete.
+pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+
+#[derive(Debug)]
+struct State {
+    last_updated: Option<SystemTime>,
+    oldest_pending_queued: Option<SystemTime>,
+    node_eligible: bool,
+}
+
+/// The proxy's health, as kube-proxy's `ProxyHealthServer` tracks it.
+#[derive(Debug)]
+pub struct ProxyHealth {
+    timeout: Duration,
+    state: Mutex<State>,
+}
+
+impl ProxyHealth {
+    pub fn new(timeout: Duration) -> Self {
+        // Eligible (and so healthy) while starting, until a Node event says otherwise.
+        let state = State { last_updated: None, oldest_pending_queued: None, node_eligible: true };
+        Self { timeout, state: Mutex::new(state) }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding this lock cannot leave the plain fields inconsistent.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A change arrived that a sync must apply.
+    pub fn queued_update(&self, now: SystemTime) {
+        self.state().oldest_pending_queued.get_or_insert(now);
+    }
+
+    /// A sync applied everything queued.
+    pub fn updated(&self, now: SystemTime) {
+        let mut s = self.state();
+        s.oldest_pending_queued = None;
+        s.last_updated = Some(now);
+    }
+
+    /// Follows this node's object (`None`: deleted).
+    pub fn sync_node(&self, node: Option<&Node>) {
+        let eligible = node.is_some_and(|n| {
+            n.metadata.deletion_timestamp.is_none()
+                && !n
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.taints.as_ref())
+                    .is_some_and(|t| t.iter().any(|t| t.key == TO_BE_DELETED_TAINT))
+        });
+        self.state().node_eligible = eligible;
+    }
+
+    /// (healthy, node eligible, last updated).
+    fn check(&self, now: SystemTime) -> (bool, bool, Option<SystemTime>) {
+        let s = self.state();
+        let late = s
+            .oldest_pending_queued
+            .is_some_and(|q| now.duration_since(q).unwrap_or_default() >= self.timeout);
+        (!late, s.node_eligible, s.last_updated)
+    }
+
+    /// Status and JSON body of `/healthz` (`with_node`) or `/livez`.
+    pub fn respond(&self, now: SystemTime, with_node: bool) -> (StatusCode, String) {
+        let (healthy, eligible, last_updated) = self.check(now);
+        let healthy = healthy && (eligible || !with_node);
+        // As kube-proxy: a healthy answer reports lastUpdated as now.
+        let last = if healthy { Some(now) } else { last_updated };
+        let fmt = |t: Option<SystemTime>| t.map_or_else(String::new, |t| humantime::format_rfc3339_nanos(t).to_string());
+        let mut body = format!(r#"{{"lastUpdated": "{}","currentTime": "{}""#, fmt(last), fmt(Some(now)));
+        if with_node {
+            body.push_str(&format!(r#", "nodeEligible": {eligible}"#));
+        }
+        body.push('}');
+        let code = if healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+        (code, body)
+    }
+}
+
+/// What the HTTP servers answer.
+#[derive(Clone)]
+pub struct Endpoints {
+    pub health: Arc<ProxyHealth>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Endpoints {
+    fn answer(&self, path: &str) -> (StatusCode, &'static str, String) {
+        let now = SystemTime::now();
+        match path {
+            "/healthz" | "/livez" => {
+                let (code, body) = self.health.respond(now, path == "/healthz");
+                let family = if path == "/healthz" { &self.metrics.healthz_total } else { &self.metrics.livez_total };
+                family.get_or_create(&CodeLabel { code: code.as_u16().to_string() }).inc();
+                (code, "application/json", body)
+            }
+            "/metrics" => (
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                self.metrics.encode(),
+            ),
+            _ => (StatusCode::NOT_FOUND, "text/plain", "404 page not found\n".into()),
+        }
+    }
+}
+
+/// Binds `addr` and serves `endpoints` until the task is dropped. Binding errors are returned
+/// at once, so a port clash fails the agent's start with a clear message.
+pub async fn serve(addr: SocketAddr, endpoints: Endpoints) -> Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listen on {addr}"))?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let endpoints = endpoints.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let (code, content_type, body) = endpoints.answer(req.uri().path());
+                    let response = Response::builder()
+                        .status(code)
+                        .header("Content-Type", content_type)
+                        .header("X-Content-Type-Options", "nosniff")
+                        .body(Full::new(Bytes::from(body)))
+                        .expect("static headers are valid");
+                    async move { Ok::<_, Infallible>(response) }
+                });
+                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            });
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(taint: Option<&str>, deleting: bool) -> Node {
+        let mut n = Node::default();
+        if let Some(key) = taint {
+            n.spec = Some(k8s_openapi::api::core::v1::NodeSpec {
+                taints: Some(vec![k8s_openapi::api::core::v1::Taint { key: key.into(), effect: "NoSchedule".into(), ..Default::default() }]),
+                ..Default::default()
+            });
+        }
+        if deleting {
+            n.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Default::default()));
+        }
+        n
+    }
+
+    #[test]
+    fn unhealthy_only_when_an_update_waits_past_the_timeout() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let h = ProxyHealth::new(Duration::from_secs(60));
+        assert_eq!(h.respond(t0, true).0, StatusCode::OK, "healthy while starting");
+        h.queued_update(t0);
+        assert_eq!(h.respond(t0 + Duration::from_secs(59), true).0, StatusCode::OK);
+        // A later event does not move the oldest pending time.
+        h.queued_update(t0 + Duration::from_secs(30));
+        let (code, body) = h.respond(t0 + Duration::from_secs(60), true);
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains(r#""nodeEligible": true"#), "{body}");
+        assert!(body.starts_with(r#"{"lastUpdated": "","currentTime": "1970-01-12T13:47:40"#), "{body}");
+        assert_eq!(h.respond(t0 + Duration::from_secs(60), false).0, StatusCode::SERVICE_UNAVAILABLE);
+        h.updated(t0 + Duration::from_secs(61));
+        let (code, body) = h.respond(t0 + Duration::from_secs(62), false);
+        assert_eq!(code, StatusCode::OK);
+        assert!(!body.contains("nodeEligible"), "{body}");
+        assert!(body.contains(r#""lastUpdated": "1970-01-12T13:47:42"#), "{body}");
+    }
+
+    #[test]
+    fn an_ineligible_node_fails_healthz_but_not_livez() {
+        let now = SystemTime::now();
+        let h = ProxyHealth::new(Duration::from_secs(60));
+        for (n, eligible) in [
+            (Some(node(Some(TO_BE_DELETED_TAINT), false)), false),
+            (Some(node(None, true)), false),
+            (None, false),
+            (Some(node(Some("other"), false)), true),
+        ] {
+            h.sync_node(n.as_ref());
+            let (code, body) = h.respond(now, true);
+            assert_eq!(code == StatusCode::OK, eligible, "{body}");
+            assert!(body.contains(&format!(r#""nodeEligible": {eligible}"#)), "{body}");
+            assert_eq!(h.respond(now, false).0, StatusCode::OK);
+        }
+    }
+}

@@ -1,0 +1,122 @@
+//! Prometheus metrics, with kube-proxy's names and types where kube-proxy has the metric (so its
+//! dashboards and alerts keep working) and `kproxy_` names for kproxy's own.
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{exponential_buckets, Histogram},
+    },
+    registry::Registry,
+};
+use std::sync::atomic::AtomicU64;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapLabel {
+    pub map: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InvalidLabels {
+    pub kind: String,
+    pub reason: String,
+}
+
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+pub struct Metrics {
+    registry: Registry,
+    pub sync_duration: Histogram,
+    pub sync_full_duration: Histogram,
+    pub sync_partial_duration: Histogram,
+    pub last_sync_timestamp: FloatGauge,
+    pub last_queued_timestamp: FloatGauge,
+    pub network_programming_duration: Histogram,
+    pub endpoint_changes_pending: Gauge,
+    pub endpoint_changes_total: Counter,
+    pub service_changes_pending: Gauge,
+    pub service_changes_total: Counter,
+    pub healthz_total: Family<CodeLabel, Counter>,
+    pub livez_total: Family<CodeLabel, Counter>,
+    pub map_entries: Family<MapLabel, Gauge>,
+    pub map_capacity: Family<MapLabel, Gauge>,
+    pub map_writes_total: Counter,
+    pub invalid_objects_total: Family<InvalidLabels, Counter>,
+    pub sync_failures_total: Counter,
+}
+
+/// Sync durations: 1 ms to ~16 s, as kube-proxy's `sync_proxy_rules_duration_seconds`.
+fn sync_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 15))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut m = Metrics {
+            registry: Registry::default(),
+            sync_duration: sync_buckets(),
+            sync_full_duration: sync_buckets(),
+            sync_partial_duration: sync_buckets(),
+            last_sync_timestamp: FloatGauge::default(),
+            last_queued_timestamp: FloatGauge::default(),
+            // From 0.5 ms: kproxy programs a change in well under kube-proxy's first bucket.
+            network_programming_duration: Histogram::new(exponential_buckets(0.0005, 2.0, 20)),
+            endpoint_changes_pending: Gauge::default(),
+            endpoint_changes_total: Counter::default(),
+            service_changes_pending: Gauge::default(),
+            service_changes_total: Counter::default(),
+            healthz_total: Family::default(),
+            livez_total: Family::default(),
+            map_entries: Family::default(),
+            map_capacity: Family::default(),
+            map_writes_total: Counter::default(),
+            invalid_objects_total: Family::default(),
+            sync_failures_total: Counter::default(),
+        };
+        let r = &mut m.registry;
+        r.register("kubeproxy_sync_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds", m.sync_duration.clone());
+        r.register("kubeproxy_sync_full_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds for full resyncs", m.sync_full_duration.clone());
+        r.register("kubeproxy_sync_partial_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds for partial resyncs", m.sync_partial_duration.clone());
+        r.register("kubeproxy_sync_proxy_rules_last_timestamp_seconds", "The last time proxy rules were successfully synced", m.last_sync_timestamp.clone());
+        r.register("kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds", "The last time a sync of proxy rules was queued", m.last_queued_timestamp.clone());
+        r.register("kubeproxy_network_programming_duration_seconds", "In Cluster Network Programming Latency in seconds", m.network_programming_duration.clone());
+        r.register("kubeproxy_sync_proxy_rules_endpoint_changes_pending", "Pending proxy rules Endpoint changes", m.endpoint_changes_pending.clone());
+        r.register("kubeproxy_sync_proxy_rules_endpoint_changes", "Cumulative proxy rules Endpoint changes", m.endpoint_changes_total.clone());
+        r.register("kubeproxy_sync_proxy_rules_service_changes_pending", "Pending proxy rules Service changes", m.service_changes_pending.clone());
+        r.register("kubeproxy_sync_proxy_rules_service_changes", "Cumulative proxy rules Service changes", m.service_changes_total.clone());
+        r.register("kubeproxy_proxy_healthz", "Cumulative proxy healthz HTTP status", m.healthz_total.clone());
+        r.register("kubeproxy_proxy_livez", "Cumulative proxy livez HTTP status", m.livez_total.clone());
+        r.register("kproxy_bpf_map_entries", "Entries in each kproxy BPF map", m.map_entries.clone());
+        r.register("kproxy_bpf_map_capacity", "Capacity (max_entries) of each kproxy BPF map", m.map_capacity.clone());
+        r.register("kproxy_bpf_map_writes", "BPF map updates and deletes made by syncs", m.map_writes_total.clone());
+        r.register("kproxy_invalid_objects", "Invalid object versions skipped, by kind and reason", m.invalid_objects_total.clone());
+        r.register("kproxy_sync_failures", "Syncs that failed and were retried", m.sync_failures_total.clone());
+        m
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String never fails");
+        out
+    }
+
+    pub fn set_map(&self, name: &str, entries: usize, capacity: u32) {
+        let label = MapLabel { map: name.to_string() };
+        self.map_entries.get_or_create(&label).set(entries as i64);
+        self.map_capacity.get_or_create(&label).set(i64::from(capacity));
+    }
+}
