@@ -1,31 +1,56 @@
-//! `kproxy run`: attach the datapath, then keep the maps equal to the manifests.
+//! `kproxy run`: attach the datapath, follow a source, keep the maps equal to it, and report
+//! health and metrics.
 
-use std::{collections::BTreeSet, path::PathBuf, sync::Arc, time::Instant};
+use std::{
+    collections::BTreeSet,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Instant, SystemTime},
+};
 
 use anyhow::{Context as _, Result};
+use kproxy_common::lb::{BACKENDS_MAP, SERVICES_MAP, SERVICE_META_MAP};
 use tokio::sync::Notify;
 
 use crate::{
     dataplane::{bpf::BpfMaps, plan::Limits},
+    health::{self, ProxyHealth},
     loader::{self, Capacities, PinLayout},
+    metrics::{InvalidLabels, Metrics},
+    model::InvalidObject,
     runner::{self, RunKind, RunnerConfig},
-    sources::manifests::{ManifestSource, ManifestWatcher},
+    sources::{
+        apiserver::{self, Shared},
+        manifests::{ManifestSource, ManifestWatcher},
+    },
     sync::{SyncScope, Syncer},
     tracker::ModelStore,
 };
 
+/// Where Services and EndpointSlices come from.
+pub enum Source {
+    /// A YAML file or directory, watched.
+    Manifests(PathBuf),
+    /// The apiserver, from a kubeconfig or the in-cluster configuration.
+    Apiserver { kubeconfig: Option<PathBuf>, node_name: String },
+}
+
 pub struct AgentConfig {
-    pub manifests: PathBuf,
+    pub source: Source,
     pub layout: PinLayout,
     pub cgroup: PathBuf,
     pub capacities: Capacities,
     pub runner: RunnerConfig,
+    pub healthz_addr: Option<SocketAddr>,
+    pub metrics_addr: Option<SocketAddr>,
 }
 
-/// Logs each problem once, when it first appears, and forgets the ones that went away.
+/// Logs each problem once, when it first appears, and counts each newly invalid object.
 #[derive(Default)]
 struct ProblemLog {
     reported: BTreeSet<String>,
+    invalid: BTreeSet<InvalidObject>,
 }
 
 impl ProblemLog {
@@ -36,68 +61,141 @@ impl ProblemLog {
         }
         self.reported = current;
     }
+
+    fn count_invalid(&mut self, current: BTreeSet<InvalidObject>, metrics: &Metrics) {
+        for e in current.difference(&self.invalid) {
+            let labels = InvalidLabels { kind: e.kind.to_string(), reason: e.code.as_str().to_string() };
+            metrics.invalid_objects_total.get_or_create(&labels).inc();
+        }
+        self.invalid = current;
+    }
 }
 
 pub async fn run(cfg: AgentConfig) -> Result<()> {
+    // The pinned maps are adopted before anything else, so the datapath keeps serving.
     loader::load_and_attach(&cfg.layout, &cfg.cgroup, cfg.capacities)?;
     let maps = BpfMaps::open(&cfg.layout.maps_dir()).context("open the pinned maps")?;
+    let metrics = Arc::new(Metrics::new());
+    for usage in maps.usage()? {
+        metrics.set_map(usage.name, usage.entries, usage.capacity);
+    }
     let limits = Limits {
         max_services: cfg.capacities.max_services,
         max_backends: cfg.capacities.max_backends,
         max_service_entries: cfg.capacities.service_entries(),
     };
     let mut syncer = Syncer::new(maps, limits);
-    let mut source = ManifestSource::new(cfg.manifests.clone());
-    let mut store = ModelStore::default();
+    // kube-proxy's health timeout: twice the sync period.
+    let health = Arc::new(ProxyHealth::new(cfg.runner.sync_period * 2));
+    let endpoints = health::Endpoints { health: health.clone(), metrics: metrics.clone() };
+    let mut servers = Vec::new();
+    for addr in [cfg.healthz_addr, cfg.metrics_addr].into_iter().flatten() {
+        servers.push(health::serve(addr, endpoints.clone()).await?);
+        tracing::info!(%addr, "serving /healthz, /livez and /metrics");
+    }
+
+    let shared = Shared {
+        store: Arc::new(Mutex::new(ModelStore::default())),
+        health: health.clone(),
+        changed: Arc::new(Notify::new()),
+    };
+    let mut manifests = None;
+    let mut _watcher = None;
+    let mut _watches = Vec::new();
+    match &cfg.source {
+        Source::Manifests(path) => {
+            _watcher = Some(
+                ManifestWatcher::new(path, shared.changed.clone())
+                    .with_context(|| format!("watch {}", path.display()))?,
+            );
+            manifests = Some(ManifestSource::new(path.clone()));
+            tracing::info!(manifests = %path.display(), "watching manifests");
+        }
+        Source::Apiserver { kubeconfig, node_name } => {
+            let client = apiserver::client(kubeconfig.as_deref()).await?;
+            tracing::info!(node = %node_name, "listing Services and EndpointSlices");
+            _watches = apiserver::start(client, node_name, shared.clone()).await?;
+        }
+    }
+
     let mut problems = ProblemLog::default();
-
-    let trigger = Arc::new(Notify::new());
-    let _watcher = ManifestWatcher::new(&cfg.manifests, trigger.clone())
-        .with_context(|| format!("watch {}", cfg.manifests.display()))?;
-    tracing::info!(manifests = %cfg.manifests.display(), "watching manifests");
-
+    let trigger = shared.changed.clone();
     let sync_once = move |kind: RunKind| -> bool {
         let started = Instant::now();
-        let set = match source.read() {
-            Ok(set) => set,
-            Err(e) => {
-                problems.report([e]);
-                return false;
+        let mut store = shared.store.lock().unwrap_or_else(|e| e.into_inner());
+        let mut source_problems = Vec::new();
+        if let Some(source) = manifests.as_mut() {
+            match source.read() {
+                Ok(set) => {
+                    store.replace_all(&set.services, &set.slices);
+                    source_problems = set.problems;
+                }
+                Err(e) => {
+                    problems.report([e]);
+                    return false;
+                }
             }
-        };
-        store.replace_all(&set.services, &set.slices);
+        }
+        let (services_pending, endpoints_pending) = store.pending();
+        metrics.service_changes_pending.set(services_pending as i64);
+        metrics.endpoint_changes_pending.set(endpoints_pending as i64);
+        metrics.last_queued_timestamp.set(unix_seconds(SystemTime::now()));
         let changes = store.take_changes();
-        let invalid = store.invalid().map(|e| format!("skipped invalid object: {e}"));
-        problems.report(set.problems.into_iter().chain(invalid));
+        metrics.service_changes_total.inc_by(changes.services as u64);
+        metrics.endpoint_changes_total.inc_by(changes.endpoints as u64);
+        let invalid: BTreeSet<InvalidObject> = store.invalid().cloned().collect();
+        problems.report(source_problems.into_iter().chain(invalid.iter().map(|e| format!("skipped invalid object: {e}"))));
+        problems.count_invalid(invalid, &metrics);
         let scope = match kind {
             RunKind::Full => SyncScope::Full,
             RunKind::Changed => SyncScope::Changed(&changes.frontends),
         };
         match syncer.sync(store.desired(), scope) {
             Ok(stats) => {
+                let now = SystemTime::now();
+                health.updated(now);
                 for r in &stats.refused {
                     tracing::error!(service = %r.name, frontend = %r.frontend, "not programmed: {}", r.reason);
+                }
+                let seconds = stats.duration.as_secs_f64();
+                metrics.sync_duration.observe(seconds);
+                if stats.full { &metrics.sync_full_duration } else { &metrics.sync_partial_duration }.observe(seconds);
+                metrics.last_sync_timestamp.set(unix_seconds(now));
+                metrics.map_writes_total.inc_by(stats.ops as u64);
+                for t in &changes.trigger_times {
+                    metrics.network_programming_duration.observe(now.duration_since(*t).unwrap_or_default().as_secs_f64());
+                }
+                if let Some((services, backends, meta)) = syncer.entries() {
+                    for (name, entries) in [(SERVICES_MAP, services), (BACKENDS_MAP, backends), (SERVICE_META_MAP, meta)] {
+                        metrics.map_entries.get_or_create(&crate::metrics::MapLabel { map: name.into() }).set(entries as i64);
+                    }
                 }
                 tracing::info!(
                     full = stats.full,
                     frontends = store.desired().len(),
                     changed_frontends = changes.frontends.len(),
                     writes = stats.ops,
-                    sync_ms = format!("{:.3}", stats.duration.as_secs_f64() * 1e3),
+                    sync_ms = format!("{:.3}", seconds * 1e3),
                     total_ms = format!("{:.3}", started.elapsed().as_secs_f64() * 1e3),
                     "synced"
                 );
                 true
             }
             Err(e) => {
+                metrics.sync_failures_total.inc();
                 tracing::error!("sync failed, will retry: {e:#}");
                 false
             }
         }
     };
     runner::run(cfg.runner, trigger, shutdown_signal(), sync_once).await;
+    drop(servers);
     tracing::info!("stopping; the datapath stays attached and keeps serving (kproxy cleanup removes it)");
     Ok(())
+}
+
+fn unix_seconds(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs_f64()
 }
 
 async fn shutdown_signal() {

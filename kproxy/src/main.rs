@@ -57,9 +57,22 @@ enum Command {
 
 #[derive(Args)]
 struct RunArgs {
-    /// Service and EndpointSlice manifests: a YAML file or a directory of them. Watched.
+    /// Read Services and EndpointSlices from these manifests (a YAML file or a directory of
+    /// them, watched) instead of the apiserver.
+    #[arg(long, conflicts_with = "kubeconfig")]
+    manifests: Option<PathBuf>,
+    /// Kubeconfig for the apiserver (default: the in-cluster configuration).
     #[arg(long)]
-    manifests: PathBuf,
+    kubeconfig: Option<PathBuf>,
+    /// This node's name, as in the Node object (default: the hostname, lowercased).
+    #[arg(long)]
+    hostname_override: Option<String>,
+    /// Address of the /healthz and /livez server; empty disables it (kube-proxy's flag).
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    healthz_bind_address: String,
+    /// Address of the /metrics server; empty disables it (kube-proxy's flag).
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    metrics_bind_address: String,
     #[command(flatten)]
     pin: PinArgs,
     /// cgroup v2 directory to attach to (default: the cgroup2 root, from /proc/self/mountinfo).
@@ -82,6 +95,26 @@ struct RunArgs {
     sync_period: Duration,
 }
 
+/// The node name: the override, or the hostname, lowercased as kube-proxy does.
+fn node_name(hostname_override: Option<String>) -> Result<String> {
+    let name = match hostname_override.filter(|h| !h.trim().is_empty()) {
+        Some(h) => h,
+        None => nix::unistd::gethostname()
+            .context("read the hostname (or pass --hostname-override)")?
+            .to_string_lossy()
+            .into_owned(),
+    };
+    Ok(name.trim().to_lowercase())
+}
+
+/// `IP:PORT`, or `None` when empty (the server is off).
+fn bind_address(flag: &str, value: &str) -> Result<Option<std::net::SocketAddr>> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    value.parse().map(Some).with_context(|| format!("{flag}: {value:?} is not IP:PORT"))
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -95,8 +128,17 @@ fn main() -> Result<()> {
                 Some(c) => c,
                 None => loader::cgroup2_root()?,
             };
+            let source = match args.manifests {
+                Some(path) => agent::Source::Manifests(path),
+                None => agent::Source::Apiserver {
+                    kubeconfig: args.kubeconfig,
+                    node_name: node_name(args.hostname_override)?,
+                },
+            };
             let cfg = agent::AgentConfig {
-                manifests: args.manifests,
+                source,
+                healthz_addr: bind_address("--healthz-bind-address", &args.healthz_bind_address)?,
+                metrics_addr: bind_address("--metrics-bind-address", &args.metrics_bind_address)?,
                 layout: PinLayout::new(args.pin.bpffs_dir),
                 cgroup,
                 capacities: Capacities {

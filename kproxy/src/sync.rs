@@ -48,6 +48,11 @@ impl<D: Dataplane> Syncer<D> {
         Self { dataplane, mirror: None, limits }
     }
 
+    /// Entries of the services, backends and metadata maps, as last synced.
+    pub fn entries(&self) -> Option<(usize, usize, usize)> {
+        self.mirror.as_ref().map(Mirror::entries)
+    }
+
     pub fn sync(&mut self, desired: &DesiredState, scope: SyncScope<'_>) -> Result<SyncStats, DataplaneError> {
         let start = Instant::now();
         let (mut mirror, plan_scope) = match (self.mirror.take(), scope) {

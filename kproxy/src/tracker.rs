@@ -6,7 +6,10 @@
 //! desired frontends of those Services only and returns the frontends that differ, so a sync
 //! costs O(changes), not O(services).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    time::SystemTime,
+};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
@@ -34,7 +37,14 @@ pub struct Changes {
     pub services: usize,
     /// Services whose endpoints changed since the last call (kube-proxy's endpoint changes).
     pub endpoints: usize,
+    /// When each endpoint change was triggered: the EndpointSlice's
+    /// `endpoints.kubernetes.io/last-change-trigger-time` annotation, or when kproxy received
+    /// it. `kubeproxy_network_programming_duration_seconds` measures from here.
+    pub trigger_times: Vec<SystemTime>,
 }
+
+/// Annotation the EndpointSlice controller sets to the time of the change behind an update.
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
 /// Validated objects, the desired state built from them, and the changes not yet synced.
 #[derive(Debug, Default)]
@@ -59,7 +69,8 @@ pub struct ModelStore {
     duplicates: Vec<InvalidObject>,
 
     service_changes: BTreeSet<ObjectKey>,
-    endpoint_changes: BTreeSet<ObjectKey>,
+    /// Services whose endpoints changed, with the oldest trigger time of the change.
+    endpoint_changes: BTreeMap<ObjectKey, SystemTime>,
 }
 
 impl ModelStore {
@@ -123,7 +134,14 @@ impl ModelStore {
                     let service = (info.namespace.clone(), info.service.clone());
                     self.slices_by_service.entry(service.clone()).or_default().insert(key.1.clone());
                     self.slices.insert(key, info);
-                    self.endpoint_changes.insert(service);
+                    let triggered = slice
+                        .metadata
+                        .annotations
+                        .as_ref()
+                        .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION))
+                        .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
+                        .unwrap_or_else(SystemTime::now);
+                    self.endpoint_changes.entry(service).or_insert(triggered);
                 }
                 Ok(())
             }
@@ -154,15 +172,21 @@ impl ModelStore {
                     self.slices_by_service.remove(&service);
                 }
             }
-            self.endpoint_changes.insert(service);
+            self.endpoint_changes.entry(service).or_insert_with(SystemTime::now);
         }
     }
 
-    /// Replaces every object with this complete set (a relist, or a re-read of the manifests):
-    /// objects absent from it are deleted, the others applied, and only real differences are
-    /// recorded as changes. Invalid objects are listed by [`Self::invalid`].
+    /// Replaces every object with this complete set (a re-read of the manifests): objects
+    /// absent from it are deleted, the others applied, and only real differences are recorded
+    /// as changes. Invalid objects are listed by [`Self::invalid`].
     pub fn replace_all(&mut self, services: &[Service], slices: &[EndpointSlice]) {
-        self.duplicates.clear();
+        self.replace_services(services);
+        self.replace_slices(slices);
+    }
+
+    /// [`Self::replace_all`] for Services only (a relist of Services).
+    pub fn replace_services(&mut self, services: &[Service]) {
+        self.duplicates.retain(|d| d.kind != "Service");
         let keep: BTreeSet<ObjectKey> = services.iter().map(|s| key_of(&s.metadata)).collect();
         let gone: Vec<ObjectKey> = self
             .services
@@ -175,6 +199,20 @@ impl ModelStore {
         for (ns, name) in gone {
             self.delete_service(&ns, &name);
         }
+        let mut seen = BTreeSet::new();
+        for svc in services {
+            if !seen.insert(key_of(&svc.metadata)) {
+                self.duplicates.push(duplicate("Service", &svc.metadata));
+                continue;
+            }
+            // An invalid object is recorded in `self.invalid`.
+            let _ = self.apply_service(svc);
+        }
+    }
+
+    /// [`Self::replace_all`] for EndpointSlices only (a relist of EndpointSlices).
+    pub fn replace_slices(&mut self, slices: &[EndpointSlice]) {
+        self.duplicates.retain(|d| d.kind != "EndpointSlice");
         let keep: BTreeSet<ObjectKey> = slices.iter().map(|s| key_of(&s.metadata)).collect();
         let gone: Vec<ObjectKey> = self
             .slices
@@ -187,16 +225,8 @@ impl ModelStore {
             self.delete_slice(&ns, &name);
         }
         let mut seen = BTreeSet::new();
-        for svc in services {
-            if !seen.insert(("Service", key_of(&svc.metadata))) {
-                self.duplicates.push(duplicate("Service", &svc.metadata));
-                continue;
-            }
-            // An invalid object is recorded in `self.invalid`.
-            let _ = self.apply_service(svc);
-        }
         for slice in slices {
-            if !seen.insert(("EndpointSlice", key_of(&slice.metadata))) {
+            if !seen.insert(key_of(&slice.metadata)) {
                 self.duplicates.push(duplicate("EndpointSlice", &slice.metadata));
                 continue;
             }
@@ -234,7 +264,8 @@ impl ModelStore {
             endpoints: endpoint_changes.len(),
             ..Default::default()
         };
-        let changed: BTreeSet<ObjectKey> = service_changes.into_iter().chain(endpoint_changes).collect();
+        changes.trigger_times = endpoint_changes.values().copied().collect();
+        let changed: BTreeSet<ObjectKey> = service_changes.into_iter().chain(endpoint_changes.into_keys()).collect();
         let mut touched: BTreeSet<Frontend> = BTreeSet::new();
         let mut wanted: HashMap<ObjectKey, BTreeMap<Frontend, DesiredService>> = HashMap::new();
         for key in &changed {

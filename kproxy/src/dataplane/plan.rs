@@ -98,6 +98,11 @@ impl Mirror {
         m
     }
 
+    /// Entries of the services, backends and metadata maps.
+    pub fn entries(&self) -> (usize, usize, usize) {
+        (self.contents.services.len(), self.contents.backends.len(), self.contents.meta.len())
+    }
+
     #[cfg(test)]
     pub fn contents(&self) -> &MapContents {
         &self.contents

@@ -21,3 +21,183 @@ pub const API_ACCESS: &[ApiAccess] = &[
     ApiAccess { group: "", resource: "nodes", verbs: &["get", "list", "watch"] },
     ApiAccess { group: "events.k8s.io", resource: "events", verbs: &["create", "patch", "update"] },
 ];
+
+use std::{
+    path::Path,
+    sync::{Arc, Mutex},
+    time::SystemTime,
+};
+
+use anyhow::{Context as _, Result};
+use futures::StreamExt as _;
+use k8s_openapi::{
+    api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice},
+    serde::de::DeserializeOwned,
+};
+use kube::{
+    runtime::{watcher, WatchStreamExt as _},
+    Api, Client, Resource, ResourceExt as _,
+};
+use tokio::sync::{watch, Notify};
+
+use crate::{health::ProxyHealth, tracker::ModelStore};
+
+/// kube-proxy's label selector for Services and EndpointSlices: skip objects that belong to
+/// another proxy, and headless ones.
+pub const LABEL_SELECTOR: &str = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
+
+/// A client from `--kubeconfig`, or the in-cluster configuration.
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("read kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("use kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::incluster().context("in-cluster configuration (or pass --kubeconfig)")?,
+    };
+    Client::try_from(config).context("create the Kubernetes client")
+}
+
+/// An object kind the store tracks.
+trait Tracked: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static {
+    const KIND: &'static str;
+    fn apply(store: &mut ModelStore, obj: &Self) -> Result<(), crate::model::InvalidObject>;
+    fn delete(store: &mut ModelStore, namespace: &str, name: &str);
+    fn replace(store: &mut ModelStore, objs: &[Self]);
+}
+
+impl Tracked for Service {
+    const KIND: &'static str = "Service";
+    fn apply(store: &mut ModelStore, obj: &Self) -> Result<(), crate::model::InvalidObject> {
+        store.apply_service(obj)
+    }
+    fn delete(store: &mut ModelStore, namespace: &str, name: &str) {
+        store.delete_service(namespace, name)
+    }
+    fn replace(store: &mut ModelStore, objs: &[Self]) {
+        store.replace_services(objs)
+    }
+}
+
+impl Tracked for EndpointSlice {
+    const KIND: &'static str = "EndpointSlice";
+    fn apply(store: &mut ModelStore, obj: &Self) -> Result<(), crate::model::InvalidObject> {
+        store.apply_slice(obj)
+    }
+    fn delete(store: &mut ModelStore, namespace: &str, name: &str) {
+        store.delete_slice(namespace, name)
+    }
+    fn replace(store: &mut ModelStore, objs: &[Self]) {
+        store.replace_slices(objs)
+    }
+}
+
+/// Shared with the sync side.
+#[derive(Clone)]
+pub struct Shared {
+    pub store: Arc<Mutex<ModelStore>>,
+    pub health: Arc<ProxyHealth>,
+    pub changed: Arc<Notify>,
+}
+
+impl Shared {
+    fn with_store<T>(&self, f: impl FnOnce(&mut ModelStore) -> T) -> T {
+        let mut store = self.store.lock().unwrap_or_else(|e| e.into_inner());
+        let out = f(&mut store);
+        let (services, endpoints) = store.pending();
+        drop(store);
+        if services + endpoints > 0 {
+            self.health.queued_update(SystemTime::now());
+            self.changed.notify_one();
+        }
+        out
+    }
+}
+
+/// Watches one kind into the store. A (re)list replaces that kind's objects atomically once
+/// complete, so a relist after `410 Gone` or a reconnect never makes a service flap; `listed`
+/// turns true after the first complete list.
+async fn follow<K: Tracked>(api: Api<K>, shared: Shared, listed: watch::Sender<bool>) {
+    let config = watcher::Config::default().labels(LABEL_SELECTOR);
+    let mut events = watcher(api, config).default_backoff().boxed();
+    let mut relist: Option<Vec<K>> = None;
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(watcher::Event::Init) => relist = Some(Vec::new()),
+            Ok(watcher::Event::InitApply(obj)) => relist.get_or_insert_with(Vec::new).push(obj),
+            Ok(watcher::Event::InitDone) => {
+                let objs = relist.take().unwrap_or_default();
+                tracing::info!(kind = K::KIND, objects = objs.len(), "listed");
+                shared.with_store(|s| K::replace(s, &objs));
+                listed.send_replace(true);
+            }
+            Ok(watcher::Event::Apply(obj)) => {
+                if let Err(e) = shared.with_store(|s| K::apply(s, &obj)) {
+                    tracing::debug!(kind = K::KIND, "invalid update: {e}");
+                }
+            }
+            Ok(watcher::Event::Delete(obj)) => {
+                let (ns, name) = (obj.namespace().unwrap_or_default(), obj.name_any());
+                shared.with_store(|s| K::delete(s, &ns, &name));
+            }
+            Err(e) => tracing::warn!(kind = K::KIND, "watch failed, retrying with backoff: {e}"),
+        }
+    }
+}
+
+/// Follows this node's Node object for health (eligibility); its zone will serve topology.
+async fn follow_node(api: Api<Node>, node_name: String, health: Arc<ProxyHealth>) {
+    let config = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
+    let mut events = watcher(api, config).default_backoff().boxed();
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(watcher::Event::Apply(node) | watcher::Event::InitApply(node)) => health.sync_node(Some(&node)),
+            Ok(watcher::Event::Delete(_)) => health.sync_node(None),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(node = %node_name, "node watch failed, retrying with backoff: {e}"),
+        }
+    }
+}
+
+/// Starts the watches. Returns when every Service and EndpointSlice has been listed once, so
+/// the first sync sees a complete picture and removes nothing by mistake.
+pub async fn start(client: Client, node_name: &str, shared: Shared) -> Result<Vec<tokio::task::JoinHandle<()>>> {
+    let (svc_tx, mut svc_rx) = watch::channel(false);
+    let (eps_tx, mut eps_rx) = watch::channel(false);
+    let tasks = vec![
+        tokio::spawn(follow::<Service>(Api::all(client.clone()), shared.clone(), svc_tx)),
+        tokio::spawn(follow::<EndpointSlice>(Api::all(client.clone()), shared.clone(), eps_tx)),
+        tokio::spawn(follow_node(Api::all(client.clone()), node_name.to_string(), shared.health.clone())),
+    ];
+    svc_rx.wait_for(|listed| *listed).await.context("Service watch ended before its first list")?;
+    eps_rx.wait_for(|listed| *listed).await.context("EndpointSlice watch ended before its first list")?;
+    publish_starting_event(client, node_name).await;
+    Ok(tasks)
+}
+
+/// Records a `Starting` event on the node, as kube-proxy does. Best effort.
+async fn publish_starting_event(client: Client, node_name: &str) {
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+    let reporter = Reporter { controller: "kproxy".into(), instance: Some(node_name.to_string()) };
+    let recorder = Recorder::new(client, reporter);
+    let reference = k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Node".into()),
+        name: Some(node_name.to_string()),
+        uid: Some(node_name.to_string()),
+        ..Default::default()
+    };
+    let event = Event {
+        type_: EventType::Normal,
+        reason: "Starting".into(),
+        note: Some("Starting kproxy.".into()),
+        action: "StartKProxy".into(),
+        secondary: None,
+    };
+    if let Err(e) = recorder.publish(&event, &reference).await {
+        tracing::warn!("could not record the Starting event: {e}");
+    }
+}
