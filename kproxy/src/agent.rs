@@ -17,7 +17,7 @@ use crate::{
     dataplane::{bpf::BpfMaps, plan::Limits},
     health::{self, ProxyHealth},
     loader::{self, Capacities, PinLayout},
-    metrics::{InvalidLabels, Metrics},
+    metrics::{unix_seconds, InvalidLabels, MapLabel, Metrics},
     model::InvalidObject,
     runner::{self, RunKind, RunnerConfig},
     sources::{
@@ -97,6 +97,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let shared = Shared {
         store: Arc::new(Mutex::new(ModelStore::default())),
         health: health.clone(),
+        metrics: metrics.clone(),
         changed: Arc::new(Notify::new()),
     };
     let mut manifests = None;
@@ -136,11 +137,13 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 }
             }
         }
-        let (services_pending, endpoints_pending) = store.pending();
-        metrics.service_changes_pending.set(services_pending as i64);
-        metrics.endpoint_changes_pending.set(endpoints_pending as i64);
-        metrics.last_queued_timestamp.set(unix_seconds(SystemTime::now()));
+        if manifests.is_some() && store.pending() != (0, 0) {
+            // With manifests, changes are only found here, at sync time.
+            metrics.last_queued_timestamp.set(unix_seconds(SystemTime::now()));
+        }
         let changes = store.take_changes();
+        metrics.service_changes_pending.set(0);
+        metrics.endpoint_changes_pending.set(0);
         metrics.service_changes_total.inc_by(changes.services as u64);
         metrics.endpoint_changes_total.inc_by(changes.endpoints as u64);
         let invalid: BTreeSet<InvalidObject> = store.invalid().cloned().collect();
@@ -167,7 +170,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 }
                 if let Some((services, backends, meta)) = syncer.entries() {
                     for (name, entries) in [(SERVICES_MAP, services), (BACKENDS_MAP, backends), (SERVICE_META_MAP, meta)] {
-                        metrics.map_entries.get_or_create(&crate::metrics::MapLabel { map: name.into() }).set(entries as i64);
+                        metrics.map_entries.get_or_create(&MapLabel { map: name.into() }).set(entries as i64);
                     }
                 }
                 tracing::info!(
@@ -192,10 +195,6 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     drop(servers);
     tracing::info!("stopping; the datapath stays attached and keeps serving (kproxy cleanup removes it)");
     Ok(())
-}
-
-fn unix_seconds(t: SystemTime) -> f64 {
-    t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs_f64()
 }
 
 async fn shutdown_signal() {

@@ -120,3 +120,8 @@ impl Metrics {
         self.map_capacity.get_or_create(&label).set(i64::from(capacity));
     }
 }
+
+/// Seconds since the Unix epoch, for timestamp gauges.
+pub fn unix_seconds(t: std::time::SystemTime) -> f64 {
+    t.duration_since(std::time::SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs_f64()
+}

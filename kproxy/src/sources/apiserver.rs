@@ -40,7 +40,7 @@ use kube::{
 };
 use tokio::sync::{watch, Notify};
 
-use crate::{health::ProxyHealth, tracker::ModelStore};
+use crate::{health::ProxyHealth, metrics::Metrics, tracker::ModelStore};
 
 /// kube-proxy's label selector for Services and EndpointSlices: skip objects that belong to
 /// another proxy, and headless ones.
@@ -100,6 +100,7 @@ impl Tracked for EndpointSlice {
 pub struct Shared {
     pub store: Arc<Mutex<ModelStore>>,
     pub health: Arc<ProxyHealth>,
+    pub metrics: Arc<Metrics>,
     pub changed: Arc<Notify>,
 }
 
@@ -109,8 +110,12 @@ impl Shared {
         let out = f(&mut store);
         let (services, endpoints) = store.pending();
         drop(store);
+        self.metrics.service_changes_pending.set(services as i64);
+        self.metrics.endpoint_changes_pending.set(endpoints as i64);
         if services + endpoints > 0 {
-            self.health.queued_update(SystemTime::now());
+            let now = SystemTime::now();
+            self.health.queued_update(now);
+            self.metrics.last_queued_timestamp.set(crate::metrics::unix_seconds(now));
             self.changed.notify_one();
         }
         out
