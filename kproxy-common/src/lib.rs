@@ -7,6 +7,7 @@
 //! prints them readably (`"address": [10,96,0,10]`).
 #![no_std]
 
+pub mod ct;
 pub mod lb;
 pub mod sock;
 

@@ -2,11 +2,18 @@
 #![no_std]
 #![no_main]
 
+mod conntrack;
 mod lb;
 mod maps;
+mod nat;
+mod packet;
 mod sock;
+mod tc;
 
-use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+use aya_ebpf::{
+    macros::{cgroup_sock_addr, classifier},
+    programs::{SockAddrContext, TcContext},
+};
 
 /// TCP connect() and connected UDP: service → backend.
 #[cgroup_sock_addr(connect4)]
@@ -31,6 +38,25 @@ pub fn kp_recvmsg4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername4)]
 pub fn kp_getpeername4(ctx: SockAddrContext) -> i32 {
     sock::reverse(&ctx)
+}
+
+/// tc ingress on the node's devices: frontends reached from outside → backends.
+#[classifier]
+pub fn kp_tc_ingress(mut ctx: TcContext) -> i32 {
+    tc::ingress(&mut ctx)
+}
+
+/// tc egress on the node's devices: replies of translated flows → from the frontend.
+#[classifier]
+pub fn kp_tc_egress(mut ctx: TcContext) -> i32 {
+    tc::egress(&mut ctx)
+}
+
+/// An empty classifier, never attached: the baseline that tests and benchmarks compare the
+/// per-packet cost of `kp_tc_ingress` with (BPF_PROG_TEST_RUN).
+#[classifier]
+pub fn kp_tc_baseline(_ctx: TcContext) -> i32 {
+    0 // TC_ACT_OK
 }
 
 #[cfg(not(test))]

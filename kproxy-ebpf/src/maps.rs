@@ -6,6 +6,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use kproxy_common::{
+    ct::{CtKey, CtValue},
     lb::{Backend, ServiceKey, ServiceMeta, ServiceValue},
     sock::{SockAffinityKey, SockAffinityValue, SockRevNatKey, SockRevNatValue},
 };
@@ -29,3 +30,7 @@ pub static KP_SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNatValue, 1024> = Lr
 /// (socket, frontend) → backend, so an unconnected UDP socket keeps its backend.
 #[btf_map]
 pub static KP_SOCK_AFFIN: LruHashMap<SockAffinityKey, SockAffinityValue, 1024> = LruHashMap::new();
+
+/// Connection tracking of translated flows at tc; see `kproxy_common::ct`.
+#[btf_map]
+pub static KP_CT: LruHashMap<CtKey, CtValue, 1024> = LruHashMap::new();

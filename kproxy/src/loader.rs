@@ -24,9 +24,10 @@ use aya::{
     maps::MapData,
     programs::{links::FdLink, links::PinnedLink, CgroupAttachMode, CgroupSockAddr},
     util::KernelVersion,
-    EbpfLoader,
+    Ebpf, EbpfLoader,
 };
 use kproxy_common::{
+    ct::{CtKey, CtValue, CT_MAP},
     lb::{Backend, ServiceKey, ServiceMeta, ServiceValue, BACKENDS_MAP, SERVICES_MAP, SERVICE_META_MAP},
     sock::{
         SockAffinityKey, SockAffinityValue, SockRevNatKey, SockRevNatValue, SOCK_AFFINITY_MAP,
@@ -35,7 +36,7 @@ use kproxy_common::{
 };
 
 /// The eBPF object built by `build.rs` from the `kproxy-ebpf` crate.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kproxy"));
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kproxy"));
 
 /// The cgroup sock_addr programs, in attach order.
 pub const PROGRAMS: [&str; 4] = ["kp_connect4", "kp_sendmsg4", "kp_recvmsg4", "kp_getpeername4"];
@@ -51,6 +52,19 @@ pub struct Capacities {
     pub max_backends: u32,
     /// Capacity of each socket-level LRU map (reverse translation, UDP affinity).
     pub max_sock_entries: u32,
+    /// Capacity of the tc connection-tracking map (LRU, two entries per flow).
+    pub max_ct_entries: u32,
+}
+
+impl Default for Capacities {
+    fn default() -> Self {
+        Self {
+            max_services: kproxy_common::lb::DEFAULT_MAX_SERVICES,
+            max_backends: kproxy_common::lb::DEFAULT_MAX_BACKENDS,
+            max_sock_entries: kproxy_common::sock::DEFAULT_MAX_SOCK_ENTRIES,
+            max_ct_entries: kproxy_common::ct::DEFAULT_MAX_CT_ENTRIES,
+        }
+    }
 }
 
 impl Capacities {
@@ -147,6 +161,37 @@ fn has_set_retval() -> bool {
     KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(5, 18, 0))
 }
 
+/// Loads the eBPF object with every map sized from `caps`: pinned under `maps_dir` (reusing
+/// maps already pinned there, after checking their layout), or private to this object when
+/// `maps_dir` is `None` (tests). Programs are not loaded into the kernel yet.
+pub fn load_object(maps_dir: Option<&Path>, caps: Capacities) -> Result<Ebpf> {
+    let specs: [(&str, usize, usize, u32); 6] = [
+        (SERVICES_MAP, size_of::<ServiceKey>(), size_of::<ServiceValue>(), caps.service_entries()),
+        (BACKENDS_MAP, size_of::<u32>(), size_of::<Backend>(), caps.max_backends),
+        (SERVICE_META_MAP, size_of::<u32>(), size_of::<ServiceMeta>(), caps.max_services),
+        (SOCK_REVNAT_MAP, size_of::<SockRevNatKey>(), size_of::<SockRevNatValue>(), caps.max_sock_entries),
+        (SOCK_AFFINITY_MAP, size_of::<SockAffinityKey>(), size_of::<SockAffinityValue>(), caps.max_sock_entries),
+        (CT_MAP, size_of::<CtKey>(), size_of::<CtValue>(), caps.max_ct_entries),
+    ];
+    let set_retval = u8::from(has_set_retval());
+    let mut loader = EbpfLoader::new();
+    loader.override_global("KP_HAS_SET_RETVAL", &set_retval, true);
+    let pins: Vec<(&str, PathBuf)> = match maps_dir {
+        Some(dir) => specs.iter().map(|(name, ..)| (*name, dir.join(name))).collect(),
+        None => Vec::new(),
+    };
+    for (name, key_size, value_size, capacity) in specs {
+        if let Some((_, path)) = pins.iter().find(|(n, _)| *n == name) {
+            check_pinned_map(path, key_size, value_size, capacity)?;
+            loader.map_pin_path(name, path.as_path());
+        }
+        loader.map_max_entries(name, capacity);
+    }
+    let ebpf = loader.load(EBPF_OBJECT).context("load the eBPF object")?;
+    tracing::debug!(set_retval, "eBPF object loaded");
+    Ok(ebpf)
+}
+
 /// Loads the programs with the pinned maps (creating and pinning maps that do not exist yet),
 /// attaches them to `cgroup`, and pins the links, replacing those of a previous agent.
 pub fn load_and_attach(layout: &PinLayout, cgroup: &Path, caps: Capacities) -> Result<()> {
@@ -157,22 +202,7 @@ pub fn load_and_attach(layout: &PinLayout, cgroup: &Path, caps: Capacities) -> R
     if fs_type(cgroup)? != CGROUP2_SUPER_MAGIC {
         bail!("{} is not a cgroup v2 directory", cgroup.display());
     }
-    let maps = layout.maps_dir();
-    let specs: [(&str, usize, usize, u32); 5] = [
-        (SERVICES_MAP, size_of::<ServiceKey>(), size_of::<ServiceValue>(), caps.service_entries()),
-        (BACKENDS_MAP, size_of::<u32>(), size_of::<Backend>(), caps.max_backends),
-        (SERVICE_META_MAP, size_of::<u32>(), size_of::<ServiceMeta>(), caps.max_services),
-        (SOCK_REVNAT_MAP, size_of::<SockRevNatKey>(), size_of::<SockRevNatValue>(), caps.max_sock_entries),
-        (SOCK_AFFINITY_MAP, size_of::<SockAffinityKey>(), size_of::<SockAffinityValue>(), caps.max_sock_entries),
-    ];
-    let set_retval = u8::from(has_set_retval());
-    let mut loader = EbpfLoader::new();
-    loader.override_global("KP_HAS_SET_RETVAL", &set_retval, true);
-    for (name, key_size, value_size, capacity) in specs {
-        check_pinned_map(&maps.join(name), key_size, value_size, capacity)?;
-        loader.map_pin_path(name, maps.join(name)).map_max_entries(name, capacity);
-    }
-    let mut ebpf = loader.load(EBPF_OBJECT).context("load the eBPF object")?;
+    let mut ebpf = load_object(Some(&layout.maps_dir()), caps)?;
 
     let cgroup_dir = fs::File::open(cgroup).with_context(|| format!("open cgroup {}", cgroup.display()))?;
     for name in PROGRAMS {
@@ -201,7 +231,7 @@ pub fn load_and_attach(layout: &PinLayout, cgroup: &Path, caps: Capacities) -> R
         // program is attached.
         fs::rename(&staged, &pin).with_context(|| format!("rename {} to {}", staged.display(), pin.display()))?;
     }
-    tracing::info!(cgroup = %cgroup.display(), bpffs = %layout.root.display(), set_retval, "programs attached");
+    tracing::info!(cgroup = %cgroup.display(), bpffs = %layout.root.display(), set_retval = has_set_retval(), "programs attached");
     Ok(())
 }
 

@@ -6,6 +6,7 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand};
 use kproxy_common::{
+    ct::DEFAULT_MAX_CT_ENTRIES,
     lb::{DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES},
     sock::DEFAULT_MAX_SOCK_ENTRIES,
 };
@@ -87,6 +88,9 @@ struct RunArgs {
     /// Capacity of each socket-level LRU map (reverse translation, UDP socket affinity).
     #[arg(long, default_value_t = DEFAULT_MAX_SOCK_ENTRIES)]
     max_sock_entries: u32,
+    /// Capacity of the tc connection-tracking map (LRU; two entries per flow).
+    #[arg(long, default_value_t = DEFAULT_MAX_CT_ENTRIES)]
+    max_ct_entries: u32,
     /// Minimum interval between syncs; changes within it coalesce (kube-proxy's flag).
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     min_sync_period: Duration,
@@ -145,6 +149,7 @@ fn main() -> Result<()> {
                     max_services: args.max_services,
                     max_backends: args.max_backends,
                     max_sock_entries: args.max_sock_entries,
+                    max_ct_entries: args.max_ct_entries,
                 },
                 runner: RunnerConfig {
                     min_interval: args.min_sync_period,

@@ -62,6 +62,20 @@ impl BpfMaps {
         })
     }
 
+    /// Takes the maps out of a loaded object (tests load one with private maps).
+    pub fn from_ebpf(ebpf: &mut aya::Ebpf) -> Result<Self, DataplaneError> {
+        fn take<K: aya::Pod, V: aya::Pod>(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<HashMap<MapData, K, V>, DataplaneError> {
+            let open_err = |source| DataplaneError::Open { path: name.to_string(), source };
+            let map = ebpf.take_map(name).ok_or_else(|| open_err(MapError::InvalidName { name: name.into() }))?;
+            HashMap::try_from(map).map_err(open_err)
+        }
+        Ok(Self {
+            services: take(ebpf, SERVICES_MAP)?,
+            backends: take(ebpf, BACKENDS_MAP)?,
+            meta: take(ebpf, SERVICE_META_MAP)?,
+        })
+    }
+
     /// Entries and capacity of each map, as the kernel reports them.
     pub fn usage(&self) -> Result<Vec<MapUsage>, DataplaneError> {
         fn one<K: aya::Pod, V: aya::Pod>(

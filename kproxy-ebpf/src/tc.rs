@@ -1,0 +1,78 @@
+//! The per-packet datapath at tc: frontends reached from outside (NodePort, ExternalIPs,
+//! LoadBalancer IPs, ClusterIPs routed to the node) are translated at ingress, and replies
+//! translated back at egress, with connection tracking keeping every packet of a flow on its
+//! backend.
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    helpers::bpf_ktime_get_ns,
+    programs::TcContext,
+};
+use kproxy_common::ct::{CtKey, CT_FORWARD, CT_REVERSE};
+
+use crate::{
+    conntrack,
+    lb::{self, Lookup},
+    nat::{self, End},
+    packet::{self, Flow},
+};
+
+#[inline(always)]
+fn ct_key(flow: &Flow, direction: u8) -> CtKey {
+    CtKey {
+        src_address: flow.src_address,
+        dst_address: flow.dst_address,
+        src_port: flow.src_port,
+        dst_port: flow.dst_port,
+        protocol: flow.protocol,
+        direction,
+        _pad: [0; 2],
+    }
+}
+
+#[inline(always)]
+fn verdict(r: Result<(), i64>) -> i32 {
+    match r {
+        Ok(()) => TC_ACT_OK as i32,
+        // A failed rewrite leaves a half-translated packet: drop it rather than send it on.
+        Err(_) => TC_ACT_SHOT as i32,
+    }
+}
+
+/// Ingress: a packet to a frontend goes to its flow's backend (a new flow gets one).
+#[inline(always)]
+pub fn ingress(ctx: &mut TcContext) -> i32 {
+    let Some(flow) = packet::parse(ctx) else { return TC_ACT_OK as i32 };
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(entry) = conntrack::lookup(&ct_key(&flow, CT_FORWARD), now) {
+        conntrack::refresh(entry, &flow, now);
+        // SAFETY: `entry` is a live map value pointer from `lookup`.
+        let (address, port) = unsafe { ((*entry).nat_address, (*entry).nat_port) };
+        return verdict(nat::rewrite(ctx, &flow, End::Destination, address, port));
+    }
+    match lb::lookup(flow.dst_address, flow.dst_port, flow.protocol, None) {
+        Lookup::NotAService => TC_ACT_OK as i32,
+        // TODO(issue 4): answer with a TCP RST / ICMP port unreachable, as kube-proxy's REJECT.
+        Lookup::NoBackend => TC_ACT_SHOT as i32,
+        Lookup::Backend { backend, service_id, .. } => {
+            conntrack::create(&flow, backend.address, backend.port, service_id, now);
+            verdict(nat::rewrite(ctx, &flow, End::Destination, backend.address, backend.port))
+        }
+    }
+}
+
+/// Egress: a reply from a backend of a tracked flow leaves as its frontend.
+#[inline(always)]
+pub fn egress(ctx: &mut TcContext) -> i32 {
+    let Some(flow) = packet::parse(ctx) else { return TC_ACT_OK as i32 };
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let Some(entry) = conntrack::lookup(&ct_key(&flow, CT_REVERSE), now) else {
+        return TC_ACT_OK as i32;
+    };
+    conntrack::refresh(entry, &flow, now);
+    // SAFETY: `entry` is a live map value pointer from `lookup`.
+    let (address, port) = unsafe { ((*entry).nat_address, (*entry).nat_port) };
+    verdict(nat::rewrite(ctx, &flow, End::Source, address, port))
+}
