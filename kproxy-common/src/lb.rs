@@ -76,6 +76,12 @@ const _: () = assert!(core::mem::offset_of!(ServiceValue, service_id) == 8);
 
 /// [`ServiceValue::flags`]: the frontend is a ClusterIP.
 pub const SVC_FLAG_CLUSTER_IP: u16 = 1 << 0;
+/// [`ServiceValue::flags`]: the frontend is a node address at a NodePort.
+pub const SVC_FLAG_NODE_PORT: u16 = 1 << 1;
+/// [`ServiceValue::flags`]: the frontend is one of `spec.externalIPs`.
+pub const SVC_FLAG_EXTERNAL_IP: u16 = 1 << 2;
+/// [`ServiceValue::flags`]: the frontend is a load-balancer ingress IP.
+pub const SVC_FLAG_LOAD_BALANCER: u16 = 1 << 3;
 
 /// Value of [`BACKENDS_MAP`], keyed by a `u32` backend id (never 0). 8 bytes, no holes.
 #[repr(C)]
@@ -123,5 +129,11 @@ const _: () = assert!(core::mem::size_of::<ServiceMeta>() == 8 + 3 * NAME_LEN);
 
 /// [`ServiceMeta::svc_type`] of a ClusterIP frontend.
 pub const SVC_TYPE_CLUSTER_IP: u8 = 1;
+/// [`ServiceMeta::svc_type`] of a NodePort frontend (a node address at the node port).
+pub const SVC_TYPE_NODE_PORT: u8 = 2;
+/// [`ServiceMeta::svc_type`] of an external IP frontend.
+pub const SVC_TYPE_EXTERNAL_IP: u8 = 3;
+/// [`ServiceMeta::svc_type`] of a load-balancer ingress IP frontend.
+pub const SVC_TYPE_LOAD_BALANCER: u8 = 4;
 
 user_pod!(ServiceKey, ServiceValue, Backend, ServiceMeta);

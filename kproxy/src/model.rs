@@ -77,11 +77,13 @@ fn parse_protocol(value: Option<&str>) -> Result<ParsedProtocol, String> {
     }
 }
 
-/// Service types kproxy distinguishes.
+/// Service types, and the kinds of frontend a Service has (a ClusterIP frontend is
+/// `ClusterIp` whatever the Service's type; `ExternalIp` is only a frontend kind).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ServiceType {
     ClusterIp,
     NodePort,
+    ExternalIp,
     LoadBalancer,
 }
 
@@ -165,6 +167,8 @@ pub enum Ignored {
 pub struct ServicePortInfo {
     pub name: ServicePortName,
     pub port: u16,
+    /// `spec.ports[].nodePort` of NodePort and LoadBalancer Services.
+    pub node_port: Option<u16>,
 }
 
 /// A validated Service.
@@ -175,6 +179,10 @@ pub struct ServiceInfo {
     pub svc_type: ServiceType,
     pub cluster_ip: Ipv4Addr,
     pub ports: Vec<ServicePortInfo>,
+    /// `spec.externalIPs` (IPv4 ones).
+    pub external_ips: Vec<Ipv4Addr>,
+    /// `status.loadBalancer.ingress[].ip` of LoadBalancer Services (IPv4 ones).
+    pub load_balancer_ips: Vec<Ipv4Addr>,
     /// Ports skipped because kproxy does not serve their protocol (SCTP), as field paths.
     pub unsupported_ports: Vec<String>,
 }
@@ -287,14 +295,49 @@ impl ServiceInfo {
             if ports.iter().any(|q: &ServicePortInfo| q.name == name || (q.port == port && q.name.protocol == protocol)) {
                 return Err(invalid(InvalidCode::DuplicatePort, &format!("spec.ports[{i}]"), "duplicate port".into()));
             }
-            ports.push(ServicePortInfo { name, port });
+            let node_port = match (svc_type, p.node_port) {
+                (ServiceType::NodePort | ServiceType::LoadBalancer, Some(np)) => Some(
+                    parse_port(np).map_err(|r| invalid(InvalidCode::InvalidPort, &format!("spec.ports[{i}].nodePort"), r))?,
+                ),
+                _ => None,
+            };
+            ports.push(ServicePortInfo { name, port, node_port });
         }
+        // IPv6 entries belong to the other family, which kproxy does not serve yet.
+        let parse_ipv4s = |list: &[String], field: &dyn Fn(usize) -> String| -> Result<Vec<Ipv4Addr>, InvalidObject> {
+            let mut out = Vec::new();
+            for (i, ip) in list.iter().enumerate() {
+                match ip.parse::<std::net::IpAddr>() {
+                    Ok(std::net::IpAddr::V4(v4)) => out.push(v4),
+                    Ok(std::net::IpAddr::V6(_)) => {}
+                    Err(_) => return Err(invalid(InvalidCode::InvalidAddress, &field(i), format!("{ip:?} is not an IP address"))),
+                }
+            }
+            Ok(out)
+        };
+        let external_ips = parse_ipv4s(spec.external_ips.as_deref().unwrap_or_default(), &|i| format!("spec.externalIPs[{i}]"))?;
+        let ingress_ips: Vec<String> = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|ing| ing.ip.clone())
+            .collect();
+        let load_balancer_ips = if svc_type == ServiceType::LoadBalancer {
+            parse_ipv4s(&ingress_ips, &|i| format!("status.loadBalancer.ingress[{i}].ip"))?
+        } else {
+            Vec::new()
+        };
         Ok(ServiceOutcome::Served(ServiceInfo {
             namespace,
             name,
             svc_type,
             cluster_ip,
             ports,
+            external_ips,
+            load_balancer_ips,
             unsupported_ports,
         }))
     }
@@ -430,36 +473,48 @@ pub type DesiredState = BTreeMap<Frontend, DesiredService>;
 
 /// The frontends of one Service with their backends, joined with its slices as kube-proxy
 /// does: slice ports match service ports by name and protocol, several slices merge, and only
-/// ready endpoints are backends.
+/// ready endpoints are backends. Each port is served on the ClusterIP, on every external IP
+/// and load-balancer IP, and (NodePort and LoadBalancer Services) on every address of
+/// `node_addresses` at its node port.
 pub fn service_frontends<'a>(
     svc: &ServiceInfo,
     slices: impl Iterator<Item = &'a SliceInfo> + Clone,
+    node_addresses: &[Ipv4Addr],
 ) -> Vec<(Frontend, DesiredService)> {
-    svc.ports
-        .iter()
-        .map(|port| {
-            let mut backends = BTreeSet::new();
-            for slice in slices.clone() {
-                let matching = slice
-                    .ports
-                    .iter()
-                    .filter(|p| p.name == port.name.port_name && p.protocol == port.name.protocol);
-                for slice_port in matching {
-                    for ep in slice.endpoints.iter().filter(|ep| ep.ready) {
-                        backends.insert(SocketAddrV4::new(ep.address, slice_port.port));
-                    }
+    let mut out = Vec::new();
+    for port in &svc.ports {
+        let mut backends = BTreeSet::new();
+        for slice in slices.clone() {
+            let matching = slice
+                .ports
+                .iter()
+                .filter(|p| p.name == port.name.port_name && p.protocol == port.name.protocol);
+            for slice_port in matching {
+                for ep in slice.endpoints.iter().filter(|ep| ep.ready) {
+                    backends.insert(SocketAddrV4::new(ep.address, slice_port.port));
                 }
             }
-            let frontend =
-                Frontend { address: svc.cluster_ip, port: port.port, protocol: port.name.protocol };
-            let desired = DesiredService {
-                name: port.name.clone(),
-                frontend_type: ServiceType::ClusterIp,
-                backends: backends.into_iter().collect(),
-            };
-            (frontend, desired)
-        })
-        .collect()
+        }
+        let backends: Vec<SocketAddrV4> = backends.into_iter().collect();
+        let protocol = port.name.protocol;
+        let mut add = |address: Ipv4Addr, port_number: u16, frontend_type: ServiceType| {
+            let desired = DesiredService { name: port.name.clone(), frontend_type, backends: backends.clone() };
+            out.push((Frontend { address, port: port_number, protocol }, desired));
+        };
+        add(svc.cluster_ip, port.port, ServiceType::ClusterIp);
+        for ip in &svc.external_ips {
+            add(*ip, port.port, ServiceType::ExternalIp);
+        }
+        for ip in &svc.load_balancer_ips {
+            add(*ip, port.port, ServiceType::LoadBalancer);
+        }
+        if let Some(node_port) = port.node_port {
+            for ip in node_addresses {
+                add(*ip, node_port, ServiceType::NodePort);
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -71,9 +71,22 @@ pub struct ModelStore {
     service_changes: BTreeSet<ObjectKey>,
     /// Services whose endpoints changed, with the oldest trigger time of the change.
     endpoint_changes: BTreeMap<ObjectKey, SystemTime>,
+    /// Addresses NodePorts are served on (`--nodeport-addresses` applied to the node's).
+    node_addresses: Vec<std::net::Ipv4Addr>,
 }
 
 impl ModelStore {
+    /// Sets the addresses NodePorts are served on; every Service with a NodePort is rebuilt.
+    pub fn set_node_addresses(&mut self, mut addresses: Vec<std::net::Ipv4Addr>) {
+        addresses.sort();
+        addresses.dedup();
+        if addresses != self.node_addresses {
+            self.node_addresses = addresses;
+            let with_node_ports = self.services.iter().filter(|(_, s)| s.ports.iter().any(|p| p.node_port.is_some()));
+            self.service_changes.extend(with_node_ports.map(|(k, _)| k.clone()));
+        }
+    }
+
     /// Adds or updates a Service. An invalid update keeps the last valid version serving and
     /// returns the error (it is also listed by [`Self::invalid`] until fixed).
     pub fn apply_service(&mut self, svc: &Service) -> Result<(), InvalidObject> {
@@ -282,7 +295,8 @@ impl ModelStore {
             let Some(svc) = self.services.get(key) else { continue };
             let names = self.slices_by_service.get(key);
             let slices = names.into_iter().flatten().filter_map(|n| self.slices.get(&(key.0.clone(), n.clone())));
-            let frontends: BTreeMap<Frontend, DesiredService> = service_frontends(svc, slices).into_iter().collect();
+            let frontends: BTreeMap<Frontend, DesiredService> =
+                service_frontends(svc, slices, &self.node_addresses).into_iter().collect();
             for f in frontends.keys() {
                 self.claimants.entry(*f).or_default().insert(key.clone());
                 touched.insert(*f);
@@ -319,7 +333,7 @@ impl ModelStore {
         let svc = self.services.get(key)?;
         let names = self.slices_by_service.get(key);
         let slices = names.into_iter().flatten().filter_map(|n| self.slices.get(&(key.0.clone(), n.clone())));
-        service_frontends(svc, slices).into_iter().find(|(g, _)| *g == f).map(|(_, d)| d)
+        service_frontends(svc, slices, &self.node_addresses).into_iter().find(|(g, _)| *g == f).map(|(_, d)| d)
     }
 
     fn conflict(&self, loser: &ObjectKey, owner: &ObjectKey, f: Frontend) -> InvalidObject {
@@ -439,5 +453,60 @@ mod tests {
         assert_eq!(store.desired()[&fe("10.96.0.1")].name.name, "b");
         assert_eq!(store.desired()[&fe("10.96.0.1")].backends.len(), 1);
         assert_eq!(store.invalid().count(), 0);
+    }
+}
+
+#[cfg(test)]
+mod frontend_kind_tests {
+    use super::*;
+    use crate::model::{Protocol, ServiceType};
+
+    #[test]
+    fn node_ports_external_and_load_balancer_ips_are_frontends_too() {
+        let mut m = crate::sources::manifests::Manifests::default();
+        crate::sources::manifests::parse_into(
+            std::path::Path::new("t.yaml"),
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: lb}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.7
+  externalIPs: [198.51.100.7, "2001:db8::7"]
+  ports: [{name: http, port: 80, nodePort: 30080}]
+status: {loadBalancer: {ingress: [{ip: 203.0.113.7}, {hostname: lb.example.com}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: bad-np}
+spec: {type: NodePort, clusterIP: 10.96.0.8, ports: [{port: 80, nodePort: 70000}]}
+"#,
+            &mut m,
+        );
+        assert!(m.errors.is_empty(), "{:?}", m.errors);
+        let mut store = ModelStore::default();
+        store.set_node_addresses(vec!["192.168.50.2".parse().unwrap(), "192.168.60.2".parse().unwrap()]);
+        store.replace_all(&m.services, &m.slices);
+        store.take_changes();
+        let kinds: Vec<(String, ServiceType)> =
+            store.desired().iter().map(|(f, d)| (format!("{}:{}", f.address, f.port), d.frontend_type)).collect();
+        assert_eq!(
+            kinds,
+            [
+                ("10.96.0.7:80".to_string(), ServiceType::ClusterIp),
+                ("192.168.50.2:30080".to_string(), ServiceType::NodePort),
+                ("192.168.60.2:30080".to_string(), ServiceType::NodePort),
+                ("198.51.100.7:80".to_string(), ServiceType::ExternalIp),
+                ("203.0.113.7:80".to_string(), ServiceType::LoadBalancer),
+            ]
+        );
+        let errors: Vec<String> = store.invalid().map(ToString::to_string).collect();
+        assert_eq!(errors, ["Service default/bad-np: spec.ports[0].nodePort: 70000 is out of range 1-65535"]);
+        // A node address change rebuilds NodePort frontends only.
+        store.set_node_addresses(vec!["192.168.50.2".parse().unwrap()]);
+        let changed = store.take_changes().frontends;
+        let f = |a: &str, p| Frontend { address: a.parse().unwrap(), port: p, protocol: Protocol::Tcp };
+        assert_eq!(changed, [f("192.168.60.2", 30080)].into());
     }
 }

@@ -15,7 +15,10 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4},
 };
 
-use kproxy_common::lb::{Backend, ServiceKey, ServiceMeta, ServiceValue, NAME_LEN, SVC_TYPE_CLUSTER_IP};
+use kproxy_common::lb::{
+    Backend, ServiceKey, ServiceMeta, ServiceValue, NAME_LEN, SVC_TYPE_CLUSTER_IP, SVC_TYPE_EXTERNAL_IP,
+    SVC_TYPE_LOAD_BALANCER, SVC_TYPE_NODE_PORT,
+};
 
 use crate::model::{Frontend, Protocol, ServicePortName, ServiceType};
 
@@ -190,15 +193,18 @@ pub fn backend_addr(b: &Backend) -> SocketAddrV4 {
 fn svc_type_code(t: ServiceType) -> u8 {
     match t {
         ServiceType::ClusterIp => SVC_TYPE_CLUSTER_IP,
-        // Only ClusterIP frontends exist yet; other kinds get their own codes with their
-        // frontends.
-        ServiceType::NodePort | ServiceType::LoadBalancer => 0,
+        ServiceType::NodePort => SVC_TYPE_NODE_PORT,
+        ServiceType::ExternalIp => SVC_TYPE_EXTERNAL_IP,
+        ServiceType::LoadBalancer => SVC_TYPE_LOAD_BALANCER,
     }
 }
 
 fn svc_type_name(code: u8) -> &'static str {
     match code {
         SVC_TYPE_CLUSTER_IP => "ClusterIP",
+        SVC_TYPE_NODE_PORT => "NodePort",
+        SVC_TYPE_EXTERNAL_IP => "ExternalIP",
+        SVC_TYPE_LOAD_BALANCER => "LoadBalancer",
         _ => "Unknown",
     }
 }

@@ -18,7 +18,10 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
-use kproxy_common::lb::{Backend, ServiceKey, ServiceValue, SVC_FLAG_CLUSTER_IP};
+use kproxy_common::lb::{
+    Backend, ServiceKey, ServiceValue, SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER,
+    SVC_FLAG_NODE_PORT,
+};
 
 use super::{backend_value, frontend_of, service_key, service_meta, Dataplane as _, MapContents, Op};
 use crate::model::{DesiredState, Frontend, ServicePortName, ServiceType};
@@ -398,7 +401,9 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
 fn frontend_flags(t: ServiceType) -> u16 {
     match t {
         ServiceType::ClusterIp => SVC_FLAG_CLUSTER_IP,
-        ServiceType::NodePort | ServiceType::LoadBalancer => 0,
+        ServiceType::NodePort => SVC_FLAG_NODE_PORT,
+        ServiceType::ExternalIp => SVC_FLAG_EXTERNAL_IP,
+        ServiceType::LoadBalancer => SVC_FLAG_LOAD_BALANCER,
     }
 }
 
