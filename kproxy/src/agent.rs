@@ -40,6 +40,11 @@ pub struct AgentConfig {
     pub source: Source,
     pub layout: PinLayout,
     pub cgroup: PathBuf,
+    /// Devices for the tc programs (NodePort, external and load-balancer IPs).
+    pub devices: Vec<String>,
+    pub tc_attach: loader::TcAttach,
+    /// Addresses NodePorts are served on.
+    pub node_port_addresses: Vec<std::net::Ipv4Addr>,
     pub capacities: Capacities,
     pub runner: RunnerConfig,
     pub healthz_addr: Option<SocketAddr>,
@@ -73,7 +78,7 @@ impl ProblemLog {
 
 pub async fn run(cfg: AgentConfig) -> Result<()> {
     // The pinned maps are adopted before anything else, so the datapath keeps serving.
-    loader::load_and_attach(&cfg.layout, &cfg.cgroup, cfg.capacities)?;
+    loader::load_and_attach(&cfg.layout, &cfg.cgroup, &cfg.devices, cfg.tc_attach, cfg.capacities)?;
     let maps = BpfMaps::open(&cfg.layout.maps_dir()).context("open the pinned maps")?;
     let metrics = Arc::new(Metrics::new());
     for usage in maps.usage()? {
@@ -94,8 +99,10 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         tracing::info!(%addr, "serving /healthz, /livez and /metrics");
     }
 
+    let mut store = ModelStore::default();
+    store.set_node_addresses(cfg.node_port_addresses.clone());
     let shared = Shared {
-        store: Arc::new(Mutex::new(ModelStore::default())),
+        store: Arc::new(Mutex::new(store)),
         health: health.clone(),
         metrics: metrics.clone(),
         changed: Arc::new(Notify::new()),

@@ -15,6 +15,7 @@ pub mod health;
 pub mod loader;
 pub mod metrics;
 pub mod model;
+pub mod node;
 pub mod runner;
 pub mod sources;
 pub mod sync;

@@ -22,7 +22,11 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use aya::{
     maps::MapData,
-    programs::{links::FdLink, links::PinnedLink, CgroupAttachMode, CgroupSockAddr},
+    programs::{
+        links::{FdLink, Link as _, LinkOrder, PinnedLink},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType,
+    },
     util::KernelVersion,
     Ebpf, EbpfLoader,
 };
@@ -192,9 +196,46 @@ pub fn load_object(maps_dir: Option<&Path>, caps: Capacities) -> Result<Ebpf> {
     Ok(ebpf)
 }
 
+/// How tc programs attach.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TcAttach {
+    /// TCX links where the kernel has them (Linux >= 6.6), netlink clsact filters otherwise.
+    Auto,
+    /// TCX links (Linux >= 6.6).
+    Tcx,
+    /// Netlink clsact filters (any kernel); keeps the older path tested on new kernels.
+    Netlink,
+}
+
+/// The tc programs and their hooks.
+const TC_PROGRAMS: [(&str, TcAttachType); 2] =
+    [("kp_tc_ingress", TcAttachType::Ingress), ("kp_tc_egress", TcAttachType::Egress)];
+
+/// Priority of kproxy's netlink tc filters (1 runs first, before other filters).
+const TC_NETLINK_PRIORITY: u16 = 1;
+
+/// Pins `link` at `links/<name>`, through a staged pin and a rename, so that the link a
+/// previous agent pinned there is released only once the new one is attached.
+fn pin_link_atomically(layout: &PinLayout, name: &str, link: FdLink) -> Result<()> {
+    let pin = layout.links_dir().join(name);
+    // bpffs refuses names with a dot.
+    let staged = layout.links_dir().join(format!("{name}_staged"));
+    let _ = fs::remove_file(&staged); // left over by an agent killed mid-swap
+    link.pin(&staged).with_context(|| format!("pin link {}", staged.display()))?;
+    fs::rename(&staged, &pin).with_context(|| format!("rename {} to {}", staged.display(), pin.display()))?;
+    Ok(())
+}
+
 /// Loads the programs with the pinned maps (creating and pinning maps that do not exist yet),
-/// attaches them to `cgroup`, and pins the links, replacing those of a previous agent.
-pub fn load_and_attach(layout: &PinLayout, cgroup: &Path, caps: Capacities) -> Result<()> {
+/// attaches the socket programs to `cgroup` and the tc programs to `devices`, and pins the
+/// links, replacing those of a previous agent without a gap.
+pub fn load_and_attach(
+    layout: &PinLayout,
+    cgroup: &Path,
+    devices: &[String],
+    tc_attach: TcAttach,
+    caps: Capacities,
+) -> Result<()> {
     ensure_bpffs(&layout.root)?;
     for dir in [layout.maps_dir(), layout.links_dir()] {
         fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
@@ -222,17 +263,94 @@ pub fn load_and_attach(layout: &PinLayout, cgroup: &Path, caps: Capacities) -> R
             .with_context(|| format!("take link of {name}"))?
             .try_into()
             .with_context(|| format!("link of {name} is not a bpf_link (Linux >= 5.7 needed)"))?;
-        let pin = layout.links_dir().join(name);
-        // bpffs refuses names with a dot.
-        let staged = layout.links_dir().join(format!("{name}_staged"));
-        let _ = fs::remove_file(&staged); // left over by an agent killed mid-swap
-        link.pin(&staged).with_context(|| format!("pin link {}", staged.display()))?;
-        // Atomic swap: the previous agent's link (if any) is released only now, after the new
-        // program is attached.
-        fs::rename(&staged, &pin).with_context(|| format!("rename {} to {}", staged.display(), pin.display()))?;
+        pin_link_atomically(layout, name, link)?;
     }
-    tracing::info!(cgroup = %cgroup.display(), bpffs = %layout.root.display(), set_retval = has_set_retval(), "programs attached");
+    let tcx = match tc_attach {
+        TcAttach::Auto => KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)),
+        TcAttach::Tcx => true,
+        TcAttach::Netlink => false,
+    };
+    for (name, attach_type) in TC_PROGRAMS {
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the eBPF object"))?
+            .try_into()
+            .with_context(|| format!("program {name} is not a classifier"))?;
+        program.load().with_context(|| format!("load program {name}"))?;
+        for device in devices {
+            if tcx {
+                attach_tcx(layout, program, name, device, attach_type)?;
+            } else {
+                attach_netlink(program, name, device, attach_type)?;
+            }
+        }
+    }
+    tracing::info!(
+        cgroup = %cgroup.display(),
+        bpffs = %layout.root.display(),
+        devices = ?devices,
+        tc = if tcx { "tcx" } else { "netlink" },
+        set_retval = has_set_retval(),
+        "programs attached"
+    );
     Ok(())
+}
+
+/// TCX: a bpf_link per device and direction, pinned like the socket programs' links; the new
+/// link is attached before the old one is released.
+fn attach_tcx(layout: &PinLayout, program: &mut SchedClassifier, name: &str, device: &str, at: TcAttachType) -> Result<()> {
+    let link_id = program
+        .attach_with_options(device, at, TcAttachOptions::TcxOrder(LinkOrder::default()))
+        .with_context(|| format!("attach {name} to {device} with TCX (Linux >= 6.6; try --tc-attach netlink)"))?;
+    let link: FdLink = program
+        .take_link(link_id)
+        .with_context(|| format!("take link of {name}"))?
+        .try_into()
+        .with_context(|| format!("TCX link of {name} is not a bpf_link"))?;
+    pin_link_atomically(layout, &format!("{name}_{device}"), link)
+}
+
+/// Netlink: a clsact filter per device and direction, at kproxy's priority. Filters live in
+/// the kernel, not in this process. The new filter takes the handle (1 or 2) the old one does
+/// not use, and the old one is removed only after the new one is in place.
+fn attach_netlink(program: &mut SchedClassifier, name: &str, device: &str, at: TcAttachType) -> Result<()> {
+    match tc::qdisc_add_clsact(device) {
+        Ok(()) | Err(tc::TcError::AlreadyAttached) => {}
+        Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
+        Err(e) => return Err(e).with_context(|| format!("add clsact qdisc to {device}")),
+    }
+    let mut last_err = None;
+    for (new, old) in [(1u16, 2u16), (2, 1)] {
+        let options = NlOptions { priority: TC_NETLINK_PRIORITY, handle: TcHandle::new(0, new), classid: None };
+        match program.attach_with_options(device, at, TcAttachOptions::Netlink(options)) {
+            Ok(link_id) => {
+                let link = program.take_link(link_id).with_context(|| format!("take link of {name}"))?;
+                // The filter must outlive this process: forget the handle that would detach it.
+                std::mem::forget(link);
+                if let Ok(previous) = SchedClassifierLink::attached(device, at, TC_NETLINK_PRIORITY, TcHandle::new(0, old), None) {
+                    // Absent on a first start; detaching a missing filter is not an error.
+                    let _ = previous.detach();
+                }
+                return Ok(());
+            }
+            Err(e) => last_err = Some(e), // the handle is taken by the previous agent's filter
+        }
+    }
+    Err(last_err.expect("two attempts")).with_context(|| format!("attach {name} to {device} with netlink"))
+}
+
+/// Removes kproxy's netlink tc filters from every device of this network namespace.
+fn detach_netlink_filters() -> Result<usize> {
+    let mut removed = 0;
+    for entry in fs::read_dir("/sys/class/net").context("read /sys/class/net")? {
+        let device = entry?.file_name().to_string_lossy().into_owned();
+        for (name, at) in TC_PROGRAMS {
+            if tc::qdisc_detach_program(&device, at, name).is_ok() {
+                removed += 1;
+            }
+        }
+    }
+    Ok(removed)
 }
 
 /// cgroup attach types of the sock_addr hooks kproxy uses (`enum bpf_attach_type`).
@@ -287,11 +405,13 @@ pub fn attached_kproxy_programs(cgroup: &Path) -> Result<Vec<String>> {
 pub struct CleanupReport {
     pub links: Vec<PathBuf>,
     pub maps: Vec<PathBuf>,
+    /// Netlink tc filters removed (from any device of this network namespace).
+    pub tc_filters: usize,
 }
 
 /// Detaches and removes everything kproxy pinned under `layout`. Idempotent.
 pub fn cleanup(layout: &PinLayout) -> Result<CleanupReport> {
-    let mut report = CleanupReport::default();
+    let mut report = CleanupReport { tc_filters: detach_netlink_filters()?, ..Default::default() };
     if !layout.root.exists() {
         return Ok(report);
     }

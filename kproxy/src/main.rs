@@ -79,6 +79,17 @@ struct RunArgs {
     /// cgroup v2 directory to attach to (default: the cgroup2 root, from /proc/self/mountinfo).
     #[arg(long)]
     cgroup: Option<PathBuf>,
+    /// Devices for the per-packet datapath (NodePort, external and load-balancer IPs),
+    /// comma-separated (default: the devices of the default route).
+    #[arg(long, value_delimiter = ',')]
+    devices: Option<Vec<String>>,
+    /// How tc programs attach.
+    #[arg(long, value_enum, default_value = "auto")]
+    tc_attach: loader::TcAttach,
+    /// Serve NodePorts only on node addresses within these CIDRs, comma-separated (kube-proxy's
+    /// flag; default: every IPv4 address of the node).
+    #[arg(long, value_delimiter = ',')]
+    nodeport_addresses: Vec<kproxy::node::Cidr>,
     /// Capacity in service ports (frontends).
     #[arg(long, default_value_t = DEFAULT_MAX_SERVICES)]
     max_services: u32,
@@ -139,8 +150,16 @@ fn main() -> Result<()> {
                     node_name: node_name(args.hostname_override)?,
                 },
             };
+            let devices = match args.devices {
+                Some(d) => d,
+                None => kproxy::node::default_route_devices()?,
+            };
+            kproxy::node::check_devices(&devices)?;
             let cfg = agent::AgentConfig {
                 source,
+                devices,
+                tc_attach: args.tc_attach,
+                node_port_addresses: kproxy::node::node_port_addresses(&args.nodeport_addresses)?,
                 healthz_addr: bind_address("--healthz-bind-address", &args.healthz_bind_address)?,
                 metrics_addr: bind_address("--metrics-bind-address", &args.metrics_bind_address)?,
                 layout: PinLayout::new(args.pin.bpffs_dir),
@@ -179,7 +198,12 @@ fn main() -> Result<()> {
         }
         Command::Cleanup { pin, cgroup } => {
             let report = loader::cleanup(&PinLayout::new(pin.bpffs_dir))?;
-            println!("detached {} links, removed {} maps", report.links.len(), report.maps.len());
+            println!(
+                "detached {} links and {} tc filters, removed {} maps",
+                report.links.len(),
+                report.tc_filters,
+                report.maps.len()
+            );
             if let Some(cgroup) = cgroup {
                 let left = loader::attached_kproxy_programs(&cgroup)?;
                 if !left.is_empty() {
