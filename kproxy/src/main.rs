@@ -80,7 +80,7 @@ struct RunArgs {
     #[arg(long)]
     cgroup: Option<PathBuf>,
     /// Devices for the per-packet datapath (NodePort, external and load-balancer IPs),
-    /// comma-separated (default: the devices of the default route).
+    /// comma-separated; empty for none (default: the devices of the default route).
     #[arg(long, value_delimiter = ',')]
     devices: Option<Vec<String>>,
     /// How tc programs attach.
@@ -151,7 +151,7 @@ fn main() -> Result<()> {
                 },
             };
             let devices = match args.devices {
-                Some(d) => d,
+                Some(d) => d.into_iter().filter(|d| !d.is_empty()).collect(),
                 None => kproxy::node::default_route_devices()?,
             };
             kproxy::node::check_devices(&devices)?;
