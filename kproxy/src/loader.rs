@@ -342,8 +342,7 @@ fn attach_netlink(program: &mut SchedClassifier, name: &str, device: &str, at: T
 /// Removes kproxy's netlink tc filters from every device of this network namespace.
 fn detach_netlink_filters() -> Result<usize> {
     let mut removed = 0;
-    for entry in fs::read_dir("/sys/class/net").context("read /sys/class/net")? {
-        let device = entry?.file_name().to_string_lossy().into_owned();
+    for device in crate::node::devices()? {
         for (name, at) in TC_PROGRAMS {
             if tc::qdisc_detach_program(&device, at, name).is_ok() {
                 removed += 1;

@@ -68,14 +68,21 @@ pub fn default_route_devices() -> Result<Vec<String>> {
     Ok(out.into_iter().collect())
 }
 
-/// Checks that every named device exists.
+/// Checks that every named device exists. (Asks the kernel, not `/sys/class/net`, which shows
+/// the network namespace sysfs was mounted in, not necessarily this process's.)
 pub fn check_devices(devices: &[String]) -> Result<()> {
     for d in devices {
-        if !std::path::Path::new("/sys/class/net").join(d).exists() {
+        if nix::net::if_::if_nametoindex(d.as_str()).is_err() {
             bail!("--devices: no network device {d:?} in this network namespace");
         }
     }
     Ok(())
+}
+
+/// Names of every network device of this network namespace.
+pub fn devices() -> Result<Vec<String>> {
+    let list = nix::net::if_::if_nameindex().context("list network devices")?;
+    Ok(list.iter().map(|i| i.name().to_string_lossy().into_owned()).collect())
 }
 
 #[cfg(test)]
