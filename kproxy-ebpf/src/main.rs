@@ -7,6 +7,7 @@ mod lb;
 mod maps;
 mod nat;
 mod packet;
+mod reject;
 mod sock;
 mod tc;
 

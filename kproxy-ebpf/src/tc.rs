@@ -15,6 +15,7 @@ use crate::{
     lb::{self, Lookup},
     nat::{self, End},
     packet::{self, Flow},
+    reject,
 };
 
 #[inline(always)]
@@ -53,8 +54,7 @@ pub fn ingress(ctx: &mut TcContext) -> i32 {
     }
     match lb::lookup(flow.dst_address, flow.dst_port, flow.protocol, None) {
         Lookup::NotAService => TC_ACT_OK as i32,
-        // TODO(issue 4): answer with a TCP RST / ICMP port unreachable, as kube-proxy's REJECT.
-        Lookup::NoBackend => TC_ACT_SHOT as i32,
+        Lookup::NoBackend => reject::refuse(ctx, &flow),
         Lookup::Backend { backend, service_id, .. } => {
             conntrack::create(&flow, backend.address, backend.port, service_id, now);
             verdict(nat::rewrite(ctx, &flow, End::Destination, backend.address, backend.port))

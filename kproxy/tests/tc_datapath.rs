@@ -160,6 +160,7 @@ fn node_port_state() -> DesiredState {
         service(frontend(NODE, NODE_PORT, Protocol::Tcp), &["10.244.1.10:8080", "10.244.1.11:8080", "10.244.2.10:8080"]),
         service(frontend(NODE, NODE_PORT, Protocol::Udp), &["10.244.1.10:5353"]),
         service(frontend(NODE, 30099, Protocol::Tcp), &[]),
+        service(frontend(NODE, 30099, Protocol::Udp), &[]),
     ]
     .into_iter()
     .collect()
@@ -241,14 +242,54 @@ fn udp_is_translated_with_and_without_checksum() {
     }
 }
 
+const TC_ACT_REDIRECT: u32 = 7;
+
 #[test]
-fn a_frontend_without_endpoints_drops() {
-    if skip_unless_root("a_frontend_without_endpoints_drops") {
+fn a_frontend_without_endpoints_refuses_with_rst_or_port_unreachable() {
+    if skip_unless_root("a_frontend_without_endpoints_refuses_with_rst_or_port_unreachable") {
         return;
     }
     let dp = Datapath::new(&node_port_state());
-    let frame = tcp_frame(SocketAddrV4::new(CLIENT, 40_003), SocketAddrV4::new(NODE, 30099), true, b"");
-    assert_eq!(dp.run("kp_tc_ingress", &frame).0, TC_ACT_SHOT);
+    let client = SocketAddrV4::new(CLIENT, 40_003);
+    let empty = SocketAddrV4::new(NODE, 30099);
+
+    // TCP: a SYN gets RST|ACK acknowledging it, from the frontend, out of the same device.
+    let syn = tcp_frame(client, empty, true, b"");
+    let (verdict, out) = dp.run("kp_tc_ingress", &syn);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!((&out[0..6], &out[6..12]), (&syn[6..12], &syn[0..6]), "Ethernet addresses swapped");
+    assert_eq!(check(&out), (empty, client, Vec::new()));
+    let headers = PacketHeaders::from_ethernet_slice(&out).unwrap();
+    let Some(TransportHeader::Tcp(rst)) = headers.transport else { panic!("no TCP in the reply") };
+    assert!(rst.rst && rst.ack && !rst.syn, "{rst:?}");
+    assert_eq!(rst.acknowledgment_number, 1001, "acknowledges the SYN (seq 1000)");
+    // An ACK segment gets a bare RST with its ack number as sequence number.
+    let (_, out) = dp.run("kp_tc_ingress", &tcp_frame(client, empty, false, b"data"));
+    let headers = PacketHeaders::from_ethernet_slice(&out).unwrap();
+    let Some(TransportHeader::Tcp(rst)) = headers.transport else { panic!("no TCP in the reply") };
+    assert!(rst.rst && !rst.ack, "{rst:?}");
+    assert_eq!(rst.sequence_number, 2000);
+    // A RST is never answered.
+    let mut reset = tcp_frame(client, empty, false, b"");
+    reset[14 + 20 + 13] = 0x04;
+    assert_eq!(dp.run("kp_tc_ingress", &reset).0, TC_ACT_SHOT);
+
+    // UDP: ICMP port unreachable from the frontend, quoting the datagram's headers.
+    let query = udp_frame(client, SocketAddrV4::new(NODE, 30099), b"query");
+    let (verdict, out) = dp.run("kp_tc_ingress", &query);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let headers = PacketHeaders::from_ethernet_slice(&out).expect("ICMP reply parses");
+    let Some(NetHeaders::Ipv4(ip, _)) = &headers.net else { panic!("no IPv4 in the reply") };
+    assert_eq!((ip.source, ip.destination), (NODE.octets(), CLIENT.octets()));
+    assert_eq!(ip.header_checksum, ip.calc_header_checksum());
+    let Some(TransportHeader::Icmpv4(icmp)) = &headers.transport else { panic!("no ICMP in {:?}", headers.transport) };
+    assert_eq!(
+        icmp.icmp_type,
+        etherparse::Icmpv4Type::DestinationUnreachable(etherparse::icmpv4::DestUnreachableHeader::Port)
+    );
+    let quoted = headers.payload.slice();
+    assert_eq!(quoted, &query[14..14 + 28], "quotes the IP header and 8 bytes of UDP");
+    assert_eq!(icmp.checksum, icmp.icmp_type.calc_checksum(quoted), "ICMP checksum");
 }
 
 #[test]
