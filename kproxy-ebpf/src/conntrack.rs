@@ -2,7 +2,7 @@
 
 use kproxy_common::{
     ct::{
-        CtKey, CtValue, CT_CLOSE_TIMEOUT_NS, CT_SEEN_CLOSING, CT_SEEN_ESTABLISHED, CT_SEEN_SYN,
+        CtKey, CtValue, CT_CLOSE_TIMEOUT_NS, CT_FORWARD, CT_REVERSE, CT_SEEN_CLOSING, CT_SEEN_ESTABLISHED, CT_SEEN_SYN,
         CT_SYN_TIMEOUT_NS, CT_TCP_TIMEOUT_NS, CT_UDP_TIMEOUT_NS,
     },
     PROTO_TCP,
@@ -12,6 +12,20 @@ use crate::{
     maps::KP_CT,
     packet::{Flow, TCP_FIN, TCP_RST, TCP_SYN},
 };
+
+/// The key of a packet's 5-tuple (addresses and ports in network order) in `direction`.
+#[inline(always)]
+pub fn key(src: ([u8; 4], [u8; 2]), dst: ([u8; 4], [u8; 2]), protocol: u8, direction: u8) -> CtKey {
+    CtKey {
+        src_address: src.0,
+        dst_address: dst.0,
+        src_port: src.1,
+        dst_port: dst.1,
+        protocol,
+        direction,
+        _pad: [0; 2],
+    }
+}
 
 /// The entry for `key`, if it has not expired. The pointer is into the map value, for
 /// [`refresh`]; it stays valid for this program run (LRU maps preallocate).
@@ -69,15 +83,9 @@ pub fn refresh(entry: *mut CtValue, flow: &Flow, now: u64) {
 #[inline(always)]
 pub fn create(flow: &Flow, backend_address: [u8; 4], backend_port: [u8; 2], service_id: u32, now: u64) {
     let (seen, lifetime) = advance(flow, 0);
-    let forward = CtKey {
-        src_address: flow.src_address,
-        dst_address: flow.dst_address,
-        src_port: flow.src_port,
-        dst_port: flow.dst_port,
-        protocol: flow.protocol,
-        direction: kproxy_common::ct::CT_FORWARD,
-        _pad: [0; 2],
-    };
+    let client = (flow.src_address, flow.src_port);
+    let backend = (backend_address, backend_port);
+    let forward = key(client, (flow.dst_address, flow.dst_port), flow.protocol, CT_FORWARD);
     let to_backend = CtValue {
         expires_ns: now + lifetime,
         nat_address: backend_address,
@@ -87,15 +95,7 @@ pub fn create(flow: &Flow, backend_address: [u8; 4], backend_port: [u8; 2], serv
         service_id,
         _pad2: [0; 4],
     };
-    let reverse = CtKey {
-        src_address: backend_address,
-        dst_address: flow.src_address,
-        src_port: backend_port,
-        dst_port: flow.src_port,
-        protocol: flow.protocol,
-        direction: kproxy_common::ct::CT_REVERSE,
-        _pad: [0; 2],
-    };
+    let reverse = key(backend, client, flow.protocol, CT_REVERSE);
     let to_frontend = CtValue {
         expires_ns: now + lifetime,
         nat_address: flow.dst_address,

@@ -18,17 +18,10 @@ use crate::{
     reject,
 };
 
+/// The conntrack key of the packet itself, in `direction`.
 #[inline(always)]
 fn ct_key(flow: &Flow, direction: u8) -> CtKey {
-    CtKey {
-        src_address: flow.src_address,
-        dst_address: flow.dst_address,
-        src_port: flow.src_port,
-        dst_port: flow.dst_port,
-        protocol: flow.protocol,
-        direction,
-        _pad: [0; 2],
-    }
+    conntrack::key((flow.src_address, flow.src_port), (flow.dst_address, flow.dst_port), flow.protocol, direction)
 }
 
 #[inline(always)]

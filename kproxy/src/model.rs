@@ -521,13 +521,6 @@ pub fn service_frontends<'a>(
 mod tests {
     use super::*;
 
-    fn objects(yaml: &str) -> (Vec<Service>, Vec<EndpointSlice>) {
-        let mut m = crate::sources::manifests::Manifests::default();
-        crate::sources::manifests::parse_into(std::path::Path::new("t.yaml"), yaml, &mut m);
-        assert!(m.errors.is_empty(), "{:?}", m.errors);
-        (m.services, m.slices)
-    }
-
     /// The outcome of feeding the objects into a fresh store.
     struct Built {
         desired: DesiredState,
@@ -536,7 +529,7 @@ mod tests {
     }
 
     fn build(yaml: &str) -> Built {
-        let (services, slices) = objects(yaml);
+        let (services, slices) = crate::sources::manifests::parse_objects(yaml);
         let mut store = crate::tracker::ModelStore::default();
         store.replace_all(&services, &slices);
         store.take_changes();

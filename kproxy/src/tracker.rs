@@ -368,20 +368,13 @@ mod tests {
     use super::*;
     use crate::model::Protocol;
 
-    fn parse(yaml: &str) -> (Vec<Service>, Vec<EndpointSlice>) {
-        let mut m = crate::sources::manifests::Manifests::default();
-        crate::sources::manifests::parse_into(std::path::Path::new("t.yaml"), yaml, &mut m);
-        assert!(m.errors.is_empty(), "{:?}", m.errors);
-        (m.services, m.slices)
-    }
-
     fn service(name: &str, ip: &str) -> Service {
-        parse(&format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}\n")).0.remove(0)
+        crate::sources::manifests::parse_objects(&format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}\n")).0.remove(0)
     }
 
     fn slice(name: &str, svc: &str, ips: &[&str]) -> EndpointSlice {
         let eps: Vec<String> = ips.iter().map(|ip| format!("{{addresses: [{ip}]}}")).collect();
-        parse(&format!(
+        crate::sources::manifests::parse_objects(&format!(
             "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}, labels: {{kubernetes.io/service-name: {svc}}}}}\naddressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{}]\n",
             eps.join(", ")
         ))
@@ -463,9 +456,7 @@ mod frontend_kind_tests {
 
     #[test]
     fn node_ports_external_and_load_balancer_ips_are_frontends_too() {
-        let mut m = crate::sources::manifests::Manifests::default();
-        crate::sources::manifests::parse_into(
-            std::path::Path::new("t.yaml"),
+        let (services, slices) = crate::sources::manifests::parse_objects(
             r#"
 apiVersion: v1
 kind: Service
@@ -482,12 +473,10 @@ kind: Service
 metadata: {name: bad-np}
 spec: {type: NodePort, clusterIP: 10.96.0.8, ports: [{port: 80, nodePort: 70000}]}
 "#,
-            &mut m,
         );
-        assert!(m.errors.is_empty(), "{:?}", m.errors);
         let mut store = ModelStore::default();
         store.set_node_addresses(vec!["192.168.50.2".parse().unwrap(), "192.168.60.2".parse().unwrap()]);
-        store.replace_all(&m.services, &m.slices);
+        store.replace_all(&services, &slices);
         store.take_changes();
         let kinds: Vec<(String, ServiceType)> =
             store.desired().iter().map(|(f, d)| (format!("{}:{}", f.address, f.port), d.frontend_type)).collect();

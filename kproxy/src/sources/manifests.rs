@@ -167,6 +167,15 @@ fn typed<T: DeserializeOwned>(doc: Value) -> Result<T, String> {
     })
 }
 
+/// Parses YAML that must be free of errors into its Services and EndpointSlices (tests).
+#[cfg(test)]
+pub fn parse_objects(yaml: &str) -> (Vec<Service>, Vec<EndpointSlice>) {
+    let mut m = Manifests::default();
+    parse_into(Path::new("test.yaml"), yaml, &mut m);
+    assert!(m.errors.is_empty(), "{:?}", m.errors);
+    (m.services, m.slices)
+}
+
 /// The manifest source with memory: a file that fails to parse keeps serving the objects of
 /// its last good version, so a half-saved edit never takes services down.
 pub struct ManifestSource {
