@@ -33,11 +33,13 @@ pub enum Source {
     /// A YAML file or directory, watched.
     Manifests(PathBuf),
     /// The apiserver, from a kubeconfig or the in-cluster configuration.
-    Apiserver { kubeconfig: Option<PathBuf>, node_name: String },
+    Apiserver { kubeconfig: Option<PathBuf> },
 }
 
 pub struct AgentConfig {
     pub source: Source,
+    /// This node's name (its Node object; endpoints with this `nodeName` are local).
+    pub node_name: String,
     pub layout: PinLayout,
     pub cgroup: PathBuf,
     /// Devices for the tc programs (NodePort, external and load-balancer IPs).
@@ -101,6 +103,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
 
     let mut store = ModelStore::default();
     store.set_node_addresses(cfg.node_port_addresses.clone());
+    store.set_node_name(Some(cfg.node_name.clone()));
     let shared = Shared {
         store: Arc::new(Mutex::new(store)),
         health: health.clone(),
@@ -119,10 +122,10 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             manifests = Some(ManifestSource::new(path.clone()));
             tracing::info!(manifests = %path.display(), "watching manifests");
         }
-        Source::Apiserver { kubeconfig, node_name } => {
+        Source::Apiserver { kubeconfig } => {
             let client = apiserver::client(kubeconfig.as_deref()).await?;
-            tracing::info!(node = %node_name, "listing Services and EndpointSlices");
-            _watches = apiserver::start(client, node_name, shared.clone()).await?;
+            tracing::info!(node = %cfg.node_name, "listing Services and EndpointSlices");
+            _watches = apiserver::start(client, &cfg.node_name, shared.clone()).await?;
         }
     }
 

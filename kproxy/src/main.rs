@@ -145,10 +145,7 @@ fn main() -> Result<()> {
             };
             let source = match args.manifests {
                 Some(path) => agent::Source::Manifests(path),
-                None => agent::Source::Apiserver {
-                    kubeconfig: args.kubeconfig,
-                    node_name: node_name(args.hostname_override)?,
-                },
+                None => agent::Source::Apiserver { kubeconfig: args.kubeconfig },
             };
             let devices = match args.devices {
                 Some(d) => d.into_iter().filter(|d| !d.is_empty()).collect(),
@@ -157,6 +154,7 @@ fn main() -> Result<()> {
             kproxy::node::check_devices(&devices)?;
             let cfg = agent::AgentConfig {
                 source,
+                node_name: node_name(args.hostname_override)?,
                 devices,
                 tc_attach: args.tc_attach,
                 node_port_addresses: kproxy::node::node_port_addresses(&args.nodeport_addresses)?,

@@ -183,6 +183,11 @@ pub struct ServiceInfo {
     pub external_ips: Vec<Ipv4Addr>,
     /// `status.loadBalancer.ingress[].ip` of LoadBalancer Services (IPv4 ones).
     pub load_balancer_ips: Vec<Ipv4Addr>,
+    /// `spec.externalTrafficPolicy: Local`: NodePort, external and load-balancer frontends use
+    /// only endpoints on this node (and keep the client's address).
+    pub external_policy_local: bool,
+    /// `spec.healthCheckNodePort` of a Service with `externalTrafficPolicy: Local`.
+    pub health_check_node_port: Option<u16>,
     /// Ports skipped because kproxy does not serve their protocol (SCTP), as field paths.
     pub unsupported_ports: Vec<String>,
 }
@@ -330,6 +335,23 @@ impl ServiceInfo {
         } else {
             Vec::new()
         };
+        let external_policy_local = match spec.external_traffic_policy.as_deref() {
+            None | Some("Cluster") => false,
+            Some("Local") => true,
+            Some(other) => {
+                return Err(invalid(
+                    InvalidCode::UnknownType,
+                    "spec.externalTrafficPolicy",
+                    format!("unknown traffic policy {other:?} (want Cluster or Local)"),
+                ))
+            }
+        };
+        let health_check_node_port = match spec.health_check_node_port {
+            Some(p) if external_policy_local => Some(
+                parse_port(p).map_err(|r| invalid(InvalidCode::InvalidPort, "spec.healthCheckNodePort", r))?,
+            ),
+            _ => None,
+        };
         Ok(ServiceOutcome::Served(ServiceInfo {
             namespace,
             name,
@@ -338,6 +360,8 @@ impl ServiceInfo {
             ports,
             external_ips,
             load_balancer_ips,
+            external_policy_local,
+            health_check_node_port,
             unsupported_ports,
         }))
     }
@@ -475,15 +499,18 @@ pub type DesiredState = BTreeMap<Frontend, DesiredService>;
 /// does: slice ports match service ports by name and protocol, several slices merge, and only
 /// ready endpoints are backends. Each port is served on the ClusterIP, on every external IP
 /// and load-balancer IP, and (NodePort and LoadBalancer Services) on every address of
-/// `node_addresses` at its node port.
+/// `node_addresses` at its node port. With `externalTrafficPolicy: Local`, the frontends
+/// reached from outside (all but the ClusterIP) only use endpoints on `node_name`.
 pub fn service_frontends<'a>(
     svc: &ServiceInfo,
     slices: impl Iterator<Item = &'a SliceInfo> + Clone,
     node_addresses: &[Ipv4Addr],
+    node_name: Option<&str>,
 ) -> Vec<(Frontend, DesiredService)> {
     let mut out = Vec::new();
     for port in &svc.ports {
-        let mut backends = BTreeSet::new();
+        // (backend, on this node) of every ready endpoint.
+        let mut endpoints = BTreeSet::new();
         for slice in slices.clone() {
             let matching = slice
                 .ports
@@ -491,14 +518,18 @@ pub fn service_frontends<'a>(
                 .filter(|p| p.name == port.name.port_name && p.protocol == port.name.protocol);
             for slice_port in matching {
                 for ep in slice.endpoints.iter().filter(|ep| ep.ready) {
-                    backends.insert(SocketAddrV4::new(ep.address, slice_port.port));
+                    let local = node_name.is_some() && ep.node_name.as_deref() == node_name;
+                    endpoints.insert((SocketAddrV4::new(ep.address, slice_port.port), local));
                 }
             }
         }
-        let backends: Vec<SocketAddrV4> = backends.into_iter().collect();
+        let all: Vec<SocketAddrV4> = endpoints.iter().map(|(b, _)| *b).collect::<BTreeSet<_>>().into_iter().collect();
+        let local: Vec<SocketAddrV4> = endpoints.iter().filter(|(_, l)| *l).map(|(b, _)| *b).collect();
         let protocol = port.name.protocol;
         let mut add = |address: Ipv4Addr, port_number: u16, frontend_type: ServiceType| {
-            let desired = DesiredService { name: port.name.clone(), frontend_type, backends: backends.clone() };
+            let external = frontend_type != ServiceType::ClusterIp;
+            let backends = if external && svc.external_policy_local { local.clone() } else { all.clone() };
+            let desired = DesiredService { name: port.name.clone(), frontend_type, backends };
             out.push((Frontend { address, port: port_number, protocol }, desired));
         };
         add(svc.cluster_ip, port.port, ServiceType::ClusterIp);

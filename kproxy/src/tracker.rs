@@ -73,6 +73,8 @@ pub struct ModelStore {
     endpoint_changes: BTreeMap<ObjectKey, SystemTime>,
     /// Addresses NodePorts are served on (`--nodeport-addresses` applied to the node's).
     node_addresses: Vec<std::net::Ipv4Addr>,
+    /// This node's name, for `externalTrafficPolicy: Local`.
+    node_name: Option<String>,
 }
 
 impl ModelStore {
@@ -84,6 +86,15 @@ impl ModelStore {
             self.node_addresses = addresses;
             let with_node_ports = self.services.iter().filter(|(_, s)| s.ports.iter().any(|p| p.node_port.is_some()));
             self.service_changes.extend(with_node_ports.map(|(k, _)| k.clone()));
+        }
+    }
+
+    /// Sets this node's name (endpoints with this `nodeName` are local).
+    pub fn set_node_name(&mut self, name: Option<String>) {
+        if name != self.node_name {
+            self.node_name = name;
+            let local_policy = self.services.iter().filter(|(_, s)| s.external_policy_local);
+            self.service_changes.extend(local_policy.map(|(k, _)| k.clone()));
         }
     }
 
@@ -296,7 +307,7 @@ impl ModelStore {
             let names = self.slices_by_service.get(key);
             let slices = names.into_iter().flatten().filter_map(|n| self.slices.get(&(key.0.clone(), n.clone())));
             let frontends: BTreeMap<Frontend, DesiredService> =
-                service_frontends(svc, slices, &self.node_addresses).into_iter().collect();
+                service_frontends(svc, slices, &self.node_addresses, self.node_name.as_deref()).into_iter().collect();
             for f in frontends.keys() {
                 self.claimants.entry(*f).or_default().insert(key.clone());
                 touched.insert(*f);
@@ -333,7 +344,7 @@ impl ModelStore {
         let svc = self.services.get(key)?;
         let names = self.slices_by_service.get(key);
         let slices = names.into_iter().flatten().filter_map(|n| self.slices.get(&(key.0.clone(), n.clone())));
-        service_frontends(svc, slices, &self.node_addresses).into_iter().find(|(g, _)| *g == f).map(|(_, d)| d)
+        service_frontends(svc, slices, &self.node_addresses, self.node_name.as_deref()).into_iter().find(|(g, _)| *g == f).map(|(_, d)| d)
     }
 
     fn conflict(&self, loser: &ObjectKey, owner: &ObjectKey, f: Frontend) -> InvalidObject {
@@ -497,5 +508,58 @@ spec: {type: NodePort, clusterIP: 10.96.0.8, ports: [{port: 80, nodePort: 70000}
         let changed = store.take_changes().frontends;
         let f = |a: &str, p| Frontend { address: a.parse().unwrap(), port: p, protocol: Protocol::Tcp };
         assert_eq!(changed, [f("192.168.60.2", 30080)].into());
+    }
+}
+
+#[cfg(test)]
+mod traffic_policy_tests {
+    use super::*;
+
+    #[test]
+    fn external_traffic_policy_local_uses_only_this_nodes_endpoints_from_outside() {
+        let (services, slices) = crate::sources::manifests::parse_objects(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.7
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32000
+  ports: [{port: 80, nodePort: 30080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.244.1.5], nodeName: node-a}
+- {addresses: [10.244.2.5], nodeName: node-b}
+"#,
+        );
+        let mut store = ModelStore::default();
+        store.set_node_addresses(vec!["192.168.50.2".parse().unwrap()]);
+        store.set_node_name(Some("node-a".into()));
+        store.replace_all(&services, &slices);
+        store.take_changes();
+        let backends: Vec<(String, Vec<String>)> = store
+            .desired()
+            .iter()
+            .map(|(f, d)| (format!("{}:{}", f.address, f.port), d.backends.iter().map(ToString::to_string).collect()))
+            .collect();
+        assert_eq!(
+            backends,
+            [
+                ("10.96.0.7:80".to_string(), vec!["10.244.1.5:8080".to_string(), "10.244.2.5:8080".to_string()]),
+                ("192.168.50.2:30080".to_string(), vec!["10.244.1.5:8080".to_string()]),
+            ]
+        );
+        // Another node sees its own endpoint only.
+        store.set_node_name(Some("node-b".into()));
+        assert_eq!(store.take_changes().frontends.len(), 1);
+        let np = &store.desired()[&Frontend { address: "192.168.50.2".parse().unwrap(), port: 30080, protocol: crate::model::Protocol::Tcp }];
+        assert_eq!(np.backends, ["10.244.2.5:8080".parse().unwrap()]);
     }
 }
