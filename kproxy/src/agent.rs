@@ -130,6 +130,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     }
 
     let mut problems = ProblemLog::default();
+    let mut service_health = health::ServiceHealthServers::default();
     let trigger = shared.changed.clone();
     let sync_once = move |kind: RunKind| -> bool {
         let started = Instant::now();
@@ -167,6 +168,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             Ok(stats) => {
                 let now = SystemTime::now();
                 health.updated(now);
+                service_health.sync(&store.health_checks(), &health);
                 for r in &stats.refused {
                     tracing::error!(service = %r.name, frontend = %r.frontend, "not programmed: {}", r.reason);
                 }

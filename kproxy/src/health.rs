@@ -210,3 +210,79 @@ mod tests {
         }
     }
 }
+
+/// One `healthCheckNodePort` server's answer: the Service and how many of its endpoints are
+/// on this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceHealthCheck {
+    pub namespace: String,
+    pub name: String,
+    pub local_endpoints: usize,
+}
+
+/// The `healthCheckNodePort` servers of Services with `externalTrafficPolicy: Local`, as
+/// kube-proxy serves them: 200 while the node has a local endpoint (load balancers send it
+/// traffic), 503 otherwise (they drain it), with kube-proxy's JSON body.
+#[derive(Default)]
+pub struct ServiceHealthServers {
+    servers: std::collections::BTreeMap<u16, (Arc<Mutex<ServiceHealthCheck>>, tokio::task::JoinHandle<()>)>,
+}
+
+impl ServiceHealthServers {
+    /// Starts, updates and stops servers so that exactly `wanted` are served. A port that
+    /// cannot be bound is reported and retried at the next call.
+    pub fn sync(&mut self, wanted: &std::collections::BTreeMap<u16, ServiceHealthCheck>, health: &Arc<ProxyHealth>) {
+        self.servers.retain(|port, (_, task)| {
+            let keep = wanted.contains_key(port);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for (port, check) in wanted {
+            if let Some((current, _)) = self.servers.get(port) {
+                *current.lock().unwrap_or_else(|e| e.into_inner()) = check.clone();
+                continue;
+            }
+            let listener = std::net::TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, *port))
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .and_then(tokio::net::TcpListener::from_std);
+            let listener = match listener {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(port, service = %format!("{}/{}", check.namespace, check.name), "healthCheckNodePort: {e}");
+                    continue;
+                }
+            };
+            let state = Arc::new(Mutex::new(check.clone()));
+            let task = tokio::spawn(serve_service_health(listener, state.clone(), health.clone()));
+            self.servers.insert(*port, (state, task));
+        }
+    }
+}
+
+async fn serve_service_health(listener: tokio::net::TcpListener, state: Arc<Mutex<ServiceHealthCheck>>, health: Arc<ProxyHealth>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let (state, health) = (state.clone(), health.clone());
+        tokio::spawn(async move {
+            let service = service_fn(move |_req: Request<hyper::body::Incoming>| {
+                let check = state.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let (proxy_healthy, _, _) = health.check(SystemTime::now());
+                let body = format!(
+                    r#"{{"service": {{"namespace": "{}", "name": "{}"}}, "localEndpoints": {}, "serviceProxyHealthy": {proxy_healthy}}}"#,
+                    check.namespace, check.name, check.local_endpoints
+                );
+                let code = if check.local_endpoints > 0 && proxy_healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+                let response = Response::builder()
+                    .status(code)
+                    .header("Content-Type", "application/json")
+                    .header("X-Content-Type-Options", "nosniff")
+                    .body(Full::new(Bytes::from(body)))
+                    .expect("static headers are valid");
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+        });
+    }
+}

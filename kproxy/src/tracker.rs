@@ -277,6 +277,27 @@ impl ModelStore {
         &self.desired
     }
 
+    /// The `healthCheckNodePort`s to serve: for every Service with `externalTrafficPolicy:
+    /// Local`, its ready endpoints on this node (distinct addresses, over all its slices).
+    pub fn health_checks(&self) -> BTreeMap<u16, crate::health::ServiceHealthCheck> {
+        let mut out = BTreeMap::new();
+        for (key, svc) in &self.services {
+            let Some(port) = svc.health_check_node_port.filter(|_| svc.external_policy_local) else { continue };
+            let names = self.slices_by_service.get(key).into_iter().flatten();
+            let local: BTreeSet<std::net::Ipv4Addr> = names
+                .filter_map(|n| self.slices.get(&(key.0.clone(), n.clone())))
+                .flat_map(|s| &s.endpoints)
+                .filter(|ep| ep.ready && self.node_name.is_some() && ep.node_name == self.node_name)
+                .map(|ep| ep.address)
+                .collect();
+            out.insert(
+                port,
+                crate::health::ServiceHealthCheck { namespace: key.0.clone(), name: key.1.clone(), local_endpoints: local.len() },
+            );
+        }
+        out
+    }
+
     /// Recomputes the desired frontends of every changed Service and returns what differs.
     /// Frontend conflicts (two Services, one frontend) go to the first Service by
     /// namespace/name; the other is reported as invalid and takes over if the first leaves.
@@ -556,6 +577,9 @@ endpoints:
                 ("192.168.50.2:30080".to_string(), vec!["10.244.1.5:8080".to_string()]),
             ]
         );
+        let checks = store.health_checks();
+        assert_eq!(checks.len(), 1);
+        assert_eq!((checks[&32000].name.as_str(), checks[&32000].local_endpoints), ("web", 1));
         // Another node sees its own endpoint only.
         store.set_node_name(Some("node-b".into()));
         assert_eq!(store.take_changes().frontends.len(), 1);

@@ -19,6 +19,7 @@
 //! ```
 
 use std::fs::{self, File};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -27,12 +28,14 @@ use anyhow::{anyhow, bail, Context, Result};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
+use crate::fake_apiserver::FakeApiServer;
 use crate::manifest::{self, ServiceSpec};
+use crate::prometheus::Metrics;
 use crate::report::Report;
 use crate::topology::{
     output_in, spawn_in, spawn_in_cgroup, unique_name, Cgroup, ChildGuard, Topology,
 };
-use crate::{cmd, interrupt};
+use crate::{cmd, http, interrupt};
 
 /// The TCP port every test pod serves HTTP on.
 pub const HTTP_PORT: u16 = 8080;
@@ -44,6 +47,25 @@ const AGENT_STOP_GRACE: Duration = Duration::from_secs(5);
 const KPROXY_COMMAND_TIMEOUT: Duration = Duration::from_secs(15);
 const DUMP_POLL: Duration = Duration::from_millis(10);
 const LOG_TAIL: usize = 4000;
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// kube-proxy's default `--healthz-bind-address` port.
+pub const HEALTHZ_PORT: u16 = 10256;
+/// kube-proxy's default `--metrics-bind-address` port.
+pub const METRICS_PORT: u16 = 10249;
+
+/// Where an agent that watches an apiserver gets it from and serves health and metrics. See
+/// [`Harness::with_apiserver`].
+#[derive(Debug, Clone)]
+pub struct ApiserverSource {
+    pub kubeconfig: PathBuf,
+    /// `--hostname-override`: the Node the agent watches.
+    pub node_name: String,
+    /// `--healthz-bind-address` (`/healthz`, `/livez`): 127.0.0.1 of the node namespace.
+    pub healthz: SocketAddr,
+    /// `--metrics-bind-address` (`/metrics`): 127.0.0.1 of the node namespace.
+    pub metrics: SocketAddr,
+}
 
 /// A fresh bpffs directory name: `/sys/fs/bpf/<prefix>-<pid>-<n>`.
 pub fn unique_bpffs_dir(prefix: &str) -> PathBuf {
@@ -192,6 +214,8 @@ pub struct Harness {
     bins: Binaries,
     bpffs_dir: PathBuf,
     manifests: PathBuf,
+    apiserver: Option<ApiserverSource>,
+    extra_agent_args: Vec<String>,
     // Field order is drop order: servers, files, then cgroup and namespaces.
     servers: Vec<ChildGuard>,
     workdir: WorkDir,
@@ -219,6 +243,8 @@ impl Harness {
             bins,
             bpffs_dir,
             manifests,
+            apiserver: None,
+            extra_agent_args: Vec::new(),
             servers: Vec::new(),
             workdir,
             cgroup,
@@ -232,6 +258,103 @@ impl Harness {
     pub fn with_manifests(mut self, path: PathBuf) -> Harness {
         self.manifests = path;
         self
+    }
+
+    /// Makes the agent watch `api` (`--kubeconfig`, written into the work directory) as Node
+    /// `node_name`, instead of reading manifests, with `/healthz` and `/metrics` on kube-proxy's
+    /// default ports ([`HEALTHZ_PORT`], [`METRICS_PORT`]) of 127.0.0.1.
+    ///
+    /// The agent still runs in the node namespace, as a kube-proxy DaemonSet pod runs in the
+    /// node's (host) network, so it sees the node's devices and addresses and nothing of the
+    /// machine's. `api` must therefore listen inside that namespace
+    /// (`FakeApiServer::start_in(h.topology.node.path(), 127.0.0.1:0)`): the agent reaches it on
+    /// the node's 127.0.0.1, and the test reaches the agent's health and metrics ports there
+    /// too (see [`Harness::get_healthz`]). The namespace belongs to this harness alone, so the
+    /// fixed ports cannot clash with anything.
+    pub fn with_apiserver(mut self, api: &FakeApiServer, node_name: &str) -> Result<Harness> {
+        let kubeconfig = self.workdir.0.join("kubeconfig");
+        api.kubeconfig(&kubeconfig)?;
+        self.apiserver = Some(ApiserverSource {
+            kubeconfig,
+            node_name: node_name.to_string(),
+            healthz: (Ipv4Addr::LOCALHOST, HEALTHZ_PORT).into(),
+            metrics: (Ipv4Addr::LOCALHOST, METRICS_PORT).into(),
+        });
+        Ok(self)
+    }
+
+    /// Extra arguments for every `kproxy run` (e.g. `--sync-period 2s`).
+    pub fn with_agent_args(mut self, args: &[&str]) -> Harness {
+        self.extra_agent_args = args.iter().map(|a| a.to_string()).collect();
+        self
+    }
+
+    /// The apiserver settings, if the agent watches one.
+    pub fn apiserver(&self) -> Option<&ApiserverSource> {
+        self.apiserver.as_ref()
+    }
+
+    /// The harness's scratch directory (removed on drop).
+    pub fn workdir(&self) -> &Path {
+        &self.workdir.0
+    }
+
+    fn apiserver_source(&self) -> Result<&ApiserverSource> {
+        self.apiserver
+            .as_ref()
+            .context("the agent does not watch an apiserver (see Harness::with_apiserver)")
+    }
+
+    /// `GET path` on the agent's healthz address (`/healthz`, `/livez`), from inside the node
+    /// namespace.
+    pub fn get_healthz(&self, path: &str) -> Result<http::Response> {
+        let addr = self.apiserver_source()?.healthz;
+        http::get_in(&self.topology.node.path(), addr, path, SCRAPE_TIMEOUT)
+    }
+
+    /// `GET path` on the agent's metrics address, from inside the node namespace.
+    pub fn get_metrics_path(&self, path: &str) -> Result<http::Response> {
+        let addr = self.apiserver_source()?.metrics;
+        http::get_in(&self.topology.node.path(), addr, path, SCRAPE_TIMEOUT)
+    }
+
+    /// Scrapes and parses `/metrics`; fails unless it answers 200.
+    pub fn metrics(&self) -> Result<Metrics> {
+        let response = self.get_metrics_path("/metrics")?;
+        if response.status != 200 {
+            bail!("/metrics answered {}: {}", response.status, response.text());
+        }
+        Metrics::parse(&response.text())
+    }
+
+    /// Polls `/healthz` until it answers `status`, for at most `timeout`; returns the response.
+    pub fn wait_for_healthz(&mut self, status: u16, timeout: Duration) -> Result<http::Response> {
+        let start = Instant::now();
+        loop {
+            interrupt::check()?;
+            let last = match self.get_healthz("/healthz") {
+                Ok(r) if r.status == status => return Ok(r),
+                Ok(r) => format!("it answered {}: {}", r.status, r.text()),
+                Err(e) => format!("{e:#}"),
+            };
+            if let Some(agent) = &mut self.agent {
+                if let Some(exit) = agent.try_wait()? {
+                    bail!(
+                        "the agent exited ({exit}) while waiting for /healthz {status}; \
+                         agent log:\n{}",
+                        self.agent_log()
+                    );
+                }
+            }
+            if start.elapsed() > timeout {
+                bail!(
+                    "/healthz did not answer {status} within {timeout:?}; last: {last}\n\
+                     agent log:\n{}",
+                    self.agent_log()
+                );
+            }
+            std::thread::sleep(DUMP_POLL * 5);
+        }
     }
 
     fn start_servers(&mut self) -> Result<()> {
@@ -252,6 +375,11 @@ impl Harness {
             self.servers.push(server);
         }
         Ok(())
+    }
+
+    /// The binaries this harness runs.
+    pub fn binaries(&self) -> &Binaries {
+        &self.bins
     }
 
     pub fn bpffs_dir(&self) -> &Path {
@@ -282,6 +410,11 @@ impl Harness {
         self.workdir.0.join("agent.log")
     }
 
+    /// The agent's whole stdout and stderr (all runs, appended).
+    pub fn agent_log_full(&self) -> String {
+        fs::read_to_string(self.agent_log_path()).unwrap_or_default()
+    }
+
     /// The end of the agent's stdout and stderr (all runs, appended).
     pub fn agent_log(&self) -> String {
         let log = fs::read_to_string(self.agent_log_path()).unwrap_or_default();
@@ -293,7 +426,8 @@ impl Harness {
     }
 
     /// Starts `kproxy run` in the node namespace (not in the client cgroup); its output goes to
-    /// the agent log.
+    /// the agent log. It reads the manifests, or watches the apiserver given to
+    /// [`Harness::with_apiserver`].
     pub fn start_agent(&mut self) -> Result<()> {
         if let Some(agent) = &mut self.agent {
             if agent.is_running() {
@@ -306,13 +440,29 @@ impl Harness {
             .open(self.agent_log_path())
             .context("opening the agent log")?;
         let mut cmd = Command::new(&self.bins.kproxy);
-        cmd.arg("run")
-            .arg("--manifests")
-            .arg(&self.manifests)
-            .arg("--bpffs-dir")
+        cmd.arg("run");
+        match &self.apiserver {
+            Some(api) => {
+                cmd.arg("--kubeconfig")
+                    .arg(&api.kubeconfig)
+                    .arg("--hostname-override")
+                    .arg(&api.node_name)
+                    .arg("--healthz-bind-address")
+                    .arg(api.healthz.to_string())
+                    .arg("--metrics-bind-address")
+                    .arg(api.metrics.to_string());
+            }
+            None => {
+                cmd.arg("--manifests").arg(&self.manifests);
+            }
+        }
+        cmd.arg("--bpffs-dir")
             .arg(&self.bpffs_dir)
             .arg("--cgroup")
             .arg(self.cgroup.path())
+            .args(&self.extra_agent_args)
+            // Plain text in the log file, so that failures quote it readably.
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone().context("duplicating the agent log")?)
             .stderr(log);

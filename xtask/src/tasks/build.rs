@@ -29,20 +29,28 @@ pub fn build() -> Result<Binaries> {
 /// Builds, then runs every test suite (all of them, even after a failure) and fails if any did.
 pub fn test() -> Result<()> {
     let bins = build()?;
-    let mut e2e = cargo_with("test --package xtask --test socket_lb -- --test-threads=1");
-    e2e.env("KPROXY_BIN", &bins.kproxy)
-        .env("KPROXY_TESTPOD_BIN", &bins.testpod);
+    // The privileged suites build their own topologies and agents: one test at a time.
+    let e2e = |test: &str| {
+        let mut command = cargo_with(&format!(
+            "test --package xtask --test {test} -- --test-threads=1"
+        ));
+        command
+            .env("KPROXY_BIN", &bins.kproxy)
+            .env("KPROXY_TESTPOD_BIN", &bins.testpod);
+        command
+    };
     let suites = [
         (
             "kproxy and kproxy-common tests",
             cargo_with("test --workspace --exclude kproxy-ebpf --exclude xtask"),
         ),
         (
-            "xtask unit tests and topology tests",
-            cargo_with("test --package xtask --lib --bins --test topology"),
+            "xtask unit tests, topology and fake apiserver tests",
+            cargo_with("test --package xtask --lib --bins --test topology --test fake_apiserver"),
         ),
         ("xtask doc tests", cargo_with("test --package xtask --doc")),
-        ("end-to-end tests (socket_lb)", e2e),
+        ("end-to-end tests (socket_lb)", e2e("socket_lb")),
+        ("end-to-end tests (apiserver)", e2e("apiserver")),
     ];
     let mut failed = Vec::new();
     for (name, mut command) in suites {

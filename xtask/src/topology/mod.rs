@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use anyhow::{bail, Context, Result};
 
 pub use cgroup::{cgroup2_mount, Cgroup};
-pub use netns::Netns;
+pub use netns::{in_netns, Netns};
 pub use process::{output_in, spawn_in, spawn_in_cgroup, ChildGuard};
 
 /// The node's bridge address, the pods' default gateway.

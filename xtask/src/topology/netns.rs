@@ -1,12 +1,13 @@
 //! A named network namespace (`ip netns add`), deleted on drop with every process inside.
 
-use std::fs;
+use std::fs::{self, File};
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use nix::sched::{setns, CloneFlags};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -45,6 +46,11 @@ impl Netns {
     /// `/run/netns/<name>`, the file to `setns(2)` into.
     pub fn path(&self) -> PathBuf {
         PathBuf::from(NETNS_DIR).join(&self.name)
+    }
+
+    /// Runs `f` inside this namespace, see [`in_netns`].
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
+        in_netns(&self.path(), f)
     }
 
     /// Runs `ip -n <name> <args>`.
@@ -99,6 +105,25 @@ impl Netns {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
+}
+
+/// Runs `f` on a short-lived thread that has joined the network namespace at `path`
+/// (`/run/netns/<name>`), and returns its result. Sockets `f` creates stay in that namespace for
+/// good, whichever thread uses them later: this is how the test process listens on, or connects
+/// to, a namespace's 127.0.0.1 without moving any of its other threads. (`setns(CLONE_NEWNET)`
+/// affects only the calling thread, which exits right after.)
+pub fn in_netns<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> Result<T> {
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || -> Result<T> {
+                setns(&file, CloneFlags::CLONE_NEWNET)
+                    .with_context(|| format!("setns into {}", path.display()))?;
+                Ok(f())
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("the thread in netns {} panicked", path.display()))?
+    })
 }
 
 impl Drop for Netns {

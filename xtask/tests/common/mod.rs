@@ -21,6 +21,7 @@ pub fn skip_unless_root(test: &str) -> bool {
 }
 
 /// A count map, as in reports: `counts(&[("pod-a", 3)])`.
+#[allow(dead_code)] // not every test file uses every helper
 pub fn counts(entries: &[(&str, u64)]) -> BTreeMap<String, u64> {
     entries.iter().map(|&(k, n)| (k.to_string(), n)).collect()
 }
