@@ -15,6 +15,7 @@
 //! - [`cmd`]: running host commands with errors that name the command.
 //! - [`interrupt`]: Ctrl-C turned into an orderly teardown.
 
+pub mod bench;
 pub mod cmd;
 pub mod dump_poller;
 pub mod fake_apiserver;

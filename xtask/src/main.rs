@@ -30,6 +30,8 @@ enum Cli {
         #[arg(long)]
         no_build: bool,
     },
+    /// Benchmark kproxy against kube-proxy's iptables and nftables modes and no proxy (root).
+    Bench(tasks::bench::BenchArgs),
 }
 
 fn main() -> Result<()> {
@@ -41,5 +43,6 @@ fn main() -> Result<()> {
             manifests,
             no_build,
         } => tasks::demo::run(manifests, no_build),
+        Cli::Bench(args) => tasks::bench::run(args),
     }
 }

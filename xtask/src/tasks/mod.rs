@@ -1,5 +1,6 @@
 //! The `cargo xtask` commands.
 
+pub mod bench;
 pub mod build;
 pub mod demo;
 pub mod setup;
