@@ -98,7 +98,10 @@ impl Object {
     }
 
     fn namespaced(&self) -> bool {
-        !matches!(self, Object::Namespace(_) | Object::ClusterRole(_) | Object::ClusterRoleBinding(_))
+        !matches!(
+            self,
+            Object::Namespace(_) | Object::ClusterRole(_) | Object::ClusterRoleBinding(_)
+        )
     }
 }
 
@@ -124,7 +127,8 @@ fn workspace_root() -> PathBuf {
 /// (`.yaml`, `.yml`, `.json`), sorted.
 fn manifest_files() -> Vec<PathBuf> {
     fn walk(dir: &Path, skip: &Path, out: &mut Vec<PathBuf>) {
-        let entries = std::fs::read_dir(dir).unwrap_or_else(|e| panic!("read {}: {e}", dir.display()));
+        let entries =
+            std::fs::read_dir(dir).unwrap_or_else(|e| panic!("read {}: {e}", dir.display()));
         for entry in entries {
             let path = entry.unwrap_or_else(|e| panic!("read {}: {e}", dir.display())).path();
             if path == skip {
@@ -132,7 +136,10 @@ fn manifest_files() -> Vec<PathBuf> {
             }
             if path.is_dir() {
                 walk(&path, skip, out);
-            } else if matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json")) {
+            } else if matches!(
+                path.extension().and_then(|e| e.to_str()),
+                Some("yaml" | "yml" | "json")
+            ) {
                 out.push(path);
             }
         }
@@ -193,7 +200,8 @@ fn type_docs(docs: &[RawDoc]) -> Result<Vec<Manifest>, Vec<String>> {
 fn type_doc(doc: &RawDoc) -> Result<Manifest, Vec<String>> {
     let text = |key: &str| doc.value.get(key).and_then(Value::as_str).unwrap_or("").to_string();
     let name = doc.value.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("<no name>");
-    let origin = Origin { file: doc.file.clone(), doc: doc.doc, kind: text("kind"), name: name.to_string() };
+    let origin =
+        Origin { file: doc.file.clone(), doc: doc.doc, kind: text("kind"), name: name.to_string() };
     let (api_version, kind) = (text("apiVersion"), text("kind"));
     let object = match (api_version.as_str(), kind.as_str()) {
         (v, k) if is::<Namespace>(v, k) => Object::Namespace(typed(&origin, &doc.value)?),
@@ -219,7 +227,10 @@ fn is<T: Resource>(api_version: &str, kind: &str) -> bool {
 }
 
 /// Parses `value` as `T`, then requires every key of `value` to survive `T`'s round trip.
-fn typed<T: DeserializeOwned + Serialize>(origin: &Origin, value: &Value) -> Result<T, Vec<String>> {
+fn typed<T: DeserializeOwned + Serialize>(
+    origin: &Origin,
+    value: &Value,
+) -> Result<T, Vec<String>> {
     let object: T = serde_path_to_error::deserialize(value.clone())
         .map_err(|e| vec![format!("{origin}: field {}: {}", e.path(), e.inner())])?;
     let back = serde_json::to_value(&object).expect("k8s-openapi objects serialize");
@@ -228,7 +239,10 @@ fn typed<T: DeserializeOwned + Serialize>(origin: &Origin, value: &Value) -> Res
     if lost.is_empty() {
         Ok(object)
     } else {
-        Err(lost.into_iter().map(|(path, what)| format!("{origin}: field {path}: {what}")).collect())
+        Err(lost
+            .into_iter()
+            .map(|(path, what)| format!("{origin}: field {path}: {what}"))
+            .collect())
     }
 }
 
@@ -294,7 +308,10 @@ fn assert_clean(what: &str, errors: Vec<String>) {
 // ---------------------------------------------------------------------------------------------
 // Lookups
 
-fn find<'a, T>(ms: &'a [Manifest], pick: impl Fn(&'a Object) -> Option<&'a T>) -> Vec<(&'a Origin, &'a T)> {
+fn find<'a, T>(
+    ms: &'a [Manifest],
+    pick: impl Fn(&'a Object) -> Option<&'a T>,
+) -> Vec<(&'a Origin, &'a T)> {
     ms.iter().filter_map(|m| pick(&m.object).map(|o| (&m.origin, o))).collect()
 }
 
@@ -312,8 +329,10 @@ fn config_maps(ms: &[Manifest]) -> Vec<(&Origin, &ConfigMap)> {
 
 /// The agent's DaemonSet, or an error.
 fn agent_daemon_set(ms: &[Manifest]) -> Result<(&Origin, &DaemonSet), String> {
-    let found: Vec<_> =
-        daemon_sets(ms).into_iter().filter(|(_, d)| d.metadata.name.as_deref() == Some(AGENT)).collect();
+    let found: Vec<_> = daemon_sets(ms)
+        .into_iter()
+        .filter(|(_, d)| d.metadata.name.as_deref() == Some(AGENT))
+        .collect();
     match found.as_slice() {
         [one] => Ok(*one),
         [] => Err(format!("no DaemonSet named {AGENT} under deploy/")),
@@ -341,7 +360,12 @@ fn containers<'a>(spec: &'a PodSpec, base: &str) -> Vec<(String, &'a Container, 
         .enumerate()
         .map(|(i, c)| (format!("{base}.initContainers[{i}]"), c, true))
         .collect();
-    all.extend(spec.containers.iter().enumerate().map(|(i, c)| (format!("{base}.containers[{i}]"), c, false)));
+    all.extend(
+        spec.containers
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (format!("{base}.containers[{i}]"), c, false)),
+    );
     all
 }
 
@@ -357,10 +381,16 @@ fn check_namespaces(ms: &[Manifest]) -> Vec<String> {
         let meta = m.object.metadata();
         let namespace = meta.namespace.clone().unwrap_or_default();
         if m.object.namespaced() && namespace != NAMESPACE {
-            errors.push(format!("{}: field metadata.namespace: must be {NAMESPACE}, is {namespace:?}", m.origin));
+            errors.push(format!(
+                "{}: field metadata.namespace: must be {NAMESPACE}, is {namespace:?}",
+                m.origin
+            ));
         }
         if !m.object.namespaced() && meta.namespace.is_some() {
-            errors.push(format!("{}: field metadata.namespace: a cluster-scoped object has none", m.origin));
+            errors.push(format!(
+                "{}: field metadata.namespace: a cluster-scoped object has none",
+                m.origin
+            ));
         }
         if meta.name.as_deref().unwrap_or("").is_empty() {
             errors.push(format!("{}: field metadata.name is missing", m.origin));
@@ -377,13 +407,16 @@ fn check_namespaces(ms: &[Manifest]) -> Vec<String> {
 /// wildcard, resourceNames, nonResourceURLs or aggregation.
 fn check_cluster_role(ms: &[Manifest]) -> Vec<String> {
     let roles: Vec<_> = find(ms, |o| if let Object::ClusterRole(r) = o { Some(r) } else { None });
-    let (origin, role) = match roles.iter().find(|(_, r)| r.metadata.name.as_deref() == Some(AGENT)) {
+    let (origin, role) = match roles.iter().find(|(_, r)| r.metadata.name.as_deref() == Some(AGENT))
+    {
         Some(found) => *found,
         None => return vec![format!("no ClusterRole named {AGENT} under deploy/")],
     };
     let mut errors = Vec::new();
     if role.aggregation_rule.is_some() {
-        errors.push(format!("{origin}: field aggregationRule: the agent's role must not aggregate others"));
+        errors.push(format!(
+            "{origin}: field aggregationRule: the agent's role must not aggregate others"
+        ));
     }
     let mut granted = BTreeSet::new();
     for (i, rule) in role.rules.iter().flatten().enumerate() {
@@ -396,9 +429,13 @@ fn check_cluster_role(ms: &[Manifest]) -> Vec<String> {
         }
         let groups = rule.api_groups.clone().unwrap_or_default();
         let resources = rule.resources.clone().unwrap_or_default();
-        for (field, values) in [("apiGroups", &groups), ("resources", &resources), ("verbs", &rule.verbs)] {
+        for (field, values) in
+            [("apiGroups", &groups), ("resources", &resources), ("verbs", &rule.verbs)]
+        {
             if values.iter().any(|v| v.contains('*')) {
-                errors.push(format!("{at}.{field}: wildcard {values:?}; grant exactly what API_ACCESS lists"));
+                errors.push(format!(
+                    "{at}.{field}: wildcard {values:?}; grant exactly what API_ACCESS lists"
+                ));
             }
             if values.is_empty() {
                 errors.push(format!("{at}.{field}: empty, so the rule grants nothing"));
@@ -414,18 +451,30 @@ fn check_cluster_role(ms: &[Manifest]) -> Vec<String> {
     }
     let wanted: BTreeSet<(String, String, String)> = API_ACCESS
         .iter()
-        .flat_map(|a| a.verbs.iter().map(move |v| (a.group.to_string(), a.resource.to_string(), v.to_string())))
+        .flat_map(|a| {
+            a.verbs
+                .iter()
+                .map(move |v| (a.group.to_string(), a.resource.to_string(), v.to_string()))
+        })
         .collect();
     let show = |s: &BTreeSet<(String, String, String)>| {
-        s.iter().map(|(g, r, v)| format!("{v} {r}.{}", if g.is_empty() { "core" } else { g })).collect::<Vec<_>>()
+        s.iter()
+            .map(|(g, r, v)| format!("{v} {r}.{}", if g.is_empty() { "core" } else { g }))
+            .collect::<Vec<_>>()
     };
     let missing: BTreeSet<_> = wanted.difference(&granted).cloned().collect();
     let extra: BTreeSet<_> = granted.difference(&wanted).cloned().collect();
     if !missing.is_empty() {
-        errors.push(format!("{origin}: field rules: missing from the role but in API_ACCESS: {:?}", show(&missing)));
+        errors.push(format!(
+            "{origin}: field rules: missing from the role but in API_ACCESS: {:?}",
+            show(&missing)
+        ));
     }
     if !extra.is_empty() {
-        errors.push(format!("{origin}: field rules: granted but not in API_ACCESS: {:?}", show(&extra)));
+        errors.push(format!(
+            "{origin}: field rules: granted but not in API_ACCESS: {:?}",
+            show(&extra)
+        ));
     }
     errors
 }
@@ -454,25 +503,33 @@ fn check_binding(ms: &[Manifest]) -> Vec<String> {
             "{ds_origin}: field spec.template.spec.automountServiceAccountToken: the agent needs its token"
         ));
     }
-    let accounts: Vec<_> = find(ms, |o| if let Object::ServiceAccount(s) = o { Some(s) } else { None });
+    let accounts: Vec<_> =
+        find(ms, |o| if let Object::ServiceAccount(s) = o { Some(s) } else { None });
     match accounts.iter().find(|(_, s)| {
-        s.metadata.name.as_deref() == Some(account.as_str()) && s.metadata.namespace.as_deref() == Some(&namespace)
+        s.metadata.name.as_deref() == Some(account.as_str())
+            && s.metadata.namespace.as_deref() == Some(&namespace)
     }) {
-        None => errors.push(format!("no ServiceAccount {namespace}/{account} (the DaemonSet's) under deploy/")),
-        Some((origin, s)) if s.automount_service_account_token == Some(false) => {
-            errors.push(format!("{origin}: field automountServiceAccountToken: the agent needs its token"))
-        }
+        None => errors.push(format!(
+            "no ServiceAccount {namespace}/{account} (the DaemonSet's) under deploy/"
+        )),
+        Some((origin, s)) if s.automount_service_account_token == Some(false) => errors.push(
+            format!("{origin}: field automountServiceAccountToken: the agent needs its token"),
+        ),
         Some(_) => {}
     }
-    let bindings: Vec<_> = find(ms, |o| if let Object::ClusterRoleBinding(b) = o { Some(b) } else { None });
+    let bindings: Vec<_> =
+        find(ms, |o| if let Object::ClusterRoleBinding(b) = o { Some(b) } else { None });
     let is_agent_account = |s: &k8s_openapi::api::rbac::v1::Subject| {
-        s.kind == "ServiceAccount" && s.name == account && s.namespace.as_deref() == Some(&namespace)
+        s.kind == "ServiceAccount"
+            && s.name == account
+            && s.namespace.as_deref() == Some(&namespace)
     };
     let mut bound = 0;
     for (origin, binding) in &bindings {
         let role = &binding.role_ref;
-        let to_agent_role =
-            role.kind == "ClusterRole" && role.name == AGENT && role.api_group == "rbac.authorization.k8s.io";
+        let to_agent_role = role.kind == "ClusterRole"
+            && role.name == AGENT
+            && role.api_group == "rbac.authorization.k8s.io";
         let subjects = binding.subjects.clone().unwrap_or_default();
         if to_agent_role {
             bound += 1;
@@ -490,7 +547,9 @@ fn check_binding(ms: &[Manifest]) -> Vec<String> {
         }
     }
     if bound != 1 {
-        errors.push(format!("{bound} ClusterRoleBindings bind ClusterRole {AGENT}; there must be one"));
+        errors.push(format!(
+            "{bound} ClusterRoleBindings bind ClusterRole {AGENT}; there must be one"
+        ));
     }
     errors
 }
@@ -512,7 +571,8 @@ fn check_daemon_set(ms: &[Manifest]) -> Vec<String> {
         }
     };
     let ds_spec = ds.spec.as_ref().expect("checked by pod_spec");
-    let labels = ds_spec.template.metadata.as_ref().and_then(|m| m.labels.clone()).unwrap_or_default();
+    let labels =
+        ds_spec.template.metadata.as_ref().and_then(|m| m.labels.clone()).unwrap_or_default();
     let selector = ds_spec.selector.match_labels.clone().unwrap_or_default();
     expect(
         !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v)),
@@ -522,13 +582,19 @@ fn check_daemon_set(ms: &[Manifest]) -> Vec<String> {
     let strategy = ds_spec.update_strategy.as_ref();
     expect(
         strategy.and_then(|s| s.type_.as_deref()) == Some("RollingUpdate")
-            && strategy.and_then(|s| s.rolling_update.as_ref()).and_then(|r| r.max_unavailable.as_ref())
+            && strategy
+                .and_then(|s| s.rolling_update.as_ref())
+                .and_then(|r| r.max_unavailable.as_ref())
                 == Some(&IntOrString::String("10%".into())),
         "spec.updateStrategy",
         "must be RollingUpdate with maxUnavailable 10%",
     );
     let at = "spec.template.spec";
-    expect(spec.host_network == Some(true), &format!("{at}.hostNetwork"), "must be true (healthz on the node's address)");
+    expect(
+        spec.host_network == Some(true),
+        &format!("{at}.hostNetwork"),
+        "must be true (healthz on the node's address)",
+    );
     expect(spec.host_pid != Some(true), &format!("{at}.hostPID"), "not needed; must not be true");
     expect(spec.host_ipc != Some(true), &format!("{at}.hostIPC"), "not needed; must not be true");
     expect(
@@ -542,20 +608,27 @@ fn check_daemon_set(ms: &[Manifest]) -> Vec<String> {
         "must be 30",
     );
     expect(
-        spec.node_selector.as_ref().and_then(|s| s.get("kubernetes.io/os")).map(String::as_str) == Some("linux"),
+        spec.node_selector.as_ref().and_then(|s| s.get("kubernetes.io/os")).map(String::as_str)
+            == Some("linux"),
         &format!("{at}.nodeSelector"),
         "must select kubernetes.io/os: linux",
     );
     let tolerations = spec.tolerations.clone().unwrap_or_default();
     expect(
         tolerations.iter().any(|t| {
-            t.operator.as_deref() == Some("Exists") && t.key.is_none() && t.effect.is_none() && t.toleration_seconds.is_none()
+            t.operator.as_deref() == Some("Exists")
+                && t.key.is_none()
+                && t.effect.is_none()
+                && t.toleration_seconds.is_none()
         }),
         &format!("{at}.tolerations"),
         "must tolerate every taint (operator: Exists, no key, no effect), like kube-proxy",
     );
     expect(
-        tolerations.iter().any(|t| t.key.as_deref() == Some("CriticalAddonsOnly") && t.operator.as_deref() == Some("Exists")),
+        tolerations.iter().any(|t| {
+            t.key.as_deref() == Some("CriticalAddonsOnly")
+                && t.operator.as_deref() == Some("Exists")
+        }),
         &format!("{at}.tolerations"),
         "must tolerate CriticalAddonsOnly",
     );
@@ -575,9 +648,12 @@ fn check_agent_container(ms: &[Manifest]) -> Vec<String> {
     };
     let mut errors = Vec::new();
     let base = "spec.template.spec";
-    let agents: Vec<_> = spec.containers.iter().enumerate().filter(|(_, c)| c.name == AGENT).collect();
+    let agents: Vec<_> =
+        spec.containers.iter().enumerate().filter(|(_, c)| c.name == AGENT).collect();
     let [(index, agent)] = agents.as_slice() else {
-        return vec![format!("{origin}: field {base}.containers: needs exactly one container named {AGENT}")];
+        return vec![format!(
+            "{origin}: field {base}.containers: needs exactly one container named {AGENT}"
+        )];
     };
     let at = format!("{base}.containers[{index}]");
     if !runs_kproxy(agent) {
@@ -589,7 +665,8 @@ fn check_agent_container(ms: &[Manifest]) -> Vec<String> {
 
     // Privileges: in the DaemonSet only the bpffs init container may be privileged.
     for (path, container, init) in containers(spec, base) {
-        let privileged = container.security_context.as_ref().and_then(|s| s.privileged) == Some(true);
+        let privileged =
+            container.security_context.as_ref().and_then(|s| s.privileged) == Some(true);
         if privileged && !(init && is_bpffs_mounter(spec, container)) {
             errors.push(format!(
                 "{origin}: field {path}.securityContext.privileged: only the init container that mounts \
@@ -602,7 +679,9 @@ fn check_agent_container(ms: &[Manifest]) -> Vec<String> {
         errors.push(format!("{origin}: field {at}.securityContext.privileged: must not be true"));
     }
     if sc.read_only_root_filesystem != Some(true) {
-        errors.push(format!("{origin}: field {at}.securityContext.readOnlyRootFilesystem: must be true"));
+        errors.push(format!(
+            "{origin}: field {at}.securityContext.readOnlyRootFilesystem: must be true"
+        ));
     }
     if sc.run_as_user != Some(0) {
         errors.push(format!("{origin}: field {at}.securityContext.runAsUser: must be 0 (capabilities apply to root only)"));
@@ -610,7 +689,13 @@ fn check_agent_container(ms: &[Manifest]) -> Vec<String> {
     errors.extend(check_capabilities(origin, &at, agent, AGENT_CAPABILITIES));
 
     // Probes on kube-proxy's healthz port.
-    errors.extend(check_probe(origin, &format!("{at}.readinessProbe"), agent.readiness_probe.as_ref(), &["/healthz"], true));
+    errors.extend(check_probe(
+        origin,
+        &format!("{at}.readinessProbe"),
+        agent.readiness_probe.as_ref(),
+        &["/healthz"],
+        true,
+    ));
     errors.extend(check_probe(
         origin,
         &format!("{at}.livenessProbe"),
@@ -637,10 +722,15 @@ fn check_agent_container(ms: &[Manifest]) -> Vec<String> {
     let flag = |name: &str| flag_value(&args, name);
     let node_name_from_downward_api = agent.env.iter().flatten().any(|e| {
         e.name == "NODE_NAME"
-            && e.value_from.as_ref().and_then(|v| v.field_ref.as_ref()).map(|f| f.field_path.as_str())
+            && e.value_from
+                .as_ref()
+                .and_then(|v| v.field_ref.as_ref())
+                .map(|f| f.field_path.as_str())
                 == Some("spec.nodeName")
     });
-    if !node_name_from_downward_api || agent.args.iter().flatten().all(|a| a != "--hostname-override=$(NODE_NAME)") {
+    if !node_name_from_downward_api
+        || agent.args.iter().flatten().all(|a| a != "--hostname-override=$(NODE_NAME)")
+    {
         errors.push(format!(
             "{origin}: field {at}.args: must pass --hostname-override=$(NODE_NAME), with NODE_NAME from the \
              downward API's spec.nodeName"
@@ -654,17 +744,15 @@ fn check_agent_container(ms: &[Manifest]) -> Vec<String> {
             ));
         }
     }
-    match flag("--healthz-bind-address") {
-        Some(address) => {
-            let loopback = ["127.", "localhost", "[::1]"].iter().any(|p| address.starts_with(p));
-            if loopback || !address.ends_with(&format!(":{HEALTHZ_PORT}")) {
-                errors.push(format!(
-                    "{origin}: field {at}.args: --healthz-bind-address expands to {address:?}; the probes need \
-                     port {HEALTHZ_PORT} on the node's address"
-                ));
-            }
+    // Without the flag, the default (0.0.0.0:10256) applies.
+    if let Some(address) = flag("--healthz-bind-address") {
+        let loopback = ["127.", "localhost", "[::1]"].iter().any(|p| address.starts_with(p));
+        if loopback || !address.ends_with(&format!(":{HEALTHZ_PORT}")) {
+            errors.push(format!(
+                "{origin}: field {at}.args: --healthz-bind-address expands to {address:?}; the probes need \
+                 port {HEALTHZ_PORT} on the node's address"
+            ));
         }
-        None => {} // the default, 0.0.0.0:10256
     }
     errors.extend(check_host_mounts(origin, &at, spec, agent, &args, Some("HostToContainer")));
     if flag("--cgroup").is_none() {
@@ -689,14 +777,23 @@ fn check_agent_container(ms: &[Manifest]) -> Vec<String> {
 fn runs_kproxy(c: &Container) -> bool {
     match &c.command {
         Some(command) => command.len() == 1 && command[0] == IMAGE_BINARY,
-        None => c.image.as_deref().is_some_and(|i| i.contains("/kproxy:") || i.ends_with("/kproxy")),
+        None => {
+            c.image.as_deref().is_some_and(|i| i.contains("/kproxy:") || i.ends_with("/kproxy"))
+        }
     }
 }
 
 /// An init container that mounts the host's bpffs, and nothing else.
 fn is_bpffs_mounter(spec: &PodSpec, c: &Container) -> bool {
     let mounts = c.volume_mounts.clone().unwrap_or_default();
-    let script = c.command.iter().flatten().chain(c.args.iter().flatten()).cloned().collect::<Vec<_>>().join(" ");
+    let script = c
+        .command
+        .iter()
+        .flatten()
+        .chain(c.args.iter().flatten())
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(" ");
     mounts.len() == 1
         && mounts[0].mount_path == HOST_BPFFS
         && mounts[0].mount_propagation.as_deref() == Some("Bidirectional")
@@ -717,10 +814,14 @@ fn check_capabilities(origin: &Origin, at: &str, c: &Container, wanted: &[&str])
     let mut errors = Vec::new();
     let caps = c.security_context.as_ref().and_then(|s| s.capabilities.clone()).unwrap_or_default();
     if caps.drop.as_deref() != Some(&["ALL".to_string()][..]) {
-        errors.push(format!("{origin}: field {at}.securityContext.capabilities.drop: must be [ALL], is {:?}", caps.drop));
+        errors.push(format!(
+            "{origin}: field {at}.securityContext.capabilities.drop: must be [ALL], is {:?}",
+            caps.drop
+        ));
     }
     let added = caps.add.clone().unwrap_or_default();
-    let normal: Vec<String> = added.iter().map(|c| c.trim_start_matches("CAP_").to_ascii_uppercase()).collect();
+    let normal: Vec<String> =
+        added.iter().map(|c| c.trim_start_matches("CAP_").to_ascii_uppercase()).collect();
     let set: BTreeSet<&str> = normal.iter().map(String::as_str).collect();
     if set.len() != added.len() {
         errors.push(format!("{origin}: field {at}.securityContext.capabilities.add: lists a capability twice: {added:?}"));
@@ -737,7 +838,13 @@ fn check_capabilities(origin: &Origin, at: &str, c: &Container, wanted: &[&str])
     errors
 }
 
-fn check_probe(origin: &Origin, at: &str, probe: Option<&Probe>, paths: &[&str], required: bool) -> Vec<String> {
+fn check_probe(
+    origin: &Origin,
+    at: &str,
+    probe: Option<&Probe>,
+    paths: &[&str],
+    required: bool,
+) -> Vec<String> {
     let Some(probe) = probe else {
         return if required { vec![format!("{origin}: field {at}: missing")] } else { vec![] };
     };
@@ -746,13 +853,21 @@ fn check_probe(origin: &Origin, at: &str, probe: Option<&Probe>, paths: &[&str],
     };
     let mut errors = Vec::new();
     if get.port != IntOrString::Int(HEALTHZ_PORT) {
-        errors.push(format!("{origin}: field {at}.httpGet.port: must be {HEALTHZ_PORT}, is {:?}", get.port));
+        errors.push(format!(
+            "{origin}: field {at}.httpGet.port: must be {HEALTHZ_PORT}, is {:?}",
+            get.port
+        ));
     }
     if !get.path.as_deref().is_some_and(|p| paths.contains(&p)) {
-        errors.push(format!("{origin}: field {at}.httpGet.path: must be one of {paths:?}, is {:?}", get.path));
+        errors.push(format!(
+            "{origin}: field {at}.httpGet.path: must be one of {paths:?}, is {:?}",
+            get.path
+        ));
     }
     if get.host.is_some() || get.scheme.as_deref().is_some_and(|s| s != "HTTP") {
-        errors.push(format!("{origin}: field {at}.httpGet: plain HTTP to the pod's (the node's) address"));
+        errors.push(format!(
+            "{origin}: field {at}.httpGet: plain HTTP to the pod's (the node's) address"
+        ));
     }
     errors
 }
@@ -769,7 +884,8 @@ fn check_host_mounts(
 ) -> Vec<String> {
     let mut errors = Vec::new();
     let mounts = c.volume_mounts.clone().unwrap_or_default();
-    let bpffs_dir = flag_value(args, "--bpffs-dir").unwrap_or_else(|| DEFAULT_BPFFS_DIR.to_string());
+    let bpffs_dir =
+        flag_value(args, "--bpffs-dir").unwrap_or_else(|| DEFAULT_BPFFS_DIR.to_string());
     match mounts.iter().find(|m| Path::new(&bpffs_dir).starts_with(&m.mount_path)) {
         Some(m) if host_path(spec, m) == Some(HOST_BPFFS) && m.read_only != Some(true) => {
             if propagation.is_some() && m.mount_propagation.as_deref() != propagation {
@@ -823,7 +939,12 @@ fn flag_value(args: &[String], name: &str) -> Option<String> {
 
 /// The container's environment as the kubelet builds it from these manifests: literal values,
 /// ConfigMap keys (which must exist) and the downward API's spec.nodeName.
-fn environment(ms: &[Manifest], origin: &Origin, at: &str, c: &Container) -> Result<BTreeMap<String, String>, Vec<String>> {
+fn environment(
+    ms: &[Manifest],
+    origin: &Origin,
+    at: &str,
+    c: &Container,
+) -> Result<BTreeMap<String, String>, Vec<String>> {
     let namespace = NAMESPACE;
     let mut env = BTreeMap::new();
     let mut errors = Vec::new();
@@ -837,7 +958,9 @@ fn environment(ms: &[Manifest], origin: &Origin, at: &str, c: &Container) -> Res
             (None, Some(from)) => {
                 if let Some(key_ref) = &from.config_map_key_ref {
                     if key_ref.optional == Some(true) {
-                        errors.push(format!("{field}: optional ConfigMap keys hide typos; drop `optional`"));
+                        errors.push(format!(
+                            "{field}: optional ConfigMap keys hide typos; drop `optional`"
+                        ));
                     }
                     let map = config_maps(ms).into_iter().find(|(_, m)| {
                         m.metadata.name.as_deref() == Some(key_ref.name.as_str())
@@ -845,13 +968,20 @@ fn environment(ms: &[Manifest], origin: &Origin, at: &str, c: &Container) -> Res
                     });
                     match map {
                         None => {
-                            errors.push(format!("{field}: no ConfigMap {namespace}/{} under deploy/", key_ref.name));
+                            errors.push(format!(
+                                "{field}: no ConfigMap {namespace}/{} under deploy/",
+                                key_ref.name
+                            ));
                             None
                         }
-                        Some((_, map)) => match map.data.as_ref().and_then(|d| d.get(&key_ref.key)) {
+                        Some((_, map)) => match map.data.as_ref().and_then(|d| d.get(&key_ref.key))
+                        {
                             Some(value) => Some(value.clone()),
                             None => {
-                                errors.push(format!("{field}: ConfigMap {} has no key {:?}", key_ref.name, key_ref.key));
+                                errors.push(format!(
+                                    "{field}: ConfigMap {} has no key {:?}",
+                                    key_ref.name, key_ref.key
+                                ));
                                 None
                             }
                         },
@@ -860,12 +990,16 @@ fn environment(ms: &[Manifest], origin: &Origin, at: &str, c: &Container) -> Res
                     match field_ref.field_path.as_str() {
                         "spec.nodeName" => Some(EXAMPLE_NODE_NAME.to_string()),
                         other => {
-                            errors.push(format!("{field}: this test does not know fieldRef {other:?}"));
+                            errors.push(format!(
+                                "{field}: this test does not know fieldRef {other:?}"
+                            ));
                             None
                         }
                     }
                 } else {
-                    errors.push(format!("{field}: only value, configMapKeyRef and fieldRef are used here"));
+                    errors.push(format!(
+                        "{field}: only value, configMapKeyRef and fieldRef are used here"
+                    ));
                     None
                 }
             }
@@ -914,10 +1048,16 @@ fn expand(arg: &str, env: &BTreeMap<String, String>, undefined: &mut Vec<String>
     out
 }
 
-fn expanded_args(ms: &[Manifest], origin: &Origin, at: &str, c: &Container) -> Result<Vec<String>, Vec<String>> {
+fn expanded_args(
+    ms: &[Manifest],
+    origin: &Origin,
+    at: &str,
+    c: &Container,
+) -> Result<Vec<String>, Vec<String>> {
     let env = environment(ms, origin, at, c)?;
     let mut undefined = Vec::new();
-    let args: Vec<String> = c.args.iter().flatten().map(|a| expand(a, &env, &mut undefined)).collect();
+    let args: Vec<String> =
+        c.args.iter().flatten().map(|a| expand(a, &env, &mut undefined)).collect();
     if undefined.is_empty() {
         Ok(args)
     } else {
@@ -939,7 +1079,8 @@ fn check_config_maps_used(ms: &[Manifest]) -> Vec<String> {
         };
         for (_, c, _) in spec.map(|s| containers(s, "")).unwrap_or_default() {
             for var in c.env.iter().flatten() {
-                if let Some(r) = var.value_from.as_ref().and_then(|v| v.config_map_key_ref.as_ref()) {
+                if let Some(r) = var.value_from.as_ref().and_then(|v| v.config_map_key_ref.as_ref())
+                {
                     used.insert((r.name.clone(), r.key.clone()));
                 }
             }
@@ -997,7 +1138,11 @@ fn kproxy(args: &[String]) -> std::process::Output {
 fn help_flags(subcommand: &str) -> BTreeSet<String> {
     let out = kproxy(&[subcommand.to_string(), "--help".to_string()]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "kproxy {subcommand} --help failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "kproxy {subcommand} --help failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     text.lines()
         .map(str::trim_start)
         .filter(|l| l.starts_with('-'))
@@ -1019,7 +1164,11 @@ fn check_flags(ms: &[Manifest]) -> Vec<String> {
     let mut helps: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for m in ms {
         let spec = match &m.object {
-            Object::DaemonSet(d) => d.spec.as_ref().and_then(|s| s.template.spec.as_ref()).map(|s| (s, "spec.template.spec")),
+            Object::DaemonSet(d) => d
+                .spec
+                .as_ref()
+                .and_then(|s| s.template.spec.as_ref())
+                .map(|s| (s, "spec.template.spec")),
             Object::Pod(p) => p.spec.as_ref().map(|s| (s, "spec")),
             _ => None,
         };
@@ -1030,16 +1179,25 @@ fn check_flags(ms: &[Manifest]) -> Vec<String> {
             }
             let raw = c.args.clone().unwrap_or_default();
             let Some(subcommand) = raw.first().filter(|s| !s.starts_with('-')) else {
-                errors.push(format!("{}: field {at}.args[0]: must be the kproxy subcommand", m.origin));
+                errors.push(format!(
+                    "{}: field {at}.args[0]: must be the kproxy subcommand",
+                    m.origin
+                ));
                 continue;
             };
             let known = helps.entry(subcommand.clone()).or_insert_with(|| help_flags(subcommand));
             if known.is_empty() {
-                errors.push(format!("{}: field {at}.args[0]: `kproxy {subcommand} --help` lists no flags", m.origin));
+                errors.push(format!(
+                    "{}: field {at}.args[0]: `kproxy {subcommand} --help` lists no flags",
+                    m.origin
+                ));
                 continue;
             }
             for (i, arg) in raw.iter().enumerate().skip(1) {
-                if let Some(flag) = arg.strip_prefix("--").map(|f| format!("--{}", f.split('=').next().unwrap_or(""))) {
+                if let Some(flag) = arg
+                    .strip_prefix("--")
+                    .map(|f| format!("--{}", f.split('=').next().unwrap_or("")))
+                {
                     if !known.contains(&flag) {
                         errors.push(format!(
                             "{}: field {at}.args[{i}]: `kproxy {subcommand}` has no flag {flag} (its --help lists {:?})",
@@ -1079,7 +1237,10 @@ fn every_document_is_a_known_kind_without_unknown_fields() {
 
 #[test]
 fn cluster_role_grants_exactly_api_access() {
-    assert_clean("the ClusterRole differs from kproxy::sources::apiserver::API_ACCESS", check_cluster_role(&manifests()));
+    assert_clean(
+        "the ClusterRole differs from kproxy::sources::apiserver::API_ACCESS",
+        check_cluster_role(&manifests()),
+    );
 }
 
 #[test]
@@ -1126,7 +1287,8 @@ fn broken(kind: &str, name: &str, edit: impl FnOnce(&mut Value)) -> Vec<RawDoc> 
 }
 
 fn broken_manifests(kind: &str, name: &str, edit: impl FnOnce(&mut Value)) -> Vec<Manifest> {
-    type_docs(&broken(kind, name, edit)).unwrap_or_else(|e| fail("the broken copy should still parse", &e))
+    type_docs(&broken(kind, name, edit))
+        .unwrap_or_else(|e| fail("the broken copy should still parse", &e))
 }
 
 fn expect_error(errors: Vec<String>, needles: &[&str]) {
@@ -1144,23 +1306,54 @@ fn agent_container(doc: &mut Value) -> &mut Value {
 fn an_unknown_field_is_reported_with_its_path() {
     let docs = broken("DaemonSet", AGENT, |d| {
         d["spec"]["template"]["spec"]["hostNetwok"] = Value::Bool(true);
-        agent_container(d)["securityContext"]["capabilites"] = serde_json::json!({"add": ["SYS_ADMIN"]});
+        agent_container(d)["securityContext"]["capabilites"] =
+            serde_json::json!({"add": ["SYS_ADMIN"]});
     });
     let errors = type_docs(&docs).expect_err("unknown fields must fail");
-    expect_error(errors.clone(), &["deploy/kproxy.yaml", "DaemonSet kproxy", "spec.template.spec.hostNetwok", "unknown field"]);
-    expect_error(errors, &["spec.template.spec.containers[0].securityContext.capabilites", "unknown field"]);
+    expect_error(
+        errors.clone(),
+        &[
+            "deploy/kproxy.yaml",
+            "DaemonSet kproxy",
+            "spec.template.spec.hostNetwok",
+            "unknown field",
+        ],
+    );
+    expect_error(
+        errors,
+        &["spec.template.spec.containers[0].securityContext.capabilites", "unknown field"],
+    );
 }
 
 #[test]
 fn a_null_value_an_unknown_kind_and_bad_yaml_are_reported() {
-    let docs = broken("ConfigMap", "kproxy-config", |d| d["data"]["sync-period"] = Value::Null);
-    expect_error(type_docs(&docs).expect_err("null must fail"), &["data[\"sync-period\"]", "null value"]);
-    let docs = parse_text("x.yaml", "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\n").unwrap();
-    expect_error(type_docs(&docs).expect_err("unknown kind must fail"), &["x.yaml, document 1", "unknown kind \"Deployment\""]);
-    let docs = parse_text("x.yaml", "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: x}\nkind: Pod\n");
+    // The type reads a null as absent, so a misspelt key with a null value would go unnoticed.
+    let docs =
+        broken("DaemonSet", AGENT, |d| d["spec"]["template"]["spec"]["hostNetwok"] = Value::Null);
+    expect_error(
+        type_docs(&docs).expect_err("null must fail"),
+        &["spec.template.spec.hostNetwok", "null value"],
+    );
+    let docs = parse_text("x.yaml", "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\n")
+        .unwrap();
+    expect_error(
+        type_docs(&docs).expect_err("unknown kind must fail"),
+        &["x.yaml, document 1", "unknown kind \"Deployment\""],
+    );
+    let docs = parse_text(
+        "x.yaml",
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: x}\nkind: Pod\n",
+    );
     assert!(docs.is_err(), "a duplicate key must fail: {docs:?}");
-    let docs = parse_text("x.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\ndata: {a: 1}\n").unwrap();
-    expect_error(type_docs(&docs).expect_err("a number in ConfigMap data must fail"), &["field data.a"]);
+    let docs = parse_text(
+        "x.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\ndata: {a: 1}\n",
+    )
+    .unwrap();
+    expect_error(
+        type_docs(&docs).expect_err("a number in ConfigMap data must fail"),
+        &["field data.a"],
+    );
 }
 
 #[test]
@@ -1172,35 +1365,55 @@ fn an_extra_or_missing_grant_is_reported() {
     let errors = check_cluster_role(&ms);
     expect_error(errors.clone(), &["granted but not in API_ACCESS", "delete services.core"]);
     expect_error(errors, &["missing from the role", "create events.events.k8s.io"]);
-    let ms = broken_manifests("ClusterRole", AGENT, |d| d["rules"][1]["resourceNames"] = serde_json::json!(["x"]));
+    let ms = broken_manifests("ClusterRole", AGENT, |d| {
+        d["rules"][1]["resourceNames"] = serde_json::json!(["x"])
+    });
     expect_error(check_cluster_role(&ms), &["rules[1].resourceNames"]);
-    let ms = broken_manifests("ClusterRole", AGENT, |d| d["rules"][0]["verbs"] = serde_json::json!(["*"]));
+    let ms = broken_manifests("ClusterRole", AGENT, |d| {
+        d["rules"][0]["verbs"] = serde_json::json!(["*"])
+    });
     expect_error(check_cluster_role(&ms), &["rules[0].verbs", "wildcard"]);
 }
 
 #[test]
 fn a_binding_to_another_account_is_reported() {
-    let ms = broken_manifests("ClusterRoleBinding", AGENT, |d| d["subjects"][0]["name"] = "default".into());
-    expect_error(check_binding(&ms), &["field subjects", "exactly the ServiceAccount kube-system/kproxy"]);
-    let ms = broken_manifests("DaemonSet", AGENT, |d| d["spec"]["template"]["spec"]["serviceAccountName"] = "other".into());
+    let ms = broken_manifests("ClusterRoleBinding", AGENT, |d| {
+        d["subjects"][0]["name"] = "default".into()
+    });
+    expect_error(
+        check_binding(&ms),
+        &["field subjects", "exactly the ServiceAccount kube-system/kproxy"],
+    );
+    let ms = broken_manifests("DaemonSet", AGENT, |d| {
+        d["spec"]["template"]["spec"]["serviceAccountName"] = "other".into()
+    });
     expect_error(check_binding(&ms), &["serviceAccountName"]);
 }
 
 #[test]
 fn privileges_and_capabilities_beyond_the_documented_set_are_reported() {
     let ms = broken_manifests("DaemonSet", AGENT, |d| {
-        agent_container(d)["securityContext"]["capabilities"]["add"].as_array_mut().unwrap().push("SYS_ADMIN".into())
+        agent_container(d)["securityContext"]["capabilities"]["add"]
+            .as_array_mut()
+            .unwrap()
+            .push("SYS_ADMIN".into())
     });
     expect_error(check_agent_container(&ms), &["capabilities.add", "extra: [\"SYS_ADMIN\"]"]);
-    let ms = broken_manifests("DaemonSet", AGENT, |d| agent_container(d)["securityContext"]["privileged"] = true.into());
+    let ms = broken_manifests("DaemonSet", AGENT, |d| {
+        agent_container(d)["securityContext"]["privileged"] = true.into()
+    });
     expect_error(check_agent_container(&ms), &["containers[0].securityContext.privileged"]);
-    let ms = broken_manifests("DaemonSet", AGENT, |d| d["spec"]["template"]["spec"]["hostNetwork"] = false.into());
+    let ms = broken_manifests("DaemonSet", AGENT, |d| {
+        d["spec"]["template"]["spec"]["hostNetwork"] = false.into()
+    });
     expect_error(check_daemon_set(&ms), &["spec.template.spec.hostNetwork"]);
 }
 
 #[test]
 fn wrong_probes_and_mounts_are_reported() {
-    let ms = broken_manifests("DaemonSet", AGENT, |d| agent_container(d)["readinessProbe"]["httpGet"]["port"] = 10249.into());
+    let ms = broken_manifests("DaemonSet", AGENT, |d| {
+        agent_container(d)["readinessProbe"]["httpGet"]["port"] = 10249.into()
+    });
     expect_error(check_agent_container(&ms), &["readinessProbe.httpGet.port"]);
     let ms = broken_manifests("DaemonSet", AGENT, |d| {
         let args = agent_container(d)["args"].as_array_mut().unwrap();
@@ -1210,9 +1423,17 @@ fn wrong_probes_and_mounts_are_reported() {
     let ms = broken_manifests("DaemonSet", AGENT, |d| {
         agent_container(d)["volumeMounts"][0]["mountPath"] = "/run/kproxy/bpf".into();
     });
-    expect_error(check_agent_container(&ms), &["--bpffs-dir /sys/fs/bpf/kproxy is not on a writable mount"]);
-    let ms = broken_manifests("ConfigMap", "kproxy-config", |d| d["data"]["healthz-bind-address"] = "127.0.0.1:10256".into());
-    expect_error(check_agent_container(&ms), &["--healthz-bind-address expands to \"127.0.0.1:10256\""]);
+    expect_error(
+        check_agent_container(&ms),
+        &["--bpffs-dir /sys/fs/bpf/kproxy is not on a writable mount"],
+    );
+    let ms = broken_manifests("ConfigMap", "kproxy-config", |d| {
+        d["data"]["healthz-bind-address"] = "127.0.0.1:10256".into()
+    });
+    expect_error(
+        check_agent_container(&ms),
+        &["--healthz-bind-address expands to \"127.0.0.1:10256\""],
+    );
 }
 
 #[test]
@@ -1221,16 +1442,24 @@ fn unknown_flags_bad_values_and_dangling_references_are_reported() {
         agent_container(d)["args"].as_array_mut().unwrap().push("--no-such-flag=1".into())
     });
     expect_error(check_flags(&ms), &["has no flag --no-such-flag"]);
-    let ms = broken_manifests("ConfigMap", "kproxy-config", |d| d["data"]["sync-period"] = "30 parsecs".into());
+    let ms = broken_manifests("ConfigMap", "kproxy-config", |d| {
+        d["data"]["sync-period"] = "30 parsecs".into()
+    });
     expect_error(check_flags(&ms), &["kproxy rejects them", "30 parsecs"]);
     let ms = broken_manifests("DaemonSet", AGENT, |d| {
-        agent_container(d)["args"].as_array_mut().unwrap().push("--sync-period=$(KPROXY_SYNC_PERIDO)".into())
+        agent_container(d)["args"]
+            .as_array_mut()
+            .unwrap()
+            .push("--sync-period=$(KPROXY_SYNC_PERIDO)".into())
     });
     expect_error(check_flags(&ms), &["KPROXY_SYNC_PERIDO", "does not define"]);
     let ms = broken_manifests("ConfigMap", "kproxy-config", |d| {
         d["data"].as_object_mut().unwrap().remove("max-backends");
         d["data"]["max-backend"] = "1".into();
     });
-    expect_error(check_agent_container(&ms), &["ConfigMap kproxy-config has no key \"max-backends\""]);
+    expect_error(
+        check_agent_container(&ms),
+        &["ConfigMap kproxy-config has no key \"max-backends\""],
+    );
     expect_error(check_config_maps_used(&ms), &["data[\"max-backend\"]", "no container reads"]);
 }
