@@ -79,10 +79,19 @@ impl ProblemLog {
 }
 
 pub async fn run(cfg: AgentConfig) -> Result<()> {
-    // The pinned maps are adopted before anything else, so the datapath keeps serving.
+    let metrics = Arc::new(Metrics::new());
+    // kube-proxy's health timeout: twice the sync period.
+    let health = Arc::new(ProxyHealth::new(cfg.runner.sync_period * 2));
+    let endpoints = health::Endpoints { health: health.clone(), metrics: metrics.clone() };
+    // Ports first: if another proxy still holds them, fail before touching the datapath.
+    let mut servers = Vec::new();
+    for addr in [cfg.healthz_addr, cfg.metrics_addr].into_iter().flatten() {
+        servers.push(health::serve(addr, endpoints.clone()).await?);
+        tracing::info!(%addr, "serving /healthz, /livez and /metrics");
+    }
+    // The pinned maps are adopted before the source is read, so the datapath keeps serving.
     loader::load_and_attach(&cfg.layout, &cfg.cgroup, &cfg.devices, cfg.tc_attach, cfg.capacities)?;
     let maps = BpfMaps::open(&cfg.layout.maps_dir()).context("open the pinned maps")?;
-    let metrics = Arc::new(Metrics::new());
     for usage in maps.usage()? {
         metrics.set_map(usage.name, usage.entries, usage.capacity);
     }
@@ -92,15 +101,6 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         max_service_entries: cfg.capacities.service_entries(),
     };
     let mut syncer = Syncer::new(maps, limits);
-    // kube-proxy's health timeout: twice the sync period.
-    let health = Arc::new(ProxyHealth::new(cfg.runner.sync_period * 2));
-    let endpoints = health::Endpoints { health: health.clone(), metrics: metrics.clone() };
-    let mut servers = Vec::new();
-    for addr in [cfg.healthz_addr, cfg.metrics_addr].into_iter().flatten() {
-        servers.push(health::serve(addr, endpoints.clone()).await?);
-        tracing::info!(%addr, "serving /healthz, /livez and /metrics");
-    }
-
     let mut store = ModelStore::default();
     store.set_node_addresses(cfg.node_port_addresses.clone());
     store.set_node_name(Some(cfg.node_name.clone()));

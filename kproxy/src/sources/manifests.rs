@@ -99,9 +99,22 @@ fn collect_files(path: &Path, files: &mut Vec<PathBuf>) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The YAML parser's limits, raised from its defaults (1,024 documents, 250,000 nodes) so that
+/// a whole cluster's `kubectl get -o yaml` (tens of thousands of objects) fits; the input size
+/// stays capped by the parser's own 256 MiB limit.
+fn parser_options() -> serde_saphyr::Options {
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_documents = 1_000_000;
+    budget.max_nodes = 100_000_000;
+    budget.max_events = 400_000_000;
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    options
+}
+
 /// Parses the documents of one file into `out`.
 pub fn parse_into(file: &Path, text: &str, out: &mut Manifests) {
-    let documents: Vec<Value> = match serde_saphyr::from_multiple(text) {
+    let documents: Vec<Value> = match serde_saphyr::from_multiple_with_options(text, parser_options()) {
         Ok(docs) => docs,
         Err(e) => {
             out.errors.push(ManifestError {
@@ -333,6 +346,14 @@ kind: Service
         assert!(msg.contains("test.yaml document 1"), "{msg}");
         assert!(msg.contains("bad: spec.ports[0].port"), "{msg}");
         assert!(m.errors[1].to_string().contains("missing apiVersion or kind"));
+    }
+
+    #[test]
+    fn thousands_of_documents_in_one_file() {
+        let doc = "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n---\n";
+        let m = parse(&doc.repeat(5000));
+        assert!(m.errors.is_empty(), "{:?}", m.errors.first());
+        assert_eq!(m.services.len(), 5000);
     }
 
     #[test]
