@@ -27,3 +27,4 @@ pub mod manifest;
 pub mod prometheus;
 pub mod report;
 pub mod topology;
+pub mod vm;

@@ -32,6 +32,8 @@ enum Cli {
     },
     /// Benchmark kproxy against kube-proxy's iptables and nftables modes and no proxy (root).
     Bench(tasks::bench::BenchArgs),
+    /// Run the datapath tests on Linux 5.10, 6.1 and 6.12 under qemu, and on the host (root).
+    VmTest(tasks::vm_test::Args),
 }
 
 fn main() -> Result<()> {
@@ -44,5 +46,6 @@ fn main() -> Result<()> {
             no_build,
         } => tasks::demo::run(manifests, no_build),
         Cli::Bench(args) => tasks::bench::run(args),
+        Cli::VmTest(args) => tasks::vm_test::run(args),
     }
 }

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod build;
 pub mod demo;
 pub mod setup;
+pub mod vm_test;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
