@@ -20,18 +20,17 @@
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{say, skip_unless_root};
+use common::{binaries, say, skip_unless_root};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::{json, Value};
 use xtask::dump_poller::{DumpPoller, Invariant};
 use xtask::fake_apiserver::{FakeApiServer, Kind, LabelSelector, RequestRecord};
-use xtask::harness::{unique_bpffs_dir, Binaries, Dump, Harness, HTTP_PORT, UDP_PORT};
+use xtask::harness::{unique_bpffs_dir, Dump, Harness, HTTP_PORT, UDP_PORT};
 use xtask::k8s;
 use xtask::manifest::{Endpoint, Protocol, ServiceSpec};
 use xtask::report::Report;
@@ -48,17 +47,6 @@ const CONVERGE: Duration = Duration::from_secs(10);
 const RECOVER: Duration = Duration::from_secs(30);
 /// Upper bound of one client run (the clients bound themselves well below this).
 const CLIENT_WAIT: Duration = Duration::from_secs(90);
-
-fn binaries() -> Binaries {
-    let from_env = |var: &str| std::env::var_os(var).map(PathBuf::from);
-    Binaries {
-        kproxy: from_env("KPROXY_BIN").unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/kproxy")
-        }),
-        testpod: from_env("KPROXY_TESTPOD_BIN")
-            .unwrap_or_else(|| env!("CARGO_BIN_EXE_kproxy-testpod").into()),
-    }
-}
 
 /// A harness whose agent watches a fake apiserver. Field order is drop order: the agent stops
 /// (and `kproxy cleanup` runs) before the server goes away.

@@ -15,8 +15,8 @@ use std::time::Duration;
 
 mod common;
 
-use common::{say, skip_unless_root};
-use xtask::harness::{unique_bpffs_dir, Binaries, Harness, HTTP_PORT, UDP_PORT};
+use common::{binaries, say, skip_unless_root};
+use xtask::harness::{unique_bpffs_dir, Harness, HTTP_PORT, UDP_PORT};
 use xtask::report::Report;
 use xtask::topology::{output_in, spawn_in, Netns};
 
@@ -24,17 +24,6 @@ const NODE_IP: &str = "192.168.50.2";
 const EXT_IP: &str = "192.168.50.100";
 const NODE_DEVICE: &str = "kpext0";
 const CLIENT_WAIT: Duration = Duration::from_secs(90);
-
-fn binaries() -> Binaries {
-    let from_env = |var: &str| std::env::var_os(var).map(std::path::PathBuf::from);
-    Binaries {
-        kproxy: from_env("KPROXY_BIN").unwrap_or_else(|| {
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/kproxy")
-        }),
-        testpod: from_env("KPROXY_TESTPOD_BIN")
-            .unwrap_or_else(|| env!("CARGO_BIN_EXE_kproxy-testpod").into()),
-    }
-}
 
 /// The harness (node + pods), an external client namespace wired to the node's `kpext0`, and
 /// the agent attached there with `tc_attach`.
@@ -296,7 +285,7 @@ endpoints:
 #[test]
 fn external_traffic_policy_local_uses_local_endpoints_and_serves_its_health_check_node_port() {
     let test = "external_traffic_policy_local_uses_local_endpoints_and_serves_its_health_check_node_port";
-    let Some(mut setup) = NodePortSetup::with_manifest(test, "auto", local_policy_manifest) else { return };
+    let Some(setup) = NodePortSetup::with_manifest(test, "auto", local_policy_manifest) else { return };
     let report = setup.client(&["http", "--addr", &format!("{NODE_IP}:30090"), "--count", "40"]);
     assert_eq!((report.ok, report.backend("pod-a")), (40, 40), "only the local endpoint: {report:?}");
     let health = |setup: &NodePortSetup| {

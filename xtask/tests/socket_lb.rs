@@ -11,15 +11,15 @@
 //! `SKIPPED (needs root)` and passes.
 
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 mod common;
 
-use common::{counts, say, skip_unless_root};
+use common::{binaries, counts, say, skip_unless_root};
 use xtask::cmd;
-use xtask::harness::{unique_bpffs_dir, Binaries, Harness, HTTP_PORT, UDP_PORT};
+use xtask::harness::{unique_bpffs_dir, Harness, HTTP_PORT, UDP_PORT};
 use xtask::manifest::{Protocol, ServiceSpec};
 use xtask::report::Report;
 
@@ -34,17 +34,6 @@ const EMPTY: &str = "10.96.0.99:80";
 const PROGRAMMED: Duration = Duration::from_secs(5);
 /// Upper bound of one client run (the clients bound themselves well below this).
 const CLIENT_WAIT: Duration = Duration::from_secs(90);
-
-fn binaries() -> Binaries {
-    let from_env = |var: &str| std::env::var_os(var).map(PathBuf::from);
-    Binaries {
-        kproxy: from_env("KPROXY_BIN").unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/kproxy")
-        }),
-        testpod: from_env("KPROXY_TESTPOD_BIN")
-            .unwrap_or_else(|| env!("CARGO_BIN_EXE_kproxy-testpod").into()),
-    }
-}
 
 /// A harness with `pods`, or `None` after a loud SKIPPED line when not running as root.
 fn harness(test: &str, pods: &[&str]) -> Option<Harness> {
