@@ -17,6 +17,7 @@ use std::{
     fs,
     os::fd::AsFd as _,
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _, Result};
@@ -397,6 +398,22 @@ pub fn attached_kproxy_programs(cgroup: &Path) -> Result<Vec<String>> {
         }
     }
     Ok(names)
+}
+
+/// Waits up to `timeout` for `cgroup` to have no kproxy program attached, and returns those
+/// still attached then. Removing a link's last pin does not detach it at once: bpffs frees the
+/// inode, and with it the link, after an RCU grace period (tens of milliseconds on a loaded
+/// machine, seconds under emulation on Linux 5.10), so a single check right after `cleanup`
+/// can see programs that are already on their way out.
+pub fn wait_detached(cgroup: &Path, timeout: Duration) -> Result<Vec<String>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = attached_kproxy_programs(cgroup)?;
+        if left.is_empty() || Instant::now() >= deadline {
+            return Ok(left);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// What `cleanup` removed.

@@ -203,7 +203,7 @@ fn main() -> Result<()> {
                 report.maps.len()
             );
             if let Some(cgroup) = cgroup {
-                let left = loader::attached_kproxy_programs(&cgroup)?;
+                let left = loader::wait_detached(&cgroup, std::time::Duration::from_secs(5))?;
                 if !left.is_empty() {
                     anyhow::bail!(
                         "{} still has kproxy programs attached ({}); is an agent still running?",

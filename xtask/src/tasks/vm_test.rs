@@ -48,11 +48,15 @@ pub struct Args {
     /// Memory of each VM, in MiB.
     #[arg(long, default_value_t = 1024)]
     memory: u32,
-    /// Use the debug builds of kproxy and kproxy-testpod (as `cargo xtask test` does) instead
-    /// of release builds. Under emulation a debug agent needs about 10 s to start, longer than
-    /// the socket_lb tests wait for it.
+    /// Test the debug build of kproxy (as `cargo xtask test` does) instead of a release build.
+    /// Under emulation a debug agent needs about 10 s to start, longer than the socket_lb tests
+    /// wait for it.
     #[arg(long)]
     debug_binaries: bool,
+    /// Test this kproxy binary instead of the one built from the workspace (for example a
+    /// candidate fix, or a release artifact).
+    #[arg(long)]
+    kproxy: Option<PathBuf>,
     /// Inside a VM (or on the host): run one check of xtask::vm::checks and exit.
     #[arg(long, hide = true)]
     guest_check: Option<String>,
@@ -94,20 +98,19 @@ pub fn run(args: Args) -> Result<()> {
     let legs = legs(&args.kernel)?;
     interrupt::install()?;
     let debug_bins = build::build()?;
-    let bins = if args.debug_binaries {
-        debug_bins
-    } else {
-        println!("vm: building kproxy and kproxy-testpod in release mode");
+    // The agent under test is a release build, as shipped: under emulation a debug agent needs
+    // about 10 s to start, longer than the socket_lb tests wait for it. The test workload
+    // (kproxy-testpod) is the debug build that `build` just made.
+    let mut bins = debug_bins.clone();
+    if args.kproxy.is_none() && !args.debug_binaries {
+        println!("vm: building kproxy in release mode");
         cmd::run(cargo().args(["build", "--release", "--package", "kproxy", "--bin", "kproxy"]))?;
-        cmd::run(cargo().args(["build", "--release", "--package", "xtask", "--bin", "kproxy-testpod"]))?;
-        let release = target_dir()?.join("release");
-        let bins = Binaries {
-            kproxy: release.join("kproxy"),
-            testpod: release.join("kproxy-testpod"),
-        };
+        bins.kproxy = target_dir()?.join("release/kproxy");
         bins.check()?;
-        bins
-    };
+    }
+    if let Some(kproxy) = &args.kproxy {
+        bins.kproxy = fs::canonicalize(kproxy).with_context(|| format!("--kproxy {}", kproxy.display()))?;
+    }
     println!("vm: building the test binaries");
     let socket_lb = test_binary("xtask", "socket_lb")?;
     let tc_datapath = test_binary("kproxy", "tc_datapath")?;

@@ -149,9 +149,9 @@ fn cgroup_programs(cgroup: &Path) -> Result<Vec<(String, String)>> {
         .collect())
 }
 
-/// `result` of `kproxy cleanup --cgroup`; when it failed, says whether the programs it found
-/// still attached went away on their own within two seconds (kproxy checked before the
-/// kernel's deferred release of the unpinned links) or stayed (a leak).
+/// `result` of `kproxy cleanup --cgroup`; when it failed, says whether the cgroup's programs
+/// went away on their own within two seconds (kproxy checked before the kernel's deferred
+/// release of the unpinned links) or stayed (a leak).
 fn explain_cleanup<T>(result: Result<T>, cgroup: &Path) -> Result<T> {
     let error = match result {
         Ok(value) => return Ok(value),
@@ -168,9 +168,9 @@ fn explain_cleanup<T>(result: Result<T>, cgroup: &Path) -> Result<T> {
     }
     let after = match left {
         Ok(l) if l.is_empty() => format!(
-            "the programs were detached {} ms later without further action: kproxy cleanup \
-             checks before the kernel releases the unpinned links (bpffs frees them after an \
-             RCU grace period, slow under emulation)",
+            "kproxy cleanup failed, yet its programs were detached {} ms later without further \
+             action: the kernel releases unpinned links asynchronously (bpffs frees the pin's \
+             inode after an RCU grace period), and kproxy's check ran before that",
             start.elapsed().as_millis()
         ),
         Ok(l) => format!("still attached after 2 s: {l:?}"),

@@ -179,7 +179,7 @@ hostname kproxy-vm
 "#,
         );
         let _ = writeln!(s, "echo \"{MARK}UNAME $(uname -r)\"");
-        let _ = writeln!(s, "echo \"{MARK}NOTE $(cat /proc/version)\"");
+        s.push_str("cat /proc/version\n");
         for (name, path) in modules {
             let _ = writeln!(
                 s,
@@ -367,7 +367,9 @@ impl Collector {
                     duration: None,
                 });
             }
-            "NOTE" | "FALLBACK" => self.notes.push(arg.trim().to_string()),
+            "NOTE" => self.notes.push(arg.trim().to_string()),
+            // Inside a step, a fallback is reported through the step's outcome.
+            "FALLBACK" if self.current.is_none() => self.notes.push(arg.trim().to_string()),
             "DONE" => self.done = true,
             _ => {}
         }
