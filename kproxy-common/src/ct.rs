@@ -1,10 +1,24 @@
 //! Connection tracking for the per-packet (tc) datapath.
 //!
-//! Every translated flow has two entries in [`CT_MAP`]:
+//! Every entry is keyed by a packet's 5-tuple as the hook that matches it sees the packet, and
+//! says which address and port to write into that packet: entries matched at ingress rewrite
+//! the destination, entries matched at egress rewrite the source. A flow to a backend on this
+//! node has two entries, a flow to a backend reached through one of the node's devices (on
+//! another node) four, because it is also source-translated to the node (SNAT):
+//!
 //! ```text
-//! forward  (client, frontend) dir=FORWARD → backend   used at ingress: same flow, same backend
-//! reverse  (backend, client)  dir=REVERSE → frontend  used at egress: replies leave as the frontend
+//! C client, F frontend, B backend, N:P the node's address on the device towards B and a port
+//! allocated for this flow (see crate::nat).
+//!
+//! key (as the packet is seen)   direction   rewrites          used for
+//! (C, F)                        INGRESS     destination → B   client → frontend, every backend
+//! (B, C)                        EGRESS      source → F        backend's reply leaves as F
+//! (C, B)                        EGRESS      source → N:P      SNAT: the forwarded request
+//! (B, N:P)                      INGRESS     destination → C   SNAT: the backend's reply
 //! ```
+//!
+//! With SNAT a request crosses the node as C→F (ingress: DNAT) → C→B (routed, egress: SNAT) →
+//! N:P→B, and the reply as B→N:P (ingress: un-SNAT) → B→C (routed, egress: un-DNAT) → F→C.
 //! LRU, so the map never fills up; each entry also carries its own expiry, refreshed by
 //! traffic, so closed or idle flows stop matching after their timeout.
 
@@ -15,13 +29,13 @@ use crate::user_pod;
 /// Pinned name of the connection-tracking map.
 pub const CT_MAP: &str = "KP_CT";
 
-/// Default capacity of [`CT_MAP`] (two entries per tracked flow).
+/// Default capacity of [`CT_MAP`] (two entries per tracked flow, four with SNAT).
 pub const DEFAULT_MAX_CT_ENTRIES: u32 = 524_288;
 
-/// [`CtKey::direction`] of the entry a client → frontend packet matches.
-pub const CT_FORWARD: u8 = 0;
-/// [`CtKey::direction`] of the entry a backend → client reply matches.
-pub const CT_REVERSE: u8 = 1;
+/// [`CtKey::direction`] of entries matched at tc ingress: they rewrite the destination.
+pub const CT_INGRESS: u8 = 0;
+/// [`CtKey::direction`] of entries matched at tc egress: they rewrite the source.
+pub const CT_EGRESS: u8 = 1;
 
 /// Lifetime of a TCP flow that has only seen SYNs (as Cilium: 60 s).
 pub const CT_SYN_TIMEOUT_NS: u64 = 60_000_000_000;
@@ -46,7 +60,7 @@ pub struct CtKey {
     pub dst_port: [u8; 2],
     /// IP protocol.
     pub protocol: u8,
-    /// [`CT_FORWARD`] or [`CT_REVERSE`].
+    /// [`CT_INGRESS`] or [`CT_EGRESS`].
     pub direction: u8,
     /// Explicit padding, always zero.
     pub _pad: [u8; 2],
@@ -59,8 +73,7 @@ const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
 pub struct CtValue {
     /// `bpf_ktime_get_ns()` after which the entry no longer matches.
     pub expires_ns: u64,
-    /// Forward: the backend address to write as destination. Reverse: the frontend address
-    /// to write as source. Network order.
+    /// The address to write: the destination at ingress, the source at egress. Network order.
     pub nat_address: [u8; 4],
     /// Port counterpart of `nat_address`, network order.
     pub nat_port: [u8; 2],

@@ -9,6 +9,7 @@
 
 pub mod ct;
 pub mod lb;
+pub mod nat;
 pub mod sock;
 
 /// `IPPROTO_TCP`, as stored in [`lb::ServiceKey::protocol`].

@@ -2,11 +2,14 @@
 
 use kproxy_common::{
     ct::{
-        CtKey, CtValue, CT_CLOSE_TIMEOUT_NS, CT_FORWARD, CT_REVERSE, CT_SEEN_CLOSING, CT_SEEN_ESTABLISHED, CT_SEEN_SYN,
+        CtKey, CtValue, CT_CLOSE_TIMEOUT_NS, CT_EGRESS, CT_INGRESS, CT_SEEN_CLOSING, CT_SEEN_ESTABLISHED, CT_SEEN_SYN,
         CT_SYN_TIMEOUT_NS, CT_TCP_TIMEOUT_NS, CT_UDP_TIMEOUT_NS,
     },
+    nat::{SNAT_PORT_MAX, SNAT_PORT_MIN, SNAT_PORT_TRIES},
     PROTO_TCP,
 };
+
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_prandom_u32};
 
 use crate::{
     maps::KP_CT,
@@ -77,34 +80,68 @@ pub fn refresh(entry: *mut CtValue, flow: &Flow, now: u64) {
     }
 }
 
-/// Creates the forward entry (this packet's flow → `backend`) and the reverse entry
-/// (`backend` → the client, translated back to the frontend). Best effort: if the LRU map
-/// cannot take them, the packet is still translated and the next one retries.
+/// An entry that rewrites to `(address, port)`, living `lifetime` from `now`.
 #[inline(always)]
-pub fn create(flow: &Flow, backend_address: [u8; 4], backend_port: [u8; 2], service_id: u32, now: u64) {
-    let (seen, lifetime) = advance(flow, 0);
-    let client = (flow.src_address, flow.src_port);
-    let backend = (backend_address, backend_port);
-    let forward = key(client, (flow.dst_address, flow.dst_port), flow.protocol, CT_FORWARD);
-    let to_backend = CtValue {
+fn value(to: ([u8; 4], [u8; 2]), seen: u8, lifetime: u64, service_id: u32, now: u64) -> CtValue {
+    CtValue {
         expires_ns: now + lifetime,
-        nat_address: backend_address,
-        nat_port: backend_port,
+        nat_address: to.0,
+        nat_port: to.1,
         seen,
         _pad: 0,
         service_id,
         _pad2: [0; 4],
-    };
-    let reverse = key(backend, client, flow.protocol, CT_REVERSE);
-    let to_frontend = CtValue {
-        expires_ns: now + lifetime,
-        nat_address: flow.dst_address,
-        nat_port: flow.dst_port,
-        seen: 0,
-        _pad: 0,
-        service_id,
-        _pad2: [0; 4],
-    };
-    let _ = KP_CT.insert(&reverse, &to_frontend, 0);
-    let _ = KP_CT.insert(&forward, &to_backend, 0);
+    }
+}
+
+/// Creates the entries of a new flow to a backend on this node: the client's packets to
+/// `backend` (at ingress), the backend's replies from the frontend (at egress). Best effort:
+/// if the LRU map cannot take them, the packet is still translated and the next one retries.
+#[inline(always)]
+pub fn create(flow: &Flow, backend: ([u8; 4], [u8; 2]), service_id: u32, now: u64) {
+    let (seen, lifetime) = advance(flow, 0);
+    let client = (flow.src_address, flow.src_port);
+    let frontend = (flow.dst_address, flow.dst_port);
+    let _ = KP_CT.insert(&key(backend, client, flow.protocol, CT_EGRESS), &value(frontend, 0, lifetime, service_id, now), 0);
+    let _ = KP_CT.insert(&key(client, frontend, flow.protocol, CT_INGRESS), &value(backend, seen, lifetime, service_id, now), 0);
+}
+
+/// Creates the four entries of a new flow to a backend behind one of the node's devices,
+/// source-translated to `node_address` and a port claimed for it; see `kproxy_common::ct`.
+/// `None` if no port was free after `SNAT_PORT_TRIES` random tries: the caller drops the packet.
+///
+/// A port is claimed by inserting the (backend, node:port) reply entry with `BPF_NOEXIST`,
+/// which the kernel does atomically, so two flows never get the same port towards a backend.
+/// An entry that has expired but is still in the LRU map is taken over with a plain update.
+#[inline(always)]
+pub fn create_snat(
+    flow: &Flow,
+    backend: ([u8; 4], [u8; 2]),
+    node_address: [u8; 4],
+    service_id: u32,
+    now: u64,
+) -> Option<[u8; 2]> {
+    let (seen, lifetime) = advance(flow, 0);
+    let client = (flow.src_address, flow.src_port);
+    let frontend = (flow.dst_address, flow.dst_port);
+    let to_client = value(client, 0, lifetime, service_id, now);
+    let range = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
+    let mut claimed = None;
+    for _ in 0..SNAT_PORT_TRIES {
+        // SAFETY: helper without arguments.
+        let port = (SNAT_PORT_MIN + (unsafe { bpf_get_prandom_u32() } % range) as u16).to_be_bytes();
+        let reply = key(backend, (node_address, port), flow.protocol, CT_INGRESS);
+        if KP_CT.insert(&reply, &to_client, BPF_NOEXIST as u64).is_ok()
+            || (lookup(&reply, now).is_none() && KP_CT.insert(&reply, &to_client, 0).is_ok())
+        {
+            claimed = Some(port);
+            break;
+        }
+    }
+    let port = claimed?;
+    let node = (node_address, port);
+    let _ = KP_CT.insert(&key(backend, client, flow.protocol, CT_EGRESS), &value(frontend, 0, lifetime, service_id, now), 0);
+    let _ = KP_CT.insert(&key(client, backend, flow.protocol, CT_EGRESS), &value(node, seen, lifetime, service_id, now), 0);
+    let _ = KP_CT.insert(&key(client, frontend, flow.protocol, CT_INGRESS), &value(backend, seen, lifetime, service_id, now), 0);
+    Some(port)
 }

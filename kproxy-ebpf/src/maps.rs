@@ -8,6 +8,7 @@ use aya_ebpf::{
 use kproxy_common::{
     ct::{CtKey, CtValue},
     lb::{Backend, ServiceKey, ServiceMeta, ServiceValue},
+    nat::Device,
     sock::{SockAffinityKey, SockAffinityValue, SockRevNatKey, SockRevNatValue},
 };
 
@@ -34,3 +35,8 @@ pub static KP_SOCK_AFFIN: LruHashMap<SockAffinityKey, SockAffinityValue, 1024> =
 /// Connection tracking of translated flows at tc; see `kproxy_common::ct`.
 #[btf_map]
 pub static KP_CT: LruHashMap<CtKey, CtValue, 1024> = LruHashMap::new();
+
+/// The node's devices kproxy is attached to, by ifindex, with their SNAT address; see
+/// `kproxy_common::nat`.
+#[btf_map]
+pub static KP_DEVICES: HashMap<u32, Device, 64> = HashMap::new();

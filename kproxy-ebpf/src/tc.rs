@@ -8,14 +8,14 @@ use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
     programs::TcContext,
 };
-use kproxy_common::ct::{CtKey, CT_FORWARD, CT_REVERSE};
+use kproxy_common::ct::{CtKey, CT_EGRESS, CT_INGRESS};
 
 use crate::{
     conntrack,
     lb::{self, Lookup},
     nat::{self, End},
     packet::{self, Flow},
-    reject,
+    reject, route,
 };
 
 /// The conntrack key of the packet itself, in `direction`.
@@ -33,13 +33,14 @@ fn verdict(r: Result<(), i64>) -> i32 {
     }
 }
 
-/// Ingress: a packet to a frontend goes to its flow's backend (a new flow gets one).
+/// Ingress: a packet to a frontend goes to its flow's backend (a new flow gets one); the reply
+/// to a source-translated flow goes back to its client.
 #[inline(always)]
 pub fn ingress(ctx: &mut TcContext) -> i32 {
     let Some(flow) = packet::parse(ctx) else { return TC_ACT_OK as i32 };
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    if let Some(entry) = conntrack::lookup(&ct_key(&flow, CT_FORWARD), now) {
+    if let Some(entry) = conntrack::lookup(&ct_key(&flow, CT_INGRESS), now) {
         conntrack::refresh(entry, &flow, now);
         // SAFETY: `entry` is a live map value pointer from `lookup`.
         let (address, port) = unsafe { ((*entry).nat_address, (*entry).nat_port) };
@@ -49,19 +50,32 @@ pub fn ingress(ctx: &mut TcContext) -> i32 {
         Lookup::NotAService => TC_ACT_OK as i32,
         Lookup::NoBackend => reject::refuse(ctx, &flow),
         Lookup::Backend { backend, service_id, .. } => {
-            conntrack::create(&flow, backend.address, backend.port, service_id, now);
+            let to = (backend.address, backend.port);
+            // SAFETY: reading a field of the program's own context.
+            let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+            match route::device_towards(ctx, ifindex, &flow, to) {
+                // A backend on another node: the request also leaves with the node's address
+                // (at egress), so that the reply comes back through this node.
+                Some(device) => {
+                    if conntrack::create_snat(&flow, to, device.snat_address, service_id, now).is_none() {
+                        return TC_ACT_SHOT as i32;
+                    }
+                }
+                None => conntrack::create(&flow, to, service_id, now),
+            }
             verdict(nat::rewrite(ctx, &flow, End::Destination, backend.address, backend.port))
         }
     }
 }
 
-/// Egress: a reply from a backend of a tracked flow leaves as its frontend.
+/// Egress: a reply from a backend of a tracked flow leaves as its frontend; a request to a
+/// backend on another node leaves with the node's address.
 #[inline(always)]
 pub fn egress(ctx: &mut TcContext) -> i32 {
     let Some(flow) = packet::parse(ctx) else { return TC_ACT_OK as i32 };
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    let Some(entry) = conntrack::lookup(&ct_key(&flow, CT_REVERSE), now) else {
+    let Some(entry) = conntrack::lookup(&ct_key(&flow, CT_EGRESS), now) else {
         return TC_ACT_OK as i32;
     };
     conntrack::refresh(entry, &flow, now);

@@ -22,7 +22,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use aya::{
-    maps::MapData,
+    maps::{HashMap as BpfHashMap, MapData},
     programs::{
         links::{FdLink, Link as _, LinkOrder, PinnedLink},
         tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
@@ -34,6 +34,7 @@ use aya::{
 use kproxy_common::{
     ct::{CtKey, CtValue, CT_MAP},
     lb::{Backend, ServiceKey, ServiceMeta, ServiceValue, BACKENDS_MAP, SERVICES_MAP, SERVICE_META_MAP},
+    nat::{Device, DEVICES_MAP},
     sock::{
         SockAffinityKey, SockAffinityValue, SockRevNatKey, SockRevNatValue, SOCK_AFFINITY_MAP,
         SOCK_REVNAT_MAP,
@@ -266,6 +267,7 @@ pub fn load_and_attach(
             .with_context(|| format!("link of {name} is not a bpf_link (Linux >= 5.7 needed)"))?;
         pin_link_atomically(layout, name, link)?;
     }
+    write_devices(&mut ebpf, devices)?;
     let tcx = match tc_attach {
         TcAttach::Auto => KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)),
         TcAttach::Tcx => true,
@@ -294,6 +296,26 @@ pub fn load_and_attach(
         set_retval = has_set_retval(),
         "programs attached"
     );
+    Ok(())
+}
+
+/// Fills the (unpinned, per-load) devices map: each tc device's ifindex → its first IPv4
+/// address, the source of flows translated towards backends on other nodes. Written before
+/// the tc programs that read it are attached.
+fn write_devices(ebpf: &mut Ebpf, devices: &[String]) -> Result<()> {
+    let addresses = crate::node::ipv4_addresses()?;
+    let map = ebpf.map_mut(DEVICES_MAP).with_context(|| format!("map {DEVICES_MAP} missing from the eBPF object"))?;
+    let mut map: BpfHashMap<_, u32, Device> = BpfHashMap::try_from(map).with_context(|| format!("map {DEVICES_MAP}"))?;
+    for device in devices {
+        let ifindex = nix::net::if_::if_nametoindex(device.as_str()).with_context(|| format!("device {device}"))?;
+        let Some((_, address)) = addresses.iter().find(|(name, _)| name == device) else {
+            tracing::warn!(device, "device has no IPv4 address: flows through it to backends on other nodes cannot be source-translated and will fail");
+            continue;
+        };
+        map.insert(ifindex, Device { snat_address: address.octets() }, 0)
+            .with_context(|| format!("{DEVICES_MAP}: insert {device} (ifindex {ifindex})"))?;
+        tracing::info!(device, ifindex, snat_address = %address, "device programmed");
+    }
     Ok(())
 }
 

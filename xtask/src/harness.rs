@@ -230,8 +230,13 @@ impl Harness {
     /// cgroup. The agent uses `bpffs_dir` and, unless [`Harness::with_manifests`] says otherwise,
     /// a fresh manifest directory written by [`Harness::write_manifest`].
     pub fn new(bins: Binaries, pods: &[&str], bpffs_dir: PathBuf) -> Result<Harness> {
+        Self::on_subnet(bins, pods, bpffs_dir, 1)
+    }
+
+    /// As [`Harness::new`], with the pods on 10.244.`subnet`.0/24 (a second node's pods).
+    pub fn on_subnet(bins: Binaries, pods: &[&str], bpffs_dir: PathBuf, subnet: u8) -> Result<Harness> {
         bins.check()?;
-        let topology = Topology::builder().pods(pods.iter().copied()).build()?;
+        let topology = Topology::builder().pods(pods.iter().copied()).subnet(subnet).build()?;
         let cgroup = Cgroup::new("clients")?;
         let workdir = WorkDir(std::env::temp_dir().join(unique_name("kproxy-harness")));
         let manifests = workdir.0.join("manifests");

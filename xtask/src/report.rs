@@ -12,6 +12,7 @@
 //! - `by_backend`: successful requests by the name the backend answered with.
 //! - `peers`: what `getpeername()` returned, per connection (HTTP, and UDP with `--connected`).
 //! - `sources`: UDP only, the source address each reply came from (`recvfrom`).
+//! - `seen_as`: the client's address as the backends saw it (their answers say), per request.
 //! - `connect_ms`: duration of successful connects; `request_ms`: of successful requests, from
 //!   connect (or send) to the last byte of the answer; `failure_ms`: how long failed requests
 //!   took to fail. Each is `{"p50","p99","max"}` in milliseconds, absent without samples.
@@ -69,6 +70,7 @@ pub struct Report {
     pub by_backend: BTreeMap<String, u64>,
     pub peers: BTreeMap<String, u64>,
     pub sources: BTreeMap<String, u64>,
+    pub seen_as: BTreeMap<String, u64>,
     pub connect_ms: Option<Latency>,
     pub request_ms: Option<Latency>,
     pub failure_ms: Option<Latency>,
@@ -93,7 +95,7 @@ impl Report {
         m.insert("ok".into(), json!(self.ok));
         m.insert("errors".into(), json!(self.errors));
         m.insert("by_backend".into(), json!(self.by_backend));
-        for (key, map) in [("peers", &self.peers), ("sources", &self.sources)] {
+        for (key, map) in [("peers", &self.peers), ("sources", &self.sources), ("seen_as", &self.seen_as)] {
             if !map.is_empty() {
                 m.insert(key.into(), json!(map));
             }
@@ -159,6 +161,7 @@ impl Report {
             by_backend: counts("by_backend")?,
             peers: counts("peers")?,
             sources: counts("sources")?,
+            seen_as: counts("seen_as")?,
             connect_ms: latency("connect_ms")?,
             request_ms: latency("request_ms")?,
             failure_ms: latency("failure_ms")?,
@@ -193,6 +196,7 @@ mod tests {
         r.errors.insert("ConnectionRefused".into(), 1);
         r.by_backend.insert("pod-a".into(), 3);
         r.peers.insert("10.96.0.10:80".into(), 3);
+        r.seen_as.insert("10.244.1.1".into(), 3);
         let text = format!("some log line\n{}\n", r.to_json());
         assert_eq!(Report::parse(&text).unwrap(), r);
         assert_eq!(r.failed(), 1);

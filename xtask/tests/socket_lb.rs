@@ -180,8 +180,8 @@ fn curl_reaches_clusterip() {
     );
     assert_eq!(
         stdout,
-        format!("pod-a\n200 {WEB}"),
-        "body, status and peer seen by curl"
+        format!("pod-a\nclient {}\n200 {WEB}", xtask::topology::BRIDGE_IP),
+        "body (the pod saw the node's own address), status and peer seen by curl"
     );
 }
 

@@ -1,7 +1,8 @@
 //! `kproxy-testpod`: the workload of kproxy's tests, demo and benchmarks.
 //!
 //! - `serve`: a pod. HTTP/1.1 on `--tcp` (thread per connection, keep-alive) and a UDP echo on
-//!   `--udp`; both answer with `NAME\n`. Prints `ready tcp=... udp=...` once bound.
+//!   `--udp`; both answer with `NAME\nclient IP\n`, IP being the client's address as the
+//!   server sees it. Prints `ready tcp=... udp=...` once bound.
 //! - `http`: a client. `--count` sequential GET requests, a new connection each (unless
 //!   `--keepalive`), recording which backend answered and what `getpeername()` says.
 //! - `udp`: a client. `--count` datagrams with `sendto` on one unconnected socket (or, with
@@ -28,7 +29,7 @@ use xtask::report::{Latency, Report};
     about = "Test workload for kproxy: pod servers and clients"
 )]
 enum Cli {
-    /// Serve HTTP (and UDP), answering every request with `NAME\n`.
+    /// Serve HTTP (and UDP), answering every request with `NAME\nclient IP\n`.
     Serve {
         #[arg(long)]
         name: String,
@@ -112,7 +113,7 @@ fn print_report(report: Report) {
 // Servers
 
 fn serve(name: &str, tcp: SocketAddr, udp: Option<SocketAddr>) -> Result<()> {
-    let body: Arc<str> = format!("{name}\n").into();
+    let name: Arc<str> = name.into();
     let listener = TcpListener::bind(tcp).with_context(|| format!("binding TCP {tcp}"))?;
     let udp_socket = match udp {
         Some(addr) => Some(UdpSocket::bind(addr).with_context(|| format!("binding UDP {addr}"))?),
@@ -123,15 +124,15 @@ fn serve(name: &str, tcp: SocketAddr, udp: Option<SocketAddr>) -> Result<()> {
     io::stdout().flush()?;
 
     if let Some(socket) = udp_socket {
-        let body = body.clone();
-        thread::spawn(move || serve_udp(&socket, &body));
+        let name = name.clone();
+        thread::spawn(move || serve_udp(&socket, &name));
     }
     for stream in listener.incoming() {
         match stream {
             Ok(stream) => {
-                let body = body.clone();
+                let name = name.clone();
                 thread::spawn(move || {
-                    if let Err(e) = serve_http_connection(stream, &body) {
+                    if let Err(e) = serve_http_connection(stream, &name) {
                         if !is_client_going_away(&e) {
                             eprintln!("http connection: {e}");
                         }
@@ -157,12 +158,17 @@ fn is_client_going_away(e: &io::Error) -> bool {
     )
 }
 
-fn serve_udp(socket: &UdpSocket, body: &str) {
+/// What a server answers to `client`.
+fn answer(name: &str, client: SocketAddr) -> String {
+    format!("{name}\nclient {}\n", client.ip())
+}
+
+fn serve_udp(socket: &UdpSocket, name: &str) {
     let mut buf = [0u8; 2048];
     loop {
         match socket.recv_from(&mut buf) {
             Ok((_, from)) => {
-                if let Err(e) = socket.send_to(body.as_bytes(), from) {
+                if let Err(e) = socket.send_to(answer(name, from).as_bytes(), from) {
                     eprintln!("udp reply to {from}: {e}");
                 }
             }
@@ -178,7 +184,8 @@ fn serve_udp(socket: &UdpSocket, body: &str) {
 const SERVER_IDLE: Duration = Duration::from_secs(30);
 const MAX_HEADERS: usize = 100;
 
-fn serve_http_connection(stream: TcpStream, body: &str) -> io::Result<()> {
+fn serve_http_connection(stream: TcpStream, name: &str) -> io::Result<()> {
+    let body = answer(name, stream.peer_addr()?);
     stream.set_read_timeout(Some(SERVER_IDLE))?;
     stream.set_nodelay(true)?;
     let mut writer = stream.try_clone()?;
@@ -318,13 +325,15 @@ impl Recorder {
         }
     }
 
-    fn success(&mut self, backend: &str, took: Duration) {
+    /// A request answered with `answer` (see [`answer`]).
+    fn success(&mut self, answer: &str, took: Duration) {
         self.report.ok += 1;
-        *self
-            .report
-            .by_backend
-            .entry(backend.to_string())
-            .or_default() += 1;
+        let mut lines = answer.lines();
+        let backend = lines.next().unwrap_or_default().trim();
+        *self.report.by_backend.entry(backend.to_string()).or_default() += 1;
+        if let Some(client) = lines.find_map(|l| l.strip_prefix("client ")) {
+            *self.report.seen_as.entry(client.trim().to_string()).or_default() += 1;
+        }
         self.request_ms.push(ms(took));
     }
 

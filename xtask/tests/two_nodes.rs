@@ -1,0 +1,272 @@
+//! Privileged end-to-end tests of the per-packet (tc) datapath across two nodes: an external
+//! client, two nodes each running kproxy, pods on both.
+//!
+//! ```text
+//!  ext netns  eth0 192.168.50.100 ═╗          node-1 netns: kpext0 192.168.50.2, pods 10.244.1.0/24
+//!                                  ╠═ lan0 ═╗   (pod-a, pod-b), route 10.244.2.0/24 via .3
+//!  (route 192.168.60.0/24 via .2)  ║ (lan   ║
+//!                                  ║ netns) ╚═ node-2 netns: kpext0 192.168.50.3, pods 10.244.2.0/24
+//!                                  ╚══════════  (pod-c), route 10.244.1.0/24 via .2
+//! ```
+//! Both nodes forward and run `kproxy run --devices kpext0`. The external client reaches
+//! node-1's NodePort or an external IP routed to node-1 (192.168.60.10); a backend on node-2
+//! answers only if node-1 source-translated the request (node-2 would otherwise reply to the
+//! client directly, from the pod's address, which the client would not accept). Nothing here
+//! has a route out of these namespaces; the harnesses and guards tear everything down.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+mod common;
+
+use common::{binaries, say, skip_unless_root};
+use xtask::harness::{unique_bpffs_dir, Harness, HTTP_PORT, UDP_PORT};
+use xtask::report::Report;
+use xtask::topology::{output_in, Netns};
+
+const DEVICE: &str = "kpext0";
+const NODE_IPS: [&str; 2] = ["192.168.50.2", "192.168.50.3"];
+const NODE_NAMES: [&str; 2] = ["node-1", "node-2"];
+const EXT_IP: &str = "192.168.50.100";
+const EXTERNAL_IP: &str = "192.168.60.10";
+const CLIENT_WAIT: Duration = Duration::from_secs(90);
+
+/// Two nodes with their pods and agents, the LAN between them and the external client.
+struct Cluster {
+    // Field order is drop order: agents and pods first, then the client and the LAN.
+    nodes: [Harness; 2],
+    ext: Netns,
+    _lan: Netns,
+}
+
+/// Runs `sh -c script` in `ns`, panicking with its output if it fails.
+fn sh(ns: &Netns, script: &str) {
+    let mut cmd = Command::new("sh");
+    cmd.args(["-ec", script]);
+    let out = output_in(ns, None, cmd, Duration::from_secs(20)).unwrap_or_else(|e| panic!("{script}: {e:#}"));
+    assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+impl Cluster {
+    /// Builds the cluster, writes `manifest(&cluster)` for both agents and starts them; `None`
+    /// (after saying so) when not root.
+    fn new(test: &str, manifest: fn(&Cluster) -> String) -> Option<Cluster> {
+        if skip_unless_root(test) {
+            return None;
+        }
+        let node = |i: usize, pods: &[&str]| {
+            Harness::on_subnet(binaries(), pods, unique_bpffs_dir("kproxy-2n"), i as u8 + 1)
+                .unwrap_or_else(|e| panic!("{test}: node {}: {e:#}", NODE_NAMES[i]))
+                .with_agent_args(&[
+                    "--devices",
+                    DEVICE,
+                    "--hostname-override",
+                    NODE_NAMES[i],
+                    "--healthz-bind-address",
+                    "",
+                    "--metrics-bind-address",
+                    "",
+                ])
+        };
+        let nodes = [node(0, &["pod-a", "pod-b"]), node(1, &["pod-c"])];
+        let lan = Netns::new("lan").unwrap_or_else(|e| panic!("{test}: lan netns: {e:#}"));
+        let ext = Netns::new("ext").unwrap_or_else(|e| panic!("{test}: ext netns: {e:#}"));
+        sh(&lan, "ip link add lan0 type bridge; ip link set lan0 up");
+        let plug = |ns: &Netns, device: &str, address: &str, port: &str| {
+            sh(ns, &format!("ip link add {device} type veth peer name {port} netns {}", lan.name()));
+            sh(ns, &format!("ip addr add {address}/24 dev {device}; ip link set {device} up; ip link set lo up"));
+            sh(&lan, &format!("ip link set {port} master lan0; ip link set {port} up"));
+        };
+        plug(&ext, "eth0", EXT_IP, "lext");
+        for (i, h) in nodes.iter().enumerate() {
+            plug(&h.topology.node, DEVICE, NODE_IPS[i], &format!("ln{i}"));
+        }
+        sh(&ext, &format!("ip route add 192.168.60.0/24 via {}", NODE_IPS[0]));
+        for (i, h) in nodes.iter().enumerate() {
+            let (other, other_ip) = (&nodes[1 - i], NODE_IPS[1 - i]);
+            let route = format!("ip route add {} via {other_ip}", other.topology.pod_cidr());
+            sh(&h.topology.node, &format!("{route}; echo 1 > /proc/sys/net/ipv4/ip_forward"));
+        }
+        let mut cluster = Cluster { nodes, ext, _lan: lan };
+        let yaml = manifest(&cluster);
+        for (i, h) in cluster.nodes.iter_mut().enumerate() {
+            h.write_manifest(&yaml).expect("write manifest");
+            h.start_agent().expect("start kproxy run");
+            let node_ip = NODE_IPS[i];
+            h.wait_for_dump(Duration::from_secs(10), |d| {
+                d.services.iter().any(|s| s.frontend.starts_with(&format!("{node_ip}:")))
+            })
+            .unwrap_or_else(|e| panic!("{test}: {}: NodePorts not programmed: {e:#}\n{}", NODE_NAMES[i], h.agent_log()));
+        }
+        Some(cluster)
+    }
+
+    fn pod_ip(&self, pod: &str) -> String {
+        let node = if pod == "pod-c" { &self.nodes[1] } else { &self.nodes[0] };
+        node.topology.pod(pod).ip.to_string()
+    }
+
+    /// Runs `kproxy-testpod <args>` in the external namespace.
+    fn client(&self, args: &[&str]) -> Report {
+        let mut cmd = Command::new(&self.nodes[0].binaries().testpod);
+        cmd.args(args).stdin(Stdio::null());
+        let out = output_in(&self.ext, None, cmd, CLIENT_WAIT).unwrap_or_else(|e| panic!("client {args:?}: {e:#}"));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        Report::parse(&stdout).unwrap_or_else(|e| panic!("client {args:?} printed {stdout:?}: {e:#}"))
+    }
+
+    /// The status code and body of `GET http://ADDRESS/` from the external client.
+    fn curl(&self, address: &str) -> (u16, String) {
+        let mut curl = Command::new("curl");
+        curl.args(["-s", "--max-time", "5", "-w", "\n%{http_code}", &format!("http://{address}/")]);
+        let out = output_in(&self.ext, None, curl, Duration::from_secs(20)).expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+        (code.trim().parse().unwrap_or(0), body.to_string())
+    }
+}
+
+/// A Service served by pod-c only, on node-2: NodePort (TCP and UDP) and an external IP.
+fn remote_manifest(c: &Cluster) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: remote, namespace: default}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.30
+  externalIPs: [{EXTERNAL_IP}]
+  ports:
+  - {{name: http, port: 80, nodePort: 30081, protocol: TCP}}
+  - {{name: dns, port: 53, nodePort: 30053, protocol: UDP}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: remote-1, namespace: default, labels: {{kubernetes.io/service-name: remote}}}}
+addressType: IPv4
+ports: [{{name: http, port: {HTTP_PORT}, protocol: TCP}}, {{name: dns, port: {UDP_PORT}, protocol: UDP}}]
+endpoints:
+- {{addresses: [{c}], nodeName: node-2}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: mixed, namespace: default}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.31
+  ports: [{{name: http, port: 80, nodePort: 30082, protocol: TCP}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: mixed-1, namespace: default, labels: {{kubernetes.io/service-name: mixed}}}}
+addressType: IPv4
+ports: [{{name: http, port: {HTTP_PORT}, protocol: TCP}}]
+endpoints:
+- {{addresses: [{a}], nodeName: node-1}}
+- {{addresses: [{c}], nodeName: node-2}}
+"#,
+        a = c.pod_ip("pod-a"),
+        c = c.pod_ip("pod-c"),
+    )
+}
+
+#[test]
+fn node_port_and_external_ip_reach_a_backend_on_another_node() {
+    let test = "node_port_and_external_ip_reach_a_backend_on_another_node";
+    let Some(c) = Cluster::new(test, remote_manifest) else { return };
+    let node1 = NODE_IPS[0];
+    // TCP: node-1 translates to pod-c on node-2 and to its own address; the reply comes back
+    // through node-1 and leaves as the NodePort.
+    let report = c.client(&["http", "--addr", &format!("{node1}:30081"), "--count", "50"]);
+    assert_eq!((report.ok, report.backend("pod-c")), (50, 50), "{report:?}");
+    assert_eq!(report.peers.get(&format!("{node1}:30081")), Some(&50), "{report:?}");
+    assert_eq!(report.seen_as.get(node1), Some(&50), "pod-c must see node-1's address: {report:?}");
+    // UDP, a new socket (and source port) per datagram: each flow gets its own SNAT port.
+    let report = c.client(&["udp", "--addr", &format!("{node1}:30053"), "--count", "30", "--new-socket"]);
+    assert_eq!((report.ok, report.backend("pod-c")), (30, 30), "{report:?}");
+    assert_eq!(report.sources.get(&format!("{node1}:30053")), Some(&30), "{report:?}");
+    assert_eq!(report.seen_as.get(node1), Some(&30), "{report:?}");
+    // An external IP routed to node-1, kept-alive connection: one flow, 20 requests.
+    let report = c.client(&["http", "--addr", &format!("{EXTERNAL_IP}:80"), "--count", "20", "--keepalive"]);
+    assert_eq!((report.ok, report.backend("pod-c")), (20, 20), "{report:?}");
+    assert_eq!(report.peers.get(&format!("{EXTERNAL_IP}:80")), Some(&1), "one connection: {report:?}");
+    // A Service with a local and a remote endpoint: only the remote one is source-translated;
+    // the local pod sees the client itself (kproxy, like Cilium, translates only what needs it).
+    let report = c.client(&["http", "--addr", &format!("{node1}:30082"), "--count", "60"]);
+    assert_eq!(report.ok, 60, "{report:?}");
+    assert!(report.backend("pod-a") >= 10 && report.backend("pod-c") >= 10, "{report:?}");
+    assert_eq!(report.seen_as.get(EXT_IP).copied(), Some(report.backend("pod-a")), "{report:?}");
+    assert_eq!(report.seen_as.get(node1).copied(), Some(report.backend("pod-c")), "{report:?}");
+    say(&format!(
+        "{test}: 50 TCP, 30 UDP and 20 kept-alive requests reached pod-c on node-2 through node-1, seen from {node1}; \
+         mixed service: {} local (client address kept), {} remote",
+        report.backend("pod-a"),
+        report.backend("pod-c")
+    ));
+}
+
+/// `externalTrafficPolicy: Local`, endpoints on both nodes, health check on 32001.
+fn local_manifest(c: &Cluster) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: local, namespace: default}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.40
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32001
+  ports: [{{name: http, port: 80, nodePort: 30091, protocol: TCP}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: local-1, namespace: default, labels: {{kubernetes.io/service-name: local}}}}
+addressType: IPv4
+ports: [{{name: http, port: {HTTP_PORT}, protocol: TCP}}]
+endpoints:
+- {{addresses: [{a}], nodeName: node-1}}
+- {{addresses: [{c}], nodeName: node-2}}
+"#,
+        a = c.pod_ip("pod-a"),
+        c = c.pod_ip("pod-c"),
+    )
+}
+
+#[test]
+fn external_traffic_policy_local_keeps_the_client_address_and_fails_over_by_health_check() {
+    let test = "external_traffic_policy_local_keeps_the_client_address_and_fails_over_by_health_check";
+    let Some(c) = Cluster::new(test, local_manifest) else { return };
+    // The client plays the external load balancer: it sends to the first node whose health
+    // check node port answers 200.
+    let pick = |c: &Cluster| -> Option<usize> { (0..2).find(|&i| c.curl(&format!("{}:32001", NODE_IPS[i])).0 == 200) };
+    let via = |c: &Cluster, node: usize| c.client(&["http", "--addr", &format!("{}:30091", NODE_IPS[node]), "--count", "20"]);
+
+    assert_eq!(pick(&c), Some(0), "node-1 has a local endpoint");
+    let report = via(&c, 0);
+    assert_eq!((report.ok, report.backend("pod-a")), (20, 20), "node-1 uses its local endpoint only: {report:?}");
+    assert_eq!(report.seen_as.get(EXT_IP), Some(&20), "the client's own address is kept: {report:?}");
+    let report = via(&c, 1);
+    assert_eq!((report.ok, report.backend("pod-c")), (20, 20), "node-2 uses its local endpoint only: {report:?}");
+    assert_eq!(report.seen_as.get(EXT_IP), Some(&20), "{report:?}");
+
+    // pod-a stops being ready: node-1's health check turns 503 and the balancer fails over.
+    let not_ready = local_manifest(&c).replace("nodeName: node-1", "nodeName: node-1, conditions: {ready: false}");
+    for h in &c.nodes {
+        h.write_manifest(&not_ready).expect("rewrite manifest");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut health = c.curl(&format!("{}:32001", NODE_IPS[0]));
+    while health.0 != 503 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        health = c.curl(&format!("{}:32001", NODE_IPS[0]));
+    }
+    assert_eq!(health.0, 503, "node-1 without local endpoints: {health:?}");
+    assert!(health.1.contains(r#""localEndpoints": 0"#), "{health:?}");
+    assert_eq!(pick(&c), Some(1), "the balancer fails over to node-2");
+    let report = via(&c, 1);
+    assert_eq!((report.ok, report.backend("pod-c"), report.seen_as.get(EXT_IP)), (20, 20, Some(&20)), "{report:?}");
+    // node-1 itself no longer serves the NodePort: with no local endpoint, nothing succeeds.
+    let report = c.client(&["http", "--addr", &format!("{}:30091", NODE_IPS[0]), "--count", "3", "--timeout-ms", "500"]);
+    assert_eq!(report.ok, 0, "{report:?}");
+    say(&format!("{test}: client address kept on both nodes; node-1 503 after its endpoint went, traffic moved to node-2"));
+}
