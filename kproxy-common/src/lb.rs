@@ -82,6 +82,39 @@ pub const SVC_FLAG_NODE_PORT: u16 = 1 << 1;
 pub const SVC_FLAG_EXTERNAL_IP: u16 = 1 << 2;
 /// [`ServiceValue::flags`]: the frontend is a load-balancer ingress IP.
 pub const SVC_FLAG_LOAD_BALANCER: u16 = 1 << 3;
+/// [`ServiceValue::flags`]: `count` is 0 although the Service has ready endpoints, because the
+/// frontend may only use endpoints on this node (`externalTrafficPolicy: Local`) and none is
+/// here. New flows are dropped, not refused, as kube-proxy does, so that clients and load
+/// balancers retry elsewhere.
+pub const SVC_FLAG_DROP_UNSERVED: u16 = 1 << 4;
+/// [`ServiceValue::flags`]: only clients within the frontend's entries of
+/// [`SOURCE_RANGES_MAP`] may open flows (`spec.loadBalancerSourceRanges`); others are dropped.
+pub const SVC_FLAG_SOURCE_RANGES: u16 = 1 << 5;
+
+/// Pinned name of the source ranges map: an LPM trie keyed by `(prefix length, `
+/// [`SourceRangeKey`]`)`, value `u8` (unused, always 1).
+pub const SOURCE_RANGES_MAP: &str = "KP_SRC_RANGES";
+
+/// Default capacity of [`SOURCE_RANGES_MAP`]: (service port, range) pairs.
+pub const DEFAULT_MAX_SOURCE_RANGES: u32 = 16_384;
+
+/// Data part of a [`SOURCE_RANGES_MAP`] key. The LPM prefix length that goes with it is
+/// `32 + range prefix length`: the service id always matches in full, then the address's
+/// leading bits. 8 bytes, no holes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct SourceRangeKey {
+    /// Service id of the frontend, big-endian so that its bytes come first in prefix order.
+    pub service_id: [u8; 4],
+    /// Client IPv4 address (lookups) or range address (entries), network order.
+    pub address: [u8; 4],
+}
+const _: () = assert!(core::mem::size_of::<SourceRangeKey>() == 8);
+
+/// Prefix length of a [`SOURCE_RANGES_MAP`] entry for a `/range_prefix_len` range.
+pub const fn source_range_prefix_len(range_prefix_len: u8) -> u32 {
+    32 + range_prefix_len as u32
+}
 
 /// Value of [`BACKENDS_MAP`], keyed by a `u32` backend id (never 0). 8 bytes, no holes.
 #[repr(C)]
@@ -136,4 +169,4 @@ pub const SVC_TYPE_EXTERNAL_IP: u8 = 3;
 /// [`ServiceMeta::svc_type`] of a load-balancer ingress IP frontend.
 pub const SVC_TYPE_LOAD_BALANCER: u8 = 4;
 
-user_pod!(ServiceKey, ServiceValue, Backend, ServiceMeta);
+user_pod!(ServiceKey, ServiceValue, Backend, ServiceMeta, SourceRangeKey);

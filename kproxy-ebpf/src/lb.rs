@@ -1,12 +1,13 @@
 //! Service lookup and backend selection, independent of the hook that calls it.
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
+use aya_ebpf::btf_maps::lpm_trie::Key;
 use kproxy_common::{
-    lb::{Backend, ServiceKey},
+    lb::{source_range_prefix_len, Backend, ServiceKey, SourceRangeKey},
     select_slot,
 };
 
-use crate::maps::{KP_BACKENDS, KP_SERVICES};
+use crate::maps::{KP_BACKENDS, KP_SERVICES, KP_SRC_RANGES};
 
 /// A backend chosen earlier for the same client, to keep if it is still in its slot.
 #[derive(Clone, Copy)]
@@ -19,10 +20,29 @@ pub struct Sticky {
 pub enum Lookup {
     /// Not a service frontend: leave the traffic alone.
     NotAService,
-    /// A frontend with no usable backend: refuse, as kube-proxy's REJECT rule does.
-    NoBackend,
+    /// A frontend with no usable backend: refuse, as kube-proxy's REJECT rule does, or drop
+    /// when `flags` has `SVC_FLAG_DROP_UNSERVED`.
+    NoBackend { flags: u16, service_id: u32 },
     /// Translate to this backend, found in `slot`.
-    Backend { backend: Backend, backend_id: u32, slot: u16, service_id: u32 },
+    Backend { backend: Backend, backend_id: u32, slot: u16, service_id: u32, flags: u16 },
+}
+
+impl Lookup {
+    /// The frontend's `SVC_FLAG_*` bits and service id, if it is a frontend.
+    #[inline(always)]
+    pub fn frontend(&self) -> Option<(u16, u32)> {
+        match *self {
+            Lookup::NotAService => None,
+            Lookup::NoBackend { flags, service_id } | Lookup::Backend { flags, service_id, .. } => Some((flags, service_id)),
+        }
+    }
+}
+
+/// Whether `client` (network order) is within the allowed source ranges of `service_id`.
+#[inline(always)]
+pub fn source_allowed(service_id: u32, client: [u8; 4]) -> bool {
+    let key = Key::new(source_range_prefix_len(32), SourceRangeKey { service_id: service_id.to_be_bytes(), address: client });
+    KP_SRC_RANGES.get(&key).is_some()
 }
 
 /// Looks up `address:port/protocol` (network order) and picks a backend: the `sticky` one if
@@ -34,8 +54,9 @@ pub fn lookup(address: [u8; 4], port: [u8; 2], protocol: u8, sticky: Option<Stic
     let Some(frontend) = (unsafe { KP_SERVICES.get(&key) }).copied() else {
         return Lookup::NotAService;
     };
+    let no_backend = Lookup::NoBackend { flags: frontend.flags, service_id: frontend.service_id };
     if frontend.count == 0 {
-        return Lookup::NoBackend;
+        return no_backend;
     }
     key.slot = match sticky {
         Some(s) if s.slot >= 1 && s.slot <= frontend.count => s.slot,
@@ -46,7 +67,7 @@ pub fn lookup(address: [u8; 4], port: [u8; 2], protocol: u8, sticky: Option<Stic
     // (it writes the smaller count first); treat that like a service without backends.
     // SAFETY: as above, values are copied out at once.
     let Some(mut slot) = (unsafe { KP_SERVICES.get(&key) }).copied() else {
-        return Lookup::NoBackend;
+        return no_backend;
     };
     if let Some(s) = sticky {
         if s.slot == key.slot && slot.backend_id != s.backend_id {
@@ -55,7 +76,7 @@ pub fn lookup(address: [u8; 4], port: [u8; 2], protocol: u8, sticky: Option<Stic
             key.slot = select_slot(unsafe { bpf_get_prandom_u32() }, frontend.count);
             match unsafe { KP_SERVICES.get(&key) }.copied() {
                 Some(v) => slot = v,
-                None => return Lookup::NoBackend,
+                None => return no_backend,
             }
         }
     }
@@ -66,7 +87,8 @@ pub fn lookup(address: [u8; 4], port: [u8; 2], protocol: u8, sticky: Option<Stic
             backend_id: slot.backend_id,
             slot: key.slot,
             service_id: frontend.service_id,
+            flags: frontend.flags,
         },
-        None => Lookup::NoBackend,
+        None => no_backend,
     }
 }

@@ -2,12 +2,12 @@
 //! placeholders: the agent sets every capacity at load time from its flags.
 
 use aya_ebpf::{
-    btf_maps::{HashMap, LruHashMap},
+    btf_maps::{HashMap, LpmTrie, LruHashMap},
     macros::btf_map,
 };
 use kproxy_common::{
     ct::{CtKey, CtValue},
-    lb::{Backend, ServiceKey, ServiceMeta, ServiceValue},
+    lb::{Backend, ServiceKey, ServiceMeta, ServiceValue, SourceRangeKey},
     nat::Device,
     sock::{SockAffinityKey, SockAffinityValue, SockRevNatKey, SockRevNatValue},
 };
@@ -40,3 +40,8 @@ pub static KP_CT: LruHashMap<CtKey, CtValue, 1024> = LruHashMap::new();
 /// `kproxy_common::nat`.
 #[btf_map]
 pub static KP_DEVICES: HashMap<u32, Device, 64> = HashMap::new();
+
+/// Allowed client ranges of frontends with `SVC_FLAG_SOURCE_RANGES`; see
+/// `kproxy_common::lb::SourceRangeKey`.
+#[btf_map]
+pub static KP_SRC_RANGES: LpmTrie<SourceRangeKey, u8, 1024> = LpmTrie::new();

@@ -87,7 +87,7 @@ pub fn forward(ctx: &SockAddrContext, affinity: Affinity) -> i32 {
     };
     match lb::lookup(d.address, d.port, protocol, sticky) {
         Lookup::NotAService => ALLOW,
-        Lookup::NoBackend => {
+        Lookup::NoBackend { .. } => {
             // SAFETY: reading a constant global patched at load time.
             if unsafe { core::ptr::read_volatile(&KP_HAS_SET_RETVAL) } != 0 {
                 // SAFETY: allowed in connect4 and sendmsg4 from Linux 5.18 (gated above).
@@ -95,7 +95,7 @@ pub fn forward(ctx: &SockAddrContext, affinity: Affinity) -> i32 {
             }
             REJECT
         }
-        Lookup::Backend { backend, backend_id, slot, service_id } => {
+        Lookup::Backend { backend, backend_id, slot, service_id, .. } => {
             let unchanged = sticky.is_some_and(|s| s.slot == slot && s.backend_id == backend_id);
             if affinity == Affinity::PerSocket && !unchanged {
                 let value = SockAffinityValue { backend_id, slot, _pad: 0 };

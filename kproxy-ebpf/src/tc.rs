@@ -8,7 +8,10 @@ use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
     programs::TcContext,
 };
-use kproxy_common::ct::{CtKey, CT_EGRESS, CT_INGRESS};
+use kproxy_common::{
+    ct::{CtKey, CT_EGRESS, CT_INGRESS},
+    lb::{SVC_FLAG_DROP_UNSERVED, SVC_FLAG_SOURCE_RANGES},
+};
 
 use crate::{
     conntrack,
@@ -46,9 +49,17 @@ pub fn ingress(ctx: &mut TcContext) -> i32 {
         let (address, port) = unsafe { ((*entry).nat_address, (*entry).nat_port) };
         return verdict(nat::rewrite(ctx, &flow, End::Destination, address, port));
     }
-    match lb::lookup(flow.dst_address, flow.dst_port, flow.protocol, None) {
+    let lookup = lb::lookup(flow.dst_address, flow.dst_port, flow.protocol, None);
+    if let Some((flags, service_id)) = lookup.frontend() {
+        // kube-proxy drops clients outside `loadBalancerSourceRanges`, before anything else.
+        if flags & SVC_FLAG_SOURCE_RANGES != 0 && !lb::source_allowed(service_id, flow.src_address) {
+            return TC_ACT_SHOT as i32;
+        }
+    }
+    match lookup {
         Lookup::NotAService => TC_ACT_OK as i32,
-        Lookup::NoBackend => reject::refuse(ctx, &flow),
+        Lookup::NoBackend { flags, .. } if flags & SVC_FLAG_DROP_UNSERVED != 0 => TC_ACT_SHOT as i32,
+        Lookup::NoBackend { .. } => reject::refuse(ctx, &flow),
         Lookup::Backend { backend, service_id, .. } => {
             let to = (backend.address, backend.port);
             // SAFETY: reading a field of the program's own context.

@@ -20,6 +20,13 @@ pub struct DumpService {
     pub protocol: String,
     /// `address:port`, in slot order.
     pub backends: Vec<String>,
+    /// Without backends: `"refuse"` (TCP RST / ICMP port unreachable) or `"drop"` (endpoints
+    /// exist, none on this node, `externalTrafficPolicy: Local`). Absent with backends.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub no_backends: Option<&'static str>,
+    /// CIDRs allowed to reach this frontend (`loadBalancerSourceRanges`); absent: everyone.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub source_ranges: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -52,6 +59,12 @@ impl Dump {
                     frontend: format!("{}:{}", p.frontend.address, p.frontend.port),
                     protocol: p.frontend.protocol.to_string(),
                     backends: p.backends.iter().map(ToString::to_string).collect(),
+                    no_backends: match (p.backends.is_empty(), p.drop_unserved) {
+                        (false, _) => None,
+                        (true, false) => Some("refuse"),
+                        (true, true) => Some("drop"),
+                    },
+                    source_ranges: p.source_ranges.iter().map(ToString::to_string).collect(),
                 }
             })
             .collect();
@@ -67,8 +80,14 @@ impl Dump {
                 if !s.port_name.is_empty() {
                     name = format!("{name}:{}", s.port_name);
                 }
-                let backends =
-                    if s.backends.is_empty() { "(none: refused)".to_string() } else { s.backends.join(", ") };
+                let mut backends = match s.no_backends {
+                    None => s.backends.join(", "),
+                    Some("drop") => "(none here: dropped, externalTrafficPolicy Local)".to_string(),
+                    Some(_) => "(none: refused)".to_string(),
+                };
+                if !s.source_ranges.is_empty() {
+                    backends = format!("{backends}  [only from {}]", s.source_ranges.join(", "));
+                }
                 [name, s.svc_type.clone(), s.frontend.clone(), s.protocol.clone(), backends]
             })
             .collect();

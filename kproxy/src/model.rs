@@ -16,6 +16,8 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
+pub use crate::node::Cidr;
+
 /// Label that joins an EndpointSlice to its Service.
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 /// Services with this label belong to another proxy (kube-proxy skips them too).
@@ -188,6 +190,9 @@ pub struct ServiceInfo {
     pub external_policy_local: bool,
     /// `spec.healthCheckNodePort` of a Service with `externalTrafficPolicy: Local`.
     pub health_check_node_port: Option<u16>,
+    /// `spec.loadBalancerSourceRanges` (IPv4 ones, host bits cleared): when not empty, the
+    /// load-balancer IPs accept only clients from these ranges.
+    pub source_ranges: Vec<Cidr>,
     /// Ports skipped because kproxy does not serve their protocol (SCTP), as field paths.
     pub unsupported_ports: Vec<String>,
 }
@@ -346,6 +351,19 @@ impl ServiceInfo {
                 ))
             }
         };
+        let mut source_ranges = Vec::new();
+        for (i, range) in spec.load_balancer_source_ranges.iter().flatten().enumerate() {
+            let range = range.trim();
+            if range.contains(':') {
+                continue; // IPv6: the other family
+            }
+            let cidr: Cidr = range.parse().map_err(|reason| {
+                invalid(InvalidCode::InvalidAddress, &format!("spec.loadBalancerSourceRanges[{i}]"), reason)
+            })?;
+            source_ranges.push(cidr.masked());
+        }
+        source_ranges.sort();
+        source_ranges.dedup();
         let health_check_node_port = match spec.health_check_node_port {
             Some(p) if external_policy_local => Some(
                 parse_port(p).map_err(|r| invalid(InvalidCode::InvalidPort, "spec.healthCheckNodePort", r))?,
@@ -362,6 +380,7 @@ impl ServiceInfo {
             load_balancer_ips,
             external_policy_local,
             health_check_node_port,
+            source_ranges,
             unsupported_ports,
         }))
     }
@@ -490,6 +509,13 @@ pub struct DesiredService {
     pub frontend_type: ServiceType,
     /// Backends that receive new connections (ready endpoints), sorted and de-duplicated.
     pub backends: Vec<SocketAddrV4>,
+    /// No backend, although the Service has ready endpoints: none is on this node and the
+    /// frontend may only use local ones (`externalTrafficPolicy: Local`). kube-proxy drops
+    /// such traffic instead of rejecting it, so that clients and load balancers retry
+    /// elsewhere; so does kproxy.
+    pub drop_unserved: bool,
+    /// Load-balancer frontends: the only client ranges allowed (empty: all).
+    pub source_ranges: Vec<Cidr>,
 }
 
 /// Everything the dataplane must serve, keyed by frontend.
@@ -528,8 +554,12 @@ pub fn service_frontends<'a>(
         let protocol = port.name.protocol;
         let mut add = |address: Ipv4Addr, port_number: u16, frontend_type: ServiceType| {
             let external = frontend_type != ServiceType::ClusterIp;
-            let backends = if external && svc.external_policy_local { local.clone() } else { all.clone() };
-            let desired = DesiredService { name: port.name.clone(), frontend_type, backends };
+            let local_only = external && svc.external_policy_local;
+            let backends = if local_only { local.clone() } else { all.clone() };
+            let drop_unserved = local_only && backends.is_empty() && !all.is_empty();
+            let source_ranges =
+                if frontend_type == ServiceType::LoadBalancer { svc.source_ranges.clone() } else { Vec::new() };
+            let desired = DesiredService { name: port.name.clone(), frontend_type, backends, drop_unserved, source_ranges };
             out.push((Frontend { address, port: port_number, protocol }, desired));
         };
         add(svc.cluster_ip, port.port, ServiceType::ClusterIp);
@@ -756,6 +786,41 @@ endpoints: [{addresses: [10.244.0.3]}]
         let frontends: Vec<_> = s.desired.keys().copied().collect();
         assert_eq!(frontends, [fe("10.96.0.4", 81, Protocol::Tcp), fe("10.96.0.5", 80, Protocol::Tcp)]);
         assert_eq!(s.desired[&fe("10.96.0.5", 80, Protocol::Tcp)].backends, addrs(&["10.244.0.2:8080"]));
+    }
+
+    #[test]
+    fn load_balancer_source_ranges_apply_to_load_balancer_ips_only_and_bad_ones_are_named() {
+        let s = build(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: lb}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.7
+  loadBalancerSourceRanges: ["192.168.7.9/16", "fd00::/8", " 10.0.0.0/8"]
+  ports: [{port: 80, nodePort: 30007}]
+status: {loadBalancer: {ingress: [{ip: 203.0.113.7}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: bad-range}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.8
+  loadBalancerSourceRanges: ["10.0.0.0/33"]
+  ports: [{port: 80, nodePort: 30008}]
+"#,
+        );
+        let errors: Vec<String> = s.invalid.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            errors,
+            [r#"Service default/bad-range: spec.loadBalancerSourceRanges[0]: "10.0.0.0/33": bad prefix length"#]
+        );
+        let lb = &s.desired[&fe("203.0.113.7", 80, Protocol::Tcp)];
+        let want: Vec<Cidr> = vec!["10.0.0.0/8".parse().unwrap(), "192.168.0.0/16".parse().unwrap()];
+        assert_eq!(lb.source_ranges, want, "masked, sorted, IPv6 left to the other family");
+        assert!(s.desired[&fe("10.96.0.7", 80, Protocol::Tcp)].source_ranges.is_empty(), "ClusterIP is not limited");
     }
 
     #[test]

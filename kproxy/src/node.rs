@@ -5,8 +5,9 @@ use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use anyhow::{bail, Context as _, Result};
 
-/// An IPv4 CIDR, as in kube-proxy's `--nodeport-addresses`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// An IPv4 CIDR, as in kube-proxy's `--nodeport-addresses` or a Service's
+/// `loadBalancerSourceRanges`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Cidr {
     pub address: Ipv4Addr,
     pub prefix_len: u8,
@@ -23,9 +24,23 @@ impl std::str::FromStr for Cidr {
 }
 
 impl Cidr {
+    fn mask(&self) -> u32 {
+        if self.prefix_len == 0 { 0 } else { u32::MAX << (32 - u32::from(self.prefix_len)) }
+    }
+
     pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        let mask = if self.prefix_len == 0 { 0 } else { u32::MAX << (32 - u32::from(self.prefix_len)) };
-        u32::from(ip) & mask == u32::from(self.address) & mask
+        u32::from(ip) & self.mask() == u32::from(self.address) & self.mask()
+    }
+
+    /// The same range with the host bits of the address cleared (`10.1.2.3/8` → `10.0.0.0/8`).
+    pub fn masked(&self) -> Cidr {
+        Cidr { address: Ipv4Addr::from(u32::from(self.address) & self.mask()), prefix_len: self.prefix_len }
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.address, self.prefix_len)
     }
 }
 

@@ -51,7 +51,14 @@ fn service(frontend: Frontend, backends: &[&str]) -> (Frontend, DesiredService) 
         protocol: frontend.protocol,
     };
     let backends = backends.iter().map(|b| b.parse().expect("backend address")).collect();
-    (frontend, DesiredService { name, frontend_type: ServiceType::ClusterIp, backends })
+    let desired = DesiredService {
+        name,
+        frontend_type: ServiceType::ClusterIp,
+        backends,
+        drop_unserved: false,
+        source_ranges: Vec::new(),
+    };
+    (frontend, desired)
 }
 
 fn frontend(address: Ipv4Addr, port: u16, protocol: Protocol) -> Frontend {
@@ -290,6 +297,47 @@ fn a_frontend_without_endpoints_refuses_with_rst_or_port_unreachable() {
     let quoted = headers.payload.slice();
     assert_eq!(quoted, &query[14..14 + 28], "quotes the IP header and 8 bytes of UDP");
     assert_eq!(icmp.checksum, icmp.icmp_type.calc_checksum(quoted), "ICMP checksum");
+}
+
+#[test]
+fn source_ranges_and_frontends_without_local_endpoints_drop_what_they_must_not_serve() {
+    if skip_unless_root("source_ranges_and_frontends_without_local_endpoints_drop_what_they_must_not_serve") {
+        return;
+    }
+    let lb_ip = Ipv4Addr::new(198, 51, 100, 10);
+    let limited = |port: u16, backends: &[&str]| {
+        let (f, mut d) = service(frontend(lb_ip, port, Protocol::Tcp), backends);
+        d.frontend_type = ServiceType::LoadBalancer;
+        d.source_ranges = vec!["203.0.113.0/28".parse().unwrap(), "192.0.2.128/25".parse().unwrap()];
+        (f, d)
+    };
+    let (unserved, mut unserved_desired) = service(frontend(NODE, 30091, Protocol::Tcp), &[]);
+    unserved_desired.drop_unserved = true;
+    let state: DesiredState = [limited(80, &["10.244.1.10:8080"]), limited(81, &[]), (unserved, unserved_desired)]
+        .into_iter()
+        .collect();
+    let dp = Datapath::new(&state);
+    let front = SocketAddrV4::new(lb_ip, 80);
+    // Within a range (203.0.113.5 in /28, 192.0.2.200 in /25): translated.
+    for client in [SocketAddrV4::new(CLIENT, 40_010), "192.0.2.200:40010".parse().unwrap()] {
+        let (verdict, out) = dp.run("kp_tc_ingress", &tcp_frame(client, front, true, b""));
+        assert_eq!(verdict, TC_ACT_OK, "{client}");
+        assert_eq!(check(&out).1, "10.244.1.10:8080".parse().unwrap(), "{client}");
+    }
+    // Outside every range (203.0.113.16 is just past the /28): dropped, before anything else,
+    // also where the frontend has no endpoint to refuse with.
+    for client in ["203.0.113.16:40011", "192.0.2.127:40011", "10.0.0.1:40011"] {
+        let client: SocketAddrV4 = client.parse().unwrap();
+        for port in [80, 81] {
+            let frame = tcp_frame(client, SocketAddrV4::new(lb_ip, port), true, b"");
+            assert_eq!(dp.run("kp_tc_ingress", &frame).0, TC_ACT_SHOT, "{client} to port {port}");
+        }
+    }
+    let inside_to_empty = tcp_frame(SocketAddrV4::new(CLIENT, 40_012), SocketAddrV4::new(lb_ip, 81), true, b"");
+    assert_eq!(dp.run("kp_tc_ingress", &inside_to_empty).0, TC_ACT_REDIRECT, "refused with a RST");
+    // externalTrafficPolicy Local, endpoints only elsewhere: dropped, not refused.
+    let frame = tcp_frame(SocketAddrV4::new(CLIENT, 40_013), SocketAddrV4::new(NODE, 30091), true, b"");
+    assert_eq!(dp.run("kp_tc_ingress", &frame).0, TC_ACT_SHOT);
 }
 
 #[test]

@@ -2,14 +2,16 @@
 //! client, two nodes each running kproxy, pods on both.
 //!
 //! ```text
-//!  ext netns  eth0 192.168.50.100 ═╗          node-1 netns: kpext0 192.168.50.2, pods 10.244.1.0/24
-//!                                  ╠═ lan0 ═╗   (pod-a, pod-b), route 10.244.2.0/24 via .3
-//!  (route 192.168.60.0/24 via .2)  ║ (lan   ║
-//!                                  ║ netns) ╚═ node-2 netns: kpext0 192.168.50.3, pods 10.244.2.0/24
-//!                                  ╚══════════  (pod-c), route 10.244.1.0/24 via .2
+//!  ext netns: eth0 192.168.50.100 (and .101)        node-1 netns: kpext0 192.168.50.2
+//!    192.168.60.0/24 via .2          ┐              pods 10.244.1.0/24 (pod-a, pod-b)
+//!                                    ├─ lan0 ─┬──   10.244.2.0/24 via .3
+//!                                    │ (lan   │
+//!                                    │ netns) └──   node-2 netns: kpext0 192.168.50.3
+//!                                                   pods 10.244.2.0/24 (pod-c)
+//!                                                   10.244.1.0/24 via .2
 //! ```
 //! Both nodes forward and run `kproxy run --devices kpext0`. The external client reaches
-//! node-1's NodePort or an external IP routed to node-1 (192.168.60.10); a backend on node-2
+//! node-1's NodePort, or an external or load-balancer IP routed to node-1; a backend on node-2
 //! answers only if node-1 source-translated the request (node-2 would otherwise reply to the
 //! client directly, from the pod's address, which the client would not accept). Nothing here
 //! has a route out of these namespaces; the harnesses and guards tear everything down.
@@ -28,7 +30,10 @@ const DEVICE: &str = "kpext0";
 const NODE_IPS: [&str; 2] = ["192.168.50.2", "192.168.50.3"];
 const NODE_NAMES: [&str; 2] = ["node-1", "node-2"];
 const EXT_IP: &str = "192.168.50.100";
+const OTHER_EXT_IP: &str = "192.168.50.101";
 const EXTERNAL_IP: &str = "192.168.60.10";
+/// A load-balancer ingress IP, routed to node-1 like the external IP.
+const LB_IP: &str = "192.168.60.20";
 const CLIENT_WAIT: Duration = Duration::from_secs(90);
 
 /// Two nodes with their pods and agents, the LAN between them and the external client.
@@ -164,10 +169,53 @@ ports: [{{name: http, port: {HTTP_PORT}, protocol: TCP}}]
 endpoints:
 - {{addresses: [{a}], nodeName: node-1}}
 - {{addresses: [{c}], nodeName: node-2}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: limited, namespace: default}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.32
+  loadBalancerSourceRanges: [{EXT_IP}/32, 10.0.0.0/8]
+  ports: [{{name: http, port: 80, nodePort: 30083, protocol: TCP}}]
+status: {{loadBalancer: {{ingress: [{{ip: {LB_IP}}}]}}}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: limited-1, namespace: default, labels: {{kubernetes.io/service-name: limited}}}}
+addressType: IPv4
+ports: [{{name: http, port: {HTTP_PORT}, protocol: TCP}}]
+endpoints:
+- {{addresses: [{c}], nodeName: node-2}}
 "#,
         a = c.pod_ip("pod-a"),
         c = c.pod_ip("pod-c"),
     )
+}
+
+#[test]
+fn load_balancer_source_ranges_admit_only_their_clients() {
+    let test = "load_balancer_source_ranges_admit_only_their_clients";
+    let Some(c) = Cluster::new(test, remote_manifest) else { return };
+    // A second address on the client, outside the ranges.
+    sh(&c.ext, &format!("ip addr add {OTHER_EXT_IP}/24 dev eth0"));
+    let get = |source: &str, address: &str| {
+        let mut curl = Command::new("curl");
+        curl.args(["-s", "--max-time", "2", "--interface", source, "-w", "\n%{http_code}", &format!("http://{address}/")]);
+        let out = output_in(&c.ext, None, curl, Duration::from_secs(20)).expect("curl");
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).to_string())
+    };
+    let lb = format!("{LB_IP}:80");
+    let (code, body) = get(EXT_IP, &lb);
+    assert_eq!(code, Some(0), "{body}");
+    assert!(body.starts_with("pod-c\n") && body.ends_with("\n200"), "{body}");
+    // curl exit 28: timed out, the SYN was dropped (not refused: that would be exit 7).
+    let (code, body) = get(OTHER_EXT_IP, &lb);
+    assert_eq!(code, Some(28), "{OTHER_EXT_IP} is outside the source ranges: {body}");
+    // The ranges guard the load-balancer IP only; the NodePort stays open, as in kube-proxy.
+    let (code, body) = get(OTHER_EXT_IP, &format!("{}:30083", NODE_IPS[0]));
+    assert_eq!(code, Some(0), "{body}");
+    say(&format!("{test}: {EXT_IP} admitted, {OTHER_EXT_IP} dropped at {LB_IP}, NodePort open to both"));
 }
 
 #[test]
@@ -265,8 +313,9 @@ fn external_traffic_policy_local_keeps_the_client_address_and_fails_over_by_heal
     assert_eq!(pick(&c), Some(1), "the balancer fails over to node-2");
     let report = via(&c, 1);
     assert_eq!((report.ok, report.backend("pod-c"), report.seen_as.get(EXT_IP)), (20, 20, Some(&20)), "{report:?}");
-    // node-1 itself no longer serves the NodePort: with no local endpoint, nothing succeeds.
+    // node-1 itself no longer serves the NodePort: with no local endpoint, it drops new flows
+    // (as kube-proxy does; a refusal would be ConnectionRefused at once).
     let report = c.client(&["http", "--addr", &format!("{}:30091", NODE_IPS[0]), "--count", "3", "--timeout-ms", "500"]);
-    assert_eq!(report.ok, 0, "{report:?}");
+    assert_eq!((report.ok, report.errors.get("TimedOut")), (0, Some(&3)), "{report:?}");
     say(&format!("{test}: client address kept on both nodes; node-1 503 after its endpoint went, traffic moved to node-2"));
 }

@@ -2,18 +2,32 @@
 
 use std::path::Path;
 
-use aya::maps::{HashMap, IterableMap as _, Map, MapData, MapError};
+use std::net::Ipv4Addr;
+
+use aya::maps::{
+    lpm_trie::{Key, LpmTrie},
+    HashMap, IterableMap as _, Map, MapData, MapError,
+};
 use kproxy_common::lb::{
-    Backend, ServiceKey, ServiceMeta, ServiceValue, BACKENDS_MAP, SERVICES_MAP, SERVICE_META_MAP,
+    source_range_prefix_len, Backend, ServiceKey, ServiceMeta, ServiceValue, SourceRangeKey, BACKENDS_MAP,
+    SERVICES_MAP, SERVICE_META_MAP, SOURCE_RANGES_MAP,
 };
 
 use super::{Dataplane, DataplaneError, MapContents, Op};
+use crate::model::Cidr;
 
 /// Handles on the load-balancing maps.
 pub struct BpfMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, u32, Backend>,
     meta: HashMap<MapData, u32, ServiceMeta>,
+    source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
+}
+
+/// The source ranges map's key for `range` of service `id`.
+fn source_range_key(id: u32, range: Cidr) -> Key<SourceRangeKey> {
+    let data = SourceRangeKey { service_id: id.to_be_bytes(), address: range.address.octets() };
+    Key::new(source_range_prefix_len(range.prefix_len), data)
 }
 
 /// Capacity and use of one map, for `dump` and metrics.
@@ -24,12 +38,12 @@ pub struct MapUsage {
     pub capacity: u32,
 }
 
-fn open<K: aya::Pod, V: aya::Pod>(maps_dir: &Path, name: &'static str) -> Result<HashMap<MapData, K, V>, DataplaneError> {
+fn open<M: TryFrom<Map, Error = MapError>>(maps_dir: &Path, name: &'static str) -> Result<M, DataplaneError> {
     let path = maps_dir.join(name);
     let open_err = |source| DataplaneError::Open { path: path.display().to_string(), source };
     let data = MapData::from_pin(&path).map_err(open_err)?;
     let map = Map::from_map_data(data).map_err(open_err)?;
-    HashMap::try_from(map).map_err(open_err)
+    M::try_from(map).map_err(open_err)
 }
 
 fn map_err(map: &'static str, operation: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
@@ -59,20 +73,22 @@ impl BpfMaps {
             services: open(maps_dir, SERVICES_MAP)?,
             backends: open(maps_dir, BACKENDS_MAP)?,
             meta: open(maps_dir, SERVICE_META_MAP)?,
+            source_ranges: open(maps_dir, SOURCE_RANGES_MAP)?,
         })
     }
 
     /// Takes the maps out of a loaded object (tests load one with private maps).
     pub fn from_ebpf(ebpf: &mut aya::Ebpf) -> Result<Self, DataplaneError> {
-        fn take<K: aya::Pod, V: aya::Pod>(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<HashMap<MapData, K, V>, DataplaneError> {
+        fn take<M: TryFrom<Map, Error = MapError>>(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<M, DataplaneError> {
             let open_err = |source| DataplaneError::Open { path: name.to_string(), source };
             let map = ebpf.take_map(name).ok_or_else(|| open_err(MapError::InvalidName { name: name.into() }))?;
-            HashMap::try_from(map).map_err(open_err)
+            M::try_from(map).map_err(open_err)
         }
         Ok(Self {
             services: take(ebpf, SERVICES_MAP)?,
             backends: take(ebpf, BACKENDS_MAP)?,
             meta: take(ebpf, SERVICE_META_MAP)?,
+            source_ranges: take(ebpf, SOURCE_RANGES_MAP)?,
         })
     }
 
@@ -93,12 +109,29 @@ impl BpfMaps {
     }
 }
 
+impl BpfMaps {
+    fn read_source_ranges(&self) -> Result<std::collections::HashMap<u32, std::collections::BTreeSet<Cidr>>, DataplaneError> {
+        let mut out: std::collections::HashMap<u32, std::collections::BTreeSet<Cidr>> = Default::default();
+        for key in self.source_ranges.keys() {
+            let key = key.map_err(map_err(SOURCE_RANGES_MAP, "iterate"))?;
+            let data = key.data();
+            // The agent writes prefixes of 32 (the service id) plus the range's; anything
+            // shorter, written by hand, reads as a /0 range of that id.
+            let prefix_len = key.prefix_len().saturating_sub(32).min(32) as u8;
+            let range = Cidr { address: Ipv4Addr::from(data.address), prefix_len };
+            out.entry(u32::from_be_bytes(data.service_id)).or_default().insert(range);
+        }
+        Ok(out)
+    }
+}
+
 impl Dataplane for BpfMaps {
     fn read(&self) -> Result<MapContents, DataplaneError> {
         Ok(MapContents {
             services: read_all(&self.services, SERVICES_MAP)?,
             backends: read_all(&self.backends, BACKENDS_MAP)?,
             meta: read_all(&self.meta, SERVICE_META_MAP)?,
+            source_ranges: self.read_source_ranges()?,
         })
     }
 
@@ -116,6 +149,12 @@ impl Dataplane for BpfMaps {
             Op::DeleteMeta(id) => {
                 ignore_missing(self.meta.remove(id)).map_err(map_err(SERVICE_META_MAP, "remove"))
             }
+            Op::PutSourceRange(id, range) => self
+                .source_ranges
+                .insert(&source_range_key(*id, *range), 1, 0)
+                .map_err(map_err(SOURCE_RANGES_MAP, "insert")),
+            Op::DeleteSourceRange(id, range) => ignore_missing(self.source_ranges.remove(&source_range_key(*id, *range)))
+                .map_err(map_err(SOURCE_RANGES_MAP, "remove")),
         }
     }
 }

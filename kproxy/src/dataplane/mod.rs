@@ -11,16 +11,16 @@ pub mod bpf;
 pub mod plan;
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     net::{Ipv4Addr, SocketAddrV4},
 };
 
 use kproxy_common::lb::{
-    Backend, ServiceKey, ServiceMeta, ServiceValue, NAME_LEN, SVC_TYPE_CLUSTER_IP, SVC_TYPE_EXTERNAL_IP,
-    SVC_TYPE_LOAD_BALANCER, SVC_TYPE_NODE_PORT,
+    Backend, ServiceKey, ServiceMeta, ServiceValue, NAME_LEN, SVC_FLAG_DROP_UNSERVED, SVC_TYPE_CLUSTER_IP,
+    SVC_TYPE_EXTERNAL_IP, SVC_TYPE_LOAD_BALANCER, SVC_TYPE_NODE_PORT,
 };
 
-use crate::model::{Frontend, Protocol, ServicePortName, ServiceType};
+use crate::model::{Cidr, Frontend, Protocol, ServicePortName, ServiceType};
 
 /// One write to the maps.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -31,6 +31,9 @@ pub enum Op {
     DeleteService(ServiceKey),
     PutMeta(u32, ServiceMeta),
     DeleteMeta(u32),
+    /// Allows clients from a range to the frontends of a service id.
+    PutSourceRange(u32, Cidr),
+    DeleteSourceRange(u32, Cidr),
 }
 
 /// The content of the load-balancing maps.
@@ -39,6 +42,8 @@ pub struct MapContents {
     pub services: HashMap<ServiceKey, ServiceValue>,
     pub backends: HashMap<u32, Backend>,
     pub meta: HashMap<u32, ServiceMeta>,
+    /// Allowed client ranges by service id (the source ranges map).
+    pub source_ranges: HashMap<u32, BTreeSet<Cidr>>,
 }
 
 /// Errors of a dataplane write or read, naming the map and the operation.
@@ -92,6 +97,17 @@ impl Dataplane for MapContents {
             Op::DeleteMeta(id) => {
                 self.meta.remove(id);
             }
+            Op::PutSourceRange(id, range) => {
+                self.source_ranges.entry(*id).or_default().insert(*range);
+            }
+            Op::DeleteSourceRange(id, range) => {
+                if let Some(set) = self.source_ranges.get_mut(id) {
+                    set.remove(range);
+                    if set.is_empty() {
+                        self.source_ranges.remove(id);
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -143,6 +159,8 @@ impl MapContents {
                     name: meta.map(meta_names),
                     frontend_type: meta.map_or("Unknown", |m| svc_type_name(m.svc_type)),
                     backends,
+                    drop_unserved: v.flags & SVC_FLAG_DROP_UNSERVED != 0,
+                    source_ranges: self.source_ranges.get(&v.service_id).into_iter().flatten().copied().collect(),
                 }
             })
             .collect();
@@ -160,6 +178,10 @@ pub struct ProgrammedService {
     pub name: Option<(String, String, String)>,
     pub frontend_type: &'static str,
     pub backends: Vec<SocketAddrV4>,
+    /// No backend because none is local (`externalTrafficPolicy: Local`): new flows dropped.
+    pub drop_unserved: bool,
+    /// Allowed client ranges (load-balancer IPs with `loadBalancerSourceRanges`).
+    pub source_ranges: Vec<Cidr>,
 }
 
 pub fn service_key(frontend: Frontend, slot: u16) -> ServiceKey {

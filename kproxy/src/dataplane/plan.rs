@@ -3,11 +3,11 @@
 //!
 //! Only differences are written, in an order that keeps every intermediate state valid for a
 //! reader in the kernel:
-//! 1. new backends, then service metadata;
+//! 1. new backends, then service metadata and new source ranges;
 //! 2. per frontend: changed backend slots, then the frontend entry (slot 0, with the count that
 //!    makes the slots reachable), then slots beyond the new count;
-//! 3. removed frontends (slot 0 first, so readers stop at once), then their slots, stray
-//!    entries and metadata;
+//! 3. removed frontends (slot 0 first, so readers stop at once), then their slots, source
+//!    ranges no longer wanted, stray entries and metadata;
 //! 4. backends that no slot references any more.
 //!
 //! A plan covers a [`Scope`]: the frontends that changed (a sync after events costs O(changes))
@@ -19,12 +19,12 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 use kproxy_common::lb::{
-    Backend, ServiceKey, ServiceValue, SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER,
-    SVC_FLAG_NODE_PORT,
+    Backend, ServiceKey, ServiceValue, SVC_FLAG_CLUSTER_IP, SVC_FLAG_DROP_UNSERVED, SVC_FLAG_EXTERNAL_IP,
+    SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES,
 };
 
 use super::{backend_value, frontend_of, service_key, service_meta, Dataplane as _, MapContents, Op};
-use crate::model::{DesiredState, Frontend, ServicePortName, ServiceType};
+use crate::model::{Cidr, DesiredService, DesiredState, Frontend, ServicePortName, ServiceType};
 
 /// Map capacities the plan must respect.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -144,7 +144,7 @@ impl Mirror {
                 None => {}
             },
             Op::PutMeta(id, _) => self.next_service_id = self.next_service_id.max(id.saturating_add(1)),
-            Op::DeleteMeta(_) => {}
+            Op::DeleteMeta(_) | Op::PutSourceRange(..) | Op::DeleteSourceRange(..) => {}
         }
         self.contents.apply(op).expect("the in-memory dataplane never fails");
     }
@@ -247,6 +247,9 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
                 if current.meta.contains_key(&v.service_id) {
                     meta_deletes.push(v.service_id);
                 }
+                for range in current.source_ranges.get(&v.service_id).into_iter().flatten() {
+                    removal_ops.push(Op::DeleteSourceRange(v.service_id, *range));
+                }
             }
             continue;
         };
@@ -303,6 +306,17 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
         if current.meta.get(&service_id) != Some(&meta) {
             meta_ops.push(Op::PutMeta(service_id, meta));
         }
+        // Ranges are in place before the frontend flag that enforces them, and go after it.
+        let wanted_ranges: BTreeSet<Cidr> = want.source_ranges.iter().copied().collect();
+        let programmed_ranges = current.source_ranges.get(&service_id);
+        for range in &wanted_ranges {
+            if !programmed_ranges.is_some_and(|p| p.contains(range)) {
+                meta_ops.push(Op::PutSourceRange(service_id, *range));
+            }
+        }
+        for range in programmed_ranges.into_iter().flatten().filter(|r| !wanted_ranges.contains(r)) {
+            removal_ops.push(Op::DeleteSourceRange(service_id, *range));
+        }
 
         // Backends keep their slot when they stay; new ones fill the free slots.
         let mut remaining: BTreeSet<u32> = ids.iter().copied().collect();
@@ -336,7 +350,7 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
         let front = ServiceValue {
             backend_id: 0,
             count: slots.len() as u16,
-            flags: frontend_flags(want.frontend_type),
+            flags: frontend_flags(want),
             service_id,
         };
         keep_keys.insert(key0);
@@ -385,6 +399,15 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
                 .filter(|id| i64::from(mirror.refs(**id)) + ref_delta.get(id).copied().unwrap_or(0) <= 0),
         );
         meta_deletes.extend(current.meta.keys().filter(|id| !keep_meta.contains(id)));
+        let mut stray_ranges: Vec<(u32, Cidr)> = current
+            .source_ranges
+            .iter()
+            .filter(|(id, _)| !keep_meta.contains(id))
+            .flat_map(|(id, set)| set.iter().map(move |r| (*id, *r)))
+            .filter(|(id, r)| !removal_ops.contains(&Op::DeleteSourceRange(*id, *r)))
+            .collect();
+        stray_ranges.sort();
+        removal_ops.extend(stray_ranges.into_iter().map(|(id, r)| Op::DeleteSourceRange(id, r)));
     }
     meta_deletes.sort_unstable();
     meta_deletes.dedup();
@@ -398,13 +421,16 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
     Plan { ops, refused }
 }
 
-fn frontend_flags(t: ServiceType) -> u16 {
-    match t {
+fn frontend_flags(want: &DesiredService) -> u16 {
+    let kind = match want.frontend_type {
         ServiceType::ClusterIp => SVC_FLAG_CLUSTER_IP,
         ServiceType::NodePort => SVC_FLAG_NODE_PORT,
         ServiceType::ExternalIp => SVC_FLAG_EXTERNAL_IP,
         ServiceType::LoadBalancer => SVC_FLAG_LOAD_BALANCER,
-    }
+    };
+    let drop_unserved = if want.drop_unserved { SVC_FLAG_DROP_UNSERVED } else { 0 };
+    let source_ranges = if want.source_ranges.is_empty() { 0 } else { SVC_FLAG_SOURCE_RANGES };
+    kind | drop_unserved | source_ranges
 }
 
 #[cfg(test)]
@@ -434,6 +460,14 @@ mod tests {
             name: ServicePortName { namespace: "default".into(), name: name.into(), port_name: "http".into(), protocol: Protocol::Tcp },
             frontend_type: ServiceType::ClusterIp,
             backends: backends.iter().map(|b| b.parse().unwrap()).collect(),
+            drop_unserved: false,
+            source_ranges: Vec::new(),
+        }
+    }
+
+    fn apply_plan(maps: &mut MapContents, plan: &Plan) {
+        for op in &plan.ops {
+            maps.apply(op).unwrap();
         }
     }
 
@@ -613,6 +647,48 @@ mod tests {
         assert!(matches!(maps.resolve(fe("10.96.0.2:80"), 0), Resolution::Backend(_)));
         assert_eq!(maps.resolve(fe("10.96.0.3:80"), 0), Resolution::NotAService);
     }
+
+    #[test]
+    fn source_ranges_are_in_place_before_the_flag_that_enforces_them_and_go_after_it() {
+        let range = |s: &str| -> Cidr { s.parse().unwrap() };
+        let mut lb = svc("lb", &["10.244.1.10:8080"]);
+        lb.frontend_type = ServiceType::LoadBalancer;
+        lb.source_ranges = vec![range("192.168.0.0/16"), range("10.0.0.0/8")];
+        let mut maps = MapContents::default();
+        let p = full(&maps, &desired(&[("203.0.113.10:80", lb.clone())]), &LIMITS);
+        let position = |p: &Plan, f: &dyn Fn(&Op) -> bool| p.ops.iter().position(|op| f(op)).expect("op in plan");
+        let front = |op: &Op| matches!(op, Op::PutService(k, v) if k.slot == 0 && v.flags & SVC_FLAG_SOURCE_RANGES != 0);
+        let first_range = position(&p, &|op| matches!(op, Op::PutSourceRange(..)));
+        assert!(first_range < position(&p, &front), "{:?}", p.ops);
+        assert_eq!(p.ops.iter().filter(|op| matches!(op, Op::PutSourceRange(..))).count(), 2);
+        apply_plan(&mut maps, &p);
+        let id = maps.services.values().next().unwrap().service_id;
+        assert_eq!(maps.source_ranges[&id].len(), 2);
+
+        // One range goes: deleted after the frontend is rewritten; unchanged ranges untouched.
+        lb.source_ranges = vec![range("10.0.0.0/8")];
+        let p = full(&maps, &desired(&[("203.0.113.10:80", lb.clone())]), &LIMITS);
+        assert_eq!(p.ops, vec![Op::DeleteSourceRange(id, range("192.168.0.0/16"))]);
+        apply_plan(&mut maps, &p);
+
+        // No ranges left: the flag is cleared first, then the last range is deleted.
+        lb.source_ranges.clear();
+        let p = full(&maps, &desired(&[("203.0.113.10:80", lb.clone())]), &LIMITS);
+        let cleared = |op: &Op| matches!(op, Op::PutService(k, v) if k.slot == 0 && v.flags & SVC_FLAG_SOURCE_RANGES == 0);
+        assert!(position(&p, &cleared) < position(&p, &|op| matches!(op, Op::DeleteSourceRange(..))), "{:?}", p.ops);
+        apply_plan(&mut maps, &p);
+        assert!(maps.source_ranges.is_empty());
+
+        // A removed frontend takes its ranges along; a stray range is swept by a full sync.
+        lb.source_ranges = vec![range("10.0.0.0/8")];
+        let p = full(&maps, &desired(&[("203.0.113.10:80", lb)]), &LIMITS);
+        apply_plan(&mut maps, &p);
+        maps.source_ranges.entry(999).or_default().insert(range("1.2.3.0/24"));
+        let p = full(&maps, &DesiredState::new(), &LIMITS);
+        apply_plan(&mut maps, &p);
+        assert_eq!(maps, MapContents::default());
+    }
+
 }
 
 #[cfg(test)]
@@ -628,7 +704,7 @@ mod scope_tests {
         let f = Frontend { address: Ipv4Addr::from(0x0a60_0000 + i), port: 80, protocol: Protocol::Tcp };
         let name = ServicePortName { namespace: "ns".into(), name: format!("s{i}"), port_name: String::new(), protocol: Protocol::Tcp };
         let backends = backends.into_iter().map(|b| SocketAddrV4::new(Ipv4Addr::from(0x0af4_0000 + b), 8080)).collect();
-        (f, DesiredService { name, frontend_type: ServiceType::ClusterIp, backends })
+        (f, DesiredService { name, frontend_type: ServiceType::ClusterIp, backends, drop_unserved: false, source_ranges: Vec::new() })
     }
 
     /// Applies a plan to a mirror and returns it.
