@@ -3,6 +3,7 @@
 #![no_main]
 
 mod conntrack;
+mod icmp;
 mod lb;
 mod maps;
 mod nat;

@@ -15,6 +15,7 @@ use kproxy_common::{
 
 use crate::{
     conntrack,
+    icmp::{self, Hook},
     lb::{self, Lookup},
     nat::{self, End},
     packet::{self, Flow},
@@ -40,7 +41,7 @@ fn verdict(r: Result<(), i64>) -> i32 {
 /// to a source-translated flow goes back to its client.
 #[inline(always)]
 pub fn ingress(ctx: &mut TcContext) -> i32 {
-    let Some(flow) = packet::parse(ctx) else { return TC_ACT_OK as i32 };
+    let Some(flow) = packet::parse(ctx) else { return icmp::on_other_packet(ctx, Hook::Ingress) };
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     if let Some(entry) = conntrack::lookup(&ct_key(&flow, CT_INGRESS), now) {
@@ -83,7 +84,7 @@ pub fn ingress(ctx: &mut TcContext) -> i32 {
 /// backend on another node leaves with the node's address.
 #[inline(always)]
 pub fn egress(ctx: &mut TcContext) -> i32 {
-    let Some(flow) = packet::parse(ctx) else { return TC_ACT_OK as i32 };
+    let Some(flow) = packet::parse(ctx) else { return icmp::on_other_packet(ctx, Hook::Egress) };
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let Some(entry) = conntrack::lookup(&ct_key(&flow, CT_EGRESS), now) else {

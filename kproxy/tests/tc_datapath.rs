@@ -340,6 +340,70 @@ fn source_ranges_and_frontends_without_local_endpoints_drop_what_they_must_not_s
     assert_eq!(dp.run("kp_tc_ingress", &frame).0, TC_ACT_SHOT);
 }
 
+/// An ICMP error from `from` to `to` quoting the IP header and first 8 bytes of `about`.
+fn icmp_error(from: Ipv4Addr, to: Ipv4Addr, icmp_type: etherparse::Icmpv4Type, about: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::new();
+    PacketBuilder::ethernet2([2, 0, 0, 0, 0, 9], [2, 0, 0, 0, 0, 2])
+        .ipv4(from.octets(), to.octets(), 64)
+        .icmpv4(icmp_type)
+        .write(&mut frame, &about[14..14 + 28])
+        .expect("build ICMP frame");
+    frame
+}
+
+/// Checks an ICMP error's checksums from scratch and returns (outer source, outer destination,
+/// quoted source, quoted destination).
+fn check_icmp(frame: &[u8]) -> (Ipv4Addr, Ipv4Addr, SocketAddrV4, SocketAddrV4) {
+    let headers = PacketHeaders::from_ethernet_slice(frame).expect("ICMP frame parses");
+    let Some(NetHeaders::Ipv4(ip, _)) = &headers.net else { panic!("no IPv4 header") };
+    assert_eq!(ip.header_checksum, ip.calc_header_checksum(), "outer IPv4 header checksum");
+    let Some(TransportHeader::Icmpv4(icmp)) = &headers.transport else { panic!("no ICMP in {:?}", headers.transport) };
+    let quote = headers.payload.slice();
+    assert_eq!(icmp.checksum, icmp.icmp_type.calc_checksum(quote), "ICMP checksum");
+    let inner = etherparse::Ipv4HeaderSlice::from_slice(quote).expect("quoted IPv4 header").to_header();
+    assert_eq!(inner.header_checksum, inner.calc_header_checksum(), "quoted IPv4 header checksum");
+    let port = |at: usize| u16::from_be_bytes([quote[at], quote[at + 1]]);
+    (
+        ip.source.into(),
+        ip.destination.into(),
+        SocketAddrV4::new(inner.source.into(), port(20)),
+        SocketAddrV4::new(inner.destination.into(), port(22)),
+    )
+}
+
+#[test]
+fn icmp_errors_about_a_translated_flow_reach_its_real_sender() {
+    if skip_unless_root("icmp_errors_about_a_translated_flow_reach_its_real_sender") {
+        return;
+    }
+    use etherparse::{icmpv4::DestUnreachableHeader, Icmpv4Type};
+    let dp = Datapath::new(&node_port_state());
+    let router = Ipv4Addr::new(192, 168, 50, 1);
+    let client = SocketAddrV4::new(CLIENT, 40_020);
+    let front = SocketAddrV4::new(NODE, NODE_PORT);
+    let (_, out) = dp.run("kp_tc_ingress", &tcp_frame(client, front, true, b""));
+    let backend = check(&out).1;
+
+    // Path MTU: the backend's reply left as the frontend; a router on the way to the client
+    // says it is too big. The error goes to the backend, about the backend's own packet.
+    let too_big = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1200 });
+    let reply_as_sent = tcp_frame(front, client, false, b"");
+    let (verdict, out) = dp.run("kp_tc_ingress", &icmp_error(router, NODE, too_big.clone(), &reply_as_sent));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(check_icmp(&out), (router, *backend.ip(), backend, client));
+
+    // The backend's own error about the client's packet leaves as the frontend's.
+    let request_as_received = tcp_frame(client, backend, false, b"");
+    let unreachable = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port);
+    let (verdict, out) = dp.run("kp_tc_egress", &icmp_error(*backend.ip(), CLIENT, unreachable, &request_as_received));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(check_icmp(&out), (NODE, CLIENT, client, front));
+
+    // An error about a flow kproxy does not track passes unchanged.
+    let stranger = icmp_error(router, NODE, too_big, &tcp_frame(front, SocketAddrV4::new(CLIENT, 40_021), false, b""));
+    assert_eq!(dp.run("kp_tc_ingress", &stranger), (TC_ACT_OK, stranger.clone()));
+}
+
 #[test]
 fn foreign_malformed_and_truncated_frames_pass_unchanged() {
     if skip_unless_root("foreign_malformed_and_truncated_frames_pass_unchanged") {

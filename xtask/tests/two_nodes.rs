@@ -24,7 +24,7 @@ mod common;
 use common::{binaries, say, skip_unless_root};
 use xtask::harness::{unique_bpffs_dir, Harness, HTTP_PORT, UDP_PORT};
 use xtask::report::Report;
-use xtask::topology::{output_in, Netns};
+use xtask::topology::{output_in, spawn_in, Netns};
 
 const DEVICE: &str = "kpext0";
 const NODE_IPS: [&str; 2] = ["192.168.50.2", "192.168.50.3"];
@@ -41,7 +41,7 @@ struct Cluster {
     // Field order is drop order: agents and pods first, then the client and the LAN.
     nodes: [Harness; 2],
     ext: Netns,
-    _lan: Netns,
+    lan: Netns,
 }
 
 /// Runs `sh -c script` in `ns`, panicking with its output if it fails.
@@ -92,7 +92,7 @@ impl Cluster {
             let route = format!("ip route add {} via {other_ip}", other.topology.pod_cidr());
             sh(&h.topology.node, &format!("{route}; echo 1 > /proc/sys/net/ipv4/ip_forward"));
         }
-        let mut cluster = Cluster { nodes, ext, _lan: lan };
+        let mut cluster = Cluster { nodes, ext, lan };
         let yaml = manifest(&cluster);
         for (i, h) in cluster.nodes.iter_mut().enumerate() {
             h.write_manifest(&yaml).expect("write manifest");
@@ -318,4 +318,78 @@ fn external_traffic_policy_local_keeps_the_client_address_and_fails_over_by_heal
     let report = c.client(&["http", "--addr", &format!("{}:30091", NODE_IPS[0]), "--count", "3", "--timeout-ms", "500"]);
     assert_eq!((report.ok, report.errors.get("TimedOut")), (0, Some(&3)), "{report:?}");
     say(&format!("{test}: client address kept on both nodes; node-1 503 after its endpoint went, traffic moved to node-2"));
+}
+
+/// NodePorts of a file server on pod-a (node-1, local) and on pod-c (node-2, remote).
+fn files_manifest(c: &Cluster) -> String {
+    let service = |name: &str, cluster_ip: &str, node_port: u16, pod: &str, node: &str| {
+        format!(
+            r#"apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: default}}
+spec:
+  type: NodePort
+  clusterIP: {cluster_ip}
+  ports: [{{name: http, port: 80, nodePort: {node_port}, protocol: TCP}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8000, protocol: TCP}}]
+endpoints: [{{addresses: [{ip}], nodeName: {node}}}]
+---
+"#,
+            ip = c.pod_ip(pod)
+        )
+    };
+    service("files-local", "10.96.0.50", 30800, "pod-a", "node-1") + &service("files-remote", "10.96.0.51", 30801, "pod-c", "node-2")
+}
+
+#[test]
+fn path_mtu_discovery_works_through_a_node_port_to_local_and_remote_backends() {
+    let test = "path_mtu_discovery_works_through_a_node_port_to_local_and_remote_backends";
+    let Some(c) = Cluster::new(test, files_manifest) else { return };
+    // A client behind a router whose link towards it has an MTU of 1200: the client's SYN
+    // announces an MSS for 1500 bytes, so the backend's full-size segments reach the router,
+    // which answers "fragmentation needed" to their source, the NodePort's address. Only if
+    // node-1 hands that error to the backend does the backend shrink its segments.
+    let router = Netns::new("router").expect("router netns");
+    let far = Netns::new("far").expect("far netns");
+    sh(&router, &format!("ip link add rlan type veth peer name lrtr netns {}", c.lan.name()));
+    sh(&c.lan, "ip link set lrtr master lan0; ip link set lrtr up");
+    sh(&router, &format!("ip link add rfar type veth peer name eth0 netns {}", far.name()));
+    sh(&router, "ip addr add 192.168.50.254/24 dev rlan; ip link set rlan up; ip addr add 192.168.70.1/24 dev rfar; ip link set rfar mtu 1200 up; echo 1 > /proc/sys/net/ipv4/ip_forward");
+    sh(&far, "ip addr add 192.168.70.100/24 dev eth0; ip link set eth0 up; ip link set lo up; ip route add default via 192.168.70.1");
+    for h in &c.nodes {
+        sh(&h.topology.node, "ip route add 192.168.70.0/24 via 192.168.50.254");
+    }
+    let dir = std::env::temp_dir().join(xtask::topology::unique_name("kproxy-pmtu"));
+    std::fs::create_dir_all(&dir).expect("create the served directory");
+    let data: Vec<u8> = (0..3 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    std::fs::write(dir.join("file"), &data).expect("write the file");
+    let _servers: Vec<_> = [("pod-a", 0), ("pod-c", 1)]
+        .iter()
+        .map(|(pod, node)| {
+            let mut server = Command::new("python3");
+            server.args(["-m", "http.server", "8000", "--bind", "0.0.0.0", "--directory"]).arg(&dir);
+            server.stdout(Stdio::null()).stderr(Stdio::null());
+            spawn_in(&c.nodes[*node].topology.pod(pod).netns, server).expect("start a file server")
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(800));
+    let fetch = |port: u16| {
+        let mut curl = Command::new("curl");
+        curl.args(["-sS", "--max-time", "20", "--retry", "3", "--retry-connrefused", "-o", "/dev/null", "-w", "%{size_download}"]);
+        curl.arg(format!("http://{}:{port}/file", NODE_IPS[0]));
+        let out = output_in(&far, None, curl, Duration::from_secs(90)).expect("curl through the router");
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let local = fetch(30800);
+    let remote = fetch(30801);
+    let _ = std::fs::remove_dir_all(&dir);
+    let want = data.len().to_string();
+    assert_eq!((local.0, local.1.as_str()), (Some(0), want.as_str()), "local backend: {local:?}");
+    assert_eq!((remote.0, remote.1.as_str()), (Some(0), want.as_str()), "remote backend: {remote:?}");
+    say(&format!("{test}: 3 MiB through a 1200-byte MTU hop from a local and from a remote backend"));
 }

@@ -1,0 +1,177 @@
+//! ICMP errors about translated flows: a router that cannot forward a translated packet (too
+//! big with DF set — path MTU discovery —, TTL exceeded, unreachable) answers to the address
+//! the packet carried, quoting its headers. The error is translated like a reply of the quoted
+//! packet, so that it reaches the socket that really sent it:
+//!
+//! - at ingress, an error about a packet this node sent with a translated source (a backend's
+//!   reply leaving as the frontend, or a request leaving with the node's SNAT address) goes
+//!   to that packet's real sender: outer destination and quoted source rewritten by the
+//!   conntrack entry a reply would match; for a source-translated flow, the quoted
+//!   destination becomes the node's address and port that the backend knows;
+//! - at egress, an error a backend sends about a client's packet leaves as the frontend's:
+//!   quoted destination (and the outer source, when it is the backend) rewritten.
+//!
+//! The quoted IPv4 header checksum and the ICMP checksum are updated; the quoted TCP/UDP
+//! checksum is left alone (a quote is usually truncated, and receivers do not check it).
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    helpers::bpf_ktime_get_ns,
+    programs::TcContext,
+};
+use kproxy_common::{
+    ct::{CT_EGRESS, CT_INGRESS},
+    PROTO_TCP, PROTO_UDP,
+};
+
+use crate::{
+    conntrack,
+    packet::{ETH_HLEN, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, L4_OFF},
+};
+
+const ETH_P_IP: u16 = 0x0800;
+const IPPROTO_ICMP: u8 = 1;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+
+const ICMP_CSUM_OFF: usize = L4_OFF + 2;
+/// The quoted IPv4 header (only option-less ones are translated) and its first 8 bytes.
+const INNER_OFF: usize = L4_OFF + 8;
+const INNER_CSUM_OFF: usize = INNER_OFF + 10;
+const INNER_SRC_OFF: usize = INNER_OFF + 12;
+const INNER_DST_OFF: usize = INNER_OFF + 16;
+const INNER_SPORT_OFF: usize = INNER_OFF + 20;
+const INNER_DPORT_OFF: usize = INNER_OFF + 22;
+const MIN_LEN: usize = INNER_OFF + 20 + 8;
+
+/// The hook the error is seen at.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    Ingress,
+    Egress,
+}
+
+/// An ICMP error quoting a TCP or UDP packet. Addresses and ports in network order.
+struct IcmpError {
+    outer_src: [u8; 4],
+    outer_dst: [u8; 4],
+    inner_src: ([u8; 4], [u8; 2]),
+    inner_dst: ([u8; 4], [u8; 2]),
+    inner_protocol: u8,
+}
+
+/// Reads a `T` at `offset` of the packet.
+///
+/// # Safety
+/// `start + offset + size_of::<T>()` must not exceed the packet end checked by the caller.
+#[inline(always)]
+unsafe fn read<T: Copy>(start: usize, offset: usize) -> T {
+    // SAFETY: in bounds per the caller; unaligned read since packet data has no alignment.
+    unsafe { core::ptr::read_unaligned((start + offset) as *const T) }
+}
+
+#[inline(always)]
+fn parse(ctx: &TcContext) -> Option<IcmpError> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + MIN_LEN > end {
+        return None;
+    }
+    // SAFETY (every read): offsets below MIN_LEN, checked above.
+    unsafe {
+        if u16::from_be(read::<u16>(start, 12)) != ETH_P_IP
+            || read::<u8>(start, ETH_HLEN) != 0x45
+            || read::<u8>(start, ETH_HLEN + 9) != IPPROTO_ICMP
+            || u16::from_be(read::<u16>(start, ETH_HLEN + 6)) & 0x3fff != 0
+        {
+            return None;
+        }
+        let icmp_type = read::<u8>(start, L4_OFF);
+        if icmp_type != ICMP_DEST_UNREACH && icmp_type != ICMP_TIME_EXCEEDED {
+            return None;
+        }
+        let inner_protocol = read::<u8>(start, INNER_OFF + 9);
+        if read::<u8>(start, INNER_OFF) != 0x45 || (inner_protocol != PROTO_TCP && inner_protocol != PROTO_UDP) {
+            return None;
+        }
+        Some(IcmpError {
+            outer_src: read(start, IP_SRC_OFF),
+            outer_dst: read(start, IP_DST_OFF),
+            inner_src: (read(start, INNER_SRC_OFF), read(start, INNER_SPORT_OFF)),
+            inner_dst: (read(start, INNER_DST_OFF), read(start, INNER_DPORT_OFF)),
+            inner_protocol,
+        })
+    }
+}
+
+/// Rewrites the quoted source or destination from `old` to `new`, with the quoted header's
+/// checksum and the ICMP checksum (which covers the quote, that checksum included).
+#[inline(always)]
+fn rewrite_quoted(ctx: &mut TcContext, source: bool, old: ([u8; 4], [u8; 2]), new: ([u8; 4], [u8; 2])) -> Result<(), i64> {
+    let (address_off, port_off) = if source { (INNER_SRC_OFF, INNER_SPORT_OFF) } else { (INNER_DST_OFF, INNER_DPORT_OFF) };
+    let (old_a, new_a) = (u32::from_ne_bytes(old.0) as u64, u32::from_ne_bytes(new.0) as u64);
+    let (old_p, new_p) = (u16::from_ne_bytes(old.1) as u64, u16::from_ne_bytes(new.1) as u64);
+    let old_csum = ctx.load::<u16>(INNER_CSUM_OFF)? as u64;
+    ctx.l3_csum_replace(INNER_CSUM_OFF, old_a, new_a, 4)?;
+    let new_csum = ctx.load::<u16>(INNER_CSUM_OFF)? as u64;
+    ctx.store(address_off, &new.0, 0)?;
+    ctx.store(port_off, &new.1, 0)?;
+    ctx.l4_csum_replace(ICMP_CSUM_OFF, old_a, new_a, 4)?;
+    ctx.l4_csum_replace(ICMP_CSUM_OFF, old_p, new_p, 2)?;
+    ctx.l4_csum_replace(ICMP_CSUM_OFF, old_csum, new_csum, 2)?;
+    Ok(())
+}
+
+/// Rewrites the outer source or destination address (the ICMP checksum does not cover it).
+#[inline(always)]
+fn rewrite_outer(ctx: &mut TcContext, source: bool, old: [u8; 4], new: [u8; 4]) -> Result<(), i64> {
+    ctx.l3_csum_replace(IP_CSUM_OFF, u32::from_ne_bytes(old) as u64, u32::from_ne_bytes(new) as u64, 4)?;
+    ctx.store(if source { IP_SRC_OFF } else { IP_DST_OFF }, &new, 0)
+}
+
+/// Translates an ICMP error about a tracked flow (see the module documentation). `Ok` with
+/// nothing changed for anything else.
+#[inline(always)]
+fn translate(ctx: &mut TcContext, hook: Hook) -> Result<(), i64> {
+    let Some(e) = parse(ctx) else { return Ok(()) };
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // The entry a reply to the quoted packet would match at this hook.
+    let direction = if hook == Hook::Ingress { CT_INGRESS } else { CT_EGRESS };
+    let reply = conntrack::key(e.inner_dst, e.inner_src, e.inner_protocol, direction);
+    let Some(entry) = conntrack::lookup(&reply, now) else { return Ok(()) };
+    // SAFETY: `entry` is a live map value pointer from `lookup`.
+    let to = unsafe { ((*entry).nat_address, (*entry).nat_port) };
+    match hook {
+        Hook::Ingress => {
+            rewrite_quoted(ctx, true, e.inner_src, to)?;
+            if e.outer_dst == e.inner_src.0 {
+                rewrite_outer(ctx, false, e.outer_dst, to.0)?;
+            }
+            // A source-translated flow: the backend knows its peer as the node's address.
+            let snat = conntrack::key(e.inner_dst, to, e.inner_protocol, CT_EGRESS);
+            if let Some(entry) = conntrack::lookup(&snat, now) {
+                // SAFETY: as above.
+                let node = unsafe { ((*entry).nat_address, (*entry).nat_port) };
+                rewrite_quoted(ctx, false, e.inner_dst, node)?;
+            }
+        }
+        Hook::Egress => {
+            rewrite_quoted(ctx, false, e.inner_dst, to)?;
+            if e.outer_src == e.inner_dst.0 {
+                rewrite_outer(ctx, true, e.outer_src, to.0)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The tc verdict for a packet that is not TCP or UDP: translated if it is an ICMP error
+/// about a tracked flow, else passed on untouched.
+#[inline(always)]
+pub fn on_other_packet(ctx: &mut TcContext, hook: Hook) -> i32 {
+    match translate(ctx, hook) {
+        Ok(()) => TC_ACT_OK as i32,
+        // Half-translated: drop it (the sender's next packet brings another error).
+        Err(_) => TC_ACT_SHOT as i32,
+    }
+}
