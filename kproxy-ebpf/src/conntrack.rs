@@ -9,7 +9,10 @@ use kproxy_common::{
     PROTO_TCP,
 };
 
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_prandom_u32};
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+};
 
 use crate::{
     maps::KP_CT,
@@ -30,16 +33,25 @@ pub fn key(src: ([u8; 4], [u8; 2]), dst: ([u8; 4], [u8; 2]), protocol: u8, direc
     }
 }
 
-/// The entry for `key`, if it has not expired. The pointer is into the map value, for
-/// [`refresh`]; it stays valid for this program run (LRU maps preallocate).
+/// The entry for `key`, if it has not expired, and the time now (read only when there is an
+/// entry: most packets have none). The pointer is into the map value, for [`refresh`]; it
+/// stays valid for this program run (LRU maps preallocate).
 #[inline(always)]
-pub fn lookup(key: &CtKey, now: u64) -> Option<*mut CtValue> {
+pub fn lookup(key: &CtKey) -> Option<(*mut CtValue, u64)> {
     let entry = KP_CT.get_ptr_mut(key)?;
+    let now = now();
     // SAFETY: a map value pointer from the helper, valid and aligned for CtValue.
     if unsafe { (*entry).expires_ns } <= now {
         return None;
     }
-    Some(entry)
+    Some((entry, now))
+}
+
+/// The clock entries expire by.
+#[inline(always)]
+pub fn now() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_ktime_get_ns() }
 }
 
 /// The TCP flags this packet adds to what was seen, and the lifetime that results.
@@ -132,7 +144,7 @@ pub fn create_snat(
         let port = (SNAT_PORT_MIN + (unsafe { bpf_get_prandom_u32() } % range) as u16).to_be_bytes();
         let reply = key(backend, (node_address, port), flow.protocol, CT_INGRESS);
         if KP_CT.insert(&reply, &to_client, BPF_NOEXIST as u64).is_ok()
-            || (lookup(&reply, now).is_none() && KP_CT.insert(&reply, &to_client, 0).is_ok())
+            || (lookup(&reply).is_none() && KP_CT.insert(&reply, &to_client, 0).is_ok())
         {
             claimed = Some(port);
             break;

@@ -16,7 +16,6 @@
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::bpf_ktime_get_ns,
     programs::TcContext,
 };
 use kproxy_common::{
@@ -133,12 +132,10 @@ fn rewrite_outer(ctx: &mut TcContext, source: bool, old: [u8; 4], new: [u8; 4]) 
 #[inline(always)]
 fn translate(ctx: &mut TcContext, hook: Hook) -> Result<(), i64> {
     let Some(e) = parse(ctx) else { return Ok(()) };
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
     // The entry a reply to the quoted packet would match at this hook.
     let direction = if hook == Hook::Ingress { CT_INGRESS } else { CT_EGRESS };
     let reply = conntrack::key(e.inner_dst, e.inner_src, e.inner_protocol, direction);
-    let Some(entry) = conntrack::lookup(&reply, now) else { return Ok(()) };
+    let Some((entry, _)) = conntrack::lookup(&reply) else { return Ok(()) };
     // SAFETY: `entry` is a live map value pointer from `lookup`.
     let to = unsafe { ((*entry).nat_address, (*entry).nat_port) };
     match hook {
@@ -149,7 +146,7 @@ fn translate(ctx: &mut TcContext, hook: Hook) -> Result<(), i64> {
             }
             // A source-translated flow: the backend knows its peer as the node's address.
             let snat = conntrack::key(e.inner_dst, to, e.inner_protocol, CT_EGRESS);
-            if let Some(entry) = conntrack::lookup(&snat, now) {
+            if let Some((entry, _)) = conntrack::lookup(&snat) {
                 // SAFETY: as above.
                 let node = unsafe { ((*entry).nat_address, (*entry).nat_port) };
                 rewrite_quoted(ctx, false, e.inner_dst, node)?;

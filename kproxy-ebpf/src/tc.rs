@@ -5,7 +5,6 @@
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::bpf_ktime_get_ns,
     programs::TcContext,
 };
 use kproxy_common::{
@@ -42,9 +41,7 @@ fn verdict(r: Result<(), i64>) -> i32 {
 #[inline(always)]
 pub fn ingress(ctx: &mut TcContext) -> i32 {
     let Some(flow) = packet::parse(ctx) else { return icmp::on_other_packet(ctx, Hook::Ingress) };
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    if let Some(entry) = conntrack::lookup(&ct_key(&flow, CT_INGRESS), now) {
+    if let Some((entry, now)) = conntrack::lookup(&ct_key(&flow, CT_INGRESS)) {
         conntrack::refresh(entry, &flow, now);
         // SAFETY: `entry` is a live map value pointer from `lookup`.
         let (address, port) = unsafe { ((*entry).nat_address, (*entry).nat_port) };
@@ -62,6 +59,7 @@ pub fn ingress(ctx: &mut TcContext) -> i32 {
         Lookup::NoBackend { flags, .. } if flags & SVC_FLAG_DROP_UNSERVED != 0 => TC_ACT_SHOT as i32,
         Lookup::NoBackend { .. } => reject::refuse(ctx, &flow),
         Lookup::Backend { backend, service_id, .. } => {
+            let now = conntrack::now();
             let to = (backend.address, backend.port);
             // SAFETY: reading a field of the program's own context.
             let ifindex = unsafe { (*ctx.skb.skb).ifindex };
@@ -85,9 +83,7 @@ pub fn ingress(ctx: &mut TcContext) -> i32 {
 #[inline(always)]
 pub fn egress(ctx: &mut TcContext) -> i32 {
     let Some(flow) = packet::parse(ctx) else { return icmp::on_other_packet(ctx, Hook::Egress) };
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let Some(entry) = conntrack::lookup(&ct_key(&flow, CT_EGRESS), now) else {
+    let Some((entry, now)) = conntrack::lookup(&ct_key(&flow, CT_EGRESS)) else {
         return TC_ACT_OK as i32;
     };
     conntrack::refresh(entry, &flow, now);
