@@ -25,7 +25,7 @@ use kproxy_common::{
 
 use crate::{
     conntrack,
-    packet::{ETH_HLEN, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, L4_OFF},
+    packet::{Packet, ETH_HLEN, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, L4_OFF},
 };
 
 const ETH_P_IP: u16 = 0x0800;
@@ -70,7 +70,7 @@ unsafe fn read<T: Copy>(start: usize, offset: usize) -> T {
 }
 
 #[inline(always)]
-fn parse(ctx: &TcContext) -> Option<IcmpError> {
+fn parse<P: Packet>(ctx: &P) -> Option<IcmpError> {
     let (start, end) = (ctx.data(), ctx.data_end());
     if start + MIN_LEN > end {
         return None;
@@ -105,15 +105,15 @@ fn parse(ctx: &TcContext) -> Option<IcmpError> {
 /// Rewrites the quoted source or destination from `old` to `new`, with the quoted header's
 /// checksum and the ICMP checksum (which covers the quote, that checksum included).
 #[inline(always)]
-fn rewrite_quoted(ctx: &mut TcContext, source: bool, old: ([u8; 4], [u8; 2]), new: ([u8; 4], [u8; 2])) -> Result<(), i64> {
+fn rewrite_quoted<P: Packet>(ctx: &mut P, source: bool, old: ([u8; 4], [u8; 2]), new: ([u8; 4], [u8; 2])) -> Result<(), i64> {
     let (address_off, port_off) = if source { (INNER_SRC_OFF, INNER_SPORT_OFF) } else { (INNER_DST_OFF, INNER_DPORT_OFF) };
     let (old_a, new_a) = (u32::from_ne_bytes(old.0) as u64, u32::from_ne_bytes(new.0) as u64);
     let (old_p, new_p) = (u16::from_ne_bytes(old.1) as u64, u16::from_ne_bytes(new.1) as u64);
     let old_csum = ctx.load::<u16>(INNER_CSUM_OFF)? as u64;
     ctx.l3_csum_replace(INNER_CSUM_OFF, old_a, new_a, 4)?;
     let new_csum = ctx.load::<u16>(INNER_CSUM_OFF)? as u64;
-    ctx.store(address_off, &new.0, 0)?;
-    ctx.store(port_off, &new.1, 0)?;
+    ctx.store(address_off, &new.0)?;
+    ctx.store(port_off, &new.1)?;
     ctx.l4_csum_replace(ICMP_CSUM_OFF, old_a, new_a, 4)?;
     ctx.l4_csum_replace(ICMP_CSUM_OFF, old_p, new_p, 2)?;
     ctx.l4_csum_replace(ICMP_CSUM_OFF, old_csum, new_csum, 2)?;
@@ -122,15 +122,15 @@ fn rewrite_quoted(ctx: &mut TcContext, source: bool, old: ([u8; 4], [u8; 2]), ne
 
 /// Rewrites the outer source or destination address (the ICMP checksum does not cover it).
 #[inline(always)]
-fn rewrite_outer(ctx: &mut TcContext, source: bool, old: [u8; 4], new: [u8; 4]) -> Result<(), i64> {
+fn rewrite_outer<P: Packet>(ctx: &mut P, source: bool, old: [u8; 4], new: [u8; 4]) -> Result<(), i64> {
     ctx.l3_csum_replace(IP_CSUM_OFF, u32::from_ne_bytes(old) as u64, u32::from_ne_bytes(new) as u64, 4)?;
-    ctx.store(if source { IP_SRC_OFF } else { IP_DST_OFF }, &new, 0)
+    ctx.store(if source { IP_SRC_OFF } else { IP_DST_OFF }, &new)
 }
 
 /// Translates an ICMP error about a tracked flow (see the module documentation). `Ok` with
 /// nothing changed for anything else.
 #[inline(always)]
-fn translate(ctx: &mut TcContext, hook: Hook) -> Result<(), i64> {
+fn translate<P: Packet>(ctx: &mut P, hook: Hook) -> Result<(), i64> {
     let Some(e) = parse(ctx) else { return Ok(()) };
     // The entry a reply to the quoted packet would match at this hook.
     let direction = if hook == Hook::Ingress { CT_INGRESS } else { CT_EGRESS };

@@ -1,8 +1,6 @@
 //! Rewriting an address and port in place, with incremental IPv4 and L4 checksum updates.
 
-use aya_ebpf::programs::TcContext;
-
-use crate::packet::{Flow, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, L4_DST_PORT_OFF, L4_SRC_PORT_OFF};
+use crate::packet::{Flow, Packet, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, L4_DST_PORT_OFF, L4_SRC_PORT_OFF};
 
 const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
 const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
@@ -17,7 +15,7 @@ pub enum End {
 /// Rewrites the source or destination address and port to `address:port` (network order).
 /// Errors are helper failures (the packet is then dropped by the caller).
 #[inline(always)]
-pub fn rewrite(ctx: &mut TcContext, flow: &Flow, end: End, address: [u8; 4], port: [u8; 2]) -> Result<(), i64> {
+pub fn rewrite<P: Packet>(ctx: &mut P, flow: &Flow, end: End, address: [u8; 4], port: [u8; 2]) -> Result<(), i64> {
     let (old_address, old_port, address_off, port_off) = match end {
         End::Source => (flow.src_address, flow.src_port, IP_SRC_OFF, L4_SRC_PORT_OFF),
         End::Destination => (flow.dst_address, flow.dst_port, IP_DST_OFF, L4_DST_PORT_OFF),

@@ -42,6 +42,58 @@ pub struct Flow {
     pub no_l4_csum: bool,
 }
 
+/// What parsing and translation need from the hook they run in. Implemented for tc here; an
+/// XDP fast path implements it too (with checksum updates computed inline, since XDP has no
+/// checksum helpers) and reuses `parse`, `nat` and `icmp` unchanged.
+pub trait Packet {
+    /// Start of the directly accessible (linear) data.
+    fn data(&self) -> usize;
+    /// End of the directly accessible data.
+    fn data_end(&self) -> usize;
+    /// Length of the whole packet, linear part or not.
+    fn len(&self) -> usize;
+    /// Reads a `T` at `offset` (any part of the packet).
+    fn load<T>(&self, offset: usize) -> Result<T, i64>;
+    /// Writes `value` at `offset` (any part of the packet).
+    fn store<T>(&mut self, offset: usize, value: &T) -> Result<(), i64>;
+    /// `bpf_l3_csum_replace`: the checksum at `offset` after `from` became `to` (`size` bytes).
+    fn l3_csum_replace(&mut self, offset: usize, from: u64, to: u64, size: u64) -> Result<(), i64>;
+    /// `bpf_l4_csum_replace`: as `l3_csum_replace`, `flags` holding the size and
+    /// `BPF_F_PSEUDO_HDR` / `BPF_F_MARK_MANGLED_0`; partial checksums are handled.
+    fn l4_csum_replace(&mut self, offset: usize, from: u64, to: u64, flags: u64) -> Result<(), i64>;
+}
+
+impl Packet for TcContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        TcContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        TcContext::data_end(self)
+    }
+    #[inline(always)]
+    fn len(&self) -> usize {
+        TcContext::len(self) as usize
+    }
+    #[inline(always)]
+    fn load<T>(&self, offset: usize) -> Result<T, i64> {
+        TcContext::load(self, offset)
+    }
+    #[inline(always)]
+    fn store<T>(&mut self, offset: usize, value: &T) -> Result<(), i64> {
+        TcContext::store(self, offset, value, 0)
+    }
+    #[inline(always)]
+    fn l3_csum_replace(&mut self, offset: usize, from: u64, to: u64, size: u64) -> Result<(), i64> {
+        TcContext::l3_csum_replace(self, offset, from, to, size)
+    }
+    #[inline(always)]
+    fn l4_csum_replace(&mut self, offset: usize, from: u64, to: u64, flags: u64) -> Result<(), i64> {
+        TcContext::l4_csum_replace(self, offset, from, to, flags)
+    }
+}
+
 /// Reads a `T` at `offset` of the packet, which the caller has bounds-checked.
 ///
 /// # Safety
@@ -57,7 +109,7 @@ unsafe fn read<T: Copy>(start: usize, offset: usize) -> T {
 /// field). `None` for anything translation leaves alone: not IPv4, IP options, fragments,
 /// other protocols, truncated or non-linear headers.
 #[inline(always)]
-pub fn parse(ctx: &TcContext) -> Option<Flow> {
+pub fn parse<P: Packet>(ctx: &P) -> Option<Flow> {
     let (start, end) = (ctx.data(), ctx.data_end());
     // Ethernet + option-less IPv4 + the 8 bytes every UDP or TCP header starts with.
     if start + L4_OFF + UDP_HLEN > end {
@@ -76,7 +128,7 @@ pub fn parse(ctx: &TcContext) -> Option<Flow> {
         return None; // a fragment (more fragments, or an offset)
     }
     let total_len = u16::from_be(unsafe { read::<u16>(start, ETH_HLEN + 2) }) as usize;
-    if (ctx.len() as usize) < ETH_HLEN + total_len {
+    if ctx.len() < ETH_HLEN + total_len {
         return None; // truncated: the IP layer drops it; nothing sensible to translate
     }
     let protocol = unsafe { read::<u8>(start, ETH_HLEN + 9) };
