@@ -188,6 +188,11 @@ pub struct ServiceInfo {
     /// `spec.externalTrafficPolicy: Local`: NodePort, external and load-balancer frontends use
     /// only endpoints on this node (and keep the client's address).
     pub external_policy_local: bool,
+    /// `spec.internalTrafficPolicy: Local`: the ClusterIP uses only endpoints on this node.
+    pub internal_policy_local: bool,
+    /// `spec.publishNotReadyAddresses`: every endpoint counts as ready (as the EndpointSlice
+    /// controller marks them for such a Service).
+    pub publish_not_ready: bool,
     /// `spec.healthCheckNodePort` of a Service with `externalTrafficPolicy: Local`.
     pub health_check_node_port: Option<u16>,
     /// `spec.loadBalancerSourceRanges` (IPv4 ones, host bits cleared): when not empty, the
@@ -340,17 +345,19 @@ impl ServiceInfo {
         } else {
             Vec::new()
         };
-        let external_policy_local = match spec.external_traffic_policy.as_deref() {
-            None | Some("Cluster") => false,
-            Some("Local") => true,
-            Some(other) => {
-                return Err(invalid(
-                    InvalidCode::UnknownType,
-                    "spec.externalTrafficPolicy",
-                    format!("unknown traffic policy {other:?} (want Cluster or Local)"),
-                ))
-            }
+        let policy_local = |value: Option<&str>, field: &str| match value {
+            None | Some("Cluster") => Ok(false),
+            Some("Local") => Ok(true),
+            Some(other) => Err(invalid(
+                InvalidCode::UnknownType,
+                field,
+                format!("unknown traffic policy {other:?} (want Cluster or Local)"),
+            )),
         };
+        let external_policy_local =
+            policy_local(spec.external_traffic_policy.as_deref(), "spec.externalTrafficPolicy")?;
+        let internal_policy_local =
+            policy_local(spec.internal_traffic_policy.as_deref(), "spec.internalTrafficPolicy")?;
         let mut source_ranges = Vec::new();
         for (i, range) in spec.load_balancer_source_ranges.iter().flatten().enumerate() {
             let range = range.trim();
@@ -379,6 +386,8 @@ impl ServiceInfo {
             external_ips,
             load_balancer_ips,
             external_policy_local,
+            internal_policy_local,
+            publish_not_ready: spec.publish_not_ready_addresses.unwrap_or(false),
             health_check_node_port,
             source_ranges,
             unsupported_ports,
@@ -398,6 +407,10 @@ pub struct EndpointInfo {
     pub terminating: bool,
     pub node_name: Option<String>,
     pub zone: Option<String>,
+    /// `hints.forZones[].name`: the zones whose nodes should use this endpoint.
+    pub zone_hints: Vec<String>,
+    /// `hints.forNodes[].name`: the nodes that should use this endpoint.
+    pub node_hints: Vec<String>,
 }
 
 /// One port of an EndpointSlice.
@@ -481,6 +494,8 @@ impl SliceInfo {
                 terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
                 node_name: ep.node_name.clone(),
                 zone: ep.zone.clone(),
+                zone_hints: ep.hints.iter().flat_map(|h| h.for_zones.iter().flatten()).map(|z| z.name.clone()).collect(),
+                node_hints: ep.hints.iter().flat_map(|h| h.for_nodes.iter().flatten()).map(|n| n.name.clone()).collect(),
             });
         }
         Ok(Some(SliceInfo { namespace, name, service, ports, endpoints }))
@@ -509,10 +524,10 @@ pub struct DesiredService {
     pub frontend_type: ServiceType,
     /// Backends that receive new connections (ready endpoints), sorted and de-duplicated.
     pub backends: Vec<SocketAddrV4>,
-    /// No backend, although the Service has ready endpoints: none is on this node and the
-    /// frontend may only use local ones (`externalTrafficPolicy: Local`). kube-proxy drops
-    /// such traffic instead of rejecting it, so that clients and load balancers retry
-    /// elsewhere; so does kproxy.
+    /// No backend, although the Service has usable endpoints: none is on this node and the
+    /// frontend may only use local ones (a `Local` traffic policy). kube-proxy drops such
+    /// traffic instead of rejecting it, so that clients and load balancers retry elsewhere;
+    /// so does kproxy's tc path (its socket path refuses at once).
     pub drop_unserved: bool,
     /// Load-balancer frontends: the only client ranges allowed (empty: all).
     pub source_ranges: Vec<Cidr>,
@@ -521,42 +536,125 @@ pub struct DesiredService {
 /// Everything the dataplane must serve, keyed by frontend.
 pub type DesiredState = BTreeMap<Frontend, DesiredService>;
 
+/// This node, as endpoint selection sees it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NodeTopology<'a> {
+    /// The node's name: endpoints with this `nodeName` are local, `hints.forNodes` name it.
+    pub name: Option<&'a str>,
+    /// The node's `topology.kubernetes.io/zone` label, matched against `hints.forZones`.
+    pub zone: Option<&'a str>,
+}
+
+/// One endpoint of a service port, with what selection needs.
+struct Candidate<'a> {
+    backend: SocketAddrV4,
+    ready: bool,
+    serving_terminating: bool,
+    local: bool,
+    info: &'a EndpointInfo,
+}
+
+/// Which endpoints topology hints restrict the cluster-wide endpoints to (kube-proxy's
+/// `topologyModeFromHints`): the same node's if every ready endpoint has node hints and one
+/// names this node; else the same zone's if every ready endpoint has zone hints and one names
+/// this node's zone; else none (every endpoint).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum TopologyMode {
+    All,
+    SameNode,
+    SameZone,
+}
+
+fn topology_mode(candidates: &[Candidate<'_>], node: NodeTopology<'_>) -> TopologyMode {
+    let ready: Vec<&EndpointInfo> = candidates.iter().filter(|c| c.ready).map(|c| c.info).collect();
+    if ready.is_empty() {
+        return TopologyMode::All;
+    }
+    let hinted = |hints: fn(&EndpointInfo) -> &Vec<String>, value: Option<&str>| {
+        ready.iter().all(|ep| !hints(ep).is_empty()) && value.is_some_and(|v| ready.iter().any(|ep| hints(ep).iter().any(|h| h == v)))
+    };
+    if hinted(|ep| &ep.node_hints, node.name) {
+        TopologyMode::SameNode
+    } else if hinted(|ep| &ep.zone_hints, node.zone) {
+        TopologyMode::SameZone
+    } else {
+        TopologyMode::All
+    }
+}
+
+/// The endpoints a port's frontends use, as kube-proxy's `CategorizeEndpoints` chooses them
+/// (KEP-1669 and KEP-2433/4444): ready endpoints (within the topology hints for this node),
+/// falling back to serving-and-terminating ones when none is ready; the local ones likewise.
+struct Usable {
+    cluster: Vec<SocketAddrV4>,
+    local: Vec<SocketAddrV4>,
+    /// Some endpoint is usable somewhere: a frontend whose list is empty drops rather than
+    /// refuses.
+    any: bool,
+}
+
+fn usable(candidates: &[Candidate<'_>], node: NodeTopology<'_>) -> Usable {
+    let mode = topology_mode(candidates, node);
+    let in_topology = |c: &Candidate<'_>| match mode {
+        TopologyMode::All => true,
+        TopologyMode::SameNode => node.name.is_some_and(|n| c.info.node_hints.iter().any(|h| h == n)),
+        TopologyMode::SameZone => node.zone.is_some_and(|z| c.info.zone_hints.iter().any(|h| h == z)),
+    };
+    let pick = |f: &dyn Fn(&Candidate<'_>) -> bool| -> Vec<SocketAddrV4> {
+        candidates.iter().filter(|c| f(c)).map(|c| c.backend).collect::<BTreeSet<_>>().into_iter().collect()
+    };
+    let mut cluster = pick(&|c| c.ready && in_topology(c));
+    if cluster.is_empty() {
+        cluster = pick(&|c| c.serving_terminating);
+    }
+    let mut local = pick(&|c| c.local && c.ready);
+    if local.is_empty() {
+        local = pick(&|c| c.local && c.serving_terminating);
+    }
+    let any = candidates.iter().any(|c| c.ready || c.serving_terminating);
+    Usable { cluster, local, any }
+}
+
 /// The frontends of one Service with their backends, joined with its slices as kube-proxy
-/// does: slice ports match service ports by name and protocol, several slices merge, and only
-/// ready endpoints are backends. Each port is served on the ClusterIP, on every external IP
-/// and load-balancer IP, and (NodePort and LoadBalancer Services) on every address of
-/// `node_addresses` at its node port. With `externalTrafficPolicy: Local`, the frontends
-/// reached from outside (all but the ClusterIP) only use endpoints on `node_name`.
+/// does: slice ports match service ports by name and protocol, several slices merge, and
+/// [`usable`] endpoints are backends. Each port is served on the ClusterIP, on every external
+/// IP and load-balancer IP, and (NodePort and LoadBalancer Services) on every address of
+/// `node_addresses` at its node port. The ClusterIP uses only local endpoints with
+/// `internalTrafficPolicy: Local`, the other frontends with `externalTrafficPolicy: Local`.
 pub fn service_frontends<'a>(
     svc: &ServiceInfo,
     slices: impl Iterator<Item = &'a SliceInfo> + Clone,
     node_addresses: &[Ipv4Addr],
-    node_name: Option<&str>,
+    node: NodeTopology<'_>,
 ) -> Vec<(Frontend, DesiredService)> {
     let mut out = Vec::new();
     for port in &svc.ports {
-        // (backend, on this node) of every ready endpoint.
-        let mut endpoints = BTreeSet::new();
+        let mut candidates = Vec::new();
         for slice in slices.clone() {
             let matching = slice
                 .ports
                 .iter()
                 .filter(|p| p.name == port.name.port_name && p.protocol == port.name.protocol);
             for slice_port in matching {
-                for ep in slice.endpoints.iter().filter(|ep| ep.ready) {
-                    let local = node_name.is_some() && ep.node_name.as_deref() == node_name;
-                    endpoints.insert((SocketAddrV4::new(ep.address, slice_port.port), local));
+                for ep in &slice.endpoints {
+                    let ready = ep.ready || svc.publish_not_ready;
+                    candidates.push(Candidate {
+                        backend: SocketAddrV4::new(ep.address, slice_port.port),
+                        ready,
+                        serving_terminating: !ready && ep.serving && ep.terminating,
+                        local: node.name.is_some() && ep.node_name.as_deref() == node.name,
+                        info: ep,
+                    });
                 }
             }
         }
-        let all: Vec<SocketAddrV4> = endpoints.iter().map(|(b, _)| *b).collect::<BTreeSet<_>>().into_iter().collect();
-        let local: Vec<SocketAddrV4> = endpoints.iter().filter(|(_, l)| *l).map(|(b, _)| *b).collect();
+        let usable = usable(&candidates, node);
         let protocol = port.name.protocol;
         let mut add = |address: Ipv4Addr, port_number: u16, frontend_type: ServiceType| {
-            let external = frontend_type != ServiceType::ClusterIp;
-            let local_only = external && svc.external_policy_local;
-            let backends = if local_only { local.clone() } else { all.clone() };
-            let drop_unserved = local_only && backends.is_empty() && !all.is_empty();
+            let local_only =
+                if frontend_type == ServiceType::ClusterIp { svc.internal_policy_local } else { svc.external_policy_local };
+            let backends = if local_only { usable.local.clone() } else { usable.cluster.clone() };
+            let drop_unserved = backends.is_empty() && usable.any;
             let source_ranges =
                 if frontend_type == ServiceType::LoadBalancer { svc.source_ranges.clone() } else { Vec::new() };
             let desired = DesiredService { name: port.name.clone(), frontend_type, backends, drop_unserved, source_ranges };
@@ -590,8 +688,15 @@ mod tests {
     }
 
     fn build(yaml: &str) -> Built {
+        build_on(yaml, None, None)
+    }
+
+    /// As [`build`], on a node with this name and zone.
+    fn build_on(yaml: &str, node: Option<&str>, zone: Option<&str>) -> Built {
         let (services, slices) = crate::sources::manifests::parse_objects(yaml);
         let mut store = crate::tracker::ModelStore::default();
+        store.set_node_name(node.map(str::to_string));
+        store.set_node_zone(zone.map(str::to_string));
         store.replace_all(&services, &slices);
         store.take_changes();
         let invalid: Vec<InvalidObject> = store.invalid().cloned().collect();
@@ -821,6 +926,74 @@ spec:
         let want: Vec<Cidr> = vec!["10.0.0.0/8".parse().unwrap(), "192.168.0.0/16".parse().unwrap()];
         assert_eq!(lb.source_ranges, want, "masked, sorted, IPv6 left to the other family");
         assert!(s.desired[&fe("10.96.0.7", 80, Protocol::Tcp)].source_ranges.is_empty(), "ClusterIP is not limited");
+    }
+
+    /// A Service (`spec` lines) with one slice of `endpoints` (YAML flow mappings).
+    fn selection(spec: &str, endpoints: &[&str]) -> String {
+        let eps: String = endpoints.iter().map(|e| format!("- {e}\n")).collect();
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: s}}\nspec:\n  clusterIP: 10.96.0.9\n  ports: [{{port: 80}}]\n{spec}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s-1, labels: {{kubernetes.io/service-name: s}}}}\n\
+             addressType: IPv4\nports: [{{port: 8080}}]\nendpoints:\n{eps}"
+        )
+    }
+
+    /// (backends, drop_unserved) of the ClusterIP frontend, on `node` in `zone`.
+    fn chosen(spec: &str, endpoints: &[&str], node: Option<&str>, zone: Option<&str>) -> (Vec<String>, bool) {
+        let s = build_on(&selection(spec, endpoints), node, zone);
+        assert!(s.invalid.is_empty(), "{:?}", s.invalid);
+        let d = &s.desired[&fe("10.96.0.9", 80, Protocol::Tcp)];
+        (d.backends.iter().map(|b| b.ip().to_string()).collect(), d.drop_unserved)
+    }
+
+    #[test]
+    fn endpoint_selection_follows_kube_proxy_categorize_endpoints() {
+        let ready = |ip: &str, node: &str| format!("{{addresses: [{ip}], nodeName: {node}}}");
+        let terminating = |ip: &str, serving: bool| {
+            format!("{{addresses: [{ip}], conditions: {{ready: false, serving: {serving}, terminating: true}}}}")
+        };
+        let not_ready = |ip: &str| format!("{{addresses: [{ip}], conditions: {{ready: false}}}}");
+        let v = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let eps = |list: &[String]| -> Vec<String> { list.to_vec() };
+        let call = |spec: &str, list: &[String], node: Option<&str>, zone: Option<&str>| {
+            chosen(spec, &list.iter().map(String::as_str).collect::<Vec<_>>(), node, zone)
+        };
+
+        // KEP-1669: ready endpoints only; with none ready, the serving terminating ones.
+        let mixed = eps(&[ready("10.0.0.1", "n1"), terminating("10.0.0.2", true)]);
+        assert_eq!(call("", &mixed, None, None), (v(&["10.0.0.1"]), false));
+        let ending = eps(&[terminating("10.0.0.2", true), terminating("10.0.0.3", false), not_ready("10.0.0.4")]);
+        assert_eq!(call("", &ending, None, None), (v(&["10.0.0.2"]), false));
+        // Nothing usable anywhere: refuse (not drop).
+        assert_eq!(call("", &eps(&[not_ready("10.0.0.4")]), None, None), (v(&[]), false));
+        // publishNotReadyAddresses: every endpoint counts as ready.
+        assert_eq!(
+            call("  publishNotReadyAddresses: true", &eps(&[not_ready("10.0.0.4")]), None, None),
+            (v(&["10.0.0.4"]), false)
+        );
+
+        // internalTrafficPolicy Local: this node's endpoints; none here but some elsewhere: drop.
+        let spread = eps(&[ready("10.0.0.1", "n1"), ready("10.0.0.2", "n2")]);
+        let local = "  internalTrafficPolicy: Local";
+        assert_eq!(call(local, &spread, Some("n1"), None), (v(&["10.0.0.1"]), false));
+        assert_eq!(call(local, &spread, Some("n3"), None), (v(&[]), true));
+        assert_eq!(call("", &spread, Some("n3"), None), (v(&["10.0.0.1", "10.0.0.2"]), false));
+
+        // Topology hints: used when every ready endpoint has them and one matches this node.
+        let zoned = |ip: &str, zone: &str| format!("{{addresses: [{ip}], hints: {{forZones: [{{name: {zone}}}]}}}}");
+        let hinted = eps(&[zoned("10.0.0.1", "z1"), zoned("10.0.0.2", "z2"), zoned("10.0.0.3", "z1")]);
+        assert_eq!(call("", &hinted, Some("n1"), Some("z1")), (v(&["10.0.0.1", "10.0.0.3"]), false));
+        // No endpoint for this zone, no zone label, or one endpoint without hints: all of them.
+        assert_eq!(call("", &hinted, Some("n1"), Some("z9")).0.len(), 3);
+        assert_eq!(call("", &hinted, Some("n1"), None).0.len(), 3);
+        let partly = eps(&[zoned("10.0.0.1", "z1"), ready("10.0.0.2", "n2")]);
+        assert_eq!(call("", &partly, Some("n1"), Some("z1")).0.len(), 2);
+        // Node hints (PreferSameNode) come before zone hints.
+        let noded = |ip: &str, node: &str, zone: &str| {
+            format!("{{addresses: [{ip}], hints: {{forNodes: [{{name: {node}}}], forZones: [{{name: {zone}}}]}}}}")
+        };
+        let both = eps(&[noded("10.0.0.1", "n1", "z1"), noded("10.0.0.2", "n2", "z1")]);
+        assert_eq!(call("", &both, Some("n1"), Some("z1")), (v(&["10.0.0.1"]), false));
     }
 
     #[test]

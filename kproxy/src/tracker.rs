@@ -14,7 +14,7 @@ use std::{
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 use crate::model::{
-    service_frontends, DesiredService, DesiredState, Frontend, Ignored, InvalidCode, InvalidObject,
+    service_frontends, DesiredService, DesiredState, Frontend, Ignored, InvalidCode, InvalidObject, NodeTopology,
     ServiceInfo, ServiceOutcome, SliceInfo,
 };
 
@@ -73,8 +73,10 @@ pub struct ModelStore {
     endpoint_changes: BTreeMap<ObjectKey, SystemTime>,
     /// Addresses NodePorts are served on (`--nodeport-addresses` applied to the node's).
     node_addresses: Vec<std::net::Ipv4Addr>,
-    /// This node's name, for `externalTrafficPolicy: Local`.
+    /// This node's name, for the `Local` traffic policies and node hints.
     node_name: Option<String>,
+    /// This node's `topology.kubernetes.io/zone` label, for zone hints.
+    node_zone: Option<String>,
 }
 
 impl ModelStore {
@@ -93,9 +95,20 @@ impl ModelStore {
     pub fn set_node_name(&mut self, name: Option<String>) {
         if name != self.node_name {
             self.node_name = name;
-            let local_policy = self.services.iter().filter(|(_, s)| s.external_policy_local);
-            self.service_changes.extend(local_policy.map(|(k, _)| k.clone()));
+            self.service_changes.extend(self.services.keys().cloned());
         }
+    }
+
+    /// Sets this node's zone (from its `topology.kubernetes.io/zone` label), for topology hints.
+    pub fn set_node_zone(&mut self, zone: Option<String>) {
+        if zone != self.node_zone {
+            self.node_zone = zone;
+            self.service_changes.extend(self.services.keys().cloned());
+        }
+    }
+
+    fn topology(&self) -> NodeTopology<'_> {
+        NodeTopology { name: self.node_name.as_deref(), zone: self.node_zone.as_deref() }
     }
 
     /// Adds or updates a Service. An invalid update keeps the last valid version serving and
@@ -328,7 +341,7 @@ impl ModelStore {
             let names = self.slices_by_service.get(key);
             let slices = names.into_iter().flatten().filter_map(|n| self.slices.get(&(key.0.clone(), n.clone())));
             let frontends: BTreeMap<Frontend, DesiredService> =
-                service_frontends(svc, slices, &self.node_addresses, self.node_name.as_deref()).into_iter().collect();
+                service_frontends(svc, slices, &self.node_addresses, self.topology()).into_iter().collect();
             for f in frontends.keys() {
                 self.claimants.entry(*f).or_default().insert(key.clone());
                 touched.insert(*f);
@@ -365,7 +378,7 @@ impl ModelStore {
         let svc = self.services.get(key)?;
         let names = self.slices_by_service.get(key);
         let slices = names.into_iter().flatten().filter_map(|n| self.slices.get(&(key.0.clone(), n.clone())));
-        service_frontends(svc, slices, &self.node_addresses, self.node_name.as_deref()).into_iter().find(|(g, _)| *g == f).map(|(_, d)| d)
+        service_frontends(svc, slices, &self.node_addresses, self.topology()).into_iter().find(|(g, _)| *g == f).map(|(_, d)| d)
     }
 
     fn conflict(&self, loser: &ObjectKey, owner: &ObjectKey, f: Frontend) -> InvalidObject {

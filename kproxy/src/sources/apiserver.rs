@@ -153,14 +153,21 @@ async fn follow<K: Tracked>(api: Api<K>, shared: Shared, listed: watch::Sender<b
     }
 }
 
-/// Follows this node's Node object for health (eligibility); its zone will serve topology.
-async fn follow_node(api: Api<Node>, node_name: String, health: Arc<ProxyHealth>) {
+/// The Node label kube-proxy reads the zone from (`v1.LabelTopologyZone`).
+const LABEL_TOPOLOGY_ZONE: &str = "topology.kubernetes.io/zone";
+
+/// Follows this node's Node object for health (eligibility) and its zone (topology hints).
+async fn follow_node(api: Api<Node>, node_name: String, shared: Shared) {
     let config = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
     let mut events = watcher(api, config).default_backoff().boxed();
     while let Some(event) = events.next().await {
         match event {
-            Ok(watcher::Event::Apply(node) | watcher::Event::InitApply(node)) => health.sync_node(Some(&node)),
-            Ok(watcher::Event::Delete(_)) => health.sync_node(None),
+            Ok(watcher::Event::Apply(node) | watcher::Event::InitApply(node)) => {
+                shared.health.sync_node(Some(&node));
+                let zone = node.labels().get(LABEL_TOPOLOGY_ZONE).cloned();
+                shared.with_store(|s| s.set_node_zone(zone));
+            }
+            Ok(watcher::Event::Delete(_)) => shared.health.sync_node(None),
             Ok(_) => {}
             Err(e) => tracing::warn!(node = %node_name, "node watch failed, retrying with backoff: {e}"),
         }
@@ -175,7 +182,7 @@ pub async fn start(client: Client, node_name: &str, shared: Shared) -> Result<Ve
     let tasks = vec![
         tokio::spawn(follow::<Service>(Api::all(client.clone()), shared.clone(), svc_tx)),
         tokio::spawn(follow::<EndpointSlice>(Api::all(client.clone()), shared.clone(), eps_tx)),
-        tokio::spawn(follow_node(Api::all(client.clone()), node_name.to_string(), shared.health.clone())),
+        tokio::spawn(follow_node(Api::all(client.clone()), node_name.to_string(), shared.clone())),
     ];
     svc_rx.wait_for(|listed| *listed).await.context("Service watch ended before its first list")?;
     eps_rx.wait_for(|listed| *listed).await.context("EndpointSlice watch ended before its first list")?;
