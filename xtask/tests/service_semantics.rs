@@ -1,0 +1,178 @@
+//! Privileged end-to-end tests of the Service behaviours workloads rely on, each named after the
+//! Kubernetes sig-network e2e test it mirrors (`test/e2e/network/service.go`, `conntrack.go`).
+//!
+//! One node namespace with pods, the real `kproxy run` on a manifest directory, clients from the
+//! node namespace in the attached cgroup (the socket path), as in `socket_lb.rs`. Nothing leaves
+//! the test's namespaces; the harness tears everything down even when an assertion fails.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+mod common;
+
+use common::{binaries, say, skip_unless_root};
+use xtask::harness::{unique_bpffs_dir, Harness, HTTP_PORT, UDP_PORT};
+use xtask::report::Report;
+use xtask::topology::spawn_in_cgroup;
+
+const NODE: &str = "kproxy-node";
+const CLIENT_WAIT: Duration = Duration::from_secs(90);
+
+/// A harness with `pods` whose agent runs as node `kproxy-node`; `None` when not root.
+fn harness(test: &str, pods: &[&str]) -> Option<Harness> {
+    if skip_unless_root(test) {
+        return None;
+    }
+    let h = Harness::new(binaries(), pods, unique_bpffs_dir("kproxy-sem"))
+        .unwrap_or_else(|e| panic!("{test}: harness: {e:#}"))
+        .with_agent_args(&["--hostname-override", NODE, "--devices=", "--healthz-bind-address", "", "--metrics-bind-address", ""]);
+    Some(h)
+}
+
+/// Service `s` at 10.96.0.7 with `ports` (YAML flow mappings with name, port, protocol) and
+/// `spec` lines, and one EndpointSlice of `endpoints` (flow mappings) on the same port names,
+/// TCP ones to the pods' HTTP port, UDP ones to their UDP port.
+fn manifest(spec: &str, ports: &[(&str, u16, &str)], endpoints: &[String]) -> String {
+    let svc_ports: Vec<String> =
+        ports.iter().map(|(name, port, proto)| format!("{{name: {name}, port: {port}, protocol: {proto}}}")).collect();
+    let slice_ports: Vec<String> = ports
+        .iter()
+        .map(|(name, _, proto)| {
+            let target = if *proto == "UDP" { UDP_PORT } else { HTTP_PORT };
+            format!("{{name: {name}, port: {target}, protocol: {proto}}}")
+        })
+        .collect();
+    let eps: String = endpoints.iter().map(|e| format!("- {e}\n")).collect();
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: s, namespace: default}}\nspec:\n  clusterIP: 10.96.0.7\n  \
+         ports: [{}]\n{spec}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: s-1, namespace: default, labels: {{kubernetes.io/service-name: s}}}}\naddressType: IPv4\n\
+         ports: [{}]\nendpoints:\n{eps}",
+        svc_ports.join(", "),
+        slice_ports.join(", "),
+    )
+}
+
+const HTTP: (&str, u16, &str) = ("http", 80, "TCP");
+const DNS: (&str, u16, &str) = ("dns", 53, "UDP");
+
+/// An endpoint of pod `pod` with extra fields (`nodeName: …`, `conditions: {…}`).
+fn endpoint(h: &Harness, pod: &str, extra: &str) -> String {
+    let sep = if extra.is_empty() { "" } else { ", " };
+    format!("{{addresses: [{}]{sep}{extra}}}", h.topology.pod(pod).ip)
+}
+
+/// Writes `yaml`, starts the agent if needed, and waits until the ClusterIP frontend is
+/// programmed with `backends` backends (of its first port).
+fn program(h: &mut Harness, yaml: &str, backends: usize) {
+    h.write_manifest(yaml).expect("write manifest");
+    if !h.agent_running() {
+        h.start_agent().expect("start kproxy run");
+    }
+    h.wait_for_dump(Duration::from_secs(10), |d| {
+        d.services.iter().any(|s| s.frontend.starts_with("10.96.0.7:") && s.backends.len() == backends)
+    })
+    .unwrap_or_else(|e| panic!("not programmed with {backends} backends: {e:#}\n{}", h.agent_log()));
+}
+
+fn client(h: &Harness, args: &[&str]) -> Report {
+    h.run_client(args, CLIENT_WAIT).unwrap_or_else(|e| panic!("client {args:?}: {e:#}"))
+}
+
+#[test]
+fn should_fallback_to_terminating_endpoints_when_there_are_no_ready_endpoints_with_internal_traffic_policy_cluster() {
+    let test = "should_fallback_to_terminating_endpoints_when_there_are_no_ready_endpoints_with_internal_traffic_policy_cluster";
+    let Some(mut h) = harness(test, &["pod-a", "pod-b", "pod-c"]) else { return };
+    let terminating = |serving: bool| format!("conditions: {{ready: false, serving: {serving}, terminating: true}}");
+    let eps = vec![endpoint(&h, "pod-a", &terminating(true)), endpoint(&h, "pod-b", &terminating(false))];
+    program(&mut h, &manifest("", &[HTTP], &eps), 1);
+    let report = client(&h, &["http", "--addr", "10.96.0.7:80", "--count", "30"]);
+    assert_eq!((report.ok, report.backend("pod-a")), (30, 30), "only the serving terminating endpoint: {report:?}");
+    // A ready endpoint appears: it takes every new connection.
+    let mut eps = eps;
+    eps.push(endpoint(&h, "pod-c", ""));
+    program(&mut h, &manifest("", &[HTTP], &eps), 1);
+    let report = client(&h, &["http", "--addr", "10.96.0.7:80", "--count", "30"]);
+    assert_eq!((report.ok, report.backend("pod-c")), (30, 30), "ready endpoints first: {report:?}");
+    say(&format!("{test}: terminating-but-serving pod used while nothing was ready, then only the ready one"));
+}
+
+#[test]
+fn should_respect_internal_traffic_policy_local_pod_to_pod() {
+    let test = "should_respect_internal_traffic_policy_local_pod_to_pod";
+    let Some(mut h) = harness(test, &["pod-a", "pod-b"]) else { return };
+    let eps = vec![endpoint(&h, "pod-a", &format!("nodeName: {NODE}")), endpoint(&h, "pod-b", "nodeName: other-node")];
+    program(&mut h, &manifest("  internalTrafficPolicy: Local", &[HTTP], &eps), 1);
+    let report = client(&h, &["http", "--addr", "10.96.0.7:80", "--count", "30"]);
+    assert_eq!((report.ok, report.backend("pod-a")), (30, 30), "only this node's endpoint: {report:?}");
+    // No local endpoint left: nothing is reachable from this node (kube-proxy drops; the
+    // socket path refuses at once).
+    let eps = vec![endpoint(&h, "pod-b", "nodeName: other-node")];
+    program(&mut h, &manifest("  internalTrafficPolicy: Local", &[HTTP], &eps), 0);
+    let report = client(&h, &["http", "--addr", "10.96.0.7:80", "--count", "3", "--timeout-ms", "500"]);
+    assert_eq!(report.ok, 0, "{report:?}");
+    say(&format!("{test}: 30/30 to the local endpoint; none reachable once it left"));
+}
+
+#[test]
+fn should_serve_multiport_endpoints_from_pods_and_the_same_port_over_tcp_and_udp() {
+    let test = "should_serve_multiport_endpoints_from_pods_and_the_same_port_over_tcp_and_udp";
+    let Some(mut h) = harness(test, &["pod-a", "pod-b"]) else { return };
+    let ports = [HTTP, ("alt", 8081, "TCP"), ("dns", 80, "UDP")];
+    let eps = vec![endpoint(&h, "pod-a", ""), endpoint(&h, "pod-b", "")];
+    program(&mut h, &manifest("", &ports, &eps), 2);
+    for addr in ["10.96.0.7:80", "10.96.0.7:8081"] {
+        let report = client(&h, &["http", "--addr", addr, "--count", "20"]);
+        assert_eq!(report.ok, 20, "TCP {addr}: {report:?}");
+        assert!(report.backend("pod-a") > 0 && report.backend("pod-b") > 0, "TCP {addr}: {report:?}");
+    }
+    let report = client(&h, &["udp", "--addr", "10.96.0.7:80", "--count", "20", "--new-socket"]);
+    assert_eq!(report.ok, 20, "UDP port 80 next to TCP port 80: {report:?}");
+    assert_eq!(report.sources.get("10.96.0.7:80"), Some(&20), "{report:?}");
+    say(&format!("{test}: TCP 80 and 8081 and UDP 80 of one Service, each spread over both pods"));
+}
+
+#[test]
+fn should_allow_pods_to_hairpin_back_to_themselves_through_services() {
+    let test = "should_allow_pods_to_hairpin_back_to_themselves_through_services";
+    let Some(mut h) = harness(test, &["pod-a", "pod-b"]) else { return };
+    let yaml = manifest("", &[HTTP], &[endpoint(&h, "pod-a", "")]);
+    program(&mut h, &yaml, 1);
+    // The client runs in pod-a itself (its network namespace, the attached cgroup).
+    let pod = h.topology.pod("pod-a");
+    let mut cmd = Command::new(&h.binaries().testpod);
+    cmd.args(["http", "--addr", "10.96.0.7:80", "--count", "10"]).stdin(Stdio::null()).stdout(Stdio::piped());
+    let child = spawn_in_cgroup(&pod.netns, &h.cgroup, cmd).expect("start the client in pod-a");
+    let report = Harness::client_report(child, CLIENT_WAIT).expect("client report");
+    assert_eq!((report.ok, report.backend("pod-a")), (10, 10), "{report:?}");
+    assert_eq!(report.seen_as.get(&pod.ip.to_string()), Some(&10), "pod-a saw itself as the client: {report:?}");
+    say(&format!("{test}: pod-a reached itself through its Service 10/10 times"));
+}
+
+#[test]
+fn should_be_able_to_preserve_udp_traffic_when_server_pod_cycles_for_a_cluster_ip_service() {
+    let test = "should_be_able_to_preserve_udp_traffic_when_server_pod_cycles_for_a_cluster_ip_service";
+    let Some(mut h) = harness(test, &["pod-a", "pod-b"]) else { return };
+    let yaml = manifest("", &[DNS], &[endpoint(&h, "pod-a", "")]);
+    program(&mut h, &yaml, 1);
+    // One unconnected socket sending a datagram every 50 ms for 4 s (as a DNS client does).
+    // After 1 s the server pod goes away (scale to zero), after 2 s another one comes up.
+    let client = h
+        .spawn_client(&["udp", "--addr", "10.96.0.7:53", "--count", "80", "--interval-ms", "50", "--timeout-ms", "200"])
+        .expect("start the client");
+    std::thread::sleep(Duration::from_secs(1));
+    h.write_manifest(&manifest("", &[DNS], &[])).expect("scale to zero");
+    std::thread::sleep(Duration::from_secs(1));
+    h.write_manifest(&manifest("", &[DNS], &[endpoint(&h, "pod-b", "")])).expect("scale back up");
+    let report = Harness::client_report(client, CLIENT_WAIT).expect("client report");
+    // ~20 datagrams before the change reach pod-a; the ~40 sent in the last 2 s must reach
+    // pod-b: the socket follows the new backend at once instead of blackholing.
+    assert!(report.backend("pod-a") >= 10, "{report:?}");
+    assert!(report.backend("pod-b") >= 30, "the same socket reaches the new pod: {report:?}");
+    say(&format!(
+        "{test}: {} datagrams to pod-a, {} failed while no pod served, {} to pod-b on the same socket",
+        report.backend("pod-a"),
+        report.failed(),
+        report.backend("pod-b")
+    ));
+}
