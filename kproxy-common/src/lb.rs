@@ -5,7 +5,8 @@
 //! same frontend address, port and protocol:
 //!
 //! ```text
-//! slot 0      → ServiceValue { backend_id: 0,  count: n, flags, service_id }   the frontend
+//! slot 0      → ServiceValue { backend_id: t,  count: n, flags, service_id }   the frontend
+//!               (t: session affinity timeout, 0 without affinity)
 //! slot 1..=n  → ServiceValue { backend_id: b,  count: 0, flags: 0, service_id } one per backend
 //! ```
 //!
@@ -62,7 +63,9 @@ const _: () = assert!(core::mem::offset_of!(ServiceKey, protocol) == 8);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct ServiceValue {
-    /// Slot > 0: id of the backend in [`BACKENDS_MAP`]. Slot 0: always 0.
+    /// Slot > 0: id of the backend in [`BACKENDS_MAP`]. Slot 0: the session affinity timeout
+    /// in seconds when `flags` has [`SVC_FLAG_AFFINITY`], else 0 (as Cilium's
+    /// `backend_id`/`affinity_timeout` union).
     pub backend_id: u32,
     /// Slot 0: number of backend slots (0 means "no ready endpoint": refuse). Slot > 0: 0.
     pub count: u16,
@@ -90,6 +93,53 @@ pub const SVC_FLAG_DROP_UNSERVED: u16 = 1 << 4;
 /// [`ServiceValue::flags`]: only clients within the frontend's entries of
 /// [`SOURCE_RANGES_MAP`] may open flows (`spec.loadBalancerSourceRanges`); others are dropped.
 pub const SVC_FLAG_SOURCE_RANGES: u16 = 1 << 5;
+/// [`ServiceValue::flags`]: `sessionAffinity: ClientIP`; slot 0's `backend_id` is the timeout
+/// in seconds, and a client's backend is kept in [`AFFINITY_MAP`].
+pub const SVC_FLAG_AFFINITY: u16 = 1 << 6;
+
+/// Pinned name of the session affinity map (LRU): [`AffinityKey`] → [`AffinityValue`].
+pub const AFFINITY_MAP: &str = "KP_AFFINITY";
+
+/// Default capacity of [`AFFINITY_MAP`]: (client, frontend) pairs.
+pub const DEFAULT_MAX_AFFINITY_ENTRIES: u32 = 65_536;
+
+/// [`AffinityKey::kind`]: `client` is a network namespace cookie (the socket path: a pod, or
+/// the node's own processes, as the source address would tell kube-proxy).
+pub const AFFINITY_NETNS: u8 = 0;
+/// [`AffinityKey::kind`]: `client` is an IPv4 address, network order, in its first 4 bytes
+/// (the tc path).
+pub const AFFINITY_ADDRESS: u8 = 1;
+
+/// Key of [`AFFINITY_MAP`]. 16 bytes, no holes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct AffinityKey {
+    /// The client: see [`AffinityKey::kind`].
+    pub client: [u8; 8],
+    /// Service id of the frontend.
+    pub service_id: u32,
+    /// [`AFFINITY_NETNS`] or [`AFFINITY_ADDRESS`].
+    pub kind: u8,
+    /// Explicit padding, always zero.
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<AffinityKey>() == 16);
+
+/// Value of [`AFFINITY_MAP`]. 16 bytes, no holes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct AffinityValue {
+    /// `bpf_ktime_get_ns()` of the client's last new connection to the frontend; the
+    /// affinity holds until this plus the timeout (kube-proxy's `recent --rcheck --seconds`).
+    pub last_used_ns: u64,
+    /// The backend chosen, as in [`ServiceValue::backend_id`].
+    pub backend_id: u32,
+    /// Its slot: the affinity ends at once when the slot no longer holds this backend.
+    pub slot: u16,
+    /// Explicit padding, always zero.
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<AffinityValue>() == 16);
 
 /// Pinned name of the source ranges map: an LPM trie keyed by `(prefix length, `
 /// [`SourceRangeKey`]`)`, value `u8` (unused, always 1).
@@ -169,4 +219,4 @@ pub const SVC_TYPE_EXTERNAL_IP: u8 = 3;
 /// [`ServiceMeta::svc_type`] of a load-balancer ingress IP frontend.
 pub const SVC_TYPE_LOAD_BALANCER: u8 = 4;
 
-user_pod!(ServiceKey, ServiceValue, Backend, ServiceMeta, SourceRangeKey);
+user_pod!(ServiceKey, ServiceValue, Backend, ServiceMeta, SourceRangeKey, AffinityKey, AffinityValue);

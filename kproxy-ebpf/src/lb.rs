@@ -1,13 +1,22 @@
 //! Service lookup and backend selection, independent of the hook that calls it.
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
-use aya_ebpf::btf_maps::lpm_trie::Key;
+use aya_ebpf::{btf_maps::lpm_trie::Key, helpers::bpf_ktime_get_ns};
 use kproxy_common::{
-    lb::{source_range_prefix_len, Backend, ServiceKey, SourceRangeKey},
+    lb::{
+        source_range_prefix_len, AffinityKey, AffinityValue, Backend, ServiceKey, SourceRangeKey, SVC_FLAG_AFFINITY,
+    },
     select_slot,
 };
 
-use crate::maps::{KP_BACKENDS, KP_SERVICES, KP_SRC_RANGES};
+use crate::maps::{KP_AFFINITY, KP_BACKENDS, KP_SERVICES, KP_SRC_RANGES};
+
+/// Who is asking, for `sessionAffinity: ClientIP`: see `kproxy_common::lb::AffinityKey`.
+#[derive(Clone, Copy)]
+pub struct Client {
+    pub id: [u8; 8],
+    pub kind: u8,
+}
 
 /// A backend chosen earlier for the same client, to keep if it is still in its slot.
 #[derive(Clone, Copy)]
@@ -46,13 +55,32 @@ pub fn source_allowed(service_id: u32, client: [u8; 4]) -> bool {
 }
 
 /// Looks up `address:port/protocol` (network order) and picks a backend: the `sticky` one if
-/// its slot still holds it, else uniformly at random. O(1): at most three hash lookups.
+/// its slot still holds it, else (for a frontend with session affinity) the one `client` used
+/// last if within the timeout and still in its slot, else uniformly at random. O(1): at most
+/// three hash lookups, two more with session affinity.
 #[inline(always)]
-pub fn lookup(address: [u8; 4], port: [u8; 2], protocol: u8, sticky: Option<Sticky>) -> Lookup {
+pub fn lookup(address: [u8; 4], port: [u8; 2], protocol: u8, sticky: Option<Sticky>, client: Client) -> Lookup {
     let mut key = ServiceKey { address, port, slot: 0, protocol, scope: 0, _pad: [0; 2] };
     // SAFETY: the value is copied out at once; no reference outlives this statement.
     let Some(frontend) = (unsafe { KP_SERVICES.get(&key) }).copied() else {
         return Lookup::NotAService;
+    };
+    let affinity = (frontend.flags & SVC_FLAG_AFFINITY != 0).then(|| {
+        let affinity_key =
+            AffinityKey { client: client.id, service_id: frontend.service_id, kind: client.kind, _pad: [0; 3] };
+        // SAFETY: helper without arguments.
+        (affinity_key, unsafe { bpf_ktime_get_ns() })
+    });
+    let sticky = match (sticky, affinity) {
+        (Some(s), _) => Some(s),
+        (None, Some((affinity_key, now))) => {
+            // SAFETY: the value is copied out at once.
+            let last = unsafe { KP_AFFINITY.get(&affinity_key) }.copied();
+            let timeout_ns = u64::from(frontend.backend_id) * 1_000_000_000;
+            last.filter(|v| now.saturating_sub(v.last_used_ns) <= timeout_ns)
+                .map(|v| Sticky { slot: v.slot, backend_id: v.backend_id })
+        }
+        (None, None) => None,
     };
     let no_backend = Lookup::NoBackend { flags: frontend.flags, service_id: frontend.service_id };
     if frontend.count == 0 {
@@ -79,6 +107,12 @@ pub fn lookup(address: [u8; 4], port: [u8; 2], protocol: u8, sticky: Option<Stic
                 None => return no_backend,
             }
         }
+    }
+    if let Some((affinity_key, now)) = affinity {
+        // Every new connection renews the affinity, as kube-proxy's `recent --set` does.
+        // Best effort: without the entry the next connection is balanced afresh.
+        let value = AffinityValue { last_used_ns: now, backend_id: slot.backend_id, slot: key.slot, _pad: 0 };
+        let _ = KP_AFFINITY.insert(&affinity_key, &value, 0);
     }
     // SAFETY: as above.
     match unsafe { KP_BACKENDS.get(&slot.backend_id) }.copied() {

@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use kproxy_common::{
     ct::{CtKey, CtValue},
-    lb::{Backend, ServiceKey, ServiceMeta, ServiceValue, SourceRangeKey},
+    lb::{AffinityKey, AffinityValue, Backend, ServiceKey, ServiceMeta, ServiceValue, SourceRangeKey},
     nat::Device,
     sock::{SockAffinityKey, SockAffinityValue, SockRevNatKey, SockRevNatValue},
 };
@@ -45,3 +45,8 @@ pub static KP_DEVICES: HashMap<u32, Device, 64> = HashMap::new();
 /// `kproxy_common::lb::SourceRangeKey`.
 #[btf_map]
 pub static KP_SRC_RANGES: LpmTrie<SourceRangeKey, u8, 1024> = LpmTrie::new();
+
+/// Session affinity: (client, frontend) → the backend it used last and when; see
+/// `kproxy_common::lb::AffinityKey`.
+#[btf_map]
+pub static KP_AFFINITY: LruHashMap<AffinityKey, AffinityValue, 1024> = LruHashMap::new();

@@ -3,13 +3,16 @@
 
 use aya_ebpf::{
     bindings::bpf_sock_addr,
-    helpers::{bpf_get_socket_cookie, bpf_set_retval},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     programs::SockAddrContext,
 };
-use kproxy_common::sock::{SockAffinityKey, SockAffinityValue, SockRevNatKey, SockRevNatValue};
+use kproxy_common::{
+    lb::AFFINITY_NETNS,
+    sock::{SockAffinityKey, SockAffinityValue, SockRevNatKey, SockRevNatValue},
+};
 
 use crate::{
-    lb::{self, Lookup, Sticky},
+    lb::{self, Client, Lookup, Sticky},
     maps::{KP_SOCK_AFFIN, KP_SOCK_REVNAT},
 };
 
@@ -85,7 +88,11 @@ pub fn forward(ctx: &SockAddrContext, affinity: Affinity) -> i32 {
         Affinity::PerSocket => unsafe { KP_SOCK_AFFIN.get(&affinity_key) }
             .map(|v| Sticky { slot: v.slot, backend_id: v.backend_id }),
     };
-    match lb::lookup(d.address, d.port, protocol, sticky) {
+    // Session affinity is per client; on the socket path the client is the socket's network
+    // namespace (a pod, or the node), which is what its source address would tell kube-proxy.
+    // SAFETY: the helper takes the program context, which is what we pass (Linux >= 5.7).
+    let client = Client { id: unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) }.to_ne_bytes(), kind: AFFINITY_NETNS };
+    match lb::lookup(d.address, d.port, protocol, sticky, client) {
         Lookup::NotAService => ALLOW,
         Lookup::NoBackend { .. } => {
             // SAFETY: reading a constant global patched at load time.

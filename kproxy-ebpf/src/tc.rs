@@ -9,13 +9,13 @@ use aya_ebpf::{
 };
 use kproxy_common::{
     ct::{CtKey, CT_EGRESS, CT_INGRESS},
-    lb::{SVC_FLAG_DROP_UNSERVED, SVC_FLAG_SOURCE_RANGES},
+    lb::{AFFINITY_ADDRESS, SVC_FLAG_DROP_UNSERVED, SVC_FLAG_SOURCE_RANGES},
 };
 
 use crate::{
     conntrack,
     icmp::{self, Hook},
-    lb::{self, Lookup},
+    lb::{self, Client, Lookup},
     nat::{self, End},
     packet::{self, Flow},
     reject, route,
@@ -47,7 +47,9 @@ pub fn ingress(ctx: &mut TcContext) -> i32 {
         let (address, port) = unsafe { ((*entry).nat_address, (*entry).nat_port) };
         return verdict(nat::rewrite(ctx, &flow, End::Destination, address, port));
     }
-    let lookup = lb::lookup(flow.dst_address, flow.dst_port, flow.protocol, None);
+    let mut client = Client { id: [0; 8], kind: AFFINITY_ADDRESS };
+    client.id[..4].copy_from_slice(&flow.src_address);
+    let lookup = lb::lookup(flow.dst_address, flow.dst_port, flow.protocol, None, client);
     if let Some((flags, service_id)) = lookup.frontend() {
         // kube-proxy drops clients outside `loadBalancerSourceRanges`, before anything else.
         if flags & SVC_FLAG_SOURCE_RANGES != 0 && !lb::source_allowed(service_id, flow.src_address) {

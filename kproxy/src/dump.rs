@@ -27,6 +27,9 @@ pub struct DumpService {
     /// CIDRs allowed to reach this frontend (`loadBalancerSourceRanges`); absent: everyone.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub source_ranges: Vec<String>,
+    /// `sessionAffinity: ClientIP` timeout in seconds; absent without session affinity.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session_affinity_seconds: Option<u32>,
 }
 
 #[derive(Debug, Serialize)]
@@ -65,6 +68,7 @@ impl Dump {
                         (true, true) => Some("drop"),
                     },
                     source_ranges: p.source_ranges.iter().map(ToString::to_string).collect(),
+                    session_affinity_seconds: (p.affinity_timeout > 0).then_some(p.affinity_timeout),
                 }
             })
             .collect();
@@ -85,6 +89,9 @@ impl Dump {
                     Some("drop") => "(none here: dropped, externalTrafficPolicy Local)".to_string(),
                     Some(_) => "(none: refused)".to_string(),
                 };
+                if let Some(seconds) = s.session_affinity_seconds {
+                    backends = format!("{backends}  [ClientIP affinity {seconds}s]");
+                }
                 if !s.source_ranges.is_empty() {
                     backends = format!("{backends}  [only from {}]", s.source_ranges.join(", "));
                 }

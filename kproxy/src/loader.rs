@@ -34,8 +34,9 @@ use aya::{
 use kproxy_common::{
     ct::{CtKey, CtValue, CT_MAP},
     lb::{
-        Backend, ServiceKey, ServiceMeta, ServiceValue, SourceRangeKey, BACKENDS_MAP, DEFAULT_MAX_SOURCE_RANGES,
-        SERVICES_MAP, SERVICE_META_MAP, SOURCE_RANGES_MAP,
+        AffinityKey, AffinityValue, Backend, ServiceKey, ServiceMeta, ServiceValue, SourceRangeKey, AFFINITY_MAP,
+        BACKENDS_MAP, DEFAULT_MAX_AFFINITY_ENTRIES, DEFAULT_MAX_SOURCE_RANGES, SERVICES_MAP, SERVICE_META_MAP,
+        SOURCE_RANGES_MAP,
     },
     nat::{Device, DEVICES_MAP},
     sock::{
@@ -174,7 +175,7 @@ fn has_set_retval() -> bool {
 /// maps already pinned there, after checking their layout), or private to this object when
 /// `maps_dir` is `None` (tests). Programs are not loaded into the kernel yet.
 pub fn load_object(maps_dir: Option<&Path>, caps: Capacities) -> Result<Ebpf> {
-    let specs: [(&str, usize, usize, u32); 7] = [
+    let specs: [(&str, usize, usize, u32); 8] = [
         (SERVICES_MAP, size_of::<ServiceKey>(), size_of::<ServiceValue>(), caps.service_entries()),
         (BACKENDS_MAP, size_of::<u32>(), size_of::<Backend>(), caps.max_backends),
         (SERVICE_META_MAP, size_of::<u32>(), size_of::<ServiceMeta>(), caps.max_services),
@@ -182,6 +183,7 @@ pub fn load_object(maps_dir: Option<&Path>, caps: Capacities) -> Result<Ebpf> {
         (SOCK_AFFINITY_MAP, size_of::<SockAffinityKey>(), size_of::<SockAffinityValue>(), caps.max_sock_entries),
         (CT_MAP, size_of::<CtKey>(), size_of::<CtValue>(), caps.max_ct_entries),
         (SOURCE_RANGES_MAP, size_of::<aya::maps::lpm_trie::Key<SourceRangeKey>>(), size_of::<u8>(), DEFAULT_MAX_SOURCE_RANGES),
+        (AFFINITY_MAP, size_of::<AffinityKey>(), size_of::<AffinityValue>(), DEFAULT_MAX_AFFINITY_ENTRIES),
     ];
     let set_retval = u8::from(has_set_retval());
     let mut loader = EbpfLoader::new();

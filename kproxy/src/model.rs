@@ -18,6 +18,11 @@ use k8s_openapi::{
 
 pub use crate::node::Cidr;
 
+/// `sessionAffinityConfig.clientIP.timeoutSeconds` when unset (3 hours, as the API's default).
+pub const DEFAULT_AFFINITY_TIMEOUT_SECONDS: i32 = 10_800;
+/// The largest timeout the API accepts (1 day).
+pub const MAX_AFFINITY_TIMEOUT_SECONDS: i32 = 86_400;
+
 /// Label that joins an EndpointSlice to its Service.
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 /// Services with this label belong to another proxy (kube-proxy skips them too).
@@ -137,6 +142,7 @@ pub enum InvalidCode {
     DuplicatePort,
     DuplicateObject,
     FrontendConflict,
+    InvalidValue,
 }
 
 impl InvalidCode {
@@ -151,6 +157,7 @@ impl InvalidCode {
             InvalidCode::DuplicatePort => "duplicate_port",
             InvalidCode::DuplicateObject => "duplicate_object",
             InvalidCode::FrontendConflict => "frontend_conflict",
+            InvalidCode::InvalidValue => "invalid_value",
         }
     }
 }
@@ -190,6 +197,8 @@ pub struct ServiceInfo {
     pub external_policy_local: bool,
     /// `spec.internalTrafficPolicy: Local`: the ClusterIP uses only endpoints on this node.
     pub internal_policy_local: bool,
+    /// `sessionAffinity: ClientIP`: its `timeoutSeconds` (default 10800); `None` without.
+    pub affinity_timeout: Option<u32>,
     /// `spec.publishNotReadyAddresses`: every endpoint counts as ready (as the EndpointSlice
     /// controller marks them for such a Service).
     pub publish_not_ready: bool,
@@ -358,6 +367,32 @@ impl ServiceInfo {
             policy_local(spec.external_traffic_policy.as_deref(), "spec.externalTrafficPolicy")?;
         let internal_policy_local =
             policy_local(spec.internal_traffic_policy.as_deref(), "spec.internalTrafficPolicy")?;
+        let affinity_timeout = match spec.session_affinity.as_deref() {
+            None | Some("None") => None,
+            Some("ClientIP") => {
+                let timeout = spec
+                    .session_affinity_config
+                    .as_ref()
+                    .and_then(|c| c.client_ip.as_ref())
+                    .and_then(|c| c.timeout_seconds)
+                    .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_SECONDS);
+                if !(1..=MAX_AFFINITY_TIMEOUT_SECONDS).contains(&timeout) {
+                    return Err(invalid(
+                        InvalidCode::InvalidValue,
+                        "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                        format!("{timeout} is out of range 1-{MAX_AFFINITY_TIMEOUT_SECONDS}"),
+                    ));
+                }
+                Some(timeout as u32)
+            }
+            Some(other) => {
+                return Err(invalid(
+                    InvalidCode::UnknownType,
+                    "spec.sessionAffinity",
+                    format!("unknown session affinity {other:?} (want None or ClientIP)"),
+                ))
+            }
+        };
         let mut source_ranges = Vec::new();
         for (i, range) in spec.load_balancer_source_ranges.iter().flatten().enumerate() {
             let range = range.trim();
@@ -387,6 +422,7 @@ impl ServiceInfo {
             load_balancer_ips,
             external_policy_local,
             internal_policy_local,
+            affinity_timeout,
             publish_not_ready: spec.publish_not_ready_addresses.unwrap_or(false),
             health_check_node_port,
             source_ranges,
@@ -531,6 +567,8 @@ pub struct DesiredService {
     pub drop_unserved: bool,
     /// Load-balancer frontends: the only client ranges allowed (empty: all).
     pub source_ranges: Vec<Cidr>,
+    /// `sessionAffinity: ClientIP` timeout in seconds; 0 without session affinity.
+    pub affinity_timeout: u32,
 }
 
 /// Everything the dataplane must serve, keyed by frontend.
@@ -657,7 +695,14 @@ pub fn service_frontends<'a>(
             let drop_unserved = backends.is_empty() && usable.any;
             let source_ranges =
                 if frontend_type == ServiceType::LoadBalancer { svc.source_ranges.clone() } else { Vec::new() };
-            let desired = DesiredService { name: port.name.clone(), frontend_type, backends, drop_unserved, source_ranges };
+            let desired = DesiredService {
+                name: port.name.clone(),
+                frontend_type,
+                backends,
+                drop_unserved,
+                source_ranges,
+                affinity_timeout: svc.affinity_timeout.unwrap_or(0),
+            };
             out.push((Frontend { address, port: port_number, protocol }, desired));
         };
         add(svc.cluster_ip, port.port, ServiceType::ClusterIp);
@@ -994,6 +1039,51 @@ spec:
         };
         let both = eps(&[noded("10.0.0.1", "n1", "z1"), noded("10.0.0.2", "n2", "z1")]);
         assert_eq!(call("", &both, Some("n1"), Some("z1")), (v(&["10.0.0.1"]), false));
+    }
+
+    #[test]
+    fn session_affinity_defaults_to_three_hours_and_bad_values_are_named() {
+        let s = build(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: sticky}
+spec: {clusterIP: 10.96.0.11, sessionAffinity: ClientIP, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: short}
+spec:
+  clusterIP: 10.96.0.12
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}
+  ports: [{port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: too-long}
+spec:
+  clusterIP: 10.96.0.13
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 86401}}
+  ports: [{port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: odd}
+spec: {clusterIP: 10.96.0.14, sessionAffinity: Cookie, ports: [{port: 80}]}
+"#,
+        );
+        let errors: Vec<String> = s.invalid.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            errors,
+            [
+                r#"Service default/odd: spec.sessionAffinity: unknown session affinity "Cookie" (want None or ClientIP)"#,
+                "Service default/too-long: spec.sessionAffinityConfig.clientIP.timeoutSeconds: 86401 is out of range 1-86400",
+            ]
+        );
+        assert_eq!(s.desired[&fe("10.96.0.11", 80, Protocol::Tcp)].affinity_timeout, 10_800);
+        assert_eq!(s.desired[&fe("10.96.0.12", 80, Protocol::Tcp)].affinity_timeout, 60);
     }
 
     #[test]

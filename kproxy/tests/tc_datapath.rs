@@ -39,8 +39,8 @@ fn skip_unless_root(test: &str) -> bool {
 /// The loaded object with the tc programs, and the agent's syncer on its private maps.
 struct Datapath {
     ebpf: Ebpf,
-    /// Owns the map fds the programs use; kept alive for them.
-    _syncer: Syncer<BpfMaps>,
+    /// Owns the map fds the programs use; also reprograms them ([`Datapath::sync`]).
+    syncer: Syncer<BpfMaps>,
 }
 
 fn service(frontend: Frontend, backends: &[&str]) -> (Frontend, DesiredService) {
@@ -57,6 +57,7 @@ fn service(frontend: Frontend, backends: &[&str]) -> (Frontend, DesiredService) 
         backends,
         drop_unserved: false,
         source_ranges: Vec::new(),
+        affinity_timeout: 0,
     };
     (frontend, desired)
 }
@@ -87,7 +88,12 @@ impl Datapath {
                 ebpf.program_mut(name).expect("program in object").try_into().expect("classifier");
             program.load().unwrap_or_else(|e| panic!("verifier rejected {name}: {e:?}"));
         }
-        Datapath { ebpf, _syncer: syncer }
+        Datapath { ebpf, syncer }
+    }
+
+    /// Programs `desired` in place of what is programmed.
+    fn sync(&mut self, desired: &DesiredState) {
+        self.syncer.sync(desired, SyncScope::Full).expect("reprogram the services");
     }
 
     /// Runs `program` once on `frame`: (verdict, frame out).
@@ -338,6 +344,42 @@ fn source_ranges_and_frontends_without_local_endpoints_drop_what_they_must_not_s
     // externalTrafficPolicy Local, endpoints only elsewhere: dropped, not refused.
     let frame = tcp_frame(SocketAddrV4::new(CLIENT, 40_013), SocketAddrV4::new(NODE, 30091), true, b"");
     assert_eq!(dp.run("kp_tc_ingress", &frame).0, TC_ACT_SHOT);
+}
+
+#[test]
+fn session_affinity_keeps_a_client_on_its_backend_until_the_backend_leaves() {
+    if skip_unless_root("session_affinity_keeps_a_client_on_its_backend_until_the_backend_leaves") {
+        return;
+    }
+    let backends = ["10.244.1.10:8080", "10.244.1.11:8080", "10.244.1.12:8080"];
+    let sticky = |backends: &[&str]| -> DesiredState {
+        let (f, mut d) = service(frontend(NODE, NODE_PORT, Protocol::Tcp), backends);
+        d.affinity_timeout = 10_800;
+        [(f, d)].into_iter().collect()
+    };
+    let mut dp = Datapath::new(&sticky(&backends));
+    let front = SocketAddrV4::new(NODE, NODE_PORT);
+    // Every new flow (new source port) of one client goes where its first went.
+    let first_flow = |dp: &Datapath, client: Ipv4Addr, port: u16| {
+        let (_, out) = dp.run("kp_tc_ingress", &tcp_frame(SocketAddrV4::new(client, port), front, true, b""));
+        check(&out).1
+    };
+    let chosen = first_flow(&dp, CLIENT, 42_000);
+    for port in 42_001..42_030 {
+        assert_eq!(first_flow(&dp, CLIENT, port), chosen, "flow from port {port}");
+    }
+    // Other clients are balanced independently: over 30 clients, more than one backend.
+    let others: BTreeSet<SocketAddrV4> =
+        (1..=30u8).map(|i| first_flow(&dp, Ipv4Addr::new(198, 18, 0, i), 42_000)).collect();
+    assert!(others.len() > 1, "{others:?}");
+    // The backend leaves: the affinity ends at once, and the client sticks to its new one.
+    let remaining: Vec<&str> = backends.iter().copied().filter(|b| b.parse::<SocketAddrV4>().unwrap() != chosen).collect();
+    dp.sync(&sticky(&remaining));
+    let moved = first_flow(&dp, CLIENT, 42_100);
+    assert_ne!(moved, chosen);
+    for port in 42_101..42_120 {
+        assert_eq!(first_flow(&dp, CLIENT, port), moved, "flow from port {port}");
+    }
 }
 
 /// An ICMP error from `from` to `to` quoting the IP header and first 8 bytes of `about`.

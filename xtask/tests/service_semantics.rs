@@ -176,3 +176,55 @@ fn should_be_able_to_preserve_udp_traffic_when_server_pod_cycles_for_a_cluster_i
         report.backend("pod-b")
     ));
 }
+
+/// The one backend that answered every request of `report`, or a panic saying otherwise.
+fn single_backend(report: &Report, what: &str) -> String {
+    assert_eq!(report.failed(), 0, "{what}: {report:?}");
+    assert_eq!(report.by_backend.len(), 1, "{what}: one backend for every connection: {report:?}");
+    report.by_backend.keys().next().expect("one backend").clone()
+}
+
+#[test]
+fn should_have_session_affinity_work_for_service_with_type_cluster_ip() {
+    let test = "should_have_session_affinity_work_for_service_with_type_cluster_ip";
+    let Some(mut h) = harness(test, &["pod-a", "pod-b", "pod-c"]) else { return };
+    let spec = "  sessionAffinity: ClientIP";
+    let all: Vec<String> = ["pod-a", "pod-b", "pod-c"].iter().map(|p| endpoint(&h, p, "")).collect();
+    program(&mut h, &manifest(spec, &[HTTP], &all), 3);
+    // 30 new connections from this client: one backend.
+    let report = client(&h, &["http", "--addr", "10.96.0.7:80", "--count", "30"]);
+    let first = single_backend(&report, "with affinity");
+    // That backend leaves: the affinity ends at once and the client sticks to a new one.
+    let rest: Vec<String> =
+        ["pod-a", "pod-b", "pod-c"].iter().filter(|p| **p != first).map(|p| endpoint(&h, p, "")).collect();
+    program(&mut h, &manifest(spec, &[HTTP], &rest), 2);
+    let report = client(&h, &["http", "--addr", "10.96.0.7:80", "--count", "30"]);
+    let second = single_backend(&report, "after the backend left");
+    assert_ne!(second, first);
+    say(&format!("{test}: 30/30 connections to {first}; after it left, 30/30 to {second}"));
+}
+
+#[test]
+fn should_have_session_affinity_timeout_work_for_service_with_type_cluster_ip() {
+    let test = "should_have_session_affinity_timeout_work_for_service_with_type_cluster_ip";
+    let Some(mut h) = harness(test, &["pod-a", "pod-b", "pod-c"]) else { return };
+    let spec = "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 2}}";
+    let all: Vec<String> = ["pod-a", "pod-b", "pod-c"].iter().map(|p| endpoint(&h, p, "")).collect();
+    program(&mut h, &manifest(spec, &[HTTP], &all), 3);
+    let report = client(&h, &["http", "--addr", "10.96.0.7:80", "--count", "10", "--interval-ms", "100"]);
+    let first = single_backend(&report, "within the timeout");
+    // Idle longer than the timeout, a new connection is balanced afresh: within 15 tries
+    // (each 1 in 3 to land on the same pod again) it reaches another backend.
+    let mut tries = 0;
+    let moved = loop {
+        tries += 1;
+        std::thread::sleep(Duration::from_millis(2_300));
+        let report = client(&h, &["http", "--addr", "10.96.0.7:80", "--count", "1"]);
+        let backend = single_backend(&report, "after the timeout");
+        if backend != first || tries == 15 {
+            break backend;
+        }
+    };
+    assert_ne!(moved, first, "still on {first} after {tries} idle periods longer than the timeout");
+    say(&format!("{test}: 10/10 to {first} within 2 s; after idling past the timeout, {moved} (try {tries})"));
+}

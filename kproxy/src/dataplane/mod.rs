@@ -16,7 +16,7 @@ use std::{
 };
 
 use kproxy_common::lb::{
-    Backend, ServiceKey, ServiceMeta, ServiceValue, NAME_LEN, SVC_FLAG_DROP_UNSERVED, SVC_TYPE_CLUSTER_IP,
+    Backend, ServiceKey, ServiceMeta, ServiceValue, NAME_LEN, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_UNSERVED, SVC_TYPE_CLUSTER_IP,
     SVC_TYPE_EXTERNAL_IP, SVC_TYPE_LOAD_BALANCER, SVC_TYPE_NODE_PORT,
 };
 
@@ -160,6 +160,7 @@ impl MapContents {
                     frontend_type: meta.map_or("Unknown", |m| svc_type_name(m.svc_type)),
                     backends,
                     drop_unserved: v.flags & SVC_FLAG_DROP_UNSERVED != 0,
+                    affinity_timeout: if v.flags & SVC_FLAG_AFFINITY != 0 { v.backend_id } else { 0 },
                     source_ranges: self.source_ranges.get(&v.service_id).into_iter().flatten().copied().collect(),
                 }
             })
@@ -182,6 +183,8 @@ pub struct ProgrammedService {
     pub drop_unserved: bool,
     /// Allowed client ranges (load-balancer IPs with `loadBalancerSourceRanges`).
     pub source_ranges: Vec<Cidr>,
+    /// `sessionAffinity: ClientIP` timeout in seconds; 0 without.
+    pub affinity_timeout: u32,
 }
 
 pub fn service_key(frontend: Frontend, slot: u16) -> ServiceKey {

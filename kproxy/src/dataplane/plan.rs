@@ -19,8 +19,8 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 use kproxy_common::lb::{
-    Backend, ServiceKey, ServiceValue, SVC_FLAG_CLUSTER_IP, SVC_FLAG_DROP_UNSERVED, SVC_FLAG_EXTERNAL_IP,
-    SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES,
+    Backend, ServiceKey, ServiceValue, SVC_FLAG_AFFINITY, SVC_FLAG_CLUSTER_IP, SVC_FLAG_DROP_UNSERVED,
+    SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES,
 };
 
 use super::{backend_value, frontend_of, service_key, service_meta, Dataplane as _, MapContents, Op};
@@ -348,7 +348,7 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
             }
         }
         let front = ServiceValue {
-            backend_id: 0,
+            backend_id: want.affinity_timeout,
             count: slots.len() as u16,
             flags: frontend_flags(want),
             service_id,
@@ -430,7 +430,8 @@ fn frontend_flags(want: &DesiredService) -> u16 {
     };
     let drop_unserved = if want.drop_unserved { SVC_FLAG_DROP_UNSERVED } else { 0 };
     let source_ranges = if want.source_ranges.is_empty() { 0 } else { SVC_FLAG_SOURCE_RANGES };
-    kind | drop_unserved | source_ranges
+    let affinity = if want.affinity_timeout > 0 { SVC_FLAG_AFFINITY } else { 0 };
+    kind | drop_unserved | source_ranges | affinity
 }
 
 #[cfg(test)]
@@ -462,6 +463,7 @@ mod tests {
             backends: backends.iter().map(|b| b.parse().unwrap()).collect(),
             drop_unserved: false,
             source_ranges: Vec::new(),
+            affinity_timeout: 0,
         }
     }
 
@@ -704,7 +706,7 @@ mod scope_tests {
         let f = Frontend { address: Ipv4Addr::from(0x0a60_0000 + i), port: 80, protocol: Protocol::Tcp };
         let name = ServicePortName { namespace: "ns".into(), name: format!("s{i}"), port_name: String::new(), protocol: Protocol::Tcp };
         let backends = backends.into_iter().map(|b| SocketAddrV4::new(Ipv4Addr::from(0x0af4_0000 + b), 8080)).collect();
-        (f, DesiredService { name, frontend_type: ServiceType::ClusterIp, backends, drop_unserved: false, source_ranges: Vec::new() })
+        (f, DesiredService { name, frontend_type: ServiceType::ClusterIp, backends, drop_unserved: false, source_ranges: Vec::new(), affinity_timeout: 0 })
     }
 
     /// Applies a plan to a mirror and returns it.
