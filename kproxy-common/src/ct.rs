@@ -67,7 +67,7 @@ pub struct CtKey {
 }
 const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
 
-/// Value of [`CT_MAP`]. 24 bytes, no holes.
+/// Value of [`CT_MAP`]. 32 bytes, no holes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct CtValue {
@@ -79,14 +79,25 @@ pub struct CtValue {
     pub nat_port: [u8; 2],
     /// TCP flags seen in this direction (`CT_SEEN_*`).
     pub seen: u8,
-    /// Explicit padding, always zero.
-    pub _pad: u8,
+    /// `CT_FLAG_*` bits.
+    pub flags: u8,
     /// Service id of the frontend, as in [`crate::lb::ServiceValue::service_id`].
     pub service_id: u32,
+    /// Entries with [`CT_FLAG_FRONTEND`]: the backend chosen, as in
+    /// [`crate::lb::ServiceValue::backend_id`]. 0 otherwise.
+    pub backend_id: u32,
+    /// Entries with [`CT_FLAG_FRONTEND`]: the backend's slot in the frontend. 0 otherwise.
+    pub slot: u16,
     /// Explicit padding, always zero.
-    pub _pad2: [u8; 4],
+    pub _pad: [u8; 6],
 }
-const _: () = assert!(core::mem::size_of::<CtValue>() == 24);
+const _: () = assert!(core::mem::size_of::<CtValue>() == 32);
+
+/// [`CtValue::flags`]: the (client, frontend) entry of a flow, whose `backend_id` and `slot`
+/// say which backend it was given. A UDP flow whose backend has left its slot is balanced
+/// afresh on its next datagram, as kube-proxy deletes the conntrack entries of UDP flows to
+/// removed endpoints.
+pub const CT_FLAG_FRONTEND: u8 = 1 << 0;
 
 /// [`CtValue::seen`]: a SYN went this way.
 pub const CT_SEEN_SYN: u8 = 1 << 0;

@@ -2,11 +2,12 @@
 
 use kproxy_common::{
     ct::{
-        CtKey, CtValue, CT_CLOSE_TIMEOUT_NS, CT_EGRESS, CT_INGRESS, CT_SEEN_CLOSING, CT_SEEN_ESTABLISHED, CT_SEEN_SYN,
-        CT_SYN_TIMEOUT_NS, CT_TCP_TIMEOUT_NS, CT_UDP_TIMEOUT_NS,
+        CtKey, CtValue, CT_CLOSE_TIMEOUT_NS, CT_EGRESS, CT_FLAG_FRONTEND, CT_INGRESS, CT_SEEN_CLOSING,
+        CT_SEEN_ESTABLISHED, CT_SEEN_SYN, CT_SYN_TIMEOUT_NS, CT_TCP_TIMEOUT_NS, CT_UDP_TIMEOUT_NS,
     },
+    lb::ServiceKey,
     nat::{SNAT_PORT_MAX, SNAT_PORT_MIN, SNAT_PORT_TRIES},
-    PROTO_TCP,
+    PROTO_TCP, PROTO_UDP,
 };
 
 use aya_ebpf::{
@@ -15,7 +16,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    maps::KP_CT,
+    maps::{KP_CT, KP_SERVICES},
     packet::{Flow, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -92,6 +93,16 @@ pub fn refresh(entry: *mut CtValue, flow: &Flow, now: u64) {
     }
 }
 
+/// The backend a new flow was given, from `lb::lookup`.
+#[derive(Clone, Copy)]
+pub struct Chosen {
+    pub address: [u8; 4],
+    pub port: [u8; 2],
+    pub backend_id: u32,
+    pub slot: u16,
+    pub service_id: u32,
+}
+
 /// An entry that rewrites to `(address, port)`, living `lifetime` from `now`.
 #[inline(always)]
 fn value(to: ([u8; 4], [u8; 2]), seen: u8, lifetime: u64, service_id: u32, now: u64) -> CtValue {
@@ -100,22 +111,51 @@ fn value(to: ([u8; 4], [u8; 2]), seen: u8, lifetime: u64, service_id: u32, now: 
         nat_address: to.0,
         nat_port: to.1,
         seen,
-        _pad: 0,
+        flags: 0,
         service_id,
-        _pad2: [0; 4],
+        backend_id: 0,
+        slot: 0,
+        _pad: [0; 6],
     }
+}
+
+/// The (client, frontend) entry of a new flow: rewrites to the chosen backend and remembers it.
+#[inline(always)]
+fn frontend_value(chosen: &Chosen, seen: u8, lifetime: u64, now: u64) -> CtValue {
+    CtValue {
+        flags: CT_FLAG_FRONTEND,
+        backend_id: chosen.backend_id,
+        slot: chosen.slot,
+        ..value((chosen.address, chosen.port), seen, lifetime, chosen.service_id, now)
+    }
+}
+
+/// Whether `entry` is a UDP flow's (client, frontend) entry whose backend has left its slot:
+/// then the datagram is balanced afresh (see `CT_FLAG_FRONTEND`). TCP flows keep their
+/// backend, as with kube-proxy.
+#[inline(always)]
+pub fn stale(entry: *mut CtValue, flow: &Flow) -> bool {
+    // SAFETY: `entry` comes from `lookup` in this program run.
+    let (flags, backend_id, slot) = unsafe { ((*entry).flags, (*entry).backend_id, (*entry).slot) };
+    if flow.protocol != PROTO_UDP || flags & CT_FLAG_FRONTEND == 0 {
+        return false;
+    }
+    let key = ServiceKey { address: flow.dst_address, port: flow.dst_port, slot, protocol: flow.protocol, scope: 0, _pad: [0; 2] };
+    // SAFETY: the value is copied out at once.
+    !matches!(unsafe { KP_SERVICES.get(&key) }, Some(v) if v.backend_id == backend_id)
 }
 
 /// Creates the entries of a new flow to a backend on this node: the client's packets to
 /// `backend` (at ingress), the backend's replies from the frontend (at egress). Best effort:
 /// if the LRU map cannot take them, the packet is still translated and the next one retries.
 #[inline(always)]
-pub fn create(flow: &Flow, backend: ([u8; 4], [u8; 2]), service_id: u32, now: u64) {
+pub fn create(flow: &Flow, chosen: &Chosen, now: u64) {
     let (seen, lifetime) = advance(flow, 0);
     let client = (flow.src_address, flow.src_port);
     let frontend = (flow.dst_address, flow.dst_port);
-    let _ = KP_CT.insert(&key(backend, client, flow.protocol, CT_EGRESS), &value(frontend, 0, lifetime, service_id, now), 0);
-    let _ = KP_CT.insert(&key(client, frontend, flow.protocol, CT_INGRESS), &value(backend, seen, lifetime, service_id, now), 0);
+    let backend = (chosen.address, chosen.port);
+    let _ = KP_CT.insert(&key(backend, client, flow.protocol, CT_EGRESS), &value(frontend, 0, lifetime, chosen.service_id, now), 0);
+    let _ = KP_CT.insert(&key(client, frontend, flow.protocol, CT_INGRESS), &frontend_value(chosen, seen, lifetime, now), 0);
 }
 
 /// Creates the four entries of a new flow to a backend behind one of the node's devices,
@@ -126,14 +166,9 @@ pub fn create(flow: &Flow, backend: ([u8; 4], [u8; 2]), service_id: u32, now: u6
 /// which the kernel does atomically, so two flows never get the same port towards a backend.
 /// An entry that has expired but is still in the LRU map is taken over with a plain update.
 #[inline(always)]
-pub fn create_snat(
-    flow: &Flow,
-    backend: ([u8; 4], [u8; 2]),
-    node_address: [u8; 4],
-    service_id: u32,
-    now: u64,
-) -> Option<[u8; 2]> {
+pub fn create_snat(flow: &Flow, chosen: &Chosen, node_address: [u8; 4], now: u64) -> Option<[u8; 2]> {
     let (seen, lifetime) = advance(flow, 0);
+    let (backend, service_id) = ((chosen.address, chosen.port), chosen.service_id);
     let client = (flow.src_address, flow.src_port);
     let frontend = (flow.dst_address, flow.dst_port);
     let to_client = value(client, 0, lifetime, service_id, now);
@@ -154,6 +189,6 @@ pub fn create_snat(
     let node = (node_address, port);
     let _ = KP_CT.insert(&key(backend, client, flow.protocol, CT_EGRESS), &value(frontend, 0, lifetime, service_id, now), 0);
     let _ = KP_CT.insert(&key(client, backend, flow.protocol, CT_EGRESS), &value(node, seen, lifetime, service_id, now), 0);
-    let _ = KP_CT.insert(&key(client, frontend, flow.protocol, CT_INGRESS), &value(backend, seen, lifetime, service_id, now), 0);
+    let _ = KP_CT.insert(&key(client, frontend, flow.protocol, CT_INGRESS), &frontend_value(chosen, seen, lifetime, now), 0);
     Some(port)
 }

@@ -13,7 +13,7 @@ use kproxy_common::{
 };
 
 use crate::{
-    conntrack,
+    conntrack::{self, Chosen},
     icmp::{self, Hook},
     lb::{self, Client, Lookup},
     nat::{self, End},
@@ -42,10 +42,12 @@ fn verdict(r: Result<(), i64>) -> i32 {
 pub fn ingress(ctx: &mut TcContext) -> i32 {
     let Some(flow) = packet::parse(ctx) else { return icmp::on_other_packet(ctx, Hook::Ingress) };
     if let Some((entry, now)) = conntrack::lookup(&ct_key(&flow, CT_INGRESS)) {
-        conntrack::refresh(entry, &flow, now);
-        // SAFETY: `entry` is a live map value pointer from `lookup`.
-        let (address, port) = unsafe { ((*entry).nat_address, (*entry).nat_port) };
-        return verdict(nat::rewrite(ctx, &flow, End::Destination, address, port));
+        if !conntrack::stale(entry, &flow) {
+            conntrack::refresh(entry, &flow, now);
+            // SAFETY: `entry` is a live map value pointer from `lookup`.
+            let (address, port) = unsafe { ((*entry).nat_address, (*entry).nat_port) };
+            return verdict(nat::rewrite(ctx, &flow, End::Destination, address, port));
+        }
     }
     let mut client = Client { id: [0; 8], kind: AFFINITY_ADDRESS };
     client.id[..4].copy_from_slice(&flow.src_address);
@@ -60,20 +62,21 @@ pub fn ingress(ctx: &mut TcContext) -> i32 {
         Lookup::NotAService => TC_ACT_OK as i32,
         Lookup::NoBackend { flags, .. } if flags & SVC_FLAG_DROP_UNSERVED != 0 => TC_ACT_SHOT as i32,
         Lookup::NoBackend { .. } => reject::refuse(ctx, &flow),
-        Lookup::Backend { backend, service_id, .. } => {
+        Lookup::Backend { backend, backend_id, slot, service_id, .. } => {
             let now = conntrack::now();
             let to = (backend.address, backend.port);
+            let chosen = Chosen { address: backend.address, port: backend.port, backend_id, slot, service_id };
             // SAFETY: reading a field of the program's own context.
             let ifindex = unsafe { (*ctx.skb.skb).ifindex };
             match route::device_towards(ctx, ifindex, &flow, to) {
                 // A backend on another node: the request also leaves with the node's address
                 // (at egress), so that the reply comes back through this node.
                 Some(device) => {
-                    if conntrack::create_snat(&flow, to, device.snat_address, service_id, now).is_none() {
+                    if conntrack::create_snat(&flow, &chosen, device.snat_address, now).is_none() {
                         return TC_ACT_SHOT as i32;
                     }
                 }
-                None => conntrack::create(&flow, to, service_id, now),
+                None => conntrack::create(&flow, &chosen, now),
             }
             verdict(nat::rewrite(ctx, &flow, End::Destination, backend.address, backend.port))
         }

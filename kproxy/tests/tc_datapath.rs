@@ -382,6 +382,35 @@ fn session_affinity_keeps_a_client_on_its_backend_until_the_backend_leaves() {
     }
 }
 
+#[test]
+fn a_udp_flow_moves_when_its_backend_leaves_and_a_tcp_flow_does_not() {
+    if skip_unless_root("a_udp_flow_moves_when_its_backend_leaves_and_a_tcp_flow_does_not") {
+        return;
+    }
+    let both = |backends: &[&str]| -> DesiredState {
+        [Protocol::Udp, Protocol::Tcp].iter().map(|p| service(frontend(NODE, NODE_PORT, *p), backends)).collect()
+    };
+    let mut dp = Datapath::new(&both(&["10.244.1.10:8080"]));
+    let client = SocketAddrV4::new(CLIENT, 43_000);
+    let front = SocketAddrV4::new(NODE, NODE_PORT);
+    let old: SocketAddrV4 = "10.244.1.10:8080".parse().unwrap();
+    let new: SocketAddrV4 = "10.244.1.11:8080".parse().unwrap();
+    let (_, out) = dp.run("kp_tc_ingress", &udp_frame(client, front, b"1"));
+    assert_eq!(check(&out).1, old);
+    let (_, out) = dp.run("kp_tc_ingress", &tcp_frame(client, front, true, b""));
+    assert_eq!(check(&out).1, old);
+    dp.sync(&both(&["10.244.1.11:8080"]));
+    // The next datagram of the same UDP flow goes to the live backend, and its reply
+    // still leaves as the frontend.
+    let (_, out) = dp.run("kp_tc_ingress", &udp_frame(client, front, b"2"));
+    assert_eq!(check(&out).1, new);
+    let (_, out) = dp.run("kp_tc_egress", &udp_frame(new, client, b"answer"));
+    assert_eq!(check(&out), (front, client, b"answer".to_vec()));
+    // An established TCP flow keeps its backend (kube-proxy leaves TCP conntrack alone).
+    let (_, out) = dp.run("kp_tc_ingress", &tcp_frame(client, front, false, b"data"));
+    assert_eq!(check(&out).1, old);
+}
+
 /// An ICMP error from `from` to `to` quoting the IP header and first 8 bytes of `about`.
 fn icmp_error(from: Ipv4Addr, to: Ipv4Addr, icmp_type: etherparse::Icmpv4Type, about: &[u8]) -> Vec<u8> {
     let mut frame = Vec::new();

@@ -393,3 +393,50 @@ fn path_mtu_discovery_works_through_a_node_port_to_local_and_remote_backends() {
     assert_eq!((remote.0, remote.1.as_str()), (Some(0), want.as_str()), "remote backend: {remote:?}");
     say(&format!("{test}: 3 MiB through a 1200-byte MTU hop from a local and from a remote backend"));
 }
+
+/// A UDP NodePort (30055) served by `pod` on node-1.
+fn udp_manifest_for(c: &Cluster, pod: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: cycling, namespace: default}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.60
+  ports: [{{name: dns, port: 53, nodePort: 30055, protocol: UDP}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: cycling-1, namespace: default, labels: {{kubernetes.io/service-name: cycling}}}}
+addressType: IPv4
+ports: [{{name: dns, port: {UDP_PORT}, protocol: UDP}}]
+endpoints: [{{addresses: [{ip}], nodeName: node-1}}]
+"#,
+        ip = c.pod_ip(pod)
+    )
+}
+
+#[test]
+fn should_be_able_to_preserve_udp_traffic_when_server_pod_cycles_for_a_node_port_service() {
+    let test = "should_be_able_to_preserve_udp_traffic_when_server_pod_cycles_for_a_node_port_service";
+    let Some(c) = Cluster::new(test, |c| udp_manifest_for(c, "pod-a")) else { return };
+    // One unconnected socket (one flow: same source port) sending every 50 ms for 4 s; after
+    // 1 s the endpoint is replaced by pod-b. pod-a keeps running, so a flow left pinned to it
+    // would go on being answered by pod-a: the flow must move, as kube-proxy's conntrack
+    // cleanup makes it.
+    let mut cmd = Command::new(&c.nodes[0].binaries().testpod);
+    cmd.args(["udp", "--addr", &format!("{}:30055", NODE_IPS[0]), "--count", "80", "--interval-ms", "50", "--timeout-ms", "200"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped());
+    let client = spawn_in(&c.ext, cmd).expect("start the client");
+    std::thread::sleep(Duration::from_secs(1));
+    let replaced = udp_manifest_for(&c, "pod-b");
+    for h in &c.nodes {
+        h.write_manifest(&replaced).expect("replace the endpoint");
+    }
+    let out = client.wait_with_output(CLIENT_WAIT).expect("client output");
+    let report = Report::parse(&String::from_utf8_lossy(&out.stdout)).expect("client report");
+    assert!(report.backend("pod-a") >= 10, "{report:?}");
+    assert!(report.backend("pod-b") >= 40, "the flow follows the new endpoint: {report:?}");
+    say(&format!("{test}: {} datagrams to pod-a, then {} to pod-b on the same flow", report.backend("pod-a"), report.backend("pod-b")));
+}
