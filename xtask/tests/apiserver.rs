@@ -1295,3 +1295,41 @@ fn measure_event_to_map_latency() {
         "no network programming latency was observed for 5 triggered changes"
     );
 }
+
+#[test]
+fn should_prefer_endpoints_hinted_for_the_nodes_zone() {
+    // kube-proxy's topology-aware routing (`trafficDistribution: PreferClose`, the
+    // EndpointSlice controller's `hints.forZones`), with the zone read from this node's
+    // `topology.kubernetes.io/zone` label as it changes.
+    let test = "should_prefer_endpoints_hinted_for_the_nodes_zone";
+    let Some(mut e) = env(test, &["pod-a", "pod-b", "pod-c"], &[]) else {
+        return;
+    };
+    let web = e.http_service("web", [10, 96, 0, 10], &[("pod-a", true), ("pod-b", true), ("pod-c", true)]);
+    let mut service = to_json(&k8s::service(&web));
+    service["spec"]["trafficDistribution"] = json!("PreferClose");
+    e.api.apply_json(service).expect("applying the Service");
+    let mut slice = to_json(&k8s::slice(&web));
+    let zone_of = |ip: &str| if ip == e.pod_ip("pod-a").to_string() { "zone-a" } else { "zone-b" };
+    for ep in slice["endpoints"].as_array_mut().expect("endpoints") {
+        let ip = ep["addresses"][0].as_str().expect("address").to_string();
+        ep["hints"] = json!({"forZones": [{"name": zone_of(&ip)}]});
+    }
+    e.api.apply_json(slice).expect("applying the EndpointSlice");
+    e.start_agent();
+    // The Node (k8s::node) is in zone-a: only pod-a, hinted for zone-a.
+    let only = |d: &Dump, n: usize| d.service("web").is_some_and(|s| s.backends.len() == n);
+    e.h.wait_for_dump(CONVERGE, |d| only(d, 1)).unwrap_or_else(|err| panic!("{err:#}\n{}", e.api_summary()));
+    let report = e.http("10.96.0.10:80", 30);
+    assert_eq!((report.ok, report.backend("pod-a")), (30, 30), "{report:?}");
+    // The node moves to zone-b: pod-b and pod-c.
+    let mut node = k8s::node(NODE);
+    node.metadata.labels.as_mut().expect("labels").insert("topology.kubernetes.io/zone".into(), "zone-b".into());
+    e.api.apply(&node).expect("relabelling the Node");
+    e.h.wait_for_dump(CONVERGE, |d| only(d, 2)).unwrap_or_else(|err| panic!("{err:#}\n{}", e.api_summary()));
+    let report = e.http("10.96.0.10:80", 40);
+    assert_eq!(report.ok, 40, "{report:?}");
+    assert_eq!(report.backend("pod-a"), 0, "{report:?}");
+    assert!(report.backend("pod-b") > 0 && report.backend("pod-c") > 0, "{report:?}");
+    say(&format!("{test}: zone-a → 30/30 to pod-a; zone-b → {} pod-b, {} pod-c", report.backend("pod-b"), report.backend("pod-c")));
+}
