@@ -131,66 +131,54 @@ impl Cluster {
     }
 }
 
-/// A Service served by pod-c only, on node-2: NodePort (TCP and UDP) and an external IP.
-fn remote_manifest(c: &Cluster) -> String {
+/// A Service `name` at `cluster_ip` with `ports` (name, port, nodePort, protocol, the pods'
+/// target port) and one EndpointSlice of `endpoints` (address, node), followed by `---`.
+/// `spec` is appended to the spec: more fields indented two spaces, and possibly a `status:`
+/// line after them.
+fn service(name: &str, cluster_ip: &str, spec: &str, ports: &[(&str, u16, u16, &str, u16)], endpoints: &[(String, &str)]) -> String {
+    let svc_ports: Vec<String> =
+        ports.iter().map(|(n, p, np, proto, _)| format!("{{name: {n}, port: {p}, nodePort: {np}, protocol: {proto}}}")).collect();
+    let slice_ports: Vec<String> =
+        ports.iter().map(|(n, _, _, proto, target)| format!("{{name: {n}, port: {target}, protocol: {proto}}}")).collect();
+    let eps: String = endpoints.iter().map(|(ip, node)| format!("- {{addresses: [{ip}], nodeName: {node}}}\n")).collect();
     format!(
-        r#"apiVersion: v1
-kind: Service
-metadata: {{name: remote, namespace: default}}
-spec:
-  type: NodePort
-  clusterIP: 10.96.0.30
-  externalIPs: [{EXTERNAL_IP}]
-  ports:
-  - {{name: http, port: 80, nodePort: 30081, protocol: TCP}}
-  - {{name: dns, port: 53, nodePort: 30053, protocol: UDP}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: remote-1, namespace: default, labels: {{kubernetes.io/service-name: remote}}}}
-addressType: IPv4
-ports: [{{name: http, port: {HTTP_PORT}, protocol: TCP}}, {{name: dns, port: {UDP_PORT}, protocol: UDP}}]
-endpoints:
-- {{addresses: [{c}], nodeName: node-2}}
----
-apiVersion: v1
-kind: Service
-metadata: {{name: mixed, namespace: default}}
-spec:
-  type: NodePort
-  clusterIP: 10.96.0.31
-  ports: [{{name: http, port: 80, nodePort: 30082, protocol: TCP}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: mixed-1, namespace: default, labels: {{kubernetes.io/service-name: mixed}}}}
-addressType: IPv4
-ports: [{{name: http, port: {HTTP_PORT}, protocol: TCP}}]
-endpoints:
-- {{addresses: [{a}], nodeName: node-1}}
-- {{addresses: [{c}], nodeName: node-2}}
----
-apiVersion: v1
-kind: Service
-metadata: {{name: limited, namespace: default}}
-spec:
-  type: LoadBalancer
-  clusterIP: 10.96.0.32
-  loadBalancerSourceRanges: [{EXT_IP}/32, 10.0.0.0/8]
-  ports: [{{name: http, port: 80, nodePort: 30083, protocol: TCP}}]
-status: {{loadBalancer: {{ingress: [{{ip: {LB_IP}}}]}}}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: limited-1, namespace: default, labels: {{kubernetes.io/service-name: limited}}}}
-addressType: IPv4
-ports: [{{name: http, port: {HTTP_PORT}, protocol: TCP}}]
-endpoints:
-- {{addresses: [{c}], nodeName: node-2}}
-"#,
-        a = c.pod_ip("pod-a"),
-        c = c.pod_ip("pod-c"),
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  clusterIP: {cluster_ip}\n  \
+         ports: [{}]\n{spec}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\n\
+         ports: [{}]\nendpoints:\n{eps}---\n",
+        svc_ports.join(", "),
+        slice_ports.join(", "),
     )
+}
+
+const HTTP: (&str, u16, &str, u16) = ("http", 80, "TCP", HTTP_PORT);
+
+/// The HTTP port of a Service at `node_port`.
+fn http(node_port: u16) -> (&'static str, u16, u16, &'static str, u16) {
+    (HTTP.0, HTTP.1, node_port, HTTP.2, HTTP.3)
+}
+
+/// A Service served by pod-c only, on node-2: NodePort (TCP and UDP) and an external IP; one
+/// with endpoints on both nodes; a load balancer limited by source ranges.
+fn remote_manifest(c: &Cluster) -> String {
+    let (a, pc) = ((c.pod_ip("pod-a"), "node-1"), (c.pod_ip("pod-c"), "node-2"));
+    service(
+        "remote",
+        "10.96.0.30",
+        &format!("  type: NodePort\n  externalIPs: [{EXTERNAL_IP}]"),
+        &[http(30081), ("dns", 53, 30053, "UDP", UDP_PORT)],
+        &[pc.clone()],
+    ) + &service("mixed", "10.96.0.31", "  type: NodePort", &[http(30082)], &[a, pc.clone()])
+        + &service(
+            "limited",
+            "10.96.0.32",
+            &format!(
+                "  type: LoadBalancer\n  loadBalancerSourceRanges: [{EXT_IP}/32, 10.0.0.0/8]\n\
+                 status: {{loadBalancer: {{ingress: [{{ip: {LB_IP}}}]}}}}"
+            ),
+            &[http(30083)],
+            &[pc],
+        )
 }
 
 #[test]
@@ -255,29 +243,8 @@ fn node_port_and_external_ip_reach_a_backend_on_another_node() {
 
 /// `externalTrafficPolicy: Local`, endpoints on both nodes, health check on 32001.
 fn local_manifest(c: &Cluster) -> String {
-    format!(
-        r#"apiVersion: v1
-kind: Service
-metadata: {{name: local, namespace: default}}
-spec:
-  type: NodePort
-  clusterIP: 10.96.0.40
-  externalTrafficPolicy: Local
-  healthCheckNodePort: 32001
-  ports: [{{name: http, port: 80, nodePort: 30091, protocol: TCP}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: local-1, namespace: default, labels: {{kubernetes.io/service-name: local}}}}
-addressType: IPv4
-ports: [{{name: http, port: {HTTP_PORT}, protocol: TCP}}]
-endpoints:
-- {{addresses: [{a}], nodeName: node-1}}
-- {{addresses: [{c}], nodeName: node-2}}
-"#,
-        a = c.pod_ip("pod-a"),
-        c = c.pod_ip("pod-c"),
-    )
+    let spec = "  type: NodePort\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32001";
+    service("local", "10.96.0.40", spec, &[http(30091)], &[(c.pod_ip("pod-a"), "node-1"), (c.pod_ip("pod-c"), "node-2")])
 }
 
 #[test]
@@ -322,28 +289,9 @@ fn external_traffic_policy_local_keeps_the_client_address_and_fails_over_by_heal
 
 /// NodePorts of a file server on pod-a (node-1, local) and on pod-c (node-2, remote).
 fn files_manifest(c: &Cluster) -> String {
-    let service = |name: &str, cluster_ip: &str, node_port: u16, pod: &str, node: &str| {
-        format!(
-            r#"apiVersion: v1
-kind: Service
-metadata: {{name: {name}, namespace: default}}
-spec:
-  type: NodePort
-  clusterIP: {cluster_ip}
-  ports: [{{name: http, port: 80, nodePort: {node_port}, protocol: TCP}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}
-addressType: IPv4
-ports: [{{name: http, port: 8000, protocol: TCP}}]
-endpoints: [{{addresses: [{ip}], nodeName: {node}}}]
----
-"#,
-            ip = c.pod_ip(pod)
-        )
-    };
-    service("files-local", "10.96.0.50", 30800, "pod-a", "node-1") + &service("files-remote", "10.96.0.51", 30801, "pod-c", "node-2")
+    let files = |node_port: u16| ("http", 80, node_port, "TCP", 8000);
+    service("files-local", "10.96.0.50", "  type: NodePort", &[files(30800)], &[(c.pod_ip("pod-a"), "node-1")])
+        + &service("files-remote", "10.96.0.51", "  type: NodePort", &[files(30801)], &[(c.pod_ip("pod-c"), "node-2")])
 }
 
 #[test]
@@ -396,24 +344,7 @@ fn path_mtu_discovery_works_through_a_node_port_to_local_and_remote_backends() {
 
 /// A UDP NodePort (30055) served by `pod` on node-1.
 fn udp_manifest_for(c: &Cluster, pod: &str) -> String {
-    format!(
-        r#"apiVersion: v1
-kind: Service
-metadata: {{name: cycling, namespace: default}}
-spec:
-  type: NodePort
-  clusterIP: 10.96.0.60
-  ports: [{{name: dns, port: 53, nodePort: 30055, protocol: UDP}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: cycling-1, namespace: default, labels: {{kubernetes.io/service-name: cycling}}}}
-addressType: IPv4
-ports: [{{name: dns, port: {UDP_PORT}, protocol: UDP}}]
-endpoints: [{{addresses: [{ip}], nodeName: node-1}}]
-"#,
-        ip = c.pod_ip(pod)
-    )
+    service("cycling", "10.96.0.60", "  type: NodePort", &[("dns", 53, 30055, "UDP", UDP_PORT)], &[(c.pod_ip(pod), "node-1")])
 }
 
 #[test]
