@@ -110,6 +110,16 @@ impl Datapath {
         Ok((result.return_value, out))
     }
 
+    /// As [`Datapath::run`], with `ctx` as the `__sk_buff` the program sees (e.g. its ifindex).
+    fn run_on(&self, program: &str, frame: &[u8], ctx: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; frame.len() + 64];
+        let prog: &SchedClassifier = self.ebpf.program(program).expect("program").try_into().expect("classifier");
+        let opts = TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ctx_in: Some(ctx), ..TestRunOptions::new() };
+        let result = prog.test_run(opts).unwrap_or_else(|e| panic!("test run of {program} with a context: {e:?}"));
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
     /// Average ns per run over `repeat` runs.
     fn cost(&self, program: &str, frame: &[u8], repeat: u32) -> f64 {
         let mut out = vec![0u8; frame.len() + 64];
@@ -409,6 +419,72 @@ fn a_udp_flow_moves_when_its_backend_leaves_and_a_tcp_flow_does_not() {
     // An established TCP flow keeps its backend (kube-proxy leaves TCP conntrack alone).
     let (_, out) = dp.run("kp_tc_ingress", &tcp_frame(client, front, false, b"data"));
     assert_eq!(check(&out).1, old);
+}
+
+/// Offset of `ifindex` in `struct __sk_buff` (the test run's context).
+const SKB_IFINDEX_OFF: usize = 40;
+/// `sizeof(struct __sk_buff)`.
+const SKB_SIZE: usize = 192;
+
+#[test]
+fn flows_to_a_backend_behind_a_device_get_distinct_snat_ports_and_replies_find_their_client() {
+    let test = "flows_to_a_backend_behind_a_device_get_distinct_snat_ports_and_replies_find_their_client";
+    if skip_unless_root(test) {
+        return;
+    }
+    let remote: SocketAddrV4 = "10.244.2.10:8080".parse().unwrap();
+    let mut dp = Datapath::new(&[service(frontend(NODE, NODE_PORT, Protocol::Tcp), &["10.244.2.10:8080"])].into_iter().collect());
+    let front = SocketAddrV4::new(NODE, NODE_PORT);
+    // The FIB lookup runs in the namespace of the packet's device: a thread of this test
+    // enters a new network namespace holding a veth device with the node's address and a
+    // route to the remote pod subnet, and runs the programs "arriving on" that device. The
+    // namespace goes away with the thread.
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("a network namespace for this thread");
+                let ip = |args: &str| {
+                    let out = std::process::Command::new("ip").args(args.split_whitespace()).output().expect("ip");
+                    assert!(out.status.success(), "ip {args}: {}", String::from_utf8_lossy(&out.stderr));
+                };
+                ip("link add kpdev0 type veth peer name kpdev1");
+                ip("link set kpdev1 up");
+                ip("link set kpdev0 up");
+                ip(&format!("addr add {NODE}/24 dev kpdev0"));
+                ip("route add 10.244.2.0/24 via 192.168.50.3 dev kpdev0");
+                std::fs::write("/proc/sys/net/ipv4/conf/all/forwarding", "1").expect("forwarding on");
+                let ifindex = nix::net::if_::if_nametoindex("kpdev0").expect("ifindex");
+                let mut devices: aya::maps::HashMap<_, u32, kproxy_common::nat::Device> =
+                    aya::maps::HashMap::try_from(dp.ebpf.map_mut("KP_DEVICES").expect("KP_DEVICES")).expect("devices map");
+                devices.insert(ifindex, kproxy_common::nat::Device { snat_address: NODE.octets() }, 0).expect("device");
+                let mut ctx = [0u8; SKB_SIZE];
+                ctx[SKB_IFINDEX_OFF..SKB_IFINDEX_OFF + 4].copy_from_slice(&ifindex.to_ne_bytes());
+                let run = |program: &str, frame: &[u8]| dp.run_on(program, frame, &ctx);
+
+                let mut ports = BTreeSet::new();
+                for port in 44_000..44_200u16 {
+                    let client = SocketAddrV4::new(CLIENT, port);
+                    // Ingress: translated to the remote backend, the client's address kept...
+                    let (verdict, out) = run("kp_tc_ingress", &tcp_frame(client, front, true, b""));
+                    assert_eq!(verdict, TC_ACT_OK);
+                    assert_eq!(check(&out).1, remote);
+                    // ...and, routed out again, it leaves from the node with a port of its own.
+                    let (_, out) = run("kp_tc_egress", &tcp_frame(client, remote, true, b""));
+                    let (source, destination, _) = check(&out);
+                    assert_eq!((*source.ip(), destination), (NODE, remote));
+                    assert!((61_000..=65_535).contains(&source.port()), "{source}");
+                    assert!(ports.insert(source.port()), "port {} given twice", source.port());
+                    // The backend's reply to that port finds the client, and leaves as the frontend.
+                    let (_, out) = run("kp_tc_ingress", &tcp_frame(remote, source, false, b"reply"));
+                    assert_eq!(check(&out), (remote, client, b"reply".to_vec()));
+                    let (_, out) = run("kp_tc_egress", &tcp_frame(remote, client, false, b"reply"));
+                    assert_eq!(check(&out), (front, client, b"reply".to_vec()));
+                }
+                assert_eq!(ports.len(), 200);
+            })
+            .join()
+            .expect("the namespace thread");
+    });
 }
 
 /// An ICMP error from `from` to `to` quoting the IP header and first 8 bytes of `about`.
