@@ -65,22 +65,24 @@ pub fn lookup(address: [u8; 4], port: [u8; 2], protocol: u8, sticky: Option<Stic
     let Some(frontend) = (unsafe { KP_SERVICES.get(&key) }).copied() else {
         return Lookup::NotAService;
     };
-    let affinity = (frontend.flags & SVC_FLAG_AFFINITY != 0).then(|| {
-        let affinity_key =
-            AffinityKey { client: client.id, service_id: frontend.service_id, kind: client.kind, _pad: [0; 3] };
-        // SAFETY: helper without arguments.
-        (affinity_key, unsafe { bpf_ktime_get_ns() })
-    });
-    let sticky = match (sticky, affinity) {
-        (Some(s), _) => Some(s),
-        (None, Some((affinity_key, now))) => {
+    // Session affinity state is built whether the frontend has affinity or not: a value
+    // written on one path and read on another would be an uninitialised stack read to the
+    // Linux 5.10 verifier, which does not relate the two branches on the same flag. This runs
+    // once per new connection, not per packet.
+    let affinity = frontend.flags & SVC_FLAG_AFFINITY != 0;
+    let affinity_key = AffinityKey { client: client.id, service_id: frontend.service_id, kind: client.kind, _pad: [0; 3] };
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let sticky = match sticky {
+        Some(s) => Some(s),
+        None if affinity => {
             // SAFETY: the value is copied out at once.
             let last = unsafe { KP_AFFINITY.get(&affinity_key) }.copied();
             let timeout_ns = u64::from(frontend.backend_id) * 1_000_000_000;
             last.filter(|v| now.saturating_sub(v.last_used_ns) <= timeout_ns)
                 .map(|v| Sticky { slot: v.slot, backend_id: v.backend_id })
         }
-        (None, None) => None,
+        None => None,
     };
     let no_backend = Lookup::NoBackend { flags: frontend.flags, service_id: frontend.service_id };
     if frontend.count == 0 {
@@ -108,7 +110,7 @@ pub fn lookup(address: [u8; 4], port: [u8; 2], protocol: u8, sticky: Option<Stic
             }
         }
     }
-    if let Some((affinity_key, now)) = affinity {
+    if affinity {
         // Every new connection renews the affinity, as kube-proxy's `recent --set` does.
         // Best effort: without the entry the next connection is balanced afresh.
         let value = AffinityValue { last_used_ns: now, backend_id: slot.backend_id, slot: key.slot, _pad: 0 };
