@@ -417,7 +417,17 @@ pub fn attached_kproxy_programs(cgroup: &Path) -> Result<Vec<String>> {
     let ids = attached_program_ids(cgroup)?;
     let mut names = Vec::new();
     for info in aya::programs::loaded_programs() {
-        let info = info.context("list loaded BPF programs")?;
+        let info = match info {
+            Ok(info) => info,
+            // A program freed between the listing of its id and the opening of it (as the
+            // programs of unpinned links are, right after `cleanup`) is attached nowhere.
+            Err(aya::programs::ProgramError::SyscallError(aya::sys::SyscallError { io_error, .. }))
+                if io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                continue
+            }
+            Err(e) => return Err(e).context("list loaded BPF programs"),
+        };
         if ids.contains(&info.id()) {
             let name = info.name_as_str().unwrap_or_default().to_string();
             if name.starts_with("kp_") {
