@@ -134,7 +134,8 @@ impl NodePortSetup {
         setup.h.start_agent().expect("start kproxy run");
         setup
             .h
-            .wait_for_dump(Duration::from_secs(10), |d| {
+            // Generous: a starting agent needs 4-8 s under the emulation of `cargo xtask vm-test`.
+            .wait_for_dump(Duration::from_secs(30), |d| {
                 d.services.iter().any(|s| s.frontend.starts_with(&format!("{NODE_IP}:")) && !s.backends.is_empty())
             })
             .unwrap_or_else(|e| panic!("{test}: NodePort not programmed: {e:#}\n{}", setup.h.agent_log()));
@@ -217,6 +218,8 @@ fn a_node_port_flow_survives_an_agent_restart() {
     tc.args(["net", "show", "dev", NODE_DEVICE, "-j"]);
     let out = output_in(&setup.h.topology.node, None, tc, Duration::from_secs(10)).expect("bpftool net show");
     let shown = String::from_utf8_lossy(&out.stdout);
+    // An empty answer from a failed bpftool must not pass for "nothing attached".
+    assert!(out.status.success(), "bpftool net show dev {NODE_DEVICE}: {out:?}");
     assert!(!shown.contains("kp_tc_"), "tc programs left on {NODE_DEVICE}: {shown}");
 }
 

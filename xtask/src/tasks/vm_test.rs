@@ -27,8 +27,8 @@ pub struct Args {
     /// Run every socket_lb test, not only the kernel-floor set (xtask::vm::CORE_TESTS).
     #[arg(long)]
     all_tests: bool,
-    /// Only the steps whose id (`check:NAME`, `socket_lb:NAME`, `tc_datapath:NAME`) contains
-    /// one of these, comma-separated.
+    /// Only the steps whose id (`check:NAME`, `socket_lb:NAME`, `tc_datapath:NAME`,
+    /// `nodeport:NAME`) contains one of these, comma-separated.
     #[arg(long, value_delimiter = ',')]
     filter: Vec<String>,
     /// Hard limit for one VM (boot, every step, power-off), in seconds.
@@ -114,6 +114,7 @@ pub fn run(args: Args) -> Result<()> {
     println!("vm: building the test binaries");
     let socket_lb = test_binary("xtask", "socket_lb")?;
     let tc_datapath = test_binary("kproxy", "tc_datapath")?;
+    let nodeport = test_binary("xtask", "nodeport")?;
     // Not current_exe(): `build` may just have replaced this very binary (with the same code).
     let xtask = target_dir()?.join("debug/xtask");
     if !xtask.is_file() {
@@ -138,11 +139,16 @@ pub fn run(args: Args) -> Result<()> {
             .filter(|t| !vm::TC_DATAPATH_SKIPPED.contains(&t.as_str()))
             .map(|t| (Suite::TcDatapath, t)),
     );
+    let nodeport_tests = list_tests(&nodeport)?;
+    for name in vm::NODEPORT_TESTS {
+        if !nodeport_tests.iter().any(|t| t == name) {
+            bail!("nodeport has no test {name} (xtask::vm::NODEPORT_TESTS is out of date)");
+        }
+        tests.push((Suite::NodePort, name.to_string()));
+    }
     let mut plan = Plan::new(&tests, Duration::from_secs(args.step_timeout));
     if !args.filter.is_empty() {
-        plan.steps.retain(|step| {
-            matches!(step, vm::Step::Todo(..)) || args.filter.iter().any(|f| step.id().contains(f.as_str()))
-        });
+        plan.steps.retain(|step| args.filter.iter().any(|f| step.id().contains(f.as_str())));
     }
 
     let cache = target_dir()?.join("vm");
@@ -152,14 +158,17 @@ pub fn run(args: Args) -> Result<()> {
         xtask,
         socket_lb,
         tc_datapath,
+        nodeport,
         bins,
     };
+    // One private apt for every leg: a cold cache runs `apt-get update` once, not per kernel.
+    let mut apt = debian::Apt::new(&cache.join("apt"))?;
     let mut results = Vec::new();
     for leg in &legs {
         interrupt::check()?;
         let result = match leg {
             Leg::Host => run_host(&plan, &host, &logs, &args),
-            Leg::Vm(series) => run_vm(series, &plan, &host, &cache, &args),
+            Leg::Vm(series) => run_vm(series, &plan, &host, &cache, &mut apt, &args),
         };
         let result = result.with_context(|| format!("vm-test leg {leg:?}"))?;
         println!("vm: {} finished in {:.1}s", result.label, result.total.as_secs_f64());
@@ -182,6 +191,7 @@ struct Programs {
     xtask: PathBuf,
     socket_lb: PathBuf,
     tc_datapath: PathBuf,
+    nodeport: PathBuf,
     bins: Binaries,
 }
 
@@ -226,6 +236,11 @@ fn which(name: &str) -> Result<PathBuf> {
 
 fn run_host(plan: &Plan, host: &Programs, logs: &Path, args: &Args) -> Result<LegResult> {
     let start = Instant::now();
+    let version = vm::checks::kernel_release()
+        .ok()
+        .and_then(|r| vm::release_version(&r))
+        .context("reading the host's kernel version")?;
+    let plan = &plan.for_kernel(version);
     let mut collector = Collector::new("host", plan, start);
     if !is_root() {
         let mut result = collector.finish(Instant::now(), Some("needs root".into()));
@@ -236,6 +251,7 @@ fn run_host(plan: &Plan, host: &Programs, logs: &Path, args: &Args) -> Result<Le
         xtask: path_str(&host.xtask),
         socket_lb: path_str(&host.socket_lb),
         tc_datapath: path_str(&host.tc_datapath),
+        nodeport: path_str(&host.nodeport),
         kproxy: path_str(&host.bins.kproxy),
         testpod: path_str(&host.bins.testpod),
     };
@@ -268,12 +284,21 @@ fn finish(collector: Collector, ended: qemu::Ended) -> LegResult {
 /// Where the programs go in the image.
 const GUEST_DIR: &str = "/opt/kproxy";
 
-fn run_vm(series: &str, plan: &Plan, host: &Programs, cache: &Path, args: &Args) -> Result<LegResult> {
+fn run_vm(
+    series: &str,
+    plan: &Plan,
+    host: &Programs,
+    cache: &Path,
+    apt: &mut debian::Apt,
+    args: &Args,
+) -> Result<LegResult> {
     let prepared = Instant::now();
     qemu::ensure_installed()?;
-    let mut apt = debian::Apt::new(&cache.join("apt"))?;
-    let kernel = debian::kernel(&mut apt, cache, series)?;
-    let busybox = debian::busybox(&mut apt, cache)?;
+    let kernel = debian::kernel(apt, cache, series)?;
+    let version = vm::release_version(&kernel.release)
+        .with_context(|| format!("no version in the kernel release {}", kernel.release))?;
+    let plan = &plan.for_kernel(version);
+    let busybox = debian::busybox(apt, cache)?;
     let modules = ModuleTree::open(&kernel.modules_dir())?.load_order(&vm::MODULES)?;
 
     let guest = |name: &str| format!("{GUEST_DIR}/{name}");
@@ -281,6 +306,7 @@ fn run_vm(series: &str, plan: &Plan, host: &Programs, cache: &Path, args: &Args)
         xtask: guest("xtask"),
         socket_lb: guest("socket_lb"),
         tc_datapath: guest("tc_datapath"),
+        nodeport: guest("nodeport"),
         kproxy: guest("kproxy"),
         testpod: guest("kproxy-testpod"),
     };
@@ -294,6 +320,7 @@ fn run_vm(series: &str, plan: &Plan, host: &Programs, cache: &Path, args: &Args)
         (host.xtask.clone(), paths.xtask.clone()),
         (host.socket_lb.clone(), paths.socket_lb.clone()),
         (host.tc_datapath.clone(), paths.tc_datapath.clone()),
+        (host.nodeport.clone(), paths.nodeport.clone()),
         (host.bins.kproxy.clone(), paths.kproxy.clone()),
         (host.bins.testpod.clone(), paths.testpod.clone()),
     ];
@@ -301,7 +328,7 @@ fn run_vm(series: &str, plan: &Plan, host: &Programs, cache: &Path, args: &Args)
         programs.push((which(tool)?, format!("/usr/local/bin/{tool}")));
     }
     let bpftool = if vm::release_version(series).is_some_and(|v| v < (6, 0)) {
-        debian::bullseye_bpftool(&mut apt, cache)?
+        debian::bullseye_bpftool(apt, cache)?
     } else {
         which("bpftool")?
     };

@@ -13,6 +13,9 @@
 //!   hook, `kproxy dump`, the refused-connect fallback), run inside the VM by
 //!   `xtask vm-test --guest-check NAME`.
 //!
+//! The NodePort end-to-end tests (xtask/tests/nodeport.rs) carry the tc path through a veth pair:
+//! an external client namespace reaches pods through the node's device.
+//!
 //! Every run, in a VM or on the host, is the same shell [`script`]: it prints `VMTEST-*` marker
 //! lines around each step, and a [`Collector`] turns the output into a [`LegResult`].
 
@@ -54,8 +57,25 @@ pub const REFUSAL_TEST: &str = "service_without_endpoints_refuses_fast";
 /// one only measures, 2.4 million test runs, which software emulation makes meaningless.
 pub const TC_DATAPATH_SKIPPED: [&str; 1] = ["per_packet_cost_next_to_an_empty_program"];
 
-/// The step reserved for the tc NodePort path through a veth pair.
-pub const TC_TODO: &str = "todo:tc_nodeport_via_veth";
+/// The NodePort end-to-end tests run by default (the tc path through a veth pair): TCP, UDP and
+/// the RST/ICMP refusal with netlink tc filters (every kernel), a kept-alive flow across a
+/// `kill -9` and restart of the agent with `--tc-attach auto` (netlink below 6.6, TCX from 6.6)
+/// followed by `kproxy cleanup`, and the same traffic with TCX links (6.6 and later, see
+/// [`KERNEL_REQUIREMENTS`]).
+pub const NODEPORT_TESTS: [&str; 3] = [
+    "node_port_reaches_local_backends_netlink",
+    "a_node_port_flow_survives_an_agent_restart",
+    "node_port_reaches_local_backends_tcx",
+];
+
+/// Steps that need a kernel feature newer than 5.10: (step id, first kernel with it, what the
+/// table says below that). On older kernels the step is not run and shows as not applicable,
+/// which is not a failure.
+pub const KERNEL_REQUIREMENTS: [(&str, (u32, u32), &str); 1] = [(
+    "nodeport:node_port_reaches_local_backends_tcx",
+    (6, 6),
+    "n/a below 6.6: TCX links (BPF_TCX_INGRESS/EGRESS) arrive in Linux 6.6; older kernels use netlink tc filters",
+)];
 
 /// Marker prefix of every line the script and the checks print for the collector.
 pub const MARK: &str = "VMTEST-";
@@ -67,6 +87,8 @@ pub enum Suite {
     SocketLb,
     /// kproxy/tests/tc_datapath.rs: the tc programs on crafted frames (BPF_PROG_TEST_RUN).
     TcDatapath,
+    /// xtask/tests/nodeport.rs: an external client through the node's device (tc programs).
+    NodePort,
 }
 
 impl Suite {
@@ -74,6 +96,7 @@ impl Suite {
         match self {
             Suite::SocketLb => "socket_lb",
             Suite::TcDatapath => "tc_datapath",
+            Suite::NodePort => "nodeport",
         }
     }
 }
@@ -85,18 +108,19 @@ pub enum Step {
     Check(String),
     /// `<suite binary> --exact NAME`.
     Test(Suite, String),
-    /// Not runnable yet; the text says what it waits for.
-    Todo(String, String),
+    /// Not run on this kernel, which lacks what the step tests: the step's id and why
+    /// (see [`KERNEL_REQUIREMENTS`]).
+    NotApplicable(String, String),
 }
 
 impl Step {
     /// The step's id in markers and tables: `check:NAME`, `socket_lb:NAME`,
-    /// `tc_datapath:NAME`, `todo:NAME`.
+    /// `tc_datapath:NAME`, `nodeport:NAME`.
     pub fn id(&self) -> String {
         match self {
             Step::Check(name) => format!("check:{name}"),
             Step::Test(suite, name) => format!("{}:{name}", suite.name()),
-            Step::Todo(name, _) => format!("todo:{name}"),
+            Step::NotApplicable(id, _) => id.clone(),
         }
     }
 }
@@ -110,7 +134,7 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// The checks, then `tests` (suite and name), then the NodePort placeholder.
+    /// The checks, then `tests` (suite and name).
     pub fn new(tests: &[(Suite, String)], step_timeout: Duration) -> Plan {
         let mut steps: Vec<Step> = checks::CHECKS
             .iter()
@@ -121,16 +145,31 @@ impl Plan {
                 .iter()
                 .map(|(suite, name)| Step::Test(*suite, name.clone())),
         );
-        steps.push(Step::Todo(
-            TC_TODO.trim_start_matches("todo:").to_string(),
-            "NodePort traffic through a veth pair waits for the end-to-end harness of the tc \
-             datapath (issue 4); its programs are already verified (tc_datapath:*) and attached \
-             (check:tc_attach: netlink below Linux 6.6, TCX from 6.6) on every kernel"
-                .to_string(),
-        ));
         Plan {
             steps,
             step_timeout,
+        }
+    }
+
+    /// The plan for a kernel `(major, minor)`: steps that need a newer one
+    /// ([`KERNEL_REQUIREMENTS`]) become [`Step::NotApplicable`].
+    pub fn for_kernel(&self, version: (u32, u32)) -> Plan {
+        let steps = self
+            .steps
+            .iter()
+            .map(|step| {
+                let id = step.id();
+                match KERNEL_REQUIREMENTS.iter().find(|(req, _, _)| *req == id) {
+                    Some((_, min, why)) if version < *min && !matches!(step, Step::NotApplicable(..)) => {
+                        Step::NotApplicable(id, why.to_string())
+                    }
+                    _ => step.clone(),
+                }
+            })
+            .collect();
+        Plan {
+            steps,
+            step_timeout: self.step_timeout,
         }
     }
 }
@@ -141,6 +180,7 @@ pub struct ScriptPaths {
     pub xtask: String,
     pub socket_lb: String,
     pub tc_datapath: String,
+    pub nodeport: String,
     pub kproxy: String,
     pub testpod: String,
 }
@@ -210,11 +250,12 @@ hostname kproxy-vm
                 shell_quote(match suite {
                     Suite::SocketLb => &paths.socket_lb,
                     Suite::TcDatapath => &paths.tc_datapath,
+                    Suite::NodePort => &paths.nodeport,
                 }),
                 shell_quote(name)
             ),
-            Step::Todo(_, why) => {
-                let _ = writeln!(s, "echo {}", shell_quote(&format!("{MARK}TODO {id} {why}")));
+            Step::NotApplicable(_, why) => {
+                let _ = writeln!(s, "echo {}", shell_quote(&format!("{MARK}NA {id} {why}")));
                 continue;
             }
         };
@@ -237,7 +278,8 @@ pub enum Outcome {
     Fail(String),
     /// Passed in the documented fallback mode of an older kernel.
     Fallback(String),
-    Todo(String),
+    /// Not run: the kernel lacks what the step tests (not a failure).
+    NotApplicable(String),
     /// Never started (the run ended early).
     NotRun,
 }
@@ -359,11 +401,11 @@ impl Collector {
                     duration: started.map(|s| at - s),
                 });
             }
-            "TODO" => {
+            "NA" => {
                 let (id, why) = arg.split_once(' ').unwrap_or((arg, ""));
                 self.results.push(StepResult {
                     id: id.to_string(),
-                    outcome: Outcome::Todo(why.to_string()),
+                    outcome: Outcome::NotApplicable(why.trim().to_string()),
                     duration: None,
                 });
             }
@@ -457,7 +499,8 @@ fn cell(step: &StepResult) -> String {
         Outcome::Pass => format!("pass{time}"),
         Outcome::Fail(why) => format!("FAIL ({why}){time}"),
         Outcome::Fallback(_) => format!("fallback{time}"),
-        Outcome::Todo(_) => "TODO".to_string(),
+        // "n/a below 6.6: ..." -> "n/a below 6.6"
+        Outcome::NotApplicable(why) => why.split(':').next().unwrap_or("n/a").to_string(),
         Outcome::NotRun => "NOT RUN".to_string(),
     }
 }
@@ -530,8 +573,8 @@ pub fn render(legs: &[LegResult]) -> String {
                 Outcome::Fallback(why) => {
                     let _ = writeln!(out, "[{}] fallback in {}: {why}", leg.label, step.id);
                 }
-                Outcome::Todo(why) => {
-                    let _ = writeln!(out, "[{}] TODO {}: {why}", leg.label, step.id);
+                Outcome::NotApplicable(why) => {
+                    let _ = writeln!(out, "[{}] not applicable {}: {why}", leg.label, step.id);
                 }
                 _ => {}
             }
@@ -550,11 +593,15 @@ pub fn render(legs: &[LegResult]) -> String {
 mod tests {
     use super::*;
 
+    const TCX_TEST: &str = "nodeport:node_port_reaches_local_backends_tcx";
+
     fn plan() -> Plan {
         Plan::new(
             &[
                 (Suite::SocketLb, "a".to_string()),
                 (Suite::SocketLb, REFUSAL_TEST.to_string()),
+                (Suite::NodePort, NODEPORT_TESTS[0].to_string()),
+                (Suite::NodePort, "node_port_reaches_local_backends_tcx".to_string()),
             ],
             Duration::from_secs(60),
         )
@@ -562,7 +609,7 @@ mod tests {
 
     fn collect(lines: &[&str]) -> LegResult {
         let start = Instant::now();
-        let mut c = Collector::new("5.10", &plan(), start);
+        let mut c = Collector::new("5.10", &plan().for_kernel((5, 10)), start);
         for l in lines {
             c.feed(l, start);
         }
@@ -575,13 +622,36 @@ mod tests {
             xtask: "/x".into(),
             socket_lb: "/t".into(),
             tc_datapath: "/c".into(),
+            nodeport: "/n".into(),
             kproxy: "/k".into(),
             testpod: "/p".into(),
         };
-        let s = script(&plan(), &paths, &ScriptMode::Host);
+        let s = script(&plan().for_kernel((6, 12)), &paths, &ScriptMode::Host);
         assert!(s.contains("echo \"VMTEST-BEGIN socket_lb:a\"\ntimeout 60 '/t' --exact 'a'"));
-        assert!(s.contains("VMTEST-TODO todo:tc_nodeport_via_veth"));
+        assert!(s.contains(&format!(
+            "echo \"VMTEST-BEGIN {TCX_TEST}\"\ntimeout 60 '/n' --exact 'node_port_reaches_local_backends_tcx'"
+        )));
+        assert!(!s.contains("VMTEST-NA"));
         assert!(!s.contains("poweroff"));
+        // Below 6.6 the TCX test is announced, not run; the netlink one still runs.
+        let s = script(&plan().for_kernel((6, 1)), &paths, &ScriptMode::Host);
+        assert!(s.contains(&format!("VMTEST-NA {TCX_TEST} n/a below 6.6")));
+        assert!(!s.contains("--exact 'node_port_reaches_local_backends_tcx'"));
+        assert!(s.contains("--exact 'node_port_reaches_local_backends_netlink'"));
+    }
+
+    #[test]
+    fn kernel_requirements_name_planned_steps() {
+        let ids: Vec<String> = NODEPORT_TESTS.iter().map(|t| format!("nodeport:{t}")).collect();
+        for (id, min, why) in KERNEL_REQUIREMENTS {
+            assert!(ids.iter().any(|i| i == id), "{id} is not in NODEPORT_TESTS");
+            assert!(why.starts_with(&format!("n/a below {}.{}", min.0, min.1)), "{why}");
+        }
+        let at = |v| plan().for_kernel(v).steps.into_iter().find(|s| s.id() == TCX_TEST).unwrap();
+        assert!(matches!(at((5, 10)), Step::NotApplicable(..)));
+        assert!(matches!(at((6, 5)), Step::NotApplicable(..)));
+        assert!(matches!(at((6, 6)), Step::Test(Suite::NodePort, _)));
+        assert!(matches!(at((6, 18)), Step::Test(Suite::NodePort, _)));
     }
 
     #[test]
@@ -600,7 +670,9 @@ mod tests {
             "  left: {\"PermissionDenied\": 5}",
             " right: {\"ConnectionRefused\": 5}",
             "VMTEST-END socket_lb:service_without_endpoints_refuses_fast 101",
-            "VMTEST-TODO todo:tc_nodeport_via_veth waits",
+            "VMTEST-BEGIN nodeport:node_port_reaches_local_backends_netlink",
+            "VMTEST-END nodeport:node_port_reaches_local_backends_netlink 0",
+            "VMTEST-NA nodeport:node_port_reaches_local_backends_tcx n/a below 6.6: TCX links arrive in Linux 6.6",
             "VMTEST-DONE",
         ]);
         let outcome = |id: &str| r.steps.iter().find(|s| s.id == id).unwrap().outcome.clone();
@@ -611,9 +683,14 @@ mod tests {
             outcome("socket_lb:service_without_endpoints_refuses_fast"),
             Outcome::Fallback(_)
         ));
-        assert!(matches!(outcome(TC_TODO), Outcome::Todo(_)));
+        assert_eq!(outcome("nodeport:node_port_reaches_local_backends_netlink"), Outcome::Pass);
+        assert!(matches!(outcome(TCX_TEST), Outcome::NotApplicable(_)));
+        assert!(!outcome(TCX_TEST).is_failure());
         assert!(r.problems.is_empty(), "{:?}", r.problems);
         assert!(r.failed());
+        let table = render(&[r]);
+        assert!(table.contains("| n/a below 6.6"), "{table}");
+        assert!(!table.contains("FAIL (n/a"), "{table}");
     }
 
     #[test]
