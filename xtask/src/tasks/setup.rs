@@ -13,8 +13,17 @@ const PACKAGES: &[&str] = &[
     "iproute2", "curl", "bpftool", "iptables", "nftables", "wrk", "iperf3",
 ];
 
+/// Debian packages `cargo xtask vm-test` needs on the host, installed without their
+/// recommends (qemu's would bring a graphical stack): qemu-system-x86 boots the kernels;
+/// debian-archive-keyring verifies the private apt lists that fetch the kernel, busybox-static
+/// and bullseye's bpftool packages (xtask/src/vm/debian.rs; none of those is installed on the
+/// host); binutils' strip shrinks the test binaries in the initramfs. dpkg-deb and ldd are
+/// essential packages; the initramfs is written by xtask itself (no cpio needed).
+const VM_PACKAGES: &[&str] = &["qemu-system-x86", "debian-archive-keyring", "binutils"];
+
 pub fn run() -> Result<()> {
-    debian_packages()?;
+    debian_packages(PACKAGES, false)?;
+    debian_packages(VM_PACKAGES, true)?;
     nightly_toolchain()?;
     bpf_linker()?;
     Ok(())
@@ -29,8 +38,8 @@ fn dpkg_installed(package: &str) -> bool {
         .is_ok_and(|status| status.trim() == "install ok installed")
 }
 
-fn debian_packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES
+fn debian_packages(packages: &[&str], no_recommends: bool) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| !dpkg_installed(p))
@@ -38,16 +47,20 @@ fn debian_packages() -> Result<()> {
     if !missing.is_empty() {
         println!("installing Debian packages: {}", missing.join(" "));
         cmd::run(Command::new("apt-get").arg("update"))?;
+        let mut install = Command::new("apt-get");
+        install.args(["install", "-y"]);
+        if no_recommends {
+            install.arg("--no-install-recommends");
+        }
         cmd::run(
-            Command::new("apt-get")
-                .args(["install", "-y"])
+            install
                 .args(&missing)
                 .env("DEBIAN_FRONTEND", "noninteractive"),
         )?;
     }
     report(
         !missing.is_empty(),
-        &format!("Debian packages ({})", PACKAGES.join(" ")),
+        &format!("Debian packages ({})", packages.join(" ")),
     );
     Ok(())
 }
