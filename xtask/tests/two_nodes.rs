@@ -167,7 +167,7 @@ fn remote_manifest(c: &Cluster) -> String {
         "10.96.0.30",
         &format!("  type: NodePort\n  externalIPs: [{EXTERNAL_IP}]"),
         &[http(30081), ("dns", 53, 30053, "UDP", UDP_PORT)],
-        &[pc.clone()],
+        std::slice::from_ref(&pc),
     ) + &service("mixed", "10.96.0.31", "  type: NodePort", &[http(30082)], &[a, pc.clone()])
         + &service(
             "limited",

@@ -398,7 +398,7 @@ fn tc_attach_modes(bins: &Binaries, cgroup: &Path, device: &str, has_tcx: bool) 
         Ipv4Addr::new(10, 244, 1, 10),
         true,
     );
-    fs::write(manifests.join("services.yaml"), manifest::to_yaml(&[web.clone()]))?;
+    fs::write(manifests.join("services.yaml"), manifest::to_yaml(std::slice::from_ref(&web)))?;
     // Auto picks TCX from 6.6; netlink is forced there too, to keep the older path working.
     let modes: &[(&str, TcMode)] = if has_tcx {
         &[("auto", TcMode::Tcx), ("netlink", TcMode::Netlink)]

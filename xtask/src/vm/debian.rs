@@ -246,7 +246,7 @@ mod tests {
 
     #[test]
     fn orders_abi_numbers_numerically() {
-        let mut names = vec![
+        let mut names = [
             "linux-image-6.1.0-9-cloud-amd64-unsigned",
             "linux-image-6.1.0-50-cloud-amd64-unsigned",
             "linux-image-6.1.0-47-cloud-amd64-unsigned",
