@@ -3,7 +3,8 @@
 //!
 //! ```text
 //!  ext netns: eth0 192.168.50.100 (and .101)        node-1 netns: kpext0 192.168.50.2
-//!    192.168.60.0/24 via .2          ┐              pods 10.244.1.0/24 (pod-a, pod-b)
+//!    192.168.60.0/24, 10.96.0.0/16   ┐              pods 10.244.1.0/24 (pod-a, pod-b)
+//!    via .2                          │
 //!                                    ├─ lan0 ─┬──   10.244.2.0/24 via .3
 //!                                    │ (lan   │
 //!                                    │ netns) └──   node-2 netns: kpext0 192.168.50.3
@@ -87,6 +88,8 @@ impl Cluster {
             plug(&h.topology.node, DEVICE, NODE_IPS[i], &format!("ln{i}"));
         }
         sh(&ext, &format!("ip route add 192.168.60.0/24 via {}", NODE_IPS[0]));
+        // The Service range too, as a router outside the cluster may route it to a node.
+        sh(&ext, &format!("ip route add 10.96.0.0/16 via {}", NODE_IPS[0]));
         for (i, h) in nodes.iter().enumerate() {
             let (other, other_ip) = (&nodes[1 - i], NODE_IPS[1 - i]);
             let route = format!("ip route add {} via {other_ip}", other.topology.pod_cidr());
@@ -226,6 +229,10 @@ fn node_port_and_external_ip_reach_a_backend_on_another_node() {
     let report = c.client(&["http", "--addr", &format!("{EXTERNAL_IP}:80"), "--count", "20", "--keepalive"]);
     assert_eq!((report.ok, report.backend("pod-c")), (20, 20), "{report:?}");
     assert_eq!(report.peers.get(&format!("{EXTERNAL_IP}:80")), Some(&1), "one connection: {report:?}");
+    // The ClusterIP, routed to node-1 from outside: translated at ingress like the others.
+    let report = c.client(&["http", "--addr", "10.96.0.30:80", "--count", "20"]);
+    assert_eq!((report.ok, report.backend("pod-c")), (20, 20), "{report:?}");
+    assert_eq!(report.peers.get("10.96.0.30:80"), Some(&20), "{report:?}");
     // A Service with a local and a remote endpoint: only the remote one is source-translated;
     // the local pod sees the client itself (kproxy, like Cilium, translates only what needs it).
     let report = c.client(&["http", "--addr", &format!("{node1}:30082"), "--count", "60"]);
@@ -234,7 +241,7 @@ fn node_port_and_external_ip_reach_a_backend_on_another_node() {
     assert_eq!(report.seen_as.get(EXT_IP).copied(), Some(report.backend("pod-a")), "{report:?}");
     assert_eq!(report.seen_as.get(node1).copied(), Some(report.backend("pod-c")), "{report:?}");
     say(&format!(
-        "{test}: 50 TCP, 30 UDP and 20 kept-alive requests reached pod-c on node-2 through node-1, seen from {node1}; \
+        "{test}: 50 TCP, 30 UDP, 20 kept-alive and 20 ClusterIP requests reached pod-c on node-2 through node-1, seen from {node1}; \
          mixed service: {} local (client address kept), {} remote",
         report.backend("pod-a"),
         report.backend("pod-c")
