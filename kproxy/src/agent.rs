@@ -22,7 +22,7 @@ use crate::{
     runner::{self, RunKind, RunnerConfig},
     sources::{
         apiserver::{self, Shared},
-        manifests::{ManifestSource, ManifestWatcher},
+        manifests::ManifestSource,
     },
     sync::{SyncScope, Syncer},
     tracker::ModelStore,
@@ -115,11 +115,9 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let mut _watches = Vec::new();
     match &cfg.source {
         Source::Manifests(path) => {
-            _watcher = Some(
-                ManifestWatcher::new(path, shared.changed.clone())
-                    .with_context(|| format!("watch {}", path.display()))?,
-            );
-            manifests = Some(ManifestSource::new(path.clone()));
+            let source = ManifestSource::new(path.clone());
+            _watcher = Some(source.watch(shared.changed.clone()).with_context(|| format!("watch {}", path.display()))?);
+            manifests = Some(source);
             tracing::info!(manifests = %path.display(), "watching manifests");
         }
         Source::Apiserver { kubeconfig } => {
@@ -136,17 +134,19 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         let started = Instant::now();
         let mut store = shared.store.lock().unwrap_or_else(|e| e.into_inner());
         let mut source_problems = Vec::new();
+        let mut duplicates = Vec::new();
         if let Some(source) = manifests.as_mut() {
-            match source.read() {
-                Ok(set) => {
-                    store.replace_all(&set.services, &set.slices);
-                    source_problems = set.problems;
-                }
+            // Only the files changed since the last sync are read (all of them the first time;
+            // a full sync also re-reads those whose stamp changed unseen).
+            match source.update(&mut store, kind == RunKind::Full) {
+                Ok(stats) => tracing::debug!(?stats, "manifests read"),
                 Err(e) => {
                     problems.report([e]);
                     return false;
                 }
             }
+            source_problems = source.problems().cloned().collect();
+            duplicates = source.duplicates();
         }
         if manifests.is_some() && store.pending() != (0, 0) {
             // With manifests, changes are only found here, at sync time.
@@ -157,7 +157,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         metrics.endpoint_changes_pending.set(0);
         metrics.service_changes_total.inc_by(changes.services as u64);
         metrics.endpoint_changes_total.inc_by(changes.endpoints as u64);
-        let invalid: BTreeSet<InvalidObject> = store.invalid().cloned().collect();
+        let invalid: BTreeSet<InvalidObject> = store.invalid().cloned().chain(duplicates).collect();
         problems.report(source_problems.into_iter().chain(invalid.iter().map(|e| format!("skipped invalid object: {e}"))));
         problems.count_invalid(invalid, &metrics);
         let scope = match kind {
@@ -194,6 +194,9 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                     total_ms = format!("{:.3}", started.elapsed().as_secs_f64() * 1e3),
                     "synced"
                 );
+                if stats.ops >= TRIM_AFTER_WRITES {
+                    release_free_memory();
+                }
                 true
             }
             Err(e) => {
@@ -207,6 +210,20 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     drop(servers);
     tracing::info!("stopping; the datapath stays attached and keeps serving (kproxy cleanup removes it)");
     Ok(())
+}
+
+/// After a sync this large (the first one, typically), the memory freed by planning and by
+/// reading the sources is handed back to the system.
+const TRIM_AFTER_WRITES: usize = 10_000;
+
+/// Returns free heap memory to the system: glibc keeps what a large sync allocated and freed
+/// (plans, parsed manifests) in its arenas otherwise, and it would count as the agent's RSS.
+fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim has no preconditions; it only releases free memory.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 async fn shutdown_signal() {

@@ -3,16 +3,24 @@
 //! prints it), watched for changes.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fmt,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, Mutex},
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::{
+    api::{core::v1::Service, discovery::v1::EndpointSlice},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
 use notify::{RecursiveMode, Watcher as _};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+
+use crate::{
+    model::{InvalidCode, InvalidObject},
+    tracker::{ModelStore, ObjectKey},
+};
 
 /// Where an object came from: file, document index, and list item if any.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -189,75 +197,388 @@ pub fn parse_objects(yaml: &str) -> (Vec<Service>, Vec<EndpointSlice>) {
     (m.services, m.slices)
 }
 
-/// The manifest source with memory: a file that fails to parse keeps serving the objects of
-/// its last good version, so a half-saved edit never takes services down.
-pub struct ManifestSource {
-    path: PathBuf,
-    last_good: HashMap<PathBuf, (Vec<Service>, Vec<EndpointSlice>)>,
+/// What one manifest file defines, as last served: the keys of its objects in document order
+/// (the objects themselves live in the [`ModelStore`] only), its problems, and its identity on
+/// disk for the periodic check.
+#[derive(Debug, Default)]
+struct FileState {
+    services: Vec<ObjectKey>,
+    slices: Vec<ObjectKey>,
+    problems: Vec<String>,
+    stamp: Option<Stamp>,
 }
 
-/// One complete read of the manifests.
+/// Size, modification and change times, inode: a file whose stamp is unchanged was not written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+    ino: u64,
+    dev: u64,
+}
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(path).ok()?;
+    Some(Stamp {
+        len: m.len(),
+        mtime: (m.mtime(), m.mtime_nsec()),
+        ctime: (m.ctime(), m.ctime_nsec()),
+        ino: m.ino(),
+        dev: m.dev(),
+    })
+}
+
+/// Services and EndpointSlices are separate key spaces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Kind {
+    Service,
+    EndpointSlice,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+        }
+    }
+}
+
+/// One place an object is defined: file, then index among the file's objects of its kind. The
+/// smallest one is the copy in force, as in a read of the files in order.
+type Def = (Arc<Path>, usize);
+
+/// `(namespace, name)` as the tracker keys objects.
+fn key_of(meta: &ObjectMeta) -> ObjectKey {
+    (meta.namespace.clone().unwrap_or_else(|| "default".into()), meta.name.clone().unwrap_or_default())
+}
+
+/// Paths the watcher saw change since the last read.
 #[derive(Debug, Default)]
-pub struct ManifestSet {
-    pub services: Vec<Service>,
-    pub slices: Vec<EndpointSlice>,
-    /// Problems found, each naming file and document (and what was done about it).
-    pub problems: Vec<String>,
+struct Dirty {
+    /// Walk everything (first read, watcher errors and overflows).
+    rescan: bool,
+    paths: BTreeSet<PathBuf>,
+}
+
+/// The manifest source, incremental: the watcher records which paths changed, and a read
+/// re-parses only those files and applies the objects they define now to the [`ModelStore`]
+/// (deleting those they no longer define). A file that fails to parse keeps serving the objects
+/// of its last good version, so a half-saved edit never takes services down. When an object is
+/// defined twice, the first copy in file order is used and the others are reported, as in a
+/// read of all files in order.
+///
+/// The parsed objects are not kept: the store holds what is served, and the source only the
+/// keys each file defines, so memory does not hold the manifests twice.
+pub struct ManifestSource {
+    path: PathBuf,
+    files: BTreeMap<Arc<Path>, FileState>,
+    defs: HashMap<(Kind, ObjectKey), Vec<Def>>,
+    /// Keys defined more than once.
+    duplicated: BTreeSet<(Kind, ObjectKey)>,
+    /// Problems of the last directory walk.
+    walk_problems: Vec<String>,
+    dirty: Arc<Mutex<Dirty>>,
+}
+
+/// What one [`ManifestSource::update`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct UpdateStats {
+    /// Files parsed (changed ones, plus files holding the copy of an object that now takes over).
+    pub parsed: usize,
+    pub applied: usize,
+    pub deleted: usize,
 }
 
 impl ManifestSource {
     pub fn new(path: PathBuf) -> Self {
-        Self { path, last_good: HashMap::new() }
+        let dirty = Dirty { rescan: true, paths: BTreeSet::new() };
+        Self {
+            path,
+            files: BTreeMap::new(),
+            defs: HashMap::new(),
+            duplicated: BTreeSet::new(),
+            walk_problems: Vec::new(),
+            dirty: Arc::new(Mutex::new(dirty)),
+        }
     }
 
-    /// Reads every manifest. `Err` when the path itself is gone: an unreadable path must not
-    /// look like "no services", so the caller changes nothing then.
-    pub fn read(&mut self) -> Result<ManifestSet, String> {
+    /// Records that `path` (a file or directory at or below the manifest path) changed; the
+    /// next [`Self::update`] re-reads it. The watcher calls this.
+    pub fn mark_changed(&self, path: &Path) {
+        mark(&self.dirty, &self.path, path);
+    }
+
+    /// Watches the manifest path: every change is recorded for the next update, then `changed`
+    /// is notified.
+    pub fn watch(&self, changed: Arc<tokio::sync::Notify>) -> notify::Result<ManifestWatcher> {
+        ManifestWatcher::new(&self.path, self.dirty.clone(), changed)
+    }
+
+    /// Brings `store` up to date with the files changed since the last update (every file the
+    /// first time). With `full`, also re-reads every file whose size, times or inode changed
+    /// (a check that costs a `stat` per file, for changes the watcher missed). `Err` when the
+    /// path itself is gone: an unreadable path must not look like "no services", so nothing
+    /// changes then.
+    pub fn update(&mut self, store: &mut ModelStore, full: bool) -> Result<UpdateStats, String> {
         if !self.path.exists() {
+            // Everything is read again once it is back.
+            self.dirty.lock().unwrap_or_else(|e| e.into_inner()).rescan = true;
             return Err(format!("{}: no such file or directory; keeping the programmed services", self.path.display()));
         }
-        let mut set = ManifestSet::default();
-        let mut seen = HashMap::new();
-        for (file, m) in read_files(&self.path) {
-            set.problems.extend(m.errors.iter().map(ToString::to_string));
-            let objects = match self.last_good.get(&file) {
-                Some(good) if !m.errors.is_empty() => {
-                    set.problems.push(format!("{}: has errors; serving its last good version", file.display()));
-                    good.clone()
+        let mut stats = UpdateStats::default();
+        let mut parsed: HashSet<Arc<Path>> = HashSet::new();
+        // Keys a file stopped defining (or defines at another place), with the copy that was in
+        // force before this update.
+        let mut affected: BTreeMap<(Kind, ObjectKey), Option<Def>> = BTreeMap::new();
+        // In file order: when a file is read, every file before it is final, so the copy in
+        // force of each key the file defines is known, and the file's objects are applied and
+        // dropped before the next file is read.
+        for file in self.take_changed(full) {
+            let file: Arc<Path> = Arc::from(file.as_path());
+            // The stamp first: a write after it shows as a changed stamp on the next check.
+            let st = stamp(&file);
+            let now = file.is_file().then(|| read_file(&file));
+            stats.parsed += usize::from(now.is_some());
+            if let (Some(m), Some(old)) = (&now, self.files.get_mut(&file)) {
+                if !m.errors.is_empty() {
+                    // Keep serving the last good version: its objects stay in the store.
+                    old.problems = m.errors.iter().map(ToString::to_string).collect();
+                    old.problems.push(format!("{}: has errors; serving its last good version", file.display()));
+                    old.stamp = st;
+                    continue;
                 }
-                _ => (m.services, m.slices),
+            }
+            let old = match &now {
+                Some(m) => {
+                    let state = FileState {
+                        services: m.services.iter().map(|s| key_of(&s.metadata)).collect(),
+                        slices: m.slices.iter().map(|s| key_of(&s.metadata)).collect(),
+                        problems: m.errors.iter().map(ToString::to_string).collect(),
+                        stamp: st,
+                    };
+                    self.files.insert(file.clone(), state)
+                }
+                None => self.files.remove(&file),
             };
-            set.services.extend(objects.0.iter().cloned());
-            set.slices.extend(objects.1.iter().cloned());
-            seen.insert(file, objects);
+            for (kind, keys) in old.iter().flat_map(|o| [(Kind::Service, &o.services), (Kind::EndpointSlice, &o.slices)]) {
+                for key in keys {
+                    let k = (kind, key.clone());
+                    let defs = self.defs.entry(k.clone()).or_default();
+                    affected.entry(k).or_insert_with(|| defs.first().cloned());
+                    defs.retain(|(f, _)| *f != file);
+                }
+            }
+            let Some(m) = now else { continue };
+            parsed.insert(file.clone());
+            let new = &self.files[&file];
+            for (kind, keys) in [(Kind::Service, &new.services), (Kind::EndpointSlice, &new.slices)] {
+                for (i, key) in keys.iter().enumerate() {
+                    let k = (kind, key.clone());
+                    let defs = self.defs.entry(k.clone()).or_default();
+                    let def = (file.clone(), i);
+                    let at = defs.partition_point(|d| *d < def);
+                    defs.insert(at, def);
+                    if at == 0 {
+                        stats.applied += usize::from(apply(store, &m, kind, i));
+                    }
+                    if defs.len() > 1 {
+                        self.duplicated.insert(k);
+                    } else {
+                        self.duplicated.remove(&k);
+                    }
+                }
+            }
         }
-        self.last_good = seen;
-        Ok(set)
+
+        // Keys a file let go of: deleted if no file defines them now; if the copy now in force
+        // is in a file not read in this update, it is read from there.
+        let mut pull: BTreeMap<Arc<Path>, Vec<(Kind, ObjectKey, usize)>> = BTreeMap::new();
+        for (k, before) in affected {
+            let winner = self.defs.get(&k).and_then(|d| d.first().cloned());
+            if self.defs.get(&k).is_some_and(|d| d.len() > 1) {
+                self.duplicated.insert(k.clone());
+            } else {
+                self.duplicated.remove(&k);
+            }
+            let (kind, key) = k;
+            match winner {
+                None => {
+                    self.defs.remove(&(kind, key.clone()));
+                    match kind {
+                        Kind::Service => store.delete_service(&key.0, &key.1),
+                        Kind::EndpointSlice => store.delete_slice(&key.0, &key.1),
+                    }
+                    stats.deleted += 1;
+                }
+                Some((file, _)) if parsed.contains(&file) => {} // applied when it was read
+                Some(w) if before.as_ref() == Some(&w) => {}      // the copy in force is unchanged
+                Some((file, index)) => pull.entry(file).or_default().push((kind, key, index)),
+            }
+        }
+        for (file, wanted) in pull {
+            let m = read_file(&file);
+            stats.parsed += 1;
+            for (kind, key, index) in wanted {
+                // Only if the file still says what it said when it was last read.
+                let same = match kind {
+                    Kind::Service => m.services.get(index).map(|s| key_of(&s.metadata)),
+                    Kind::EndpointSlice => m.slices.get(index).map(|s| key_of(&s.metadata)),
+                };
+                if same.as_ref() == Some(&key) {
+                    stats.applied += usize::from(apply(store, &m, kind, index));
+                }
+            }
+        }
+        Ok(stats)
+    }
+
+    /// Problems of the files (each naming file and document, and what was done about it).
+    pub fn problems(&self) -> impl Iterator<Item = &String> {
+        self.walk_problems.iter().chain(self.files.values().flat_map(|f| &f.problems))
+    }
+
+    /// The second (and later) copies of objects defined more than once, as the tracker reports
+    /// duplicates in a complete set.
+    pub fn duplicates(&self) -> Vec<InvalidObject> {
+        let mut out = Vec::new();
+        for (kind, key) in &self.duplicated {
+            let copies = self.defs.get(&(*kind, key.clone())).map_or(0, Vec::len);
+            for _ in 1..copies {
+                out.push(InvalidObject {
+                    kind: kind.name(),
+                    object: format!("{}/{}", key.0, key.1),
+                    field: "metadata.name".into(),
+                    reason: "duplicate object; the first one is used".into(),
+                    code: InvalidCode::DuplicateObject,
+                });
+            }
+        }
+        out
+    }
+
+    /// The files to read now: every changed file the watcher named; below a changed directory
+    /// (and below the manifest path on a rescan or with `full`), every file that is new or
+    /// whose stamp changed; and every known file that is gone.
+    fn take_changed(&mut self, full: bool) -> BTreeSet<PathBuf> {
+        let Dirty { rescan, paths } = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut out = BTreeSet::new();
+        let mut scan = Vec::new();
+        if rescan || full {
+            scan.push(self.path.clone());
+        }
+        for p in paths {
+            if p.is_dir() {
+                scan.push(p);
+            } else if p.is_file() {
+                if p == self.path || is_manifest_file(&p) {
+                    out.insert(p);
+                }
+            } else {
+                // Gone: the files known at or below it are removed.
+                out.extend(self.files.keys().filter(|f| f.starts_with(&p)).map(|f| f.to_path_buf()));
+            }
+        }
+        for dir in scan {
+            let mut files = Vec::new();
+            let walked = collect_files(&dir, &mut files);
+            if dir == self.path {
+                self.walk_problems = walked.err().map(|e| format!("{}: {e}", dir.display())).into_iter().collect();
+            }
+            let files: BTreeSet<PathBuf> = files.into_iter().collect();
+            for f in &files {
+                let known = self.files.get(f.as_path()).map(|s| s.stamp);
+                if known != Some(stamp(f)) {
+                    out.insert(f.clone());
+                }
+            }
+            let gone = self.files.keys().filter(|f| f.starts_with(&dir) && !files.contains(&***f));
+            out.extend(gone.map(|f| f.to_path_buf()));
+        }
+        out
     }
 }
 
-/// Watches the manifest path and calls `changed` (from the watcher's thread) on every change.
-/// A file is watched through its directory, so editors that replace the file are seen.
+/// Reads and parses one file.
+fn read_file(file: &Path) -> Manifests {
+    let mut m = Manifests::default();
+    match std::fs::read_to_string(file) {
+        Ok(text) => parse_into(file, &text, &mut m),
+        Err(e) => m.errors.push(ManifestError { origin: file.display().to_string(), message: format!("read: {e}") }),
+    }
+    m
+}
+
+/// Applies the `index`-th object of `kind` in `m`; false if it is invalid (the store lists it).
+fn apply(store: &mut ModelStore, m: &Manifests, kind: Kind, index: usize) -> bool {
+    match kind {
+        Kind::Service => m.services.get(index).is_some_and(|s| store.apply_service(s).is_ok()),
+        Kind::EndpointSlice => m.slices.get(index).is_some_and(|s| store.apply_slice(s).is_ok()),
+    }
+}
+
+/// Records a changed path for `root`'s source: a path the reads cannot place under `root`, a
+/// path of the manifest file itself, and hidden entries are handled as the directory walk does.
+fn mark(dirty: &Mutex<Dirty>, root: &Path, path: &Path) {
+    let mut d = dirty.lock().unwrap_or_else(|e| e.into_inner());
+    if !root.is_dir() && path.file_name() == root.file_name() {
+        // A single manifest file, watched through its directory.
+        d.paths.insert(root.to_path_buf());
+        return;
+    }
+    match path.strip_prefix(root) {
+        Ok(rel) => {
+            let hidden = rel.components().any(|c| c.as_os_str().to_string_lossy().starts_with('.'));
+            if !hidden {
+                d.paths.insert(root.join(rel));
+            }
+        }
+        Err(_) => d.rescan = true,
+    }
+}
+
+/// Watches the manifest path and records every change for the [`ManifestSource`], then
+/// notifies `changed` (from the watcher's thread). A file is watched through its directory, so
+/// editors that replace the file are seen.
 pub struct ManifestWatcher {
     _watcher: notify::RecommendedWatcher,
 }
 
 impl ManifestWatcher {
-    pub fn new(path: &Path, changed: Arc<tokio::sync::Notify>) -> notify::Result<Self> {
+    fn new(path: &Path, dirty: Arc<Mutex<Dirty>>, changed: Arc<tokio::sync::Notify>) -> notify::Result<Self> {
         let watched_file = (!path.is_dir()).then(|| path.to_path_buf());
+        let root = path.to_path_buf();
         let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
             tracing::debug!(?event, "manifest watch event");
             let relevant = match &event {
+                Ok(e) if e.need_rescan() => {
+                    dirty.lock().unwrap_or_else(|e| e.into_inner()).rescan = true;
+                    true
+                }
+                Ok(e) if matches!(e.kind, notify::EventKind::Access(_)) => false,
                 Ok(e) => {
-                    !matches!(e.kind, notify::EventKind::Access(_))
-                        && e.paths.iter().any(|p| match &watched_file {
+                    let mut relevant = false;
+                    for p in &e.paths {
+                        let wanted = match &watched_file {
                             // Other files in the same directory (logs, editor swap files)
                             // must not trigger syncs.
                             Some(file) => p.file_name() == file.file_name(),
                             None => is_manifest_file(p) || p.extension().is_none(),
-                        })
+                        };
+                        if wanted {
+                            mark(&dirty, &root, p);
+                            relevant = true;
+                        }
+                    }
+                    relevant
                 }
-                Err(_) => true, // re-read on watcher errors: better a spare sync than a lost one
+                Err(_) => {
+                    // Re-read everything on watcher errors: better a spare read than a lost one.
+                    dirty.lock().unwrap_or_else(|e| e.into_inner()).rescan = true;
+                    true
+                }
             };
             if relevant {
                 changed.notify_one();
@@ -384,5 +705,142 @@ kind: Service
         assert_eq!(missing[0].1.errors.len(), 1);
         assert!(missing[0].1.errors[0].to_string().contains("nope.yaml"));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A Service with one endpoint, and its EndpointSlice.
+    fn service_file(name: &str, ip: &str, backend: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, labels: {{kubernetes.io/service-name: {name}}}}}\n\
+             addressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{{addresses: [{backend}]}}]\n"
+        )
+    }
+
+    /// (ClusterIP, backends) of every programmed frontend.
+    fn programmed(store: &mut ModelStore) -> Vec<(String, Vec<String>)> {
+        store.take_changes();
+        store.desired().iter().map(|(f, d)| (f.address.to_string(), d.backends.iter().map(|b| b.ip().to_string()).collect())).collect()
+    }
+
+    fn temp_dir(test: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("kproxy-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// A directory with `files` (name, content), a source on it and an empty store.
+    fn source_on(test: &str, files: &[(&str, String)]) -> (PathBuf, ManifestSource, ModelStore) {
+        let dir = temp_dir(test);
+        for (name, text) in files {
+            std::fs::write(dir.join(name), text).unwrap();
+        }
+        (dir.clone(), ManifestSource::new(dir), ModelStore::default())
+    }
+
+    #[test]
+    fn source_reads_only_what_changed_and_keeps_the_last_good_version() {
+        let files = [("a.yaml", service_file("a", "10.96.0.1", "10.244.0.1")), ("b.yaml", service_file("b", "10.96.0.2", "10.244.0.2"))];
+        let (dir, mut source, mut store) = source_on("incremental", &files);
+        let stats = source.update(&mut store, false).unwrap();
+        assert_eq!((stats.parsed, stats.applied, stats.deleted), (2, 4, 0));
+        assert_eq!(programmed(&mut store), [("10.96.0.1".into(), vec!["10.244.0.1".into()]), ("10.96.0.2".into(), vec!["10.244.0.2".into()])]);
+        assert_eq!(source.update(&mut store, false).unwrap().parsed, 0, "nothing changed, nothing read");
+
+        // One file changes: only it is read.
+        std::fs::write(dir.join("b.yaml"), service_file("b", "10.96.0.2", "10.244.0.9")).unwrap();
+        source.mark_changed(&dir.join("b.yaml"));
+        assert_eq!(source.update(&mut store, false).unwrap().parsed, 1);
+        assert_eq!(programmed(&mut store)[1], ("10.96.0.2".into(), vec!["10.244.0.9".into()]));
+
+        // A broken edit keeps serving the last good version, and says so.
+        std::fs::write(dir.join("b.yaml"), "apiVersion: v1\nkind: [unclosed\n").unwrap();
+        source.mark_changed(&dir.join("b.yaml"));
+        source.update(&mut store, false).unwrap();
+        assert_eq!(programmed(&mut store).len(), 2);
+        let problems: Vec<&String> = source.problems().collect();
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[1].contains("b.yaml: has errors; serving its last good version"), "{problems:?}");
+
+        // Hidden and non-manifest files are not read.
+        std::fs::write(dir.join(".a.yaml.swp"), "junk").unwrap();
+        std::fs::write(dir.join("notes.txt"), "junk").unwrap();
+        source.mark_changed(&dir.join(".a.yaml.swp"));
+        source.mark_changed(&dir.join("notes.txt"));
+        assert_eq!(source.update(&mut store, false).unwrap().parsed, 0);
+
+        // A removed file takes its objects with it; the broken one is fixed.
+        std::fs::remove_file(dir.join("a.yaml")).unwrap();
+        std::fs::write(dir.join("b.yaml"), service_file("b", "10.96.0.2", "10.244.0.3")).unwrap();
+        source.mark_changed(&dir.join("a.yaml"));
+        source.mark_changed(&dir.join("b.yaml"));
+        let stats = source.update(&mut store, false).unwrap();
+        assert_eq!((stats.parsed, stats.deleted), (1, 2));
+        assert_eq!(programmed(&mut store), [("10.96.0.2".into(), vec!["10.244.0.3".into()])]);
+        assert_eq!(source.problems().count(), 0);
+
+        // A change the watcher did not report is found by the periodic (full) check only.
+        std::fs::write(dir.join("c.yaml"), service_file("c", "10.96.0.3", "10.244.0.4")).unwrap();
+        assert_eq!(source.update(&mut store, false).unwrap().parsed, 0);
+        assert_eq!(source.update(&mut store, true).unwrap().parsed, 1, "only the new file");
+        assert_eq!(programmed(&mut store).len(), 2);
+
+        // A missing path changes nothing.
+        let moved = dir.with_extension("moved");
+        std::fs::rename(&dir, &moved).unwrap();
+        assert!(source.update(&mut store, true).unwrap_err().contains("no such file"));
+        assert_eq!(store.take_changes().frontends.len(), 0);
+        assert_eq!(store.desired().len(), 2);
+        std::fs::remove_dir_all(&moved).unwrap();
+    }
+
+    #[test]
+    fn a_duplicate_serves_the_first_copy_until_it_goes() {
+        let files = [("a.yaml", service_file("x", "10.96.0.1", "10.244.0.1")), ("b.yaml", service_file("x", "10.96.0.2", "10.244.0.2"))];
+        let (dir, mut source, mut store) = source_on("duplicates", &files);
+        source.update(&mut store, false).unwrap();
+        assert_eq!(programmed(&mut store), [("10.96.0.1".into(), vec!["10.244.0.1".into()])]);
+        let dups: Vec<String> = source.duplicates().iter().map(ToString::to_string).collect();
+        assert_eq!(
+            dups,
+            [
+                "Service default/x: metadata.name: duplicate object; the first one is used",
+                "EndpointSlice default/x-1: metadata.name: duplicate object; the first one is used"
+            ]
+        );
+        // The first copy goes: the second one, in a file not changed, takes over.
+        std::fs::remove_file(dir.join("a.yaml")).unwrap();
+        source.mark_changed(&dir.join("a.yaml"));
+        let stats = source.update(&mut store, false).unwrap();
+        assert_eq!((stats.parsed, stats.applied, stats.deleted), (1, 2, 0));
+        assert_eq!(programmed(&mut store), [("10.96.0.2".into(), vec!["10.244.0.2".into()])]);
+        assert!(source.duplicates().is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_directory_renamed_in_and_out_is_read_and_removed() {
+        let (dir, mut source, mut store) = source_on("rename", &[]);
+        let staged = temp_dir("rename-staged");
+        std::fs::create_dir_all(staged.join("sub")).unwrap();
+        std::fs::write(staged.join("a.yaml"), service_file("a", "10.96.0.1", "10.244.0.1")).unwrap();
+        std::fs::write(staged.join("sub/b.yml"), service_file("b", "10.96.0.2", "10.244.0.2")).unwrap();
+        assert_eq!(source.update(&mut store, false).unwrap().parsed, 0);
+        std::fs::rename(&staged, dir.join("set")).unwrap();
+        source.mark_changed(&dir.join("set"));
+        assert_eq!(source.update(&mut store, false).unwrap().parsed, 2);
+        assert_eq!(programmed(&mut store).len(), 2);
+        // The same directory moved out and back in: nothing to read again.
+        std::fs::rename(dir.join("set"), &staged).unwrap();
+        std::fs::rename(&staged, dir.join("set")).unwrap();
+        source.mark_changed(&dir.join("set"));
+        assert_eq!(source.update(&mut store, false).unwrap().parsed, 0);
+        std::fs::rename(dir.join("set"), &staged).unwrap();
+        source.mark_changed(&dir.join("set"));
+        let stats = source.update(&mut store, false).unwrap();
+        assert_eq!((stats.parsed, stats.deleted), (0, 4));
+        assert!(programmed(&mut store).is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_dir_all(&staged).unwrap();
     }
 }
