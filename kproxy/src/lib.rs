@@ -6,7 +6,8 @@
 //! - [`sync`] and [`runner`]: when and what to write;
 //! - [`dataplane`]: the map contents, the planner, and the BPF maps;
 //! - [`loader`]: loading, attaching, pinning and removing the kernel objects;
-//! - [`agent`]: `kproxy run`; [`dump`]: `kproxy dump`.
+//! - [`agent`]: `kproxy run`; [`dump`]: `kproxy dump`; [`tc_cost`]: the benchmark's per-packet
+//!   cost of the tc programs (`kproxy tc-cost`, hidden).
 
 pub mod agent;
 pub mod dataplane;
@@ -19,4 +20,5 @@ pub mod node;
 pub mod runner;
 pub mod sources;
 pub mod sync;
+pub mod tc_cost;
 pub mod tracker;

@@ -54,6 +54,62 @@ enum Command {
         #[arg(long)]
         cgroup: Option<PathBuf>,
     },
+    /// Per-packet cost of the tc programs with BPF_PROG_TEST_RUN, on maps private to this
+    /// process programmed from manifests (`cargo xtask bench` runs it); prints JSON.
+    #[command(hide = true)]
+    TcCost(TcCostArgs),
+}
+
+#[derive(Args)]
+struct TcCostArgs {
+    /// The manifests to program (a YAML file or a directory of them).
+    #[arg(long)]
+    manifests: PathBuf,
+    /// The frontend the flows go to, IP:PORT (e.g. a NodePort on a node address).
+    #[arg(long)]
+    frontend: std::net::SocketAddrV4,
+    /// The external client's address.
+    #[arg(long, default_value = "203.0.113.5")]
+    client: std::net::Ipv4Addr,
+    /// As `kproxy run --nodeport-addresses`.
+    #[arg(long, value_delimiter = ',')]
+    nodeport_addresses: Vec<kproxy::node::Cidr>,
+    #[command(flatten)]
+    capacities: CapacityArgs,
+    /// Rounds; each measures every case.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Runs per case and round (the median is reported).
+    #[arg(long, default_value_t = 10_000)]
+    runs: u32,
+}
+
+/// Map capacities (`kproxy run`, and `kproxy tc-cost` to size its maps the same).
+#[derive(Args)]
+struct CapacityArgs {
+    /// Capacity in service ports (frontends).
+    #[arg(long, default_value_t = DEFAULT_MAX_SERVICES)]
+    max_services: u32,
+    /// Capacity in distinct backends (address, port, protocol).
+    #[arg(long, default_value_t = DEFAULT_MAX_BACKENDS)]
+    max_backends: u32,
+    /// Capacity of each socket-level LRU map (reverse translation, UDP socket affinity).
+    #[arg(long, default_value_t = DEFAULT_MAX_SOCK_ENTRIES)]
+    max_sock_entries: u32,
+    /// Capacity of the tc connection-tracking map (LRU; two entries per flow).
+    #[arg(long, default_value_t = DEFAULT_MAX_CT_ENTRIES)]
+    max_ct_entries: u32,
+}
+
+impl CapacityArgs {
+    fn capacities(&self) -> Capacities {
+        Capacities {
+            max_services: self.max_services,
+            max_backends: self.max_backends,
+            max_sock_entries: self.max_sock_entries,
+            max_ct_entries: self.max_ct_entries,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -90,18 +146,8 @@ struct RunArgs {
     /// flag; default: every IPv4 address of the node).
     #[arg(long, value_delimiter = ',')]
     nodeport_addresses: Vec<kproxy::node::Cidr>,
-    /// Capacity in service ports (frontends).
-    #[arg(long, default_value_t = DEFAULT_MAX_SERVICES)]
-    max_services: u32,
-    /// Capacity in distinct backends (address, port, protocol).
-    #[arg(long, default_value_t = DEFAULT_MAX_BACKENDS)]
-    max_backends: u32,
-    /// Capacity of each socket-level LRU map (reverse translation, UDP socket affinity).
-    #[arg(long, default_value_t = DEFAULT_MAX_SOCK_ENTRIES)]
-    max_sock_entries: u32,
-    /// Capacity of the tc connection-tracking map (LRU; two entries per flow).
-    #[arg(long, default_value_t = DEFAULT_MAX_CT_ENTRIES)]
-    max_ct_entries: u32,
+    #[command(flatten)]
+    capacities: CapacityArgs,
     /// Minimum interval between syncs; changes within it coalesce (kube-proxy's flag).
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     min_sync_period: Duration,
@@ -162,12 +208,7 @@ fn main() -> Result<()> {
                 metrics_addr: bind_address("--metrics-bind-address", &args.metrics_bind_address)?,
                 layout: PinLayout::new(args.pin.bpffs_dir),
                 cgroup,
-                capacities: Capacities {
-                    max_services: args.max_services,
-                    max_backends: args.max_backends,
-                    max_sock_entries: args.max_sock_entries,
-                    max_ct_entries: args.max_ct_entries,
-                },
+                capacities: args.capacities.capacities(),
                 runner: RunnerConfig {
                     min_interval: args.min_sync_period,
                     sync_period: args.sync_period,
@@ -192,6 +233,21 @@ fn main() -> Result<()> {
             } else {
                 dump.write_table(&mut out)?;
             }
+            Ok(())
+        }
+        Command::TcCost(args) => {
+            let cfg = kproxy::tc_cost::Config {
+                manifests: args.manifests,
+                node_addresses: kproxy::node::node_port_addresses(&args.nodeport_addresses)?,
+                capacities: args.capacities.capacities(),
+                frontend: args.frontend,
+                client: args.client,
+                rounds: args.rounds,
+                runs: args.runs,
+            };
+            let report = kproxy::tc_cost::run(&cfg)?;
+            serde_json::to_writer(std::io::stdout().lock(), &report)?;
+            println!();
             Ok(())
         }
         Command::Cleanup { pin, cgroup } => {
