@@ -35,13 +35,16 @@ pub struct Endpoint {
     pub ready: bool,
 }
 
-/// A ClusterIP service with one port, in namespace `default`, and its single EndpointSlice.
+/// A ClusterIP service (a NodePort one with [`ServiceSpec::node_port`]) with one port, in
+/// namespace `default`, and its single EndpointSlice.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceSpec {
     pub namespace: String,
     pub name: String,
     pub cluster_ip: Ipv4Addr,
     pub port: u16,
+    /// `spec.ports[0].nodePort`: the service is of type NodePort.
+    pub node_port: Option<u16>,
     pub port_name: String,
     pub protocol: Protocol,
     pub target_port: u16,
@@ -62,6 +65,7 @@ impl ServiceSpec {
             name: name.into(),
             cluster_ip,
             port,
+            node_port: None,
             port_name: port_name.into(),
             protocol,
             target_port,
@@ -76,6 +80,12 @@ impl ServiceSpec {
             ip,
             ready,
         });
+        self
+    }
+
+    /// Makes it a NodePort service on `node_port`.
+    pub fn node_port(mut self, node_port: u16) -> ServiceSpec {
+        self.node_port = Some(node_port);
         self
     }
 
@@ -106,6 +116,10 @@ impl ServiceSpec {
         let (ns, name, proto) = (&self.namespace, &self.name, self.protocol.as_str());
         let (ip, port, port_name) = (self.cluster_ip, self.port, &self.port_name);
         let target = self.target_port;
+        let (kind, node_port) = match self.node_port {
+            Some(np) => ("NodePort", format!("\n    nodePort: {np}")),
+            None => ("ClusterIP", String::new()),
+        };
         let _ = write!(
             out,
             "apiVersion: v1
@@ -114,13 +128,13 @@ metadata:
   name: {name}
   namespace: {ns}
 spec:
-  type: ClusterIP
+  type: {kind}
   clusterIP: {ip}
   clusterIPs:
   - {ip}
   ports:
   - name: {port_name}
-    port: {port}
+    port: {port}{node_port}
     protocol: {proto}
     targetPort: {target}
 ---

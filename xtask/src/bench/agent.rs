@@ -145,8 +145,9 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts the agent on `manifests` with its programs on `env`'s cgroup. The sync period is
-    /// long so that no periodic full sync lands inside a measurement.
+    /// Starts the agent on `manifests` with its socket programs on `env`'s cgroup and its tc
+    /// programs on the node's uplink. The sync period is long so that no periodic full sync
+    /// lands inside a measurement.
     pub fn start(
         kproxy: &Path,
         env: &ModeEnv,
@@ -164,6 +165,7 @@ impl Agent {
             .arg(&bpffs_dir)
             .arg("--cgroup")
             .arg(env.cgroup.path())
+            .args(["--devices", super::env::NODE_DEV])
             .args(["--healthz-bind-address", "", "--metrics-bind-address", ""])
             .args(["--sync-period", "1h"])
             .arg("--max-services")

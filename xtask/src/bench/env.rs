@@ -3,19 +3,23 @@
 //! without reloading anything.
 //!
 //! ```text
-//!  node netns (one per mode)                           pod netns p (P per mode)
-//!  kpnode0 (veth) 192.0.2.10/24   <- 10.96.0.0/12      eth0 10.244.1.(10+p)/24
-//!  kpbr0 10.244.1.1/24 ── kpv<p> ═══ veth ═══════════  local route 10.(128+4p).0.0/14 (AnyIP)
-//!  route 10.(128+4p).0.0/14 via 10.244.1.(10+p)         kproxy-testpod serve on 0.0.0.0:8080
+//!  ext netns (one per mode)       node netns (one per mode)                    pod netns p (P per mode)
+//!  eth0 192.0.2.100/24 ═══ veth ═ kpnode0 192.0.2.10/24  <- 10.96.0.0/12       eth0 10.244.1.(10+p)/24
+//!  10.128.0.0/9, 10.244.0.0/16    kpbr0 10.244.1.1/24 ── kpv<p> ═══ veth ════  local route 10.(128+4p).0.0/14
+//!    via 192.0.2.10               route 10.(128+4p).0.0/14 via 10.244.1.(10+p)  kproxy-testpod serve :8080
+//!                                 forwarding on
 //! ```
 //!
 //! Every endpoint address is real: pod `p` owns the block `10.(128+4p).0.0/14` through a local
 //! route (any address in it is the pod's own, as with `ip route add local`), and the node routes
 //! the block to the pod. So 100,000 distinct endpoint addresses are served by a handful of
-//! pods, each address reachable. The ClusterIP range is routed to a stand-in uplink carrying the
-//! node's own address, as a node's default route would: a connection to a ClusterIP that no proxy
+//! pods, each address reachable. The node's uplink `kpnode0` carries its own address and leads
+//! to the external client's namespace (the rest of the world, here): the ClusterIP range is
+//! routed there, as a node's default route would, so a connection to a ClusterIP that no proxy
 //! translated goes nowhere, and kube-proxy's rules see a source outside the cluster CIDR and
-//! masquerade it, exactly as for a host-network client on a real node.
+//! masquerade it, exactly as for a host-network client on a real node. The external client
+//! reaches NodePorts on the node's address, and (no proxy) the pods' addresses through the node,
+//! which forwards; it has no other route.
 
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -32,10 +36,12 @@ use crate::topology::{output_in, pod_ip, spawn_in, Cgroup, ChildGuard, Netns, To
 pub const POD_PORT: u16 = 8080;
 /// The service port of every ClusterIP.
 pub const SERVICE_PORT: u16 = 80;
-/// The node's own address, on the stand-in uplink that also carries the ClusterIP route.
+/// The node's own address, on the uplink that also carries the ClusterIP route.
 pub const NODE_IP: &str = "192.0.2.10/24";
-const NODE_DEV: &str = "kpnode0";
-const NODE_PEER: &str = "kpnode1";
+/// The node's uplink, where kproxy's tc programs attach.
+pub const NODE_DEV: &str = "kpnode0";
+/// The external client's address.
+pub const EXT_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(192, 0, 2, 100);
 const SERVER_READY: Duration = Duration::from_secs(5);
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -83,6 +89,36 @@ pub fn pod_block(p: usize) -> (Ipv4Addr, u8) {
 /// Addresses per pod block.
 pub const BLOCK_SIZE: u32 = 1 << 18;
 
+/// Where a client runs, and what it connects to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Access {
+    /// A client on the node (node namespace, the mode's cgroup) to a ClusterIP.
+    #[default]
+    ClusterIp,
+    /// An external client (its own namespace, wired to the node's uplink) to a NodePort on the
+    /// node's address.
+    NodePort,
+}
+
+impl Access {
+    pub const ALL: [Access; 2] = [Access::ClusterIp, Access::NodePort];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Access::ClusterIp => "clusterip",
+            Access::NodePort => "nodeport",
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Access::ClusterIp => "client on the node → ClusterIP",
+            Access::NodePort => "external client → NodePort",
+        }
+    }
+}
+
 /// One mode's namespaces, servers and client cgroup; all removed on drop.
 pub struct ModeEnv {
     pub mode: Mode,
@@ -90,6 +126,8 @@ pub struct ModeEnv {
     servers: Vec<ChildGuard>,
     /// Clients run in this cgroup (kproxy attaches its programs to the kproxy mode's).
     pub cgroup: Cgroup,
+    /// The external client's namespace.
+    pub ext: Netns,
     pub topology: Topology,
 }
 
@@ -99,10 +137,12 @@ impl ModeEnv {
         let names: Vec<String> = (0..pods).map(|p| format!("pod-{p}")).collect();
         let topology = Topology::builder().pods(names).build()?;
         let cgroup = Cgroup::new(&format!("bench-{}", mode.name()))?;
+        let ext = Netns::new(&format!("bench-ext-{}", mode.name()))?;
         let mut env = ModeEnv {
             mode,
             servers: Vec::new(),
             cgroup,
+            ext,
             topology,
         };
         env.wire().with_context(|| format!("wiring the {} environment", mode.name()))?;
@@ -112,14 +152,22 @@ impl ModeEnv {
 
     fn wire(&self) -> Result<()> {
         let node = &self.topology.node;
-        // A veth pair with both ends in the node namespace stands in for the node's uplink
-        // (dummy devices are not built into every kernel): what is sent there comes back to
-        // the node, which does not forward.
-        node.ip(&["link", "add", NODE_DEV, "type", "veth", "peer", "name", NODE_PEER])?;
+        let ext = &self.ext;
+        // The node's uplink: a veth pair to the external client's namespace.
+        node.ip(&["link", "add", NODE_DEV, "type", "veth", "peer", "name", "eth0", "netns", ext.name()])?;
         node.ip(&["addr", "add", NODE_IP, "dev", NODE_DEV])?;
         node.ip(&["link", "set", NODE_DEV, "up"])?;
-        node.ip(&["link", "set", NODE_PEER, "up"])?;
         node.ip(&["route", "add", crate::bench::kubeproxy::SERVICE_CIDR, "dev", NODE_DEV])?;
+        ext.ip(&["addr", "add", &format!("{EXT_IP}/24"), "dev", "eth0"])?;
+        ext.ip(&["link", "set", "eth0", "up"])?;
+        ext.ip(&["link", "set", "lo", "up"])?;
+        let node_ip = NODE_IP.split('/').next().unwrap_or(NODE_IP);
+        for net in [crate::bench::kubeproxy::CLUSTER_CIDR, "10.244.0.0/16"] {
+            ext.ip(&["route", "add", net, "via", node_ip])?;
+        }
+        // The node forwards between its own links (a namespace-local setting): NodePort traffic
+        // and, without a proxy, the external client's connections to pods.
+        self.node_command("sh", &["-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"], None)?;
         for (p, pod) in self.topology.pods.iter().enumerate() {
             let (block, len) = pod_block(p);
             let block = format!("{block}/{len}");
@@ -152,10 +200,14 @@ impl ModeEnv {
         &self.topology.node
     }
 
-    /// Runs `cmd` as a client: node namespace and this mode's cgroup.
-    pub fn client(&self, cmd: Command, timeout: Duration) -> Result<Output> {
+    /// Runs `cmd` as a client of `access`: in the node namespace and this mode's cgroup, or in
+    /// the external client's namespace.
+    pub fn client(&self, access: Access, cmd: Command, timeout: Duration) -> Result<Output> {
         crate::interrupt::check()?;
-        output_in(&self.topology.node, Some(&self.cgroup), cmd, timeout)
+        match access {
+            Access::ClusterIp => output_in(&self.topology.node, Some(&self.cgroup), cmd, timeout),
+            Access::NodePort => output_in(&self.ext, None, cmd, timeout),
+        }
     }
 
     /// Runs `program args` in the node namespace (not in the cgroup) with `stdin` from a file;
@@ -172,6 +224,17 @@ impl ModeEnv {
         let out = output_in(&self.topology.node, None, cmd, COMMAND_TIMEOUT)?;
         cmd::check_output(&what, &out)?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The node's IPv4 addresses other than loopback ones (those kproxy serves NodePorts on).
+    pub fn node_addresses(&self) -> Result<Vec<std::net::Ipv4Addr>> {
+        let out = self.node_command("ip", &["-4", "-o", "addr", "show"], None)?;
+        Ok(out
+            .lines()
+            .filter_map(|l| l.split_whitespace().skip_while(|w| *w != "inet").nth(1))
+            .filter_map(|a| a.split('/').next()?.parse::<std::net::Ipv4Addr>().ok())
+            .filter(|a| !a.is_loopback())
+            .collect())
     }
 
     /// A value under `/proc/sys` as seen from the node namespace (e.g. the conntrack count).

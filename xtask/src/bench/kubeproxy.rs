@@ -1,5 +1,5 @@
-//! The rulesets kube-proxy writes for a set of ClusterIP services, in its iptables and nftables
-//! modes, as `iptables-restore` and `nft -f` input.
+//! The rulesets kube-proxy writes for a set of NodePort services (each with its ClusterIP), in
+//! its iptables and nftables modes, as `iptables-restore` and `nft -f` input.
 //!
 //! The layout follows kube-proxy's own proxiers at kubernetes/kubernetes commit
 //! [`KUBE_PROXY_COMMIT`] (`pkg/proxy/iptables/proxier.go`, `pkg/proxy/nftables/proxier.go`),
@@ -8,7 +8,10 @@
 //! `--masquerade-bit 14`, localhost NodePorts allowed (the default, hence the `KUBE-FIREWALL`
 //! martian rule), `nf_conntrack_tcp_be_liberal` off (hence the INVALID drop in `KUBE-FORWARD`),
 //! `--random-fully` available, no nfacct counters, and the ServiceCIDR [`SERVICE_CIDR`] known to
-//! the nftables proxier. Chain names are computed exactly as kube-proxy computes them (SHA-256,
+//! the nftables proxier. `--nodeport-addresses` is left at each mode's default: every local
+//! address for iptables (`-m addrtype --dst-type LOCAL`), the node's primary address
+//! [`NODE_ADDRESS`] for nftables (`primary`, its default since the nftables mode exists).
+//! Services use the `Cluster` external traffic policy, so NodePort traffic is masqueraded. Chain names are computed exactly as kube-proxy computes them (SHA-256,
 //! base32), so the rules look like the ones on a real node.
 //!
 //! Differences, all immaterial to what is measured: services are written in a fixed order (kube-
@@ -36,16 +39,19 @@ pub const CLUSTER_CIDR: &str = "10.128.0.0/9";
 pub const SERVICE_CIDR: &str = "10.96.0.0/12";
 /// kube-proxy's masquerade mark for `--masquerade-bit 14` (Go's `%#08x` of `1 << 14`).
 pub const MASQ_MARK: &str = "0x004000";
+/// The node's primary address: the nftables mode serves NodePorts on it only.
+pub const NODE_ADDRESS: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 /// Above this many endpoints kube-proxy's iptables proxier drops per-endpoint comments and
 /// stops looking for stale chains on every sync ("large cluster mode").
 pub const LARGE_CLUSTER_ENDPOINTS: usize = 1000;
 
-/// One ClusterIP service with one TCP port.
+/// One service with one TCP port: a ClusterIP, and a NodePort unless `node_port` is 0.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Svc {
     pub name: String,
     pub cluster_ip: Ipv4Addr,
     pub port: u16,
+    pub node_port: u16,
     pub target_port: u16,
     pub endpoints: Vec<Ipv4Addr>,
 }
@@ -66,6 +72,11 @@ impl Svc {
         format!("KUBE-SVC-{}", hash_b32(&format!("{}tcp", self.port_name()), 16))
     }
 
+    /// kube-proxy's `KUBE-EXT-…` chain of this service port (external destinations: NodePort).
+    pub fn ext_chain(&self) -> String {
+        format!("KUBE-EXT-{}", hash_b32(&format!("{}tcp", self.port_name()), 16))
+    }
+
     /// kube-proxy's `KUBE-SEP-…` chain of one endpoint.
     pub fn sep_chain(&self, ip: Ipv4Addr) -> String {
         let key = format!("{}tcp{}", self.port_name(), self.endpoint(ip));
@@ -75,6 +86,11 @@ impl Svc {
     /// kube-proxy's nftables `service-…` chain.
     pub fn nft_service_chain(&self) -> String {
         format!("service-{}", hash_and_truncate(&self.nft_base()))
+    }
+
+    /// kube-proxy's nftables `external-…` chain.
+    pub fn nft_external_chain(&self) -> String {
+        format!("external-{}", hash_and_truncate(&self.nft_base()))
     }
 
     /// kube-proxy's nftables `endpoint-…` chain of one endpoint.
@@ -126,6 +142,10 @@ pub struct IptablesCounts {
     pub jump_rules: usize,
     /// Rules in KUBE-SERVICES (nat), which the first packet of every connection walks.
     pub kube_services_rules: usize,
+    /// Rules in KUBE-NODEPORTS (nat), which the first packet of a NodePort connection walks
+    /// after all of KUBE-SERVICES.
+    #[serde(default)]
+    pub kube_nodeports_rules: usize,
     /// Size of the restore input, bytes.
     pub bytes: usize,
 }
@@ -278,6 +298,7 @@ pub fn iptables_sync(services: &[Svc], scope: Scope) -> Restore {
     );
 
     let mut kube_services_rules = 0;
+    let mut kube_nodeports_rules = 0;
     for (index, svc) in services.iter().enumerate() {
         let name = svc.port_name();
         let svc_chain = svc.svc_chain();
@@ -289,6 +310,15 @@ pub fn iptables_sync(services: &[Svc], scope: Scope) -> Restore {
              -d {ip} --dport {port} -j {svc_chain}"
         ));
         kube_services_rules += 1;
+        // Capture the NodePort (always written too: KUBE-NODEPORTS is a top-level chain).
+        if svc.node_port != 0 && !svc.endpoints.is_empty() {
+            nat_rules.push(format!(
+                "-A KUBE-NODEPORTS -m comment --comment {name} -m tcp -p tcp --dport {} -j {}",
+                svc.node_port,
+                svc.ext_chain()
+            ));
+            kube_nodeports_rules += 1;
+        }
         let write_chains = scope.changed.is_none_or(|c| c.contains(&index));
         if !write_chains || svc.endpoints.is_empty() {
             continue;
@@ -298,6 +328,17 @@ pub fn iptables_sync(services: &[Svc], scope: Scope) -> Restore {
             "-A {svc_chain} -m comment --comment \"{name} cluster IP\" -m tcp -p tcp \
              -d {ip} --dport {port} ! -s {CLUSTER_CIDR} -j KUBE-MARK-MASQ"
         ));
+        // External traffic (Cluster policy): masqueraded, then the service chain.
+        if svc.node_port != 0 {
+            let ext_chain = svc.ext_chain();
+            let _ = writeln!(nat_chains, ":{ext_chain} - [0:0]");
+            chains += 1;
+            nat_rules.push(format!(
+                "-A {ext_chain} -m comment --comment \"masquerade traffic for {name} external destinations\" \
+                 -j KUBE-MARK-MASQ"
+            ));
+            nat_rules.push(format!("-A {ext_chain} -j {svc_chain}"));
+        }
         let _ = writeln!(nat_chains, ":{svc_chain} - [0:0]");
         chains += 1;
         let n = svc.endpoints.len();
@@ -371,6 +412,7 @@ pub fn iptables_sync(services: &[Svc], scope: Scope) -> Restore {
         chains,
         jump_rules: 0,
         kube_services_rules,
+        kube_nodeports_rules,
         bytes: text.len(),
     };
     Restore { text, counts }
@@ -498,11 +540,13 @@ pub fn nft_full(services: &[Svc]) -> NftTransaction {
             "ip daddr {{ {SERVICE_CIDR} }} drop comment \"Drop traffic to unallocated ClusterIPs\""
         ),
     );
-    // nodePortAddresses matches all: the nodeport-ips set is added and deleted.
+    // nodePortAddresses `primary` (the nftables mode's default): the node's primary address.
     tx.line(format_args!(
         "add set {T} nodeport-ips {{ type ipv4_addr ; comment \"IPs that accept NodePort traffic\" ; }}"
     ));
-    tx.line(format_args!("delete set {T} nodeport-ips"));
+    tx.line(format_args!("flush set {T} nodeport-ips"));
+    tx.line(format_args!("add element {T} nodeport-ips {{ {NODE_ADDRESS} }}"));
+    tx.counts.set_elements += 1;
     tx.line(format_args!(
         "add map {T} no-endpoint-services {{ type ipv4_addr . inet_proto . inet_service : verdict ; \
          comment \"vmap to drop or reject packets to services with no endpoints\" ; }}"
@@ -523,7 +567,7 @@ pub fn nft_full(services: &[Svc]) -> NftTransaction {
     );
     tx.rule(
         "nodeport-endpoints-check",
-        format_args!("ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @no-endpoint-nodeports"),
+        format_args!("ip daddr @nodeport-ips meta l4proto . th dport vmap @no-endpoint-nodeports"),
     );
     tx.line(format_args!(
         "add map {T} firewall-ips {{ type ipv4_addr . inet_proto . inet_service : verdict ; \
@@ -548,9 +592,7 @@ pub fn nft_full(services: &[Svc]) -> NftTransaction {
     );
     tx.rule(
         "services",
-        format_args!(
-            "fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @service-nodeports"
-        ),
+        format_args!("ip daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports"),
     );
     for svc in services {
         nft_service(&mut tx, svc, true);
@@ -574,8 +616,12 @@ fn nft_service(tx: &mut Tx, svc: &Svc, elements: bool) {
     for c in &endpoint_chains {
         tx.ensure_chain(c);
     }
+    let external = (svc.node_port != 0).then(|| svc.nft_external_chain());
     if !svc.endpoints.is_empty() {
         tx.ensure_chain(&chain);
+        if let Some(ext) = &external {
+            tx.ensure_chain(ext);
+        }
     }
     let ip = svc.cluster_ip;
     let port = svc.port;
@@ -587,6 +633,13 @@ fn nft_service(tx: &mut Tx, svc: &Svc, elements: bool) {
                 "add element {T} service-ips {{ {ip} . tcp . {port} : goto {chain} }}"
             ));
             tx.counts.map_elements += 1;
+            if let Some(ext) = &external {
+                tx.line(format_args!(
+                    "add element {T} service-nodeports {{ tcp . {} : goto {ext} }}",
+                    svc.node_port
+                ));
+                tx.counts.map_elements += 1;
+            }
         }
     }
     if svc.endpoints.is_empty() {
@@ -609,6 +662,10 @@ fn nft_service(tx: &mut Tx, svc: &Svc, elements: bool) {
             vmap.join(" , ")
         ),
     );
+    if let Some(ext) = &external {
+        tx.rule(ext, format_args!("jump mark-for-masquerade"));
+        tx.rule(ext, format_args!("goto {chain}"));
+    }
     for (c, &ep) in endpoint_chains.iter().zip(&svc.endpoints) {
         tx.rule(c, format_args!("ip saddr {ep} jump mark-for-masquerade"));
         tx.rule(
@@ -660,6 +717,7 @@ mod tests {
             name: name.into(),
             cluster_ip: "10.96.0.10".parse().unwrap(),
             port: 80,
+            node_port: 30080,
             target_port: 8080,
             endpoints: (0..endpoints)
                 .map(|i| Ipv4Addr::new(10, 128, 0, i as u8))
@@ -691,12 +749,14 @@ mod tests {
     fn iptables_counts_follow_the_layout() {
         let services = vec![svc("a", 3), svc("b", 3)];
         let r = iptables_sync(&services, Scope::FULL);
-        // Per service: 1 KUBE-SERVICES + 1 masq + 3 SVC->SEP + 3 x 2 SEP rules = 11.
-        // Fixed: 3 KUBE-POSTROUTING + 1 KUBE-MARK-MASQ + 1 nodeports.
-        assert_eq!(r.counts.nat_rules, 2 * 11 + 5);
+        // Per service: 1 KUBE-SERVICES + 1 KUBE-NODEPORTS + 2 EXT + 1 masq + 3 SVC->SEP
+        // + 3 x 2 SEP rules = 14. Fixed: 3 KUBE-POSTROUTING + 1 KUBE-MARK-MASQ + 1 nodeports.
+        assert_eq!(r.counts.nat_rules, 2 * 14 + 5);
         assert_eq!(r.counts.filter_rules, 4);
         assert_eq!(r.counts.kube_services_rules, 3);
-        assert_eq!(r.counts.chains, 5 + 4 + 1 + 2 * 4);
+        assert_eq!(r.counts.kube_nodeports_rules, 2);
+        assert_eq!(r.counts.chains, 5 + 4 + 1 + 2 * 5);
+        assert!(r.text.contains("-A KUBE-NODEPORTS -m comment --comment bench/a:http -m tcp -p tcp --dport 30080 -j KUBE-EXT-"));
         assert!(r.text.contains("--probability 0.3333333333"));
         assert!(r.text.contains("--probability 0.5000000000"));
         assert!(r.text.contains("-m comment --comment \"bench/a:http -> 10.128.0.0:8080\""));
@@ -705,7 +765,8 @@ mod tests {
             &services,
             Scope { changed: Some(&[1]), stale: &["KUBE-SEP-X".to_string()] },
         );
-        assert_eq!(partial.counts.nat_rules, 11 + 1 + 5);
+        // The changed service's chains, every KUBE-SERVICES and KUBE-NODEPORTS rule.
+        assert_eq!(partial.counts.nat_rules, 14 + 2 + 5);
         assert!(partial.text.contains("-X KUBE-SEP-X"));
         assert!(!partial.text.contains(&services[0].svc_chain().replace("KUBE-SVC", ":KUBE-SVC")));
     }
@@ -714,13 +775,14 @@ mod tests {
     fn nft_counts_follow_the_layout() {
         let services = vec![svc("a", 2)];
         let t = nft_full(&services);
-        assert_eq!(t.counts.map_elements, 1);
-        assert_eq!(t.counts.set_elements, 1);
+        assert_eq!(t.counts.map_elements, 2, "service-ips and service-nodeports");
+        assert_eq!(t.counts.set_elements, 2, "cluster-ips and nodeport-ips");
         assert!(t.text.contains("numgen random mod 2 vmap { 0 : goto endpoint-"));
+        assert!(t.text.contains("add element ip kube-proxy service-nodeports { tcp . 30080 : goto external-"));
         let mut new = services[0].clone();
         new.endpoints[0] = "10.128.9.9".parse().unwrap();
         let p = nft_partial(&services[0], &new);
-        assert_eq!(p.counts.rules, 2 + 2 * 2);
+        assert_eq!(p.counts.rules, 2 + 2 + 2 * 2);
         assert!(p.text.contains(&format!(
             "flush chain ip kube-proxy {}",
             services[0].nft_endpoint_chain(services[0].endpoints[0])

@@ -1,6 +1,6 @@
 //! Traffic: `wrk` for rates under load, `kproxy-testpod http` for the latency of one request at
-//! a time. Both run as clients of a [`ModeEnv`] (node namespace + the mode's cgroup), bounded in
-//! time and count.
+//! a time. Both run as clients of a [`ModeEnv`] (on the node, or external), bounded in time and
+//! count.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::env::ModeEnv;
+use super::env::{Access, ModeEnv};
 use crate::report::Report;
 
 /// Short connections (connect, one request, response, close) or requests on kept-alive
@@ -59,8 +59,8 @@ pub struct WrkSettings {
     pub seconds: u32,
 }
 
-/// Runs `wrk` against `http://addr/` from `env`'s client position.
-pub fn wrk(env: &ModeEnv, addr: &str, workload: Workload, s: WrkSettings) -> Result<WrkResult> {
+/// Runs `wrk` against `http://addr/` from `env`'s client position for `access`.
+pub fn wrk(env: &ModeEnv, access: Access, addr: &str, workload: Workload, s: WrkSettings) -> Result<WrkResult> {
     let mut cmd = Command::new("wrk");
     cmd.arg(format!("-t{}", s.threads))
         .arg(format!("-c{}", s.connections))
@@ -71,7 +71,7 @@ pub fn wrk(env: &ModeEnv, addr: &str, workload: Workload, s: WrkSettings) -> Res
     }
     cmd.arg(format!("http://{addr}/")).stdin(Stdio::null());
     let what = crate::cmd::describe(&cmd);
-    let out = env.client(cmd, Duration::from_secs(u64::from(s.seconds) + 30))?;
+    let out = env.client(access, cmd, Duration::from_secs(u64::from(s.seconds) + 30))?;
     crate::cmd::check_output(&what, &out)?;
     let text = String::from_utf8_lossy(&out.stdout);
     parse_wrk(&text).with_context(|| format!("parsing the output of `{what}`:\n{text}"))
@@ -157,6 +157,7 @@ pub struct SeqResult {
 /// `kproxy-testpod http --count COUNT [--keepalive]` against `addr`, one request at a time.
 pub fn sequential(
     env: &ModeEnv,
+    access: Access,
     testpod: &Path,
     addr: &str,
     workload: Workload,
@@ -170,7 +171,7 @@ pub fn sequential(
         cmd.arg("--keepalive");
     }
     let what = crate::cmd::describe(&cmd);
-    let out = env.client(cmd, Duration::from_secs(90))?;
+    let out = env.client(access, cmd, Duration::from_secs(90))?;
     crate::cmd::check_output(&what, &out)?;
     let report = Report::parse(&String::from_utf8_lossy(&out.stdout))
         .with_context(|| format!("output of `{what}`"))?;

@@ -9,10 +9,10 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
-use super::env::Mode;
+use super::env::{Access, Mode};
 use super::load::Workload;
 use super::report::rate;
-use super::results::{median, Point, Results};
+use super::results::{median, Point, Results, TcRound, TC_CASES};
 
 /// The font the plots use.
 pub const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
@@ -161,42 +161,80 @@ fn datapath_series(r: &Results, value: impl Fn(&Point, Mode, &str) -> f64) -> Ve
     out
 }
 
-fn latency(p: &Point, mode: Mode, target: &str, workload: Workload, p99: bool) -> f64 {
-    p.summary(mode, target, workload)
+fn latency(p: &Point, access: Access, mode: Mode, target: &str, workload: Workload, p99: bool) -> f64 {
+    p.summary(access, mode, target, workload)
         .map_or(f64::NAN, |s| if p99 { s.seq_p99_ms } else { s.seq_p50_ms })
 }
 
-/// Writes `bench-rate.png`, `bench-latency-short.png`, `bench-latency-keepalive.png` and
-/// `bench-control-plane.png` into `dir`.
+/// Writes `bench-rate[-nodeport].png`, `bench-latency[-nodeport]-{short,keepalive}.png`,
+/// `bench-tc.png` and `bench-control-plane.png` into `dir`.
 pub fn render(r: &Results, dir: &Path) -> Result<()> {
     register_font()?;
     std::fs::create_dir_all(dir)?;
     let size = (1400, 560);
 
-    let path = dir.join("bench-rate.png");
-    let root = BitMapBackend::new(&path, size).into_drawing_area();
-    root.fill(&WHITE).map_err(e)?;
-    let halves = root.split_evenly((1, 2));
-    for (area, workload) in halves.iter().zip(Workload::ALL) {
-        let series = datapath_series(r, |p, m, t| rate(p, m, t, workload));
-        chart(area, &format!("Rate, {}", workload.label()), "requests/s (median)", &series, false)?;
-    }
-    root.present().map_err(e)?;
-
-    for workload in Workload::ALL {
-        let path = dir.join(format!("bench-latency-{}.png", workload.name()));
+    for access in Access::ALL {
+        let (suffix, what) = match access {
+            Access::ClusterIp => ("", "ClusterIP"),
+            Access::NodePort => ("-nodeport", "NodePort"),
+        };
+        let path = dir.join(format!("bench-rate{suffix}.png"));
         let root = BitMapBackend::new(&path, size).into_drawing_area();
         root.fill(&WHITE).map_err(e)?;
         let halves = root.split_evenly((1, 2));
-        for (area, p99) in halves.iter().zip([false, true]) {
-            let series = datapath_series(r, |p, m, t| latency(p, m, t, workload, p99));
-            let title = format!(
-                "{} latency, {}, one at a time",
-                if p99 { "p99" } else { "p50" },
-                workload.label()
-            );
-            chart(area, &title, "ms (median over rounds)", &series, false)?;
+        for (area, workload) in halves.iter().zip(Workload::ALL) {
+            let series = datapath_series(r, |p, m, t| rate(p, access, m, t, workload));
+            chart(area, &format!("{what} rate, {}", workload.label()), "requests/s (median)", &series, false)?;
         }
+        root.present().map_err(e)?;
+
+        for workload in Workload::ALL {
+            let path = dir.join(format!("bench-latency{suffix}-{}.png", workload.name()));
+            let root = BitMapBackend::new(&path, size).into_drawing_area();
+            root.fill(&WHITE).map_err(e)?;
+            let halves = root.split_evenly((1, 2));
+            for (area, p99) in halves.iter().zip([false, true]) {
+                let series = datapath_series(r, |p, m, t| latency(p, access, m, t, workload, p99));
+                let title = format!(
+                    "{what} {} latency, {}, one at a time",
+                    if p99 { "p99" } else { "p50" },
+                    workload.label()
+                );
+                chart(area, &title, "ms (median over rounds)", &series, false)?;
+            }
+            root.present().map_err(e)?;
+        }
+    }
+
+    if r.points.iter().any(|p| p.tc.is_some()) {
+        let path = dir.join("bench-tc.png");
+        let root = BitMapBackend::new(&path, (900, 560)).into_drawing_area();
+        root.fill(&WHITE).map_err(e)?;
+        let shades = [
+            RGBColor(31, 119, 180),
+            RGBColor(255, 127, 14),
+            RGBColor(44, 160, 44),
+            RGBColor(148, 103, 189),
+            RGBColor(214, 39, 40),
+        ];
+        let tc_line = |label: &str, color: RGBColor, dashed: bool, f: fn(&TcRound) -> f64| Series {
+            label: label.into(),
+            color,
+            dashed,
+            points: r
+                .points
+                .iter()
+                .filter_map(|p| Some((p.services as f64, p.tc.as_ref()?.median(f))))
+                .collect(),
+        };
+        let mut series = vec![
+            tc_line("empty program", color(Mode::None), false, |r| r.empty_ns),
+            tc_line("empty program (single runs)", color(Mode::None), true, |r| r.empty_single_ns),
+        ];
+        for ((label, f, _), shade) in TC_CASES.iter().zip(shades) {
+            series.push(tc_line(label, shade, false, *f));
+        }
+        chart(&root, "tc programs, per packet (BPF_PROG_TEST_RUN)", "ns (median, log)", &series, true)?;
         root.present().map_err(e)?;
     }
 

@@ -6,7 +6,7 @@ use std::process::Command;
 use serde::{Deserialize, Serialize};
 
 use super::agent::{MapMemory, Rss};
-use super::env::Mode;
+use super::env::{Access, Mode};
 use super::kubeproxy::{IptablesCounts, NftCounts};
 use super::load::{SeqResult, WrkResult, WrkSettings, Workload};
 use crate::cmd;
@@ -22,6 +22,18 @@ pub struct Machine {
     pub wrk: String,
     pub kproxy_commit: String,
     pub date: String,
+    /// `/proc/loadavg` (1, 5, 15 minutes) when the run started and when it ended.
+    #[serde(default)]
+    pub load_start: String,
+    #[serde(default)]
+    pub load_end: String,
+}
+
+/// The 1-, 5- and 15-minute load averages, from `/proc/loadavg`.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }
 
 impl Machine {
@@ -69,6 +81,8 @@ impl Machine {
             wrk,
             kproxy_commit: commit,
             date: run("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+            load_start: String::new(),
+            load_end: load_average(),
         }
     }
 }
@@ -88,12 +102,21 @@ pub struct Settings {
     pub command: String,
     /// Cap of iptables-nft-restore, seconds.
     pub iptables_nft_cap_s: u64,
+    /// `kproxy tc-cost` rounds, and runs per case and round.
+    #[serde(default)]
+    pub tc_rounds: usize,
+    #[serde(default)]
+    pub tc_runs: u32,
 }
 
 /// One measurement of the data path.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Sample {
     pub round: usize,
+    /// ClusterIP from the node or NodePort from outside (runs before NodePorts were measured
+    /// have ClusterIP samples only).
+    #[serde(default)]
+    pub access: Access,
     pub mode: Mode,
     /// "first" or "last" programmed service ("pod" for no proxy).
     pub target: String,
@@ -102,9 +125,11 @@ pub struct Sample {
     pub seq: SeqResult,
 }
 
-/// Medians over the rounds of one (mode, target, workload).
+/// Medians over the rounds of one (access, mode, target, workload).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
+    #[serde(default)]
+    pub access: Access,
     pub mode: Mode,
     pub target: String,
     pub workload: Workload,
@@ -128,6 +153,9 @@ pub struct ControlPlane {
     /// ... of which the agent's own sync (reading the manifest + writing the maps).
     pub kproxy_start_total_ms: f64,
     pub kproxy_start_sync_ms: f64,
+    /// ... and its map writes (one planned op each).
+    #[serde(default)]
+    pub kproxy_start_writes: usize,
     /// kproxy: manifest renamed into place (agent running, nothing programmed) → synced line.
     pub kproxy_write_ms: f64,
     pub kproxy_write_total_ms: f64,
@@ -181,6 +209,58 @@ pub struct Footprint {
     pub conntrack_nftables: Option<u64>,
 }
 
+/// One round of `kproxy tc-cost`: nanoseconds per packet of each case, with `repeat` (hot,
+/// tracked flows on a self-mapped service) and single runs (median). The JSON of
+/// `kproxy::tc_cost::Round`, whose fields it mirrors (xtask does not depend on kproxy).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TcRound {
+    pub empty_ns: f64,
+    pub ingress_tracked_ns: f64,
+    pub ingress_not_frontend_ns: f64,
+    pub egress_reply_ns: f64,
+    pub egress_untracked_ns: f64,
+    pub empty_single_ns: f64,
+    pub ingress_new_flow_single_ns: f64,
+    pub ingress_tracked_single_ns: f64,
+    pub ingress_tracked_self_single_ns: f64,
+}
+
+/// The per-packet cost of the tc programs at one N (`kproxy tc-cost`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TcCost {
+    /// The frontend the flows went to.
+    pub frontend: String,
+    /// Frontends and backends programmed in the private maps.
+    pub frontends: usize,
+    pub backends: usize,
+    /// Runs per case and round.
+    pub runs: u32,
+    pub rounds: Vec<TcRound>,
+}
+
+impl TcCost {
+    /// The median over the rounds of one case.
+    pub fn median(&self, case: impl Fn(&TcRound) -> f64) -> f64 {
+        median(&self.rounds.iter().map(case).collect::<Vec<_>>())
+    }
+}
+
+/// A case of [`TcRound`]: label, its value, and the empty program's measured the same way.
+pub type TcCase = (&'static str, fn(&TcRound) -> f64, fn(&TcRound) -> f64);
+
+/// The cases of [`TcRound`], each with its empty-program baseline.
+pub const TC_CASES: [TcCase; 5] = [
+    ("ingress, tracked flow", |r| r.ingress_tracked_ns, |r| r.empty_ns),
+    ("ingress, not a frontend", |r| r.ingress_not_frontend_ns, |r| r.empty_ns),
+    ("egress, tracked reply", |r| r.egress_reply_ns, |r| r.empty_ns),
+    ("egress, untracked", |r| r.egress_untracked_ns, |r| r.empty_ns),
+    ("ingress, new flow (single runs)", |r| r.ingress_new_flow_single_ns, |r| r.empty_single_ns),
+];
+
+/// The label of the new-flow case: the first packet of a connection, a cost per connection.
+pub const TC_NEW_FLOW: &str = "ingress, new flow (single runs)";
+
 /// Everything measured for one N.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Point {
@@ -192,14 +272,18 @@ pub struct Point {
     pub nft: NftCounts,
     pub control: ControlPlane,
     pub footprint: Footprint,
+    /// Per-packet cost of the tc programs (runs before the tc datapath have none).
+    #[serde(default)]
+    pub tc: Option<TcCost>,
     pub samples: Vec<Sample>,
     pub summaries: Vec<Summary>,
 }
 
 impl Point {
-    pub fn summary(&self, mode: Mode, target: &str, workload: Workload) -> Option<&Summary> {
+    pub fn summary(&self, access: Access, mode: Mode, target: &str, workload: Workload) -> Option<&Summary> {
         self.summaries.iter().find(|s| {
-            s.mode == mode
+            s.access == access
+                && s.mode == mode
                 && s.workload == workload
                 && (s.target == target || mode == Mode::None)
         })
@@ -229,23 +313,24 @@ pub fn median(values: &[f64]) -> f64 {
     }
 }
 
-/// The medians of `samples`, per (mode, target, workload).
+/// The medians of `samples`, per (access, mode, target, workload).
 pub fn summarize(samples: &[Sample]) -> Vec<Summary> {
-    let mut keys: Vec<(Mode, String, Workload)> = samples
+    let mut keys: Vec<(Access, Mode, String, Workload)> = samples
         .iter()
-        .map(|s| (s.mode, s.target.clone(), s.workload))
+        .map(|s| (s.access, s.mode, s.target.clone(), s.workload))
         .collect();
     keys.sort();
     keys.dedup();
     keys.into_iter()
-        .map(|(mode, target, workload)| {
+        .map(|(access, mode, target, workload)| {
             let group: Vec<&Sample> = samples
                 .iter()
-                .filter(|s| s.mode == mode && s.target == target && s.workload == workload)
+                .filter(|s| s.access == access && s.mode == mode && s.target == target && s.workload == workload)
                 .collect();
             let m = |f: &dyn Fn(&Sample) -> f64| median(&group.iter().map(|s| f(s)).collect::<Vec<_>>());
             let rates: Vec<f64> = group.iter().map(|s| s.wrk.rate).collect();
             Summary {
+                access,
                 mode,
                 target,
                 workload,

@@ -1,5 +1,6 @@
 //! The benchmark itself: for each N, program the services in every mode (timing it), check that
-//! every mode reaches the pods, measure the data path in interleaved rounds, time endpoint
+//! every mode reaches the pods, measure the data path in interleaved rounds (ClusterIP from the
+//! node, NodePort from outside), measure the tc programs' per-packet cost, time endpoint
 //! changes, and record the agent's footprint.
 
 use std::collections::BTreeMap;
@@ -11,11 +12,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 
 use super::agent::{self, Agent};
-use super::env::{self, Mode, ModeEnv, BLOCK_SIZE, POD_PORT, SERVICE_PORT};
-use super::kubeproxy::{self, Scope, Svc};
+use super::env::{self, Access, Mode, ModeEnv, BLOCK_SIZE, EXT_IP, POD_PORT, SERVICE_PORT};
+use super::kubeproxy::{self, Scope, Svc, NODE_ADDRESS};
 use super::load::{self, Workload, WrkSettings};
 use super::results::{
-    summarize, ChangeTimes, ControlPlane, Footprint, Machine, Point, Results, Sample, Settings,
+    summarize, ChangeTimes, ControlPlane, Footprint, Machine, Point, Results, Sample, Settings, TcCost,
 };
 use crate::harness::unique_bpffs_dir;
 use crate::manifest::{self, Protocol, ServiceSpec};
@@ -39,6 +40,9 @@ pub struct Config {
     pub command: String,
     /// How long iptables-nft-restore may take to load the full ruleset.
     pub iptables_nft_cap: Duration,
+    /// `kproxy tc-cost`: rounds, and runs per case and round.
+    pub tc_rounds: usize,
+    pub tc_runs: u32,
 }
 
 /// Requests of the correctness probe before and after measuring.
@@ -49,8 +53,13 @@ const CHANGE_SPACING: Duration = Duration::from_millis(1100);
 /// kproxy's default map capacities (kept unless N needs more).
 const DEFAULT_MAX_SERVICES: u32 = 16_384;
 const DEFAULT_MAX_BACKENDS: u32 = 131_072;
+/// kube-proxy's endpoint changes are not repeated once one takes longer than this.
+const KUBE_SLOW_CHANGE: Duration = Duration::from_secs(10);
 /// Endpoint blocks are shared by services and the spare addresses of endpoint changes.
 const SPARES: u32 = 1000;
+/// Service `i` has NodePort `NODE_PORT_BASE + i` (beyond the default range 30000-32767 from
+/// N = 2,768 on, as with a wider `--service-node-port-range`).
+const NODE_PORT_BASE: u16 = 30_000;
 
 /// The ClusterIP of service `i`.
 fn cluster_ip(i: usize) -> Ipv4Addr {
@@ -75,6 +84,7 @@ pub fn make_services(n: usize, per_service: usize, pods: usize) -> Vec<Svc> {
             name: format!("svc-{i}"),
             cluster_ip: cluster_ip(i),
             port: SERVICE_PORT,
+            node_port: NODE_PORT_BASE + i as u16,
             target_port: POD_PORT,
             endpoints: (0..per_service)
                 .map(|j| endpoint_ip(i, j, per_service, pods))
@@ -83,29 +93,15 @@ pub fn make_services(n: usize, per_service: usize, pods: usize) -> Vec<Svc> {
         .collect()
 }
 
-fn manifest_yaml(services: &[Svc], pods: usize) -> String {
-    let specs: Vec<ServiceSpec> = services
-        .iter()
-        .map(|s| {
-            let mut spec = ServiceSpec::new(
-                &s.name,
-                s.cluster_ip,
-                s.port,
-                kubeproxy::PORT_NAME,
-                Protocol::Tcp,
-                s.target_port,
-            );
-            spec.namespace = kubeproxy::NAMESPACE.to_string();
-            for (j, &ip) in s.endpoints.iter().enumerate() {
-                spec = spec.endpoint(&format!("pod-{}", j % pods), ip, true);
-            }
-            spec
-        })
-        .collect();
-    if specs.is_empty() {
-        return "# no services\n".to_string();
+/// One service as kproxy's `--manifests` reads it: the NodePort Service and its EndpointSlice.
+fn manifest_yaml(s: &Svc, pods: usize) -> String {
+    let mut spec = ServiceSpec::new(&s.name, s.cluster_ip, s.port, kubeproxy::PORT_NAME, Protocol::Tcp, s.target_port)
+        .node_port(s.node_port);
+    spec.namespace = kubeproxy::NAMESPACE.to_string();
+    for (j, &ip) in s.endpoints.iter().enumerate() {
+        spec = spec.endpoint(&format!("pod-{}", j % pods), ip, true);
     }
-    manifest::to_yaml(&specs)
+    manifest::to_yaml(&[spec])
 }
 
 /// A directory removed on drop.
@@ -139,6 +135,7 @@ fn have(program: &str) -> bool {
 
 pub fn run(cfg: &Config) -> Result<Results> {
     let started = Instant::now();
+    let load_start = super::results::load_average();
     for tool in ["wrk", "iptables-legacy-restore", "iptables-nft-restore", "nft"] {
         ensure!(have(tool), "`{tool}` is missing: run `cargo xtask setup`");
     }
@@ -149,6 +146,7 @@ pub fn run(cfg: &Config) -> Result<Results> {
         BLOCK_SIZE - SPARES
     );
     ensure!(cfg.pods >= 1 && cfg.pods <= 8, "1 to 8 pods per mode");
+    ensure!(max_n <= usize::from(u16::MAX - NODE_PORT_BASE), "at most {} services get a NodePort", u16::MAX - NODE_PORT_BASE);
     let work = WorkDir(std::env::temp_dir().join(unique_name("kproxy-bench")));
     fs::create_dir_all(&work.0)?;
 
@@ -163,15 +161,19 @@ pub fn run(cfg: &Config) -> Result<Results> {
     }
 
     let mut points = Vec::new();
-    for &n in &cfg.services {
+    // iptables-nft-restore grows faster than N: once over the cap, it is not run for larger N.
+    let mut nft_restore_capped = false;
+    let mut services = cfg.services.clone();
+    services.sort_unstable();
+    for n in services {
         interrupt::check()?;
-        let point = measure_point(cfg, &envs, n, &work.0)
+        let point = measure_point(cfg, &envs, n, &work.0, &mut nft_restore_capped)
             .with_context(|| format!("benchmarking N = {n}"))?;
         print_point(&point);
         points.push(point);
     }
     Ok(Results {
-        machine: Machine::detect(),
+        machine: Machine { load_start, ..Machine::detect() },
         settings: Settings {
             quick: cfg.quick,
             services: cfg.services.clone(),
@@ -184,6 +186,8 @@ pub fn run(cfg: &Config) -> Result<Results> {
             profile: cfg.profile.clone(),
             command: cfg.command.clone(),
             iptables_nft_cap_s: cfg.iptables_nft_cap.as_secs(),
+            tc_rounds: cfg.tc_rounds,
+            tc_runs: cfg.tc_runs,
         },
         kube_proxy_commit: kubeproxy::KUBE_PROXY_COMMIT.to_string(),
         points,
@@ -268,6 +272,7 @@ fn measure_point(
     envs: &BTreeMap<Mode, ModeEnv>,
     n: usize,
     work: &Path,
+    nft_restore_capped: &mut bool,
 ) -> Result<Point> {
     let e = cfg.endpoints_per_service;
     println!("\n==> N = {n} services x {e} endpoints");
@@ -298,13 +303,16 @@ fn measure_point(
         full.counts.bytes / 1024,
         control.iptables_restore_ms
     );
-    {
+    if *nft_restore_capped {
+        println!("    iptables-nft-restore: not run (over {:?} at a smaller N)", cfg.iptables_nft_cap);
+    } else {
         let bare = env::bare_netns()?;
         control.iptables_nft_restore_ms = IPT_NFT.load_full_capped(&bare, work, &full_file, cfg.iptables_nft_cap)?;
         match control.iptables_nft_restore_ms {
             Some(t) => println!("    iptables-nft-restore {t:.0} ms"),
             None => println!("    iptables-nft-restore: over {:?}, stopped", cfg.iptables_nft_cap),
         }
+        *nft_restore_capped = control.iptables_nft_restore_ms.is_none();
     }
 
     // kube-proxy, nftables mode.
@@ -335,9 +343,17 @@ fn measure_point(
     };
     let staged = manifest.stage_all(&services)?;
     manifest.publish_all(&staged)?;
+    // kproxy serves each NodePort on every address of the node (its default, as kube-proxy's
+    // iptables mode): N ClusterIP frontends plus N per node address.
+    let frontends = n * (1 + kp_env.node_addresses()?.len());
+    // The services map holds a frontend entry and a slot per backend for every frontend, and is
+    // sized max_services + max_backends: with each backend behind three frontends, max_backends
+    // is raised beyond the number of distinct backends to fit the slots.
+    let max_services = (frontends as u32 * 5 / 4).max(DEFAULT_MAX_SERVICES);
+    let slots = (frontends * (1 + e)) as u32 * 5 / 4;
     let capacities = (
-        (n as u32 * 5 / 4).max(DEFAULT_MAX_SERVICES),
-        ((n * e) as u32 * 5 / 4).max(DEFAULT_MAX_BACKENDS),
+        max_services,
+        ((n * e) as u32 * 5 / 4).max(slots.saturating_sub(max_services)).max(DEFAULT_MAX_BACKENDS),
     );
     let wait = Duration::from_secs(60 + n as u64 / 100);
     let t0 = Instant::now();
@@ -349,13 +365,14 @@ fn measure_point(
         work.join(format!("agent-{n}.log")),
         capacities,
     )?;
-    let (synced, seen) = agent.wait_synced(wait, |s| s.frontends == n)?;
+    let (synced, seen) = agent.wait_synced(wait, |s| s.frontends == frontends)?;
     control.kproxy_start_ms = ms(seen - t0);
     control.kproxy_start_total_ms = synced.total_ms;
     control.kproxy_start_sync_ms = synced.sync_ms;
+    control.kproxy_start_writes = synced.writes;
     let (dump, dump_took) = agent.dump()?;
     control.kproxy_dump_ms = ms(dump_took);
-    check_dump(&dump, &services)?;
+    check_dump(&dump, &services, frontends)?;
     let mut footprint = Footprint {
         agent: agent::rss(agent.pid())?,
         maps: agent::bpf_maps(agent.pid())?,
@@ -371,12 +388,12 @@ fn measure_point(
     let staged = manifest.stage_all(&services)?;
     let t0 = Instant::now();
     manifest.publish_all(&staged)?;
-    let (synced, seen) = agent.wait_synced(wait, |s| s.frontends == n)?;
+    let (synced, seen) = agent.wait_synced(wait, |s| s.frontends == frontends)?;
     let mut last_sync = seen;
     control.kproxy_write_ms = ms(seen - t0);
     control.kproxy_write_total_ms = synced.total_ms;
     control.kproxy_write_sync_ms = synced.sync_ms;
-    check_dump(&agent.dump()?.0, &services)?;
+    check_dump(&agent.dump()?.0, &services, frontends)?;
     println!(
         "    kproxy: start -> programmed {:.0} ms (sync {:.1} ms of {:.0} ms); manifest written -> \
          programmed {:.0} ms (sync {:.1} ms); RSS {} KiB, BPF maps {} KiB",
@@ -390,48 +407,69 @@ fn measure_point(
     );
 
     // Every mode reaches the pods, through every target.
-    let targets = targets(&services, envs);
-    for (mode, name, addr) in &targets {
-        probe(&envs[mode], &cfg.testpod, addr, cfg.pods)
-            .with_context(|| format!("{} to the {name} target ({addr})", mode.name()))?;
+    let targets: Vec<(Access, Vec<Target>)> =
+        Access::ALL.into_iter().map(|a| (a, targets(a, &services, envs))).collect();
+    for (access, targets) in &targets {
+        for (mode, name, addr) in targets {
+            probe(&envs[mode], *access, &cfg.testpod, addr, cfg.pods)
+                .with_context(|| format!("{} to the {name} {} target ({addr})", mode.name(), access.name()))?;
+        }
     }
-    println!("    probes: every mode reaches the pods through every target");
+    println!("    probes: every mode reaches the pods through every target, from the node and from outside");
 
     // The data path, in interleaved rounds.
     let mut samples = Vec::new();
     for round in 0..cfg.rounds {
         print!("    round {}/{}:", round + 1, cfg.rounds);
-        for workload in Workload::ALL {
-            for (slot_index, slot) in ["first", "last"].into_iter().enumerate() {
-                if slot == "last" && n == 1 {
-                    continue; // one service: "last" is "first"
+        let round_started = Instant::now();
+        for (access, targets) in &targets {
+            for workload in Workload::ALL {
+                for (slot_index, slot) in ["first", "last"].into_iter().enumerate() {
+                    if slot == "last" && n == 1 {
+                        continue; // one service: "last" is "first"
+                    }
+                    // No proxy has a single target; it is measured in both slots, so that it is
+                    // interleaved with the others as often as they are with each other.
+                    let mut order: Vec<&Target> =
+                        targets.iter().filter(|(m, t, _)| t == slot || *m == Mode::None).collect();
+                    let shift = (round + slot_index) % order.len();
+                    order.rotate_left(shift);
+                    for (mode, target, addr) in order {
+                        let env = &envs[mode];
+                        let wrk = load::wrk(env, *access, addr, workload, cfg.wrk)?;
+                        let seq = load::sequential(env, *access, &cfg.testpod, addr, workload, cfg.sequential)?;
+                        samples.push(Sample {
+                            round,
+                            access: *access,
+                            mode: *mode,
+                            target: target.clone(),
+                            workload,
+                            wrk,
+                            seq,
+                        });
+                    }
                 }
-                // No proxy has a single target; it is measured in both slots, so that it is
-                // interleaved with the others as often as they are with each other.
-                let mut order: Vec<&(Mode, String, String)> = targets
-                    .iter()
-                    .filter(|(m, t, _)| t == slot || *m == Mode::None)
-                    .collect();
-                let shift = (round + slot_index) % order.len();
-                order.rotate_left(shift);
-                for (mode, target, addr) in order {
-                    let env = &envs[mode];
-                    let wrk = load::wrk(env, addr, workload, cfg.wrk)?;
-                    let seq = load::sequential(env, &cfg.testpod, addr, workload, cfg.sequential)?;
-                    samples.push(Sample {
-                        round,
-                        mode: *mode,
-                        target: target.clone(),
-                        workload,
-                        wrk,
-                        seq,
-                    });
-                }
+                print!(" {}/{}", access.name(), workload.name());
             }
-            print!(" {}", workload.name());
         }
-        println!();
+        println!(" ({:.0} s)", round_started.elapsed().as_secs_f64());
     }
+
+    // The tc programs' per-packet cost, with N services programmed.
+    let tc = tc_cost(cfg, kp_env, &manifests, &services, capacities)?;
+    println!(
+        "    tc per packet, ns: repeat: empty {:.1}, ingress tracked {:.1}, not a frontend {:.1}, egress reply {:.1}, \
+         untracked {:.1}; single runs: empty {:.0}, new flow {:.0}, tracked {:.0} (self-mapped {:.0})",
+        tc.median(|r| r.empty_ns),
+        tc.median(|r| r.ingress_tracked_ns),
+        tc.median(|r| r.ingress_not_frontend_ns),
+        tc.median(|r| r.egress_reply_ns),
+        tc.median(|r| r.egress_untracked_ns),
+        tc.median(|r| r.empty_single_ns),
+        tc.median(|r| r.ingress_new_flow_single_ns),
+        tc.median(|r| r.ingress_tracked_single_ns),
+        tc.median(|r| r.ingress_tracked_self_single_ns),
+    );
 
     // One endpoint change with N services programmed.
     let mut change = ChangeTimes::default();
@@ -446,12 +484,15 @@ fn measure_point(
         spare += 1;
         new
     };
-    for _ in 0..cfg.changes {
+    // kube-proxy's changes are repeated while one takes under KUBE_SLOW_CHANGE (at large N a
+    // single one takes tens of seconds); its full restore is timed on the first change only.
+    let mut kube_slow = false;
+    for repetition in 0..cfg.changes {
         interrupt::check()?;
         let new = next_spare(&kp_state[last]);
         // kproxy: the manifest is staged first; the clock starts at the rename.
         kp_state[last] = new.clone();
-        let (staged, target) = manifest.stage_one(&kp_state, last)?;
+        let (staged, target) = manifest.stage_one(&kp_state[last])?;
         if let Some(wait_more) = CHANGE_SPACING.checked_sub(last_sync.elapsed()) {
             std::thread::sleep(wait_more);
         }
@@ -471,15 +512,21 @@ fn measure_point(
             new.endpoints[0],
             new.name
         );
+        if kube_slow {
+            continue;
+        }
+        let kube_started = Instant::now();
 
         // iptables: kube-proxy's partial restore.
+        let new = next_spare(&ipt_state[last]);
         let stale = kubeproxy::stale_sep_chains(&ipt_state[last], &new);
-        ipt_state[last] = new.clone();
+        ipt_state[last] = new;
         change
             .iptables_partial_ms
             .push(iptables_change(ipt_env, &ipt_state, Some(&[last]), &stale, work)?);
 
         // nftables: kube-proxy's partial transaction, and the listings before it.
+        let new = next_spare(&nft_state[last]);
         let tx = kubeproxy::nft_partial(&nft_state[last], &new);
         nft_state[last] = new;
         let tx_file = work.join("partial.nft");
@@ -491,19 +538,22 @@ fn measure_point(
         nft_env.node_command("nft", &["-f", &tx_file.display().to_string()], None)?;
         change.nft_tx_ms.push(ms(t1.elapsed()));
         change.nft_with_list_ms.push(ms(t0.elapsed()));
+        kube_slow = kube_started.elapsed() > KUBE_SLOW_CHANGE;
 
         // iptables again, with a full restore (kube-proxy's full sync).
-        let new = next_spare(&ipt_state[last]);
-        let stale = kubeproxy::stale_sep_chains(&ipt_state[last], &new);
-        ipt_state[last] = new;
-        change
-            .iptables_full_ms
-            .push(iptables_change(ipt_env, &ipt_state, None, &stale, work)?);
+        if repetition == 0 {
+            let new = next_spare(&ipt_state[last]);
+            let stale = kubeproxy::stale_sep_chains(&ipt_state[last], &new);
+            ipt_state[last] = new;
+            change
+                .iptables_full_ms
+                .push(iptables_change(ipt_env, &ipt_state, None, &stale, work)?);
+        }
     }
     if cfg.changes > 0 {
         for (mode, state) in [(Mode::Kproxy, &kp_state), (Mode::Iptables, &ipt_state), (Mode::Nftables, &nft_state)] {
             let addr = format!("{}:{}", state[last].cluster_ip, SERVICE_PORT);
-            probe(&envs[&mode], &cfg.testpod, &addr, cfg.pods)
+            probe(&envs[&mode], Access::ClusterIp, &cfg.testpod, &addr, cfg.pods)
                 .with_context(|| format!("{} after the endpoint changes", mode.name()))?;
         }
     }
@@ -525,6 +575,7 @@ fn measure_point(
         nft: nft.counts,
         control,
         footprint,
+        tc: Some(tc),
         samples,
         summaries,
     })
@@ -552,12 +603,10 @@ fn iptables_change(
     Ok(ms(t0.elapsed()))
 }
 
-/// Services per manifest file: kproxy's YAML parser refuses files of more than 1,024 documents.
-const SERVICES_PER_FILE: usize = 250;
-
-/// The manifests: a watched directory whose `set/` subdirectory holds one file per
-/// [`SERVICES_PER_FILE`] services. A whole set is published by renaming a staged directory
-/// into place (one atomic event), a single file by renaming a staged file over it.
+/// The manifests: a watched directory whose `set/` subdirectory holds one file per service
+/// (its Service and EndpointSlice), as a directory applied with `kubectl apply -f` would. A
+/// whole set is published by renaming a staged directory into place (one atomic event), a
+/// single file by renaming a staged file over it.
 struct Manifest {
     root: PathBuf,
     work: PathBuf,
@@ -569,16 +618,16 @@ impl Manifest {
         self.root.join("set")
     }
 
-    fn file_name(chunk: usize) -> String {
-        format!("services-{chunk:04}.yaml")
+    fn file_name(svc: &Svc) -> String {
+        format!("{}.yaml", svc.name)
     }
 
     /// Writes every file of `services` into a staged directory (returned).
     fn stage_all(&self, services: &[Svc]) -> Result<PathBuf> {
         let dir = self.work.join(unique_name("staged-set"));
         fs::create_dir_all(&dir)?;
-        for (chunk, part) in services.chunks(SERVICES_PER_FILE).enumerate() {
-            fs::write(dir.join(Self::file_name(chunk)), manifest_yaml(part, self.pods))?;
+        for svc in services {
+            fs::write(dir.join(Self::file_name(svc)), manifest_yaml(svc, self.pods))?;
         }
         Ok(dir)
     }
@@ -587,46 +636,58 @@ impl Manifest {
         fs::rename(staged, self.set()).with_context(|| format!("renaming to {}", self.set().display()))
     }
 
-    /// Removes every service (the set leaves the watched directory in one rename).
+    /// Removes every service (the set leaves the watched directory in one rename). The set is
+    /// deleted with the work directory, at the end: deleting its files now would send the
+    /// agent's watcher events while programming is timed (inotify keeps watching a directory
+    /// moved out of the tree).
     fn clear(&self) -> Result<()> {
         let trash = self.work.join(unique_name("trash"));
         fs::rename(self.set(), &trash)?;
-        fs::remove_dir_all(&trash)?;
         Ok(())
     }
 
-    /// Stages the file holding service `index` (returned: staged path, final path).
-    fn stage_one(&self, services: &[Svc], index: usize) -> Result<(PathBuf, PathBuf)> {
-        let chunk = index / SERVICES_PER_FILE;
-        let part = &services[chunk * SERVICES_PER_FILE..((chunk + 1) * SERVICES_PER_FILE).min(services.len())];
+    /// Stages the file of `svc` (returned: staged path, final path).
+    fn stage_one(&self, svc: &Svc) -> Result<(PathBuf, PathBuf)> {
         let staged = self.work.join("staged-one.yaml");
-        fs::write(&staged, manifest_yaml(part, self.pods))?;
-        Ok((staged, self.set().join(Self::file_name(chunk))))
+        fs::write(&staged, manifest_yaml(svc, self.pods))?;
+        Ok((staged, self.set().join(Self::file_name(svc))))
     }
 }
 
-fn check_dump(dump: &crate::harness::Dump, services: &[Svc]) -> Result<()> {
+fn check_dump(dump: &crate::harness::Dump, services: &[Svc], frontends: usize) -> Result<()> {
     ensure!(
-        dump.services.len() == services.len(),
-        "kproxy dump lists {} services, expected {}",
+        dump.services.len() == frontends,
+        "kproxy dump lists {} frontends, expected {frontends}",
         dump.services.len(),
-        services.len()
     );
     for svc in [&services[0], &services[services.len() - 1]] {
-        let got = dump
-            .service(&svc.name)
-            .with_context(|| format!("{} missing from kproxy dump", svc.name))?;
         let mut want: Vec<String> = svc.endpoints.iter().map(|&ip| svc.endpoint(ip)).collect();
         want.sort();
-        ensure!(got.backends == want, "{}: dump has {:?}, expected {want:?}", svc.name, got.backends);
+        let node_port = format!("{NODE_ADDRESS}:{}", svc.node_port);
+        for frontend in [format!("{}:{}", svc.cluster_ip, svc.port), node_port] {
+            let got = dump
+                .services
+                .iter()
+                .find(|s| s.frontend == frontend)
+                .with_context(|| format!("{} ({frontend}) missing from kproxy dump", svc.name))?;
+            ensure!(got.backends == want, "{frontend}: dump has {:?}, expected {want:?}", got.backends);
+        }
     }
     Ok(())
 }
 
-/// (mode, target name, address) of every measurement position.
-fn targets(services: &[Svc], envs: &BTreeMap<Mode, ModeEnv>) -> Vec<(Mode, String, String)> {
-    let first = format!("{}:{SERVICE_PORT}", services[0].cluster_ip);
-    let last = format!("{}:{SERVICE_PORT}", services[services.len() - 1].cluster_ip);
+/// (mode, target name, address) of a measurement position.
+type Target = (Mode, String, String);
+
+/// Every measurement position of `access`: no proxy straight to a pod's address, and each
+/// proxy at the first and the last service.
+fn targets(access: Access, services: &[Svc], envs: &BTreeMap<Mode, ModeEnv>) -> Vec<Target> {
+    let address = |svc: &Svc| match access {
+        Access::ClusterIp => format!("{}:{}", svc.cluster_ip, svc.port),
+        Access::NodePort => format!("{NODE_ADDRESS}:{}", svc.node_port),
+    };
+    let first = address(&services[0]);
+    let last = address(&services[services.len() - 1]);
     let pod = format!("{}:{POD_PORT}", envs[&Mode::None].topology.pods[0].ip);
     let mut out = vec![(Mode::None, "pod".to_string(), pod)];
     for mode in [Mode::Kproxy, Mode::Iptables, Mode::Nftables] {
@@ -638,9 +699,33 @@ fn targets(services: &[Svc], envs: &BTreeMap<Mode, ModeEnv>) -> Vec<(Mode, Strin
     out
 }
 
+/// `kproxy tc-cost` in the kproxy mode's node namespace, on the manifests the agent reads, with
+/// the agent's capacities: flows from the external client to the last service's NodePort.
+fn tc_cost(cfg: &Config, env: &ModeEnv, manifests: &Path, services: &[Svc], capacities: (u32, u32)) -> Result<TcCost> {
+    #[derive(serde::Deserialize)]
+    struct Report {
+        frontends: usize,
+        backends: usize,
+        runs: u32,
+        rounds: Vec<super::results::TcRound>,
+    }
+    let frontend = format!("{NODE_ADDRESS}:{}", services[services.len() - 1].node_port);
+    let manifests = manifests.display().to_string();
+    let (max_services, max_backends) = (capacities.0.to_string(), capacities.1.to_string());
+    let (rounds, runs) = (cfg.tc_rounds.to_string(), cfg.tc_runs.to_string());
+    let client = EXT_IP.to_string();
+    let args = [
+        "tc-cost", "--manifests", &manifests, "--frontend", &frontend, "--client", &client,
+        "--max-services", &max_services, "--max-backends", &max_backends, "--rounds", &rounds, "--runs", &runs,
+    ];
+    let out = env.node_command(&cfg.kproxy.display().to_string(), &args, None)?;
+    let r: Report = serde_json::from_str(out.trim()).with_context(|| format!("kproxy tc-cost printed {out:?}"))?;
+    Ok(TcCost { frontend, frontends: r.frontends, backends: r.backends, runs: r.runs, rounds: r.rounds })
+}
+
 /// A few sequential requests must all succeed (and, through a service, reach several pods).
-fn probe(env: &ModeEnv, testpod: &Path, addr: &str, pods: usize) -> Result<()> {
-    let r = load::sequential(env, testpod, addr, Workload::Short, PROBE_REQUESTS)?;
+fn probe(env: &ModeEnv, access: Access, testpod: &Path, addr: &str, pods: usize) -> Result<()> {
+    let r = load::sequential(env, access, testpod, addr, Workload::Short, PROBE_REQUESTS)?;
     if r.ok != u64::from(PROBE_REQUESTS) {
         bail!("{} of {PROBE_REQUESTS} requests succeeded", r.ok);
     }
@@ -654,7 +739,8 @@ fn print_point(p: &Point) {
     println!("    medians (rate req/s, sequential p50/p99 ms):");
     for s in &p.summaries {
         println!(
-            "      {:<9} {:<5} {:<9} {:>9.0} req/s  {:>7.3} / {:>7.3} ms  errors {}",
+            "      {:<9} {:<9} {:<5} {:<9} {:>9.0} req/s  {:>7.3} / {:>7.3} ms  errors {}",
+            s.access.name(),
             s.mode.name(),
             s.target,
             s.workload.name(),

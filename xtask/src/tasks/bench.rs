@@ -43,7 +43,7 @@ pub struct BenchArgs {
     /// wrk connections [default: 4].
     #[arg(long, default_value_t = 4)]
     connections: u32,
-    /// Sequential requests per latency run [default: 2000; quick: 300].
+    /// Sequential requests per latency run [default: 1000; quick: 300].
     #[arg(long)]
     requests: Option<u32>,
     /// Endpoint changes timed per N [default: 3; quick: 2].
@@ -111,7 +111,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             connections: args.connections,
             seconds: args.duration.unwrap_or(if quick { 1 } else { 2 }),
         },
-        sequential: args.requests.unwrap_or(if quick { 300 } else { 2000 }),
+        sequential: args.requests.unwrap_or(if quick { 300 } else { 1000 }),
         changes: args.changes.unwrap_or(if quick { 2 } else { 3 }),
         kproxy: bins.0,
         testpod: bins.1,
@@ -121,6 +121,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         },
         command,
         iptables_nft_cap: std::time::Duration::from_secs(if quick { 10 } else { 60 }),
+        tc_rounds: if quick { 2 } else { 5 },
+        tc_runs: if quick { 2_000 } else { 10_000 },
     };
     if cfg.services.is_empty() || cfg.services.contains(&0) || cfg.rounds == 0 {
         bail!("--services needs positive numbers and --rounds at least 1");
