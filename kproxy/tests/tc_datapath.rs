@@ -625,11 +625,16 @@ fn per_packet_cost_next_to_an_empty_program() {
         let backend = format!("10.245.{}.{}:8080", i / 250, i % 250 + 1);
         desired.extend([service(frontend(address, 80, Protocol::Tcp), &[&backend])]);
     }
+    // With repeat, the kernel runs the program again on the buffer it already translated: a
+    // service whose backend is its own frontend keeps every repetition a packet of the same
+    // tracked flow (translated to the same address and port, checksums updated all the same).
+    let self_mapped = SocketAddrV4::new(NODE, 30_555);
+    desired.extend([service(frontend(NODE, 30_555, Protocol::Tcp), &[&self_mapped.to_string()])]);
     let dp = Datapath::new(&desired);
     let client = SocketAddrV4::new(CLIENT, 40_005);
-    let tracked = tcp_frame(client, SocketAddrV4::new(NODE, NODE_PORT), true, b"");
-    dp.run("kp_tc_ingress", &tracked);
-    let tracked = tcp_frame(client, SocketAddrV4::new(NODE, NODE_PORT), false, b"data");
+    let (_, out) = dp.run("kp_tc_ingress", &tcp_frame(client, self_mapped, true, b""));
+    assert_eq!(check(&out).1, self_mapped);
+    let tracked = tcp_frame(client, self_mapped, false, b"data");
     let foreign = tcp_frame(client, SocketAddrV4::new(NODE, 22), false, b"data");
     let repeat = 200_000;
     let mut rows = Vec::new();
