@@ -40,7 +40,7 @@ pub struct Config {
     pub command: String,
     /// How long iptables-nft-restore may take to load the full ruleset.
     pub iptables_nft_cap: Duration,
-    /// `kproxy tc-cost`: rounds, and runs per case and round.
+    /// `kproxy tc-cost`: rounds after each data-path round, and runs per case and round.
     pub tc_rounds: usize,
     pub tc_runs: u32,
 }
@@ -417,8 +417,10 @@ fn measure_point(
     }
     println!("    probes: every mode reaches the pods through every target, from the node and from outside");
 
-    // The data path, in interleaved rounds.
+    // The data path, in interleaved rounds, each followed by rounds of the tc programs'
+    // per-packet cost (so that those are spread over the point's minutes too).
     let mut samples = Vec::new();
+    let mut tc: Option<TcCost> = None;
     for round in 0..cfg.rounds {
         print!("    round {}/{}:", round + 1, cfg.rounds);
         let round_started = Instant::now();
@@ -453,10 +455,13 @@ fn measure_point(
             }
         }
         println!(" ({:.0} s)", round_started.elapsed().as_secs_f64());
+        let more = tc_cost(cfg, kp_env, &manifests, &services, capacities)?;
+        match &mut tc {
+            Some(tc) => tc.rounds.extend(more.rounds),
+            None => tc = Some(more),
+        }
     }
-
-    // The tc programs' per-packet cost, with N services programmed.
-    let tc = tc_cost(cfg, kp_env, &manifests, &services, capacities)?;
+    let tc = tc.context("no data-path round")?;
     println!(
         "    tc per packet, ns: repeat: empty {:.1}, ingress tracked {:.1}, not a frontend {:.1}, egress reply {:.1}, \
          untracked {:.1}; single runs: empty {:.0}, new flow {:.0}, tracked {:.0} (self-mapped {:.0})",

@@ -121,7 +121,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         },
         command,
         iptables_nft_cap: std::time::Duration::from_secs(if quick { 10 } else { 60 }),
-        tc_rounds: if quick { 2 } else { 5 },
+        tc_rounds: 2,
         tc_runs: if quick { 2_000 } else { 10_000 },
     };
     if cfg.services.is_empty() || cfg.services.contains(&0) || cfg.rounds == 0 {
