@@ -62,9 +62,9 @@ impl<D: Dataplane> Syncer<D> {
         };
         let full = matches!(plan_scope, Scope::Full);
         let plan = plan(&mirror, desired, plan_scope, &self.limits);
+        // On error the mirror is dropped (self.mirror stays None): the next sync re-reads.
+        self.dataplane.apply_all(&plan.ops)?;
         for op in &plan.ops {
-            // On error the mirror is dropped (self.mirror stays None): the next sync re-reads.
-            self.dataplane.apply(op)?;
             mirror.apply(op);
         }
         self.mirror = Some(mirror);

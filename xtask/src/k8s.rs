@@ -40,12 +40,12 @@ fn meta(namespace: &str, name: &str) -> ObjectMeta {
     }
 }
 
-/// The ClusterIP Service of `spec`.
+/// The Service of `spec`: ClusterIP, or NodePort if it has one.
 pub fn service(spec: &ServiceSpec) -> Service {
     Service {
         metadata: meta(&spec.namespace, &spec.name),
         spec: Some(K8sServiceSpec {
-            type_: Some("ClusterIP".into()),
+            type_: Some(if spec.node_port.is_some() { "NodePort" } else { "ClusterIP" }.into()),
             cluster_ip: Some(spec.cluster_ip.to_string()),
             cluster_ips: Some(vec![spec.cluster_ip.to_string()]),
             ports: Some(vec![ServicePort {
@@ -53,6 +53,7 @@ pub fn service(spec: &ServiceSpec) -> Service {
                 port: spec.port.into(),
                 protocol: Some(spec.protocol.as_str().into()),
                 target_port: Some(IntOrString::Int(spec.target_port.into())),
+                node_port: spec.node_port.map(i32::from),
                 ..ServicePort::default()
             }]),
             ..K8sServiceSpec::default()

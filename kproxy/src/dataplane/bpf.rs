@@ -13,7 +13,7 @@ use kproxy_common::lb::{
     SERVICES_MAP, SERVICE_META_MAP, SOURCE_RANGES_MAP,
 };
 
-use super::{Dataplane, DataplaneError, MapContents, Op};
+use super::{batch, Dataplane, DataplaneError, MapContents, Op};
 use crate::model::Cidr;
 
 /// Handles on the load-balancing maps.
@@ -135,6 +135,52 @@ impl Dataplane for BpfMaps {
         })
     }
 
+    /// Runs of backend and service writes (most of a big sync) go to the kernel in batches;
+    /// the order of the operations is kept.
+    fn apply_all(&mut self, ops: &[Op]) -> Result<(), DataplaneError> {
+        let mut rest = ops;
+        while let Some(first) = rest.first() {
+            let run = match first {
+                Op::PutBackend(..) => rest.iter().take_while(|op| matches!(op, Op::PutBackend(..))).count(),
+                Op::PutService(..) => rest.iter().take_while(|op| matches!(op, Op::PutService(..))).count(),
+                _ => 1,
+            };
+            let (now, later) = rest.split_at(run);
+            rest = later;
+            if run == 1 {
+                self.apply(first)?;
+                continue;
+            }
+            match first {
+                Op::PutBackend(..) => {
+                    let (keys, values): (Vec<u32>, Vec<Backend>) = now
+                        .iter()
+                        .map(|op| match op {
+                            Op::PutBackend(id, b) => (*id, *b),
+                            _ => unreachable!("a run of backend writes"),
+                        })
+                        .unzip();
+                    batch::update(self.backends.map(), &keys, &values)
+                }
+                _ => {
+                    let (keys, values): (Vec<ServiceKey>, Vec<ServiceValue>) = now
+                        .iter()
+                        .map(|op| match op {
+                            Op::PutService(k, v) => (*k, *v),
+                            _ => unreachable!("a run of service writes"),
+                        })
+                        .unzip();
+                    batch::update(self.services.map(), &keys, &values)
+                }
+            }
+            .map_err(|e| {
+                let map = if matches!(first, Op::PutBackend(..)) { BACKENDS_MAP } else { SERVICES_MAP };
+                DataplaneError::Map { map, operation: "update batch", source: MapError::SyscallError(e) }
+            })?;
+        }
+        Ok(())
+    }
+
     fn apply(&mut self, op: &Op) -> Result<(), DataplaneError> {
         match op {
             Op::PutBackend(id, b) => self.backends.insert(id, b, 0).map_err(map_err(BACKENDS_MAP, "insert")),
@@ -145,7 +191,7 @@ impl Dataplane for BpfMaps {
             Op::DeleteService(k) => {
                 ignore_missing(self.services.remove(k)).map_err(map_err(SERVICES_MAP, "remove"))
             }
-            Op::PutMeta(id, m) => self.meta.insert(id, m, 0).map_err(map_err(SERVICE_META_MAP, "insert")),
+            Op::PutMeta(id, m) => self.meta.insert(id, **m, 0).map_err(map_err(SERVICE_META_MAP, "insert")),
             Op::DeleteMeta(id) => {
                 ignore_missing(self.meta.remove(id)).map_err(map_err(SERVICE_META_MAP, "remove"))
             }

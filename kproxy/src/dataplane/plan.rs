@@ -304,7 +304,7 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
         keep_meta.insert(service_id);
         let meta = service_meta(*frontend, &want.name, want.frontend_type);
         if current.meta.get(&service_id) != Some(&meta) {
-            meta_ops.push(Op::PutMeta(service_id, meta));
+            meta_ops.push(Op::PutMeta(service_id, Box::new(meta)));
         }
         // Ranges are in place before the frontend flag that enforces them, and go after it.
         let wanted_ranges: BTreeSet<Cidr> = want.source_ranges.iter().copied().collect();

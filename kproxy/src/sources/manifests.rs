@@ -120,15 +120,23 @@ fn parser_options() -> serde_saphyr::Options {
     options
 }
 
-/// Parses the documents of one file into `out`.
+/// Parses the documents of one file into `out`: a `.json` file holds JSON objects (one, as
+/// `kubectl get -o json` prints, or several in a row), read by the JSON parser, which is some
+/// 20 times faster than the YAML one; any other file is YAML (of which JSON is a subset).
 pub fn parse_into(file: &Path, text: &str, out: &mut Manifests) {
-    let documents: Vec<Value> = match serde_saphyr::from_multiple_with_options(text, parser_options()) {
+    let json = file.extension().is_some_and(|e| e == "json");
+    let parsed = if json {
+        serde_json::Deserializer::from_str(text)
+            .into_iter::<Value>()
+            .collect::<Result<Vec<Value>, _>>()
+            .map_err(|e| format!("invalid JSON: {e}"))
+    } else {
+        serde_saphyr::from_multiple_with_options(text, parser_options()).map_err(|e| format!("invalid YAML: {e}"))
+    };
+    let documents = match parsed {
         Ok(docs) => docs,
-        Err(e) => {
-            out.errors.push(ManifestError {
-                origin: file.display().to_string(),
-                message: format!("invalid YAML: {e}"),
-            });
+        Err(message) => {
+            out.errors.push(ManifestError { origin: file.display().to_string(), message });
             return;
         }
     };
@@ -336,11 +344,10 @@ impl ManifestSource {
         // In file order: when a file is read, every file before it is final, so the copy in
         // force of each key the file defines is known, and the file's objects are applied and
         // dropped before the next file is read.
-        for file in self.take_changed(full) {
+        let changed: Vec<PathBuf> = self.take_changed(full).into_iter().collect();
+        let read = changed.chunks(PARSE_BATCH).flat_map(|batch| batch.iter().zip(read_files_parallel(batch)));
+        for (file, (st, now)) in read {
             let file: Arc<Path> = Arc::from(file.as_path());
-            // The stamp first: a write after it shows as a changed stamp on the next check.
-            let st = stamp(&file);
-            let now = file.is_file().then(|| read_file(&file));
             stats.parsed += usize::from(now.is_some());
             if let (Some(m), Some(old)) = (&now, self.files.get_mut(&file)) {
                 if !m.errors.is_empty() {
@@ -499,6 +506,30 @@ impl ManifestSource {
         }
         out
     }
+}
+
+/// Files parsed together by [`read_files_parallel`]: enough to keep every core busy, few enough
+/// that the parsed objects of one batch (not yet in the store) stay small.
+const PARSE_BATCH: usize = 512;
+
+/// Stamps, reads and parses `files` on every core, returned in the order of `files`: `None`
+/// for a file that is gone. The stamp is taken first, so a write after it shows as a changed
+/// stamp on the next check.
+fn read_files_parallel(files: &[PathBuf]) -> Vec<(Option<Stamp>, Option<Manifests>)> {
+    let read_one = |f: &PathBuf| (stamp(f), f.is_file().then(|| read_file(f)));
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // A thread is worth starting for a few files at least (a change is usually one file).
+    let workers = cores.min(files.len() / 8).max(1);
+    if workers == 1 {
+        return files.iter().map(read_one).collect();
+    }
+    std::thread::scope(|scope| {
+        let parts: Vec<_> = files
+            .chunks(files.len().div_ceil(workers))
+            .map(|part| scope.spawn(move || part.iter().map(read_one).collect::<Vec<_>>()))
+            .collect();
+        parts.into_iter().flat_map(|p| p.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
+    })
 }
 
 /// Reads and parses one file.
@@ -682,6 +713,22 @@ kind: Service
         let m = parse("apiVersion: v1\nkind: [unclosed\n");
         assert_eq!(m.errors.len(), 1);
         assert!(m.errors[0].message.contains("invalid YAML"), "{:?}", m.errors);
+    }
+
+    #[test]
+    fn json_files_are_read_by_the_json_parser() {
+        let service = r#"{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "a"}, "spec": {"clusterIP": "10.96.0.9", "ports": [{"port": 1}]}}"#;
+        let list = format!(r#"{{"apiVersion": "v1", "kind": "List", "items": [{}]}}"#, service.replace("\"a\"", "\"b\""));
+        let mut m = Manifests::default();
+        parse_into(Path::new("objects.json"), &format!("{service}\n{list}"), &mut m);
+        assert!(m.errors.is_empty(), "{:?}", m.errors);
+        let names: Vec<_> = m.services.iter().map(|s| s.metadata.name.clone().unwrap()).collect();
+        assert_eq!(names, ["a", "b"]);
+        // JSON syntax errors are reported as such, with the position.
+        let mut m = Manifests::default();
+        parse_into(Path::new("bad.json"), "{\"apiVersion\": \"v1\",", &mut m);
+        assert_eq!(m.errors.len(), 1);
+        assert!(m.errors[0].to_string().starts_with("bad.json: invalid JSON: EOF while parsing"), "{:?}", m.errors);
     }
 
     #[test]

@@ -133,6 +133,25 @@ pub fn bpf_maps(pid: i32) -> Result<Vec<MapMemory>> {
     Ok(maps.into_values().collect())
 }
 
+/// Where the agent reads Services and EndpointSlices.
+pub enum Source<'a> {
+    /// `--manifests`: a directory of manifest files.
+    Manifests(&'a Path),
+    /// `--kubeconfig` (an apiserver) and `--hostname-override`.
+    Apiserver { kubeconfig: &'a Path, node: &'a str },
+}
+
+/// Where the agent pins and attaches.
+pub struct Attach<'a> {
+    pub bpffs_dir: PathBuf,
+    /// Its socket programs' cgroup.
+    pub cgroup: &'a Path,
+    /// Its tc programs on the node's uplink, or none (`--devices ""`).
+    pub tc: bool,
+    /// `--max-services`, `--max-backends`.
+    pub capacities: (u32, u32),
+}
+
 /// A running `kproxy run`, killed and cleaned up (`kproxy cleanup`) on drop.
 pub struct Agent {
     kproxy: PathBuf,
@@ -145,33 +164,32 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts the agent on `manifests` with its socket programs on `env`'s cgroup and its tc
-    /// programs on the node's uplink. The sync period is long so that no periodic full sync
-    /// lands inside a measurement.
-    pub fn start(
-        kproxy: &Path,
-        env: &ModeEnv,
-        manifests: &Path,
-        bpffs_dir: PathBuf,
-        log: PathBuf,
-        capacities: (u32, u32),
-    ) -> Result<Agent> {
+    /// Starts the agent on `source` with its socket programs on `cgroup`, and its tc programs
+    /// on the node's uplink if `tc`. The sync period is long so that no periodic full sync lands
+    /// inside a measurement.
+    pub fn start(kproxy: &Path, env: &ModeEnv, source: Source<'_>, attach: Attach<'_>, log: PathBuf) -> Result<Agent> {
         let file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let mut cmd = Command::new(kproxy);
-        cmd.arg("run")
-            .arg("--manifests")
-            .arg(manifests)
-            .arg("--bpffs-dir")
-            .arg(&bpffs_dir)
+        cmd.arg("run");
+        match source {
+            Source::Manifests(path) => {
+                cmd.arg("--manifests").arg(path);
+            }
+            Source::Apiserver { kubeconfig, node } => {
+                cmd.arg("--kubeconfig").arg(kubeconfig).args(["--hostname-override", node]);
+            }
+        }
+        cmd.arg("--bpffs-dir")
+            .arg(&attach.bpffs_dir)
             .arg("--cgroup")
-            .arg(env.cgroup.path())
-            .args(["--devices", super::env::NODE_DEV])
+            .arg(attach.cgroup)
+            .args(["--devices", if attach.tc { super::env::NODE_DEV } else { "" }])
             .args(["--healthz-bind-address", "", "--metrics-bind-address", ""])
             .args(["--sync-period", "1h"])
             .arg("--max-services")
-            .arg(capacities.0.to_string())
+            .arg(attach.capacities.0.to_string())
             .arg("--max-backends")
-            .arg(capacities.1.to_string())
+            .arg(attach.capacities.1.to_string())
             .env("NO_COLOR", "1")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -180,8 +198,8 @@ impl Agent {
         let process = spawn_in(env.node(), cmd)?;
         Ok(Agent {
             kproxy: kproxy.to_path_buf(),
-            bpffs_dir,
-            cgroup: env.cgroup.path().to_path_buf(),
+            bpffs_dir: attach.bpffs_dir,
+            cgroup: attach.cgroup.to_path_buf(),
             log,
             offset: 0,
             pending: String::new(),

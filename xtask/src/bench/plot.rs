@@ -250,6 +250,9 @@ pub fn render(r: &Results, dir: &Path) -> Result<()> {
         points: r.points.iter().map(|p| (n(p), f(p))).collect(),
     };
     let program = vec![
+        line("kproxy on an apiserver: agent start → programmed", Mode::None, false, &|p| {
+            p.control.kproxy_api_start_ms.unwrap_or(f64::NAN)
+        }),
         line("kproxy: agent start → programmed", Mode::Kproxy, true, &|p| p.control.kproxy_start_ms),
         line("kproxy: manifest written → programmed", Mode::Kproxy, false, &|p| p.control.kproxy_write_ms),
         line("kproxy: map writes only", Mode::None, true, &|p| p.control.kproxy_write_sync_ms),

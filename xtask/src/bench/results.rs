@@ -161,6 +161,14 @@ pub struct ControlPlane {
     pub kproxy_write_total_ms: f64,
     pub kproxy_write_sync_ms: f64,
     pub kproxy_dump_ms: f64,
+    /// kproxy on a (fake) apiserver holding the N services: agent started → synced line, and
+    /// the agent's whole sync (list, decode, validate, map writes) and map writes.
+    #[serde(default)]
+    pub kproxy_api_start_ms: Option<f64>,
+    #[serde(default)]
+    pub kproxy_api_total_ms: Option<f64>,
+    #[serde(default)]
+    pub kproxy_api_sync_ms: Option<f64>,
     /// `iptables-legacy-restore --noflush --counters` of kube-proxy's full ruleset into empty
     /// tables (the back end of the iptables data path).
     pub iptables_restore_ms: f64,
@@ -201,6 +209,9 @@ pub struct Footprint {
     pub agent: Rss,
     /// Agent at the end of the point (after the endpoint changes).
     pub agent_end: Rss,
+    /// The agent on the apiserver, once it programmed the N services.
+    #[serde(default)]
+    pub agent_api: Option<Rss>,
     pub maps: Vec<MapMemory>,
     pub map_memlock_bytes: u64,
     pub capacities: (u32, u32),

@@ -19,8 +19,10 @@ use super::results::{
     summarize, ChangeTimes, ControlPlane, Footprint, Machine, Point, Results, Sample, Settings, TcCost,
 };
 use crate::harness::unique_bpffs_dir;
+use crate::fake_apiserver::FakeApiServer;
+use crate::k8s;
 use crate::manifest::{self, Protocol, ServiceSpec};
-use crate::topology::{unique_name, Netns};
+use crate::topology::{unique_name, Cgroup, Netns};
 use crate::interrupt;
 
 /// What to run.
@@ -93,15 +95,60 @@ pub fn make_services(n: usize, per_service: usize, pods: usize) -> Vec<Svc> {
         .collect()
 }
 
-/// One service as kproxy's `--manifests` reads it: the NodePort Service and its EndpointSlice.
-fn manifest_yaml(s: &Svc, pods: usize) -> String {
+/// One service: a NodePort Service and its EndpointSlice.
+fn service_spec(s: &Svc, pods: usize) -> ServiceSpec {
     let mut spec = ServiceSpec::new(&s.name, s.cluster_ip, s.port, kubeproxy::PORT_NAME, Protocol::Tcp, s.target_port)
         .node_port(s.node_port);
     spec.namespace = kubeproxy::NAMESPACE.to_string();
     for (j, &ip) in s.endpoints.iter().enumerate() {
         spec = spec.endpoint(&format!("pod-{}", j % pods), ip, true);
     }
-    manifest::to_yaml(&[spec])
+    spec
+}
+
+/// One service as kproxy's `--manifests` reads it.
+fn manifest_yaml(s: &Svc, pods: usize) -> String {
+    manifest::to_yaml(&[service_spec(s, pods)])
+}
+
+/// The Node the agent on the fake apiserver runs as.
+const API_NODE: &str = "bench-node";
+
+/// kproxy programming `services` from an apiserver, the source it has in a cluster: a fake
+/// apiserver (real HTTP list and watch, in the node namespace) holds the Services and their
+/// EndpointSlices, and an agent is started on it, with its socket programs on a cgroup of its
+/// own and no tc programs, so that the data path's agent is untouched. Returns agent start →
+/// `synced` with every frontend, the agent's own figures, and its memory then.
+fn kproxy_from_apiserver(
+    cfg: &Config,
+    env: &ModeEnv,
+    services: &[Svc],
+    frontends: usize,
+    capacities: (u32, u32),
+    work: &Path,
+) -> Result<(f64, agent::Synced, agent::Rss)> {
+    let api = FakeApiServer::start_in(&env.node().path(), (Ipv4Addr::LOCALHOST, 0).into())?;
+    api.create(&k8s::node(API_NODE))?;
+    for s in services {
+        let spec = service_spec(s, cfg.pods);
+        api.create(&k8s::service(&spec))?;
+        for slice in k8s::slices(&spec, 1) {
+            api.create(&slice)?;
+        }
+    }
+    let kubeconfig = work.join("kubeconfig");
+    api.kubeconfig(&kubeconfig)?;
+    let cgroup = Cgroup::new("bench-api")?;
+    let attach = agent::Attach { bpffs_dir: unique_bpffs_dir("kproxy-bench-api"), cgroup: cgroup.path(), tc: false, capacities };
+    let source = agent::Source::Apiserver { kubeconfig: &kubeconfig, node: API_NODE };
+    let log = work.join(format!("agent-api-{}.log", services.len()));
+    let t0 = Instant::now();
+    let mut agent = Agent::start(&cfg.kproxy, env, source, attach, log)?;
+    let wait = Duration::from_secs(60 + services.len() as u64 / 100);
+    let (synced, seen) = agent.wait_synced(wait, |s| s.frontends == frontends)?;
+    let memory = agent::rss(agent.pid())?;
+    agent.stop()?;
+    Ok((ms(seen - t0), synced, memory))
 }
 
 /// A directory removed on drop.
@@ -355,16 +402,26 @@ fn measure_point(
         max_services,
         ((n * e) as u32 * 5 / 4).max(slots.saturating_sub(max_services)).max(DEFAULT_MAX_BACKENDS),
     );
+    let (api_ms, api_synced, api_memory) = kproxy_from_apiserver(cfg, kp_env, &services, frontends, capacities, work)
+        .context("kproxy on the fake apiserver")?;
+    control.kproxy_api_start_ms = Some(api_ms);
+    control.kproxy_api_total_ms = Some(api_synced.total_ms);
+    control.kproxy_api_sync_ms = Some(api_synced.sync_ms);
+    println!(
+        "    kproxy on an apiserver: start -> programmed {api_ms:.0} ms (sync {:.1} ms of {:.0} ms); RSS {} KiB, peak {} KiB",
+        api_synced.sync_ms, api_synced.total_ms, api_memory.rss_kib, api_memory.hwm_kib
+    );
+
     let wait = Duration::from_secs(60 + n as u64 / 100);
     let t0 = Instant::now();
-    let mut agent = Agent::start(
-        &cfg.kproxy,
-        kp_env,
-        &manifests,
-        unique_bpffs_dir("kproxy-bench"),
-        work.join(format!("agent-{n}.log")),
+    let attach = agent::Attach {
+        bpffs_dir: unique_bpffs_dir("kproxy-bench"),
+        cgroup: kp_env.cgroup.path(),
+        tc: true,
         capacities,
-    )?;
+    };
+    let source = agent::Source::Manifests(&manifests);
+    let mut agent = Agent::start(&cfg.kproxy, kp_env, source, attach, work.join(format!("agent-{n}.log")))?;
     let (synced, seen) = agent.wait_synced(wait, |s| s.frontends == frontends)?;
     control.kproxy_start_ms = ms(seen - t0);
     control.kproxy_start_total_ms = synced.total_ms;
@@ -375,6 +432,7 @@ fn measure_point(
     check_dump(&dump, &services, frontends)?;
     let mut footprint = Footprint {
         agent: agent::rss(agent.pid())?,
+        agent_api: Some(api_memory),
         maps: agent::bpf_maps(agent.pid())?,
         capacities,
         ..Default::default()
