@@ -71,7 +71,8 @@ const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct CtValue {
-    /// `bpf_ktime_get_ns()` after which the entry no longer matches.
+    /// CLOCK_MONOTONIC in ns (`bpf_ktime_get_ns()`, or its coarse variant where the kernel has
+    /// it) after which the entry no longer matches.
     pub expires_ns: u64,
     /// The address to write: the destination at ingress, the source at egress. Network order.
     pub nat_address: [u8; 4],

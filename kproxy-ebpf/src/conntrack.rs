@@ -12,7 +12,7 @@ use kproxy_common::{
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
 };
 
 use crate::{
@@ -48,12 +48,32 @@ pub fn lookup(key: &CtKey) -> Option<(*mut CtValue, u64)> {
     Some((entry, now))
 }
 
-/// The clock entries expire by.
+/// Set by the agent at load time to 1 when the kernel has `bpf_ktime_get_coarse_ns` (Linux
+/// >= 5.11). The verifier sees the constant and prunes the call it cannot make on older
+/// kernels (5.10 is the floor), as with `KP_HAS_SET_RETVAL`.
+#[unsafe(no_mangle)]
+static KP_HAS_COARSE_CLOCK: u8 = 0;
+
+/// The clock entries expire by: CLOCK_MONOTONIC in ns, at the resolution of a tick where the
+/// kernel offers that cheaper read (no TSC read per packet; the timeouts are seconds long),
+/// else `bpf_ktime_get_ns`. Both count from the same origin, so entries written with either
+/// (e.g. by an agent before an upgrade) compare correctly.
 #[inline(always)]
 pub fn now() -> u64 {
-    // SAFETY: helper without arguments.
-    unsafe { bpf_ktime_get_ns() }
+    // SAFETY: reading a constant global patched at load time.
+    if unsafe { core::ptr::read_volatile(&KP_HAS_COARSE_CLOCK) } != 0 {
+        // SAFETY: helper without arguments, from Linux 5.11 (gated above).
+        unsafe { bpf_ktime_get_coarse_ns() }
+    } else {
+        // SAFETY: helper without arguments.
+        unsafe { bpf_ktime_get_ns() }
+    }
 }
+
+/// How far an entry's expiry may lag behind its last packet: a packet that would move it by
+/// less does not write it (a write per packet would bounce the entry's cache line between the
+/// CPUs the flow's packets are handled on).
+const REFRESH_SLACK_NS: u64 = 1_000_000_000;
 
 /// The TCP flags this packet adds to what was seen, and the lifetime that results.
 #[inline(always)]
@@ -80,15 +100,22 @@ fn advance(flow: &Flow, seen: u8) -> (u8, u64) {
 }
 
 /// Records this packet in its entry: TCP state and expiry. A closing flow is not extended.
+/// Writes only what changes: the state when this packet adds to it (the expiry then too, as
+/// the lifetime may shrink), the expiry when it would move by more than [`REFRESH_SLACK_NS`].
 #[inline(always)]
 pub fn refresh(entry: *mut CtValue, flow: &Flow, now: u64) {
     // SAFETY: `entry` comes from `lookup` in this program run.
     unsafe {
-        let was_closing = (*entry).seen & CT_SEEN_CLOSING != 0;
-        let (seen, lifetime) = advance(flow, (*entry).seen);
-        (*entry).seen = seen;
-        if !was_closing {
-            (*entry).expires_ns = now + lifetime;
+        let was = (*entry).seen;
+        let (seen, lifetime) = advance(flow, was);
+        if seen != was {
+            (*entry).seen = seen;
+        }
+        if was & CT_SEEN_CLOSING == 0 {
+            let expires_ns = now + lifetime;
+            if seen != was || expires_ns > (*entry).expires_ns + REFRESH_SLACK_NS {
+                (*entry).expires_ns = expires_ns;
+            }
         }
     }
 }

@@ -171,6 +171,12 @@ fn has_set_retval() -> bool {
     KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(5, 18, 0))
 }
 
+/// Whether `bpf_ktime_get_coarse_ns` exists (Linux 5.11): the tc programs then read the
+/// clock without a TSC read per packet.
+fn has_coarse_clock() -> bool {
+    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(5, 11, 0))
+}
+
 /// Loads the eBPF object with every map sized from `caps`: pinned under `maps_dir` (reusing
 /// maps already pinned there, after checking their layout), or private to this object when
 /// `maps_dir` is `None` (tests). Programs are not loaded into the kernel yet.
@@ -186,8 +192,10 @@ pub fn load_object(maps_dir: Option<&Path>, caps: Capacities) -> Result<Ebpf> {
         (AFFINITY_MAP, size_of::<AffinityKey>(), size_of::<AffinityValue>(), DEFAULT_MAX_AFFINITY_ENTRIES),
     ];
     let set_retval = u8::from(has_set_retval());
+    let coarse_clock = u8::from(has_coarse_clock());
     let mut loader = EbpfLoader::new();
     loader.override_global("KP_HAS_SET_RETVAL", &set_retval, true);
+    loader.override_global("KP_HAS_COARSE_CLOCK", &coarse_clock, true);
     let pins: Vec<(&str, PathBuf)> = match maps_dir {
         Some(dir) => specs.iter().map(|(name, ..)| (*name, dir.join(name))).collect(),
         None => Vec::new(),
