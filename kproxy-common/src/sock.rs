@@ -87,3 +87,32 @@ pub struct SockAffinityValue {
 const _: () = assert!(core::mem::size_of::<SockAffinityValue>() == 8);
 
 user_pod!(SockAffinityKey, SockAffinityValue);
+
+/// Pinned-nowhere name of the socket termination map: filled by the agent right before it runs
+/// the socket iterators (`kp_sockterm_udp`, `kp_sockterm_tcp`) and emptied right after.
+pub const SOCK_TERM_MAP: &str = "KP_SOCK_TERM";
+
+/// Capacity of [`SOCK_TERM_MAP`]: (service, backend) pairs removed by one sync. The agent runs
+/// the iterators once per batch of at most this many pairs.
+pub const SOCK_TERM_ENTRIES: u32 = 4096;
+
+/// Key of [`SOCK_TERM_MAP`]: a backend that left a service. A socket is destroyed when it is
+/// connected to `address:port` over `protocol` and [`SOCK_REVNAT_MAP`] says kproxy translated
+/// it to that backend for `service_id`. 12 bytes, no holes. The value is a `u8`, unused.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct SockTermKey {
+    /// Service id of the frontend, as in [`SockRevNatValue::service_id`].
+    pub service_id: u32,
+    /// Backend IPv4 address, network order.
+    pub address: [u8; 4],
+    /// Backend port, network order.
+    pub port: [u8; 2],
+    /// IP protocol ([`crate::PROTO_TCP`] or [`crate::PROTO_UDP`]).
+    pub protocol: u8,
+    /// Explicit padding, always zero.
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<SockTermKey>() == 12);
+
+user_pod!(SockTermKey);

@@ -20,6 +20,7 @@ use crate::{
     metrics::{unix_seconds, InvalidLabels, MapLabel, Metrics},
     model::InvalidObject,
     runner::{self, RunKind, RunnerConfig},
+    sockterm::SockTerm,
     sources::{
         apiserver::{self, Shared},
         manifests::ManifestSource,
@@ -51,6 +52,9 @@ pub struct AgentConfig {
     pub runner: RunnerConfig,
     pub healthz_addr: Option<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
+    /// Destroy sockets still connected to removed backends where the kernel allows it
+    /// (`crate::sockterm`, Linux >= 6.5).
+    pub terminate_sockets: bool,
 }
 
 /// Logs each problem once, when it first appears, and counts each newly invalid object.
@@ -92,6 +96,24 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     // The pinned maps are adopted before the source is read, so the datapath keeps serving.
     loader::load_and_attach(&cfg.layout, &cfg.cgroup, &cfg.devices, cfg.tc_attach, cfg.capacities)?;
     let maps = BpfMaps::open(&cfg.layout.maps_dir()).context("open the pinned maps")?;
+    // Optional: never a reason not to start.
+    let mut sockterm = if cfg.terminate_sockets {
+        match SockTerm::load(&cfg.layout.maps_dir(), cfg.capacities.max_sock_entries) {
+            Ok(t) => {
+                tracing::info!("stale-socket termination available: sockets connected to removed backends are destroyed");
+                Some(t)
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "stale-socket termination unavailable ({e:#}); connected UDP sockets and TCP connections keep a removed backend until the application reconnects"
+                );
+                None
+            }
+        }
+    } else {
+        tracing::info!("stale-socket termination switched off (--terminate-stale-sockets=false)");
+        None
+    };
     for usage in maps.usage()? {
         metrics.set_map(usage.name, usage.entries, usage.capacity);
     }
@@ -194,6 +216,20 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                     total_ms = format!("{:.3}", started.elapsed().as_secs_f64() * 1e3),
                     "synced"
                 );
+                if let (Some(term), false) = (sockterm.as_mut(), stats.removed.is_empty()) {
+                    match term.terminate(&stats.removed) {
+                        Ok(t) => tracing::info!(
+                            removed_backends = stats.removed.len(),
+                            namespaces = t.namespaces,
+                            udp_sockets = t.udp,
+                            tcp_sockets = t.tcp,
+                            ms = format!("{:.3}", t.duration.as_secs_f64() * 1e3),
+                            "destroyed sockets connected to removed backends"
+                        ),
+                        // The maps are right; only the stale sockets stay (as without it).
+                        Err(e) => tracing::error!("stale-socket termination failed: {e:#}"),
+                    }
+                }
                 if stats.ops >= TRIM_AFTER_WRITES {
                     release_free_memory();
                 }

@@ -6,6 +6,7 @@
 //! - [`sync`] and [`runner`]: when and what to write;
 //! - [`dataplane`]: the map contents, the planner, and the BPF maps;
 //! - [`loader`]: loading, attaching, pinning and removing the kernel objects;
+//! - [`sockterm`]: destroying sockets still connected to removed backends (Linux >= 6.5);
 //! - [`agent`]: `kproxy run`; [`dump`]: `kproxy dump`; [`tc_cost`]: the benchmark's per-packet
 //!   cost of the tc programs (`kproxy tc-cost`, hidden).
 
@@ -18,6 +19,7 @@ pub mod metrics;
 pub mod model;
 pub mod node;
 pub mod runner;
+pub mod sockterm;
 pub mod sources;
 pub mod sync;
 pub mod tc_cost;

@@ -154,6 +154,10 @@ struct RunArgs {
     /// Interval of full syncs, which also repair drift (kube-proxy's flag).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     sync_period: Duration,
+    /// Destroy sockets still connected to a backend that left its service (connected UDP; TCP
+    /// to endpoints no longer listed), where the kernel has `bpf_sock_destroy` (Linux >= 6.5).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    terminate_stale_sockets: bool,
 }
 
 /// The node name: the override, or the hostname, lowercased as kube-proxy does.
@@ -209,6 +213,7 @@ fn main() -> Result<()> {
                 layout: PinLayout::new(args.pin.bpffs_dir),
                 cgroup,
                 capacities: args.capacities.capacities(),
+                terminate_sockets: args.terminate_stale_sockets,
                 runner: RunnerConfig {
                     min_interval: args.min_sync_period,
                     sync_period: args.sync_period,

@@ -560,6 +560,12 @@ pub struct DesiredService {
     pub frontend_type: ServiceType,
     /// Backends that receive new connections (ready endpoints), sorted and de-duplicated.
     pub backends: Vec<SocketAddrV4>,
+    /// Endpoints still listed in the Service's slices that are not backends of this frontend
+    /// (not ready, terminating, or not local under a `Local` policy), sorted and de-duplicated.
+    /// Their pods may still be alive: kproxy leaves TCP connections to them alone, as
+    /// kube-proxy does (socket termination, `crate::sockterm`, only ends TCP connections to
+    /// endpoints that are listed no more).
+    pub draining: Vec<SocketAddrV4>,
     /// No backend, although the Service has usable endpoints: none is on this node and the
     /// frontend may only use local ones (a `Local` traffic policy). kube-proxy drops such
     /// traffic instead of rejecting it, so that clients and load balancers retry elsewhere;
@@ -693,12 +699,20 @@ pub fn service_frontends<'a>(
                 if frontend_type == ServiceType::ClusterIp { svc.internal_policy_local } else { svc.external_policy_local };
             let backends = if local_only { usable.local.clone() } else { usable.cluster.clone() };
             let drop_unserved = backends.is_empty() && usable.any;
+            let draining: Vec<SocketAddrV4> = candidates
+                .iter()
+                .map(|c| c.backend)
+                .filter(|b| backends.binary_search(b).is_err())
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
             let source_ranges =
                 if frontend_type == ServiceType::LoadBalancer { svc.source_ranges.clone() } else { Vec::new() };
             let desired = DesiredService {
                 name: port.name.clone(),
                 frontend_type,
                 backends,
+                draining,
                 drop_unserved,
                 source_ranges,
                 affinity_timeout: svc.affinity_timeout.unwrap_or(0),

@@ -228,3 +228,156 @@ fn should_have_session_affinity_timeout_work_for_service_with_type_cluster_ip() 
     assert_ne!(moved, first, "still on {first} after {tries} idle periods longer than the timeout");
     say(&format!("{test}: 10/10 to {first} within 2 s; after idling past the timeout, {moved} (try {tries})"));
 }
+
+/// Whether the agent could load socket termination (Linux >= 6.5); says so when it could not.
+fn socket_termination_available(h: &Harness, test: &str) -> bool {
+    let log = h.agent_log_full();
+    if log.contains("stale-socket termination available") {
+        return true;
+    }
+    say(&format!("SKIPPED (no stale-socket termination on this kernel): {test}\n{}", h.agent_log()));
+    false
+}
+
+/// Starts `kproxy-testpod <args>` as a client in pod `pod`'s network namespace (and the client
+/// cgroup), in the background: a pod's socket, which the agent reaches through `setns`.
+fn spawn_client_in_pod(h: &Harness, pod: &str, args: &[&str]) -> xtask::topology::ChildGuard {
+    let mut cmd = Command::new(binaries().testpod);
+    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    spawn_in_cgroup(&h.topology.pod(pod).netns, &h.cgroup, cmd).unwrap_or_else(|e| panic!("client in {pod}: {e:#}"))
+}
+
+/// Time from the start of `report`'s client to its first error, minus `change_ms`.
+fn error_after_change(report: &xtask::report::Report, change_ms: f64) -> f64 {
+    report.first_error_ms.expect("an error") - change_ms
+}
+
+// kube-proxy clears the conntrack entries of UDP flows to an endpoint that goes away
+// (`conntrack.go`: "should be able to preserve UDP traffic when server pod cycles", and the
+// stale-UDP cleanup of `proxy/conntrack`), so a connected UDP client stops reaching it. With
+// socket-level translation the backend is in the socket itself: kproxy destroys the socket,
+// the application sees ECONNABORTED and a new socket goes to a live backend.
+#[test]
+fn should_abort_a_connected_udp_socket_whose_backend_is_deleted_for_a_cluster_ip_service() {
+    let test = "should_abort_a_connected_udp_socket_whose_backend_is_deleted_for_a_cluster_ip_service";
+    let Some(mut h) = harness(test, &["pod-a", "pod-b", "pod-c"]) else { return };
+    let yaml = manifest("", &[DNS], &[endpoint(&h, "pod-a", "")]);
+    program(&mut h, &yaml, 1);
+    let pod_b = manifest("", &[DNS], &[endpoint(&h, "pod-b", "")]);
+    if !socket_termination_available(&h, test) {
+        return;
+    }
+    // Two clients, one in the node's namespace and one in a pod's (the agent's own namespace,
+    // and one it enters with setns): each a connected socket, a datagram every 50 ms for 3 s,
+    // a new socket after an error.
+    let args = [
+        "udp", "--addr", "10.96.0.7:53", "--connected", "--reconnect-on-error", "--count", "60", "--interval-ms", "50",
+        "--timeout-ms", "200",
+    ];
+    let started = std::time::Instant::now();
+    let node_client = h.spawn_client(&args).expect("start the client");
+    let pod_client = spawn_client_in_pod(&h, "pod-c", &args);
+    std::thread::sleep(Duration::from_secs(1));
+    // pod-a leaves the service (it keeps running and would still answer the old sockets).
+    let change_ms = started.elapsed().as_secs_f64() * 1e3;
+    h.write_manifest(&pod_b).expect("replace pod-a by pod-b");
+    let mut lines = Vec::new();
+    for (client, where_) in [(node_client, "node"), (pod_client, "pod-c")] {
+        let report = Harness::client_report(client, CLIENT_WAIT).expect("client report");
+        let log = h.agent_log();
+        // The destroyed socket is disconnected with ECONNABORTED pending: a recv() waiting on
+        // it returns ECONNABORTED, a send() after it EDESTADDRREQ (it has no peer any more).
+        assert_eq!(report.failed(), 1, "{where_}: one failed datagram on the old socket: {report:?}\n{log}");
+        let error = report.first_error.clone().unwrap_or_default();
+        assert!(
+            error.contains("os error 103") || error.contains("os error 89"),
+            "{where_}: the socket is aborted (ECONNABORTED or EDESTADDRREQ), not timed out: {report:?}\n{log}"
+        );
+        // Client-relative times start a little after `started`: this slightly underestimates.
+        let after = error_after_change(&report, change_ms);
+        assert!(after < 1000.0, "{where_}: the socket is aborted within 1 s of the change ({after:.0} ms): {report:?}\n{log}");
+        assert!(report.backend("pod-a") >= 10, "{where_}: {report:?}");
+        assert!(report.backend("pod-b") >= 25, "{where_}: the re-created socket reaches the new backend: {report:?}");
+        lines.push(format!(
+            "{where_}: {} datagrams to pod-a, `{error}` {after:.0} ms after the change, then {} to pod-b on a new socket",
+            report.backend("pod-a"),
+            report.backend("pod-b")
+        ));
+    }
+    say(&format!("{test}: {}", lines.join("; ")));
+}
+
+// The TCP counterpart: an established connection to an endpoint that is no longer listed (its
+// pod is gone) is reset at once instead of hanging until retransmissions time out; the client
+// reconnects through the service to a live backend.
+#[test]
+fn should_reset_an_established_tcp_connection_whose_backend_is_deleted_for_a_cluster_ip_service() {
+    let test = "should_reset_an_established_tcp_connection_whose_backend_is_deleted_for_a_cluster_ip_service";
+    let Some(mut h) = harness(test, &["pod-a", "pod-b", "pod-c"]) else { return };
+    let yaml = manifest("", &[HTTP], &[endpoint(&h, "pod-a", "")]);
+    program(&mut h, &yaml, 1);
+    let pod_b = manifest("", &[HTTP], &[endpoint(&h, "pod-b", "")]);
+    if !socket_termination_available(&h, test) {
+        return;
+    }
+    // A keep-alive connection from pod-c (a namespace the agent enters with setns).
+    let started = std::time::Instant::now();
+    let client = spawn_client_in_pod(
+        &h,
+        "pod-c",
+        &["http", "--addr", "10.96.0.7:80", "--keepalive", "--count", "60", "--interval-ms", "50", "--timeout-ms", "500"],
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let change_ms = started.elapsed().as_secs_f64() * 1e3;
+    h.write_manifest(&pod_b).expect("replace pod-a by pod-b");
+    let report = Harness::client_report(client, CLIENT_WAIT).expect("client report");
+    let log = h.agent_log();
+    assert_eq!(report.failed(), 1, "one failed request on the aborted connection: {report:?}\n{log}");
+    let kind = report.errors.keys().next().cloned().unwrap_or_default();
+    assert!(
+        ["ConnectionAborted", "ConnectionReset", "BrokenPipe", "UnexpectedEof"].contains(&kind.as_str()),
+        "the connection is aborted, not timed out: {report:?}"
+    );
+    let after = error_after_change(&report, change_ms);
+    assert!(after < 1000.0, "the connection is aborted within 1 s of the change ({after:.0} ms): {report:?}\n{log}");
+    assert_eq!(report.peers.values().sum::<u64>(), 2, "one reconnection: {report:?}");
+    assert!(report.backend("pod-a") >= 10, "{report:?}");
+    assert!(report.backend("pod-b") >= 25, "the new connection reaches the new backend: {report:?}");
+    say(&format!(
+        "{test}: from pod-c, {} requests to pod-a, {kind} {after:.0} ms after the change, then {} to pod-b on a new connection",
+        report.backend("pod-a"),
+        report.backend("pod-b")
+    ));
+}
+
+// Graceful termination (KEP-1669): a terminating endpoint leaves the backends while ready ones
+// exist, but its established connections drain, as with kube-proxy (which never touches TCP
+// conntrack entries). kproxy only ends TCP connections to endpoints no longer listed.
+#[test]
+fn should_keep_established_tcp_connections_to_a_terminating_endpoint_for_a_cluster_ip_service() {
+    let test = "should_keep_established_tcp_connections_to_a_terminating_endpoint_for_a_cluster_ip_service";
+    let Some(mut h) = harness(test, &["pod-a", "pod-b"]) else { return };
+    let yaml = manifest("", &[HTTP], &[endpoint(&h, "pod-a", "")]);
+    program(&mut h, &yaml, 1);
+    if !socket_termination_available(&h, test) {
+        return;
+    }
+    let started = std::time::Instant::now();
+    let client = h
+        .spawn_client(&["http", "--addr", "10.96.0.7:80", "--keepalive", "--count", "100", "--interval-ms", "50", "--timeout-ms", "500"])
+        .expect("start the client");
+    std::thread::sleep(Duration::from_secs(1));
+    let terminating = endpoint(&h, "pod-a", "conditions: {ready: false, serving: true, terminating: true}");
+    let yaml = manifest("", &[HTTP], &[terminating, endpoint(&h, "pod-b", "")]);
+    h.write_manifest(&yaml).expect("pod-a terminating");
+    let pod_b = format!("{}:{HTTP_PORT}", h.topology.pod("pod-b").ip);
+    h.wait_for_dump(Duration::from_secs(10), |d| {
+        d.services.iter().any(|s| s.frontend.starts_with("10.96.0.7:") && s.backends == [pod_b.clone()])
+    })
+    .unwrap_or_else(|e| panic!("pod-a not removed from the backends: {e:#}\n{}", h.agent_log()));
+    let synced = started.elapsed();
+    let report = Harness::client_report(client, CLIENT_WAIT).expect("client report");
+    assert!(synced < Duration::from_secs(4), "the client ran on for at least 1 s after the sync ({synced:?})");
+    assert_eq!((report.ok, report.backend("pod-a")), (100, 100), "the connection drains on pod-a: {report:?}\n{}", h.agent_log());
+    say(&format!("{test}: all 100 requests on the established connection to the terminating pod-a (synced after {synced:?})"));
+}

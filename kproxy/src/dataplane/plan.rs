@@ -106,6 +106,18 @@ impl Mirror {
         (self.contents.services.len(), self.contents.backends.len(), self.contents.meta.len())
     }
 
+    /// The service id of a programmed frontend (`key0`, slot 0) and the backends its slots
+    /// name. O(backends of the frontend).
+    pub fn frontend_backends(&self, key0: &ServiceKey) -> Option<(u32, BTreeSet<Backend>)> {
+        let front = self.contents.services.get(key0)?;
+        let backends = (1..=front.count)
+            .filter_map(|slot| self.contents.services.get(&ServiceKey { slot, ..*key0 }))
+            .filter_map(|s| self.contents.backends.get(&s.backend_id))
+            .copied()
+            .collect();
+        Some((front.service_id, backends))
+    }
+
     #[cfg(test)]
     pub fn contents(&self) -> &MapContents {
         &self.contents
@@ -461,6 +473,7 @@ mod tests {
             name: ServicePortName { namespace: "default".into(), name: name.into(), port_name: "http".into(), protocol: Protocol::Tcp },
             frontend_type: ServiceType::ClusterIp,
             backends: backends.iter().map(|b| b.parse().unwrap()).collect(),
+            draining: Vec::new(),
             drop_unserved: false,
             source_ranges: Vec::new(),
             affinity_timeout: 0,
@@ -706,7 +719,7 @@ mod scope_tests {
         let f = Frontend { address: Ipv4Addr::from(0x0a60_0000 + i), port: 80, protocol: Protocol::Tcp };
         let name = ServicePortName { namespace: "ns".into(), name: format!("s{i}"), port_name: String::new(), protocol: Protocol::Tcp };
         let backends = backends.into_iter().map(|b| SocketAddrV4::new(Ipv4Addr::from(0x0af4_0000 + b), 8080)).collect();
-        (f, DesiredService { name, frontend_type: ServiceType::ClusterIp, backends, drop_unserved: false, source_ranges: Vec::new(), affinity_timeout: 0 })
+        (f, DesiredService { name, frontend_type: ServiceType::ClusterIp, backends, draining: Vec::new(), drop_unserved: false, source_ranges: Vec::new(), affinity_timeout: 0 })
     }
 
     /// Applies a plan to a mirror and returns it.

@@ -64,6 +64,10 @@ struct UdpMode {
     /// one socket for the whole run.
     #[arg(long)]
     new_socket: bool,
+    /// After a failed datagram, open a new socket for the next one (as an application does
+    /// when its connected socket reports an error).
+    #[arg(long)]
+    reconnect_on_error: bool,
 }
 
 #[derive(Args, Clone, Copy)]
@@ -511,7 +515,12 @@ fn udp_client(run: RunArgs, mode: UdpMode) -> Report {
         })();
         match result {
             Ok(backend) => rec.success(&backend, started.elapsed()),
-            Err(failure) => rec.failure(failure, started.elapsed()),
+            Err(failure) => {
+                if mode.reconnect_on_error {
+                    socket = None;
+                }
+                rec.failure(failure, started.elapsed());
+            }
         }
     })
 }

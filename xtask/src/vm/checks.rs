@@ -4,7 +4,8 @@
 //! - `programs_attached`: the agent loads every program (the tc classifiers are verified at load
 //!   even when no device is configured) and attaches one kproxy program at each cgroup hook
 //!   (connect4, sendmsg4, recvmsg4, getpeername4); `kproxy dump` shows the service; traffic
-//!   flows; `kproxy cleanup` leaves no program and no pin.
+//!   flows; `kproxy cleanup` leaves no program and no pin; the agent's log says whether
+//!   stale-socket termination loaded (Linux >= 6.5) or is unavailable (older kernels).
 //! - `refused_connect`: a service without endpoints refuses at once; with `ECONNREFUSED` where
 //!   the kernel has `bpf_set_retval` (5.18), else with the documented `EPERM` fallback, and the
 //!   agent's log says which one it chose.
@@ -214,6 +215,22 @@ fn programs_attached(bins: Binaries) -> Result<()> {
             .collect::<Vec<_>>()
             .join(" ")
     ));
+
+    // Stale-socket termination (bpf_sock_destroy, Linux 6.5) is optional: below 6.5 the agent
+    // says once that it is unavailable and serves everything else.
+    let release = kernel_release()?;
+    let log = strip_ansi(&h.agent_log_full());
+    if release_version(&release).is_some_and(|v| v >= (6, 5)) {
+        ensure!(
+            log.contains("stale-socket termination available"),
+            "on {release} the agent must load the socket iterators:\n{log}"
+        );
+        note("stale-socket termination: iter/udp and iter/tcp loaded (bpf_sock_destroy)");
+    } else {
+        let line = log.lines().find(|l| l.contains("stale-socket termination unavailable"));
+        ensure!(line.is_some(), "on {release} the agent must say stale-socket termination is unavailable:\n{log}");
+        fallback(&format!("stale-socket termination unavailable below 6.5: {}", line.unwrap_or_default().trim()));
+    }
 
     let table = h.dump_table()?;
     println!("kproxy dump:\n{table}");
