@@ -199,6 +199,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 if stats.full { &metrics.sync_full_duration } else { &metrics.sync_partial_duration }.observe(seconds);
                 metrics.last_sync_timestamp.set(unix_seconds(now));
                 metrics.map_writes_total.inc_by(stats.ops as u64);
+                metrics.set_no_local_endpoints(store.no_local_endpoints());
                 for t in &changes.trigger_times {
                     metrics.network_programming_duration.observe(now.duration_since(*t).unwrap_or_default().as_secs_f64());
                 }

@@ -19,6 +19,12 @@ pub struct CodeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TrafficPolicyLabel {
+    /// `internal` or `external`.
+    pub traffic_policy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MapLabel {
     pub map: String,
 }
@@ -43,6 +49,7 @@ pub struct Metrics {
     pub endpoint_changes_total: Counter,
     pub service_changes_pending: Gauge,
     pub service_changes_total: Counter,
+    pub no_local_endpoints: Family<TrafficPolicyLabel, Gauge>,
     pub healthz_total: Family<CodeLabel, Counter>,
     pub livez_total: Family<CodeLabel, Counter>,
     pub map_entries: Family<MapLabel, Gauge>,
@@ -78,6 +85,7 @@ impl Metrics {
             endpoint_changes_total: Counter::default(),
             service_changes_pending: Gauge::default(),
             service_changes_total: Counter::default(),
+            no_local_endpoints: Family::default(),
             healthz_total: Family::default(),
             livez_total: Family::default(),
             map_entries: Family::default(),
@@ -97,6 +105,11 @@ impl Metrics {
         r.register("kubeproxy_sync_proxy_rules_endpoint_changes", "Cumulative proxy rules Endpoint changes", m.endpoint_changes_total.clone());
         r.register("kubeproxy_sync_proxy_rules_service_changes_pending", "Pending proxy rules Service changes", m.service_changes_pending.clone());
         r.register("kubeproxy_sync_proxy_rules_service_changes", "Cumulative proxy rules Service changes", m.service_changes_total.clone());
+        r.register(
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+            "Number of services with a Local traffic policy and no endpoints",
+            m.no_local_endpoints.clone(),
+        );
         r.register("kubeproxy_proxy_healthz", "Cumulative proxy healthz HTTP status", m.healthz_total.clone());
         r.register("kubeproxy_proxy_livez", "Cumulative proxy livez HTTP status", m.livez_total.clone());
         r.register("kproxy_bpf_map_entries", "Entries in each kproxy BPF map", m.map_entries.clone());
@@ -112,6 +125,14 @@ impl Metrics {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String never fails");
         out
+    }
+
+    /// Sets `kubeproxy_sync_proxy_rules_no_local_endpoints_total` for both policies.
+    pub fn set_no_local_endpoints(&self, (internal, external): (usize, usize)) {
+        for (policy, count) in [("internal", internal), ("external", external)] {
+            let label = TrafficPolicyLabel { traffic_policy: policy.into() };
+            self.no_local_endpoints.get_or_create(&label).set(count as i64);
+        }
     }
 
     pub fn set_map(&self, name: &str, entries: usize, capacity: u32) {

@@ -509,7 +509,9 @@ impl SliceInfo {
             };
             ports.push(SlicePort { name: p.name.clone().unwrap_or_default(), port, protocol });
         }
-        let mut endpoints = Vec::new();
+        // Exact capacities: the store keeps every slice for as long as it exists.
+        ports.shrink_to_fit();
+        let mut endpoints = Vec::with_capacity(slice.endpoints.len());
         for (i, ep) in slice.endpoints.iter().enumerate() {
             let Some(first) = ep.addresses.first() else {
                 return Err(invalid(InvalidCode::MissingField, format!("endpoints[{i}].addresses"), "empty".into()));

@@ -15,7 +15,7 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 use crate::model::{
     service_frontends, DesiredService, DesiredState, Frontend, Ignored, InvalidCode, InvalidObject, NodeTopology,
-    ServiceInfo, ServiceOutcome, SliceInfo,
+    ServiceInfo, ServiceOutcome, ServicePortName, ServiceType, SliceInfo,
 };
 
 /// `(namespace, name)` of an object.
@@ -54,7 +54,8 @@ pub struct ModelStore {
     ignored: HashMap<ObjectKey, Ignored>,
     slices: HashMap<ObjectKey, SliceInfo>,
     /// Slice names per Service `(namespace, service name)`.
-    slices_by_service: HashMap<ObjectKey, BTreeSet<String>>,
+    /// Sorted, usually one or a few: a vector, as a set's node would be ten times its size.
+    slices_by_service: HashMap<ObjectKey, Vec<String>>,
     /// Objects whose latest version is invalid, by kind and key.
     invalid: BTreeMap<(&'static str, ObjectKey), InvalidObject>,
 
@@ -62,9 +63,14 @@ pub struct ModelStore {
     /// Frontends each Service claims (whether or not it owns them).
     claims_of: HashMap<ObjectKey, Vec<Frontend>>,
     /// Services claiming each frontend; the first one (by namespace/name) owns it.
-    claimants: HashMap<Frontend, BTreeSet<ObjectKey>>,
+    /// Sorted; almost always one: a vector, as a set's node would be ten times its size.
+    claimants: HashMap<Frontend, Vec<ObjectKey>>,
     /// Services that lost a frontend to another one.
     conflicts: BTreeMap<(Frontend, ObjectKey), InvalidObject>,
+    /// Service ports with a `Local` traffic policy and endpoints, none of them on this node:
+    /// how many of their frontends are in that state, by service port and whether the policy
+    /// is the external one (NodePort, external and load-balancer IPs) or the internal one.
+    unserved: HashMap<(ServicePortName, bool), usize>,
     /// Second copies of an object in the last complete set (`replace_all`).
     duplicates: Vec<InvalidObject>,
 
@@ -169,7 +175,10 @@ impl ModelStore {
                 if self.slices.get(&key) != Some(&info) {
                     self.remove_slice(&key);
                     let service = (info.namespace.clone(), info.service.clone());
-                    self.slices_by_service.entry(service.clone()).or_default().insert(key.1.clone());
+                    let names = self.slices_by_service.entry(service.clone()).or_default();
+                    if let Err(at) = names.binary_search(&key.1) {
+                        names.insert(at, key.1.clone());
+                    }
                     self.slices.insert(key, info);
                     let triggered = slice
                         .metadata
@@ -204,7 +213,7 @@ impl ModelStore {
         if let Some(old) = self.slices.remove(key) {
             let service = (old.namespace, old.service);
             if let Some(names) = self.slices_by_service.get_mut(&service) {
-                names.remove(&key.1);
+                names.retain(|n| *n != key.1);
                 if names.is_empty() {
                     self.slices_by_service.remove(&service);
                 }
@@ -330,7 +339,7 @@ impl ModelStore {
             // Drop the old claims; re-claim what the current version serves.
             for f in self.claims_of.remove(key).unwrap_or_default() {
                 if let Some(c) = self.claimants.get_mut(&f) {
-                    c.remove(key);
+                    c.retain(|k| k != key);
                     if c.is_empty() {
                         self.claimants.remove(&f);
                     }
@@ -343,7 +352,10 @@ impl ModelStore {
             let frontends: BTreeMap<Frontend, DesiredService> =
                 service_frontends(svc, slices, &self.node_addresses, self.topology()).into_iter().collect();
             for f in frontends.keys() {
-                self.claimants.entry(*f).or_default().insert(key.clone());
+                let claimants = self.claimants.entry(*f).or_default();
+                if let Err(at) = claimants.binary_search(key) {
+                    claimants.insert(at, key.clone());
+                }
                 touched.insert(*f);
             }
             self.claims_of.insert(key.clone(), frontends.keys().copied().collect());
@@ -363,15 +375,39 @@ impl ModelStore {
                     self.conflicts.insert((f, other.clone()), conflict);
                 }
             }
-            let changed = match entry {
-                Some(e) => self.desired.insert(f, e.clone()).as_ref() != Some(&e),
-                None => self.desired.remove(&f).is_some(),
+            let old = match &entry {
+                Some(e) => self.desired.insert(f, e.clone()),
+                None => self.desired.remove(&f),
             };
+            let changed = old != entry;
+            if changed {
+                self.count_unserved(old.as_ref(), -1);
+                self.count_unserved(entry.as_ref(), 1);
+            }
             if changed {
                 changes.frontends.insert(f);
             }
         }
         changes
+    }
+
+    /// Counts `d` in or out of [`Self::unserved`].
+    fn count_unserved(&mut self, d: Option<&DesiredService>, delta: isize) {
+        let Some(d) = d.filter(|d| d.drop_unserved) else { return };
+        let key = (d.name.clone(), d.frontend_type != ServiceType::ClusterIp);
+        let count = self.unserved.entry(key.clone()).or_default();
+        *count = count.saturating_add_signed(delta);
+        if *count == 0 {
+            self.unserved.remove(&key);
+        }
+    }
+
+    /// Service ports with a `Local` traffic policy that have endpoints but none on this node
+    /// (their traffic is dropped), as kube-proxy's
+    /// `sync_proxy_rules_no_local_endpoints_total`: `(internal, external)`.
+    pub fn no_local_endpoints(&self) -> (usize, usize) {
+        let external = self.unserved.keys().filter(|(_, external)| *external).count();
+        (self.unserved.len() - external, external)
     }
 
     fn frontend_of_service(&self, key: &ObjectKey, f: Frontend) -> Option<DesiredService> {
@@ -598,5 +634,46 @@ endpoints:
         assert_eq!(store.take_changes().frontends.len(), 1);
         let np = &store.desired()[&Frontend { address: "192.168.50.2".parse().unwrap(), port: 30080, protocol: crate::model::Protocol::Tcp }];
         assert_eq!(np.backends, ["10.244.2.5:8080".parse().unwrap()]);
+    }
+
+    #[test]
+    fn service_ports_without_local_endpoints_are_counted_per_policy() {
+        let (services, slices) = crate::sources::manifests::parse_objects(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.7
+  externalTrafficPolicy: Local
+  internalTrafficPolicy: Local
+  ports: [{name: a, port: 80, nodePort: 30080}, {name: b, port: 81, nodePort: 30081}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: a, port: 8080}, {name: b, port: 8081}]
+endpoints:
+- {addresses: [10.244.2.5], nodeName: node-b}
+"#,
+        );
+        let mut store = ModelStore::default();
+        // Two node addresses: two NodePort frontends per port, one service port each.
+        store.set_node_addresses(vec!["192.168.50.2".parse().unwrap(), "192.168.60.2".parse().unwrap()]);
+        store.set_node_name(Some("node-a".into()));
+        store.replace_all(&services, &slices);
+        store.take_changes();
+        assert_eq!(store.no_local_endpoints(), (2, 2), "both ports, both policies");
+        // The endpoint is local on node-b; none is counted.
+        store.set_node_name(Some("node-b".into()));
+        store.take_changes();
+        assert_eq!(store.no_local_endpoints(), (0, 0));
+        // Without endpoints at all, traffic is refused rather than dropped: not counted either.
+        store.set_node_name(Some("node-a".into()));
+        store.delete_slice("default", "web-1");
+        store.take_changes();
+        assert_eq!(store.no_local_endpoints(), (0, 0));
     }
 }

@@ -996,6 +996,7 @@ fn healthz_and_metrics() {
         "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
         "kubeproxy_sync_proxy_rules_service_changes_pending",
         "kubeproxy_proxy_healthz_total",
+        "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
         "kproxy_bpf_map_entries",
         "kproxy_bpf_map_capacity",
         "kproxy_sync_failures_total",
@@ -1003,6 +1004,14 @@ fn healthz_and_metrics() {
         // (kproxy_invalid_objects_total is labelled by kind and reason and, as a labelled
         // family in client_golang, absent until something is invalid: see the bad input test.)
         assert!(m.has(name), "/metrics lacks {name}; it has {:?}", m.types);
+    }
+    // No Service here has a Local policy: both counts are there, at zero.
+    for policy in ["internal", "external"] {
+        assert_eq!(
+            m.get("kubeproxy_sync_proxy_rules_no_local_endpoints_total", &[("traffic_policy", policy)]),
+            Some(0.0),
+            "{policy}"
+        );
     }
     assert_eq!(
         m.types
