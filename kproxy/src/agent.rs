@@ -114,6 +114,8 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         tracing::info!("stale-socket termination switched off (--terminate-stale-sockets=false)");
         None
     };
+    // Loading parsed the kernel's BTF (some 20 MB, twice with socket termination): hand it back.
+    release_free_memory();
     for usage in maps.usage()? {
         metrics.set_map(usage.name, usage.entries, usage.capacity);
     }
@@ -217,10 +219,12 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                     total_ms = format!("{:.3}", started.elapsed().as_secs_f64() * 1e3),
                     "synced"
                 );
-                if let (Some(term), false) = (sockterm.as_mut(), stats.removed.is_empty()) {
-                    match term.terminate(&stats.removed) {
+                let mut removed = stats.removed;
+                removed.extend(syncer.unlisted_keys(&changes.unlisted));
+                if let (Some(term), false) = (sockterm.as_mut(), removed.is_empty()) {
+                    match term.terminate(&removed) {
                         Ok(t) => tracing::info!(
-                            removed_backends = stats.removed.len(),
+                            removed_backends = removed.len(),
                             namespaces = t.namespaces,
                             udp_sockets = t.udp,
                             tcp_sockets = t.tcp,

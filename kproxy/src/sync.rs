@@ -2,6 +2,7 @@
 
 use std::{
     collections::BTreeSet,
+    net::SocketAddrV4,
     time::{Duration, Instant},
 };
 
@@ -14,7 +15,7 @@ use kproxy_common::{
 use crate::{
     dataplane::{
         plan::{plan, Limits, Mirror, Refused, Scope},
-        backend_addr, frontend_of, Dataplane, DataplaneError, Op,
+        backend_addr, backend_value, frontend_of, Dataplane, DataplaneError, Op,
     },
     model::{DesiredState, Frontend},
 };
@@ -63,6 +64,20 @@ impl<D: Dataplane> Syncer<D> {
     /// Entries of the services, backends and metadata maps, as last synced.
     pub fn entries(&self) -> Option<(usize, usize, usize)> {
         self.mirror.as_ref().map(Mirror::entries)
+    }
+
+    /// Socket-termination keys for TCP endpoints that stopped being listed while draining
+    /// ([`crate::tracker::Changes::unlisted`]), with their frontend's service id as programmed.
+    pub fn unlisted_keys(&self, unlisted: &[(Frontend, SocketAddrV4)]) -> Vec<SockTermKey> {
+        let Some(mirror) = &self.mirror else { return Vec::new() };
+        unlisted
+            .iter()
+            .filter_map(|(f, a)| {
+                let service_id = mirror.service_id(*f)?;
+                let b = backend_value(*a, f.protocol);
+                Some(SockTermKey { service_id, address: b.address, port: b.port, protocol: b.protocol, _pad: 0 })
+            })
+            .collect()
     }
 
     pub fn sync(&mut self, desired: &DesiredState, scope: SyncScope<'_>) -> Result<SyncStats, DataplaneError> {

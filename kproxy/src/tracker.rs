@@ -15,7 +15,7 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 use crate::model::{
     service_frontends, DesiredService, DesiredState, Frontend, Ignored, InvalidCode, InvalidObject, NodeTopology,
-    ServiceInfo, ServiceOutcome, ServicePortName, ServiceType, SliceInfo,
+    Protocol, ServiceInfo, ServiceOutcome, ServicePortName, ServiceType, SliceInfo,
 };
 
 /// `(namespace, name)` of an object.
@@ -41,6 +41,10 @@ pub struct Changes {
     /// `endpoints.kubernetes.io/last-change-trigger-time` annotation, or when kproxy received
     /// it. `kubeproxy_network_programming_duration_seconds` measures from here.
     pub trigger_times: Vec<SystemTime>,
+    /// TCP endpoints that were draining behind a frontend (listed, but not a backend: e.g.
+    /// terminating) and are no longer listed at all, the frontend staying: their pod is gone,
+    /// so connections still open to them can be ended (the sync sees no map change for them).
+    pub unlisted: Vec<(Frontend, std::net::SocketAddrV4)>,
 }
 
 /// Annotation the EndpointSlice controller sets to the time of the change behind an update.
@@ -380,6 +384,10 @@ impl ModelStore {
                 None => self.desired.remove(&f),
             };
             let changed = old != entry;
+            if let (Some(old), Some(new), Protocol::Tcp) = (&old, &entry, f.protocol) {
+                let listed = |a| new.backends.binary_search(a).is_ok() || new.draining.binary_search(a).is_ok();
+                changes.unlisted.extend(old.draining.iter().filter(|a| !listed(a)).map(|a| (f, *a)));
+            }
             if changed {
                 self.count_unserved(old.as_ref(), -1);
                 self.count_unserved(entry.as_ref(), 1);

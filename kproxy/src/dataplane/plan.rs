@@ -108,6 +108,11 @@ impl Mirror {
 
     /// The service id of a programmed frontend (`key0`, slot 0) and the backends its slots
     /// name. O(backends of the frontend).
+    /// The service id programmed for a frontend.
+    pub fn service_id(&self, frontend: Frontend) -> Option<u32> {
+        self.contents.services.get(&service_key(frontend, 0)).map(|v| v.service_id)
+    }
+
     pub fn frontend_backends(&self, key0: &ServiceKey) -> Option<(u32, BTreeSet<Backend>)> {
         let front = self.contents.services.get(key0)?;
         let backends = (1..=front.count)
