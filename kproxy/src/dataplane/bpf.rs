@@ -109,6 +109,14 @@ impl BpfMaps {
     }
 }
 
+/// Writes `entries` to `map` in batches; returns how many.
+fn put_batch<K: aya::Pod, V: aya::Pod>(map: &MapData, name: &'static str, entries: Vec<(K, V)>) -> Result<usize, DataplaneError> {
+    let count = entries.len();
+    let (keys, values): (Vec<K>, Vec<V>) = entries.into_iter().unzip();
+    batch::update(map, &keys, &values).map_err(|e| map_err(name, "update batch")(MapError::SyscallError(e)))?;
+    Ok(count)
+}
+
 impl BpfMaps {
     fn read_source_ranges(&self) -> Result<std::collections::HashMap<u32, std::collections::BTreeSet<Cidr>>, DataplaneError> {
         let mut out: std::collections::HashMap<u32, std::collections::BTreeSet<Cidr>> = Default::default();
@@ -140,43 +148,29 @@ impl Dataplane for BpfMaps {
     fn apply_all(&mut self, ops: &[Op]) -> Result<(), DataplaneError> {
         let mut rest = ops;
         while let Some(first) = rest.first() {
-            let run = match first {
-                Op::PutBackend(..) => rest.iter().take_while(|op| matches!(op, Op::PutBackend(..))).count(),
-                Op::PutService(..) => rest.iter().take_while(|op| matches!(op, Op::PutService(..))).count(),
-                _ => 1,
-            };
-            let (now, later) = rest.split_at(run);
-            rest = later;
-            if run == 1 {
+            let backends: Vec<(u32, Backend)> = rest
+                .iter()
+                .map_while(|op| match op {
+                    Op::PutBackend(id, b) => Some((*id, *b)),
+                    _ => None,
+                })
+                .collect();
+            let services: Vec<(ServiceKey, ServiceValue)> = rest
+                .iter()
+                .map_while(|op| match op {
+                    Op::PutService(k, v) => Some((*k, *v)),
+                    _ => None,
+                })
+                .collect();
+            let done = if backends.len() > 1 {
+                put_batch(self.backends.map(), BACKENDS_MAP, backends)?
+            } else if services.len() > 1 {
+                put_batch(self.services.map(), SERVICES_MAP, services)?
+            } else {
                 self.apply(first)?;
-                continue;
-            }
-            match first {
-                Op::PutBackend(..) => {
-                    let (keys, values): (Vec<u32>, Vec<Backend>) = now
-                        .iter()
-                        .map(|op| match op {
-                            Op::PutBackend(id, b) => (*id, *b),
-                            _ => unreachable!("a run of backend writes"),
-                        })
-                        .unzip();
-                    batch::update(self.backends.map(), &keys, &values)
-                }
-                _ => {
-                    let (keys, values): (Vec<ServiceKey>, Vec<ServiceValue>) = now
-                        .iter()
-                        .map(|op| match op {
-                            Op::PutService(k, v) => (*k, *v),
-                            _ => unreachable!("a run of service writes"),
-                        })
-                        .unzip();
-                    batch::update(self.services.map(), &keys, &values)
-                }
-            }
-            .map_err(|e| {
-                let map = if matches!(first, Op::PutBackend(..)) { BACKENDS_MAP } else { SERVICES_MAP };
-                DataplaneError::Map { map, operation: "update batch", source: MapError::SyscallError(e) }
-            })?;
+                1
+            };
+            rest = &rest[done..];
         }
         Ok(())
     }
