@@ -62,7 +62,9 @@ pub struct Manifests {
 
 /// Reads every `.yaml`/`.yml`/`.json` file at `path` (a file, or a directory read recursively in
 /// name order), one [`Manifests`] per file. Never fails as a whole: an unreadable file or a bad
-/// document is an error entry of its file, and every other object is still returned.
+/// document is an error entry of its file, and every other object is still returned. (The
+/// agent reads through [`ManifestSource`], which re-reads only changed files.)
+#[cfg(test)]
 pub fn read_files(path: &Path) -> Vec<(PathBuf, Manifests)> {
     let mut files = Vec::new();
     let mut out = Vec::new();
@@ -70,17 +72,10 @@ pub fn read_files(path: &Path) -> Vec<(PathBuf, Manifests)> {
         let errors = vec![ManifestError { origin: path.display().to_string(), message: e.to_string() }];
         out.push((path.to_path_buf(), Manifests { errors, ..Default::default() }));
     }
-    for file in files {
-        let mut m = Manifests::default();
-        match std::fs::read_to_string(&file) {
-            Ok(text) => parse_into(&file, &text, &mut m),
-            Err(e) => m.errors.push(ManifestError {
-                origin: file.display().to_string(),
-                message: format!("read: {e}"),
-            }),
-        }
-        out.push((file, m));
-    }
+    out.extend(files.into_iter().map(|file| {
+        let m = read_file(&file);
+        (file, m)
+    }));
     out
 }
 
