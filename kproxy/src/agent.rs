@@ -145,7 +145,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             tracing::info!(manifests = %path.display(), "watching manifests");
         }
         Source::Apiserver { kubeconfig } => {
-            let client = apiserver::client(kubeconfig.as_deref()).await?;
+            let client = apiserver::client(kubeconfig.as_deref(), metrics.clone()).await?;
             tracing::info!(node = %cfg.node_name, "listing Services and EndpointSlices");
             _watches = apiserver::start(client, &cfg.node_name, shared.clone()).await?;
         }

@@ -11,6 +11,7 @@
 //!   cost of the tc programs (`kproxy tc-cost`, hidden).
 
 pub mod agent;
+pub mod config;
 pub mod dataplane;
 pub mod dump;
 pub mod health;
@@ -18,6 +19,7 @@ pub mod loader;
 pub mod metrics;
 pub mod model;
 pub mod node;
+pub mod process_metrics;
 pub mod runner;
 pub mod sockterm;
 pub mod sources;

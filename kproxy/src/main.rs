@@ -4,7 +4,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{parser::ValueSource, Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use kproxy_common::{
     ct::DEFAULT_MAX_CT_ENTRIES,
     lb::{DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES},
@@ -12,7 +12,7 @@ use kproxy_common::{
 };
 
 use kproxy::{
-    agent,
+    agent, config,
     dataplane::{bpf::BpfMaps, Dataplane as _},
     dump,
     loader::{self, Capacities, PinLayout},
@@ -114,6 +114,14 @@ impl CapacityArgs {
 
 #[derive(Args)]
 struct RunArgs {
+    /// kube-proxy's configuration file (KubeProxyConfiguration, kubeproxy.config.k8s.io/v1alpha1,
+    /// as kubeadm writes it): the fields kproxy has a meaning for are used, flags given on the
+    /// command line win, and fields without a kproxy meaning are listed once in a warning.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The agent's oom_score_adj in [-1000, 1000] (kube-proxy's flag; default: left as is).
+    #[arg(long, allow_hyphen_values = true, value_parser = clap::value_parser!(i32).range(-1000..=1000))]
+    oom_score_adj: Option<i32>,
     /// Read Services and EndpointSlices from these manifests (a YAML file or a directory of
     /// them, watched) instead of the apiserver.
     #[arg(long, conflicts_with = "kubeconfig")]
@@ -180,6 +188,64 @@ fn bind_address(flag: &str, value: &str) -> Result<Option<std::net::SocketAddr>>
     value.parse().map(Some).with_context(|| format!("{flag}: {value:?} is not IP:PORT"))
 }
 
+/// Whether the user gave `id` (a [`RunArgs`] field) on the command line or in its environment
+/// variable, so that it wins over `--config`.
+fn explicit(matches: &clap::ArgMatches, id: &str) -> bool {
+    matches!(matches.value_source(id), Some(ValueSource::CommandLine | ValueSource::EnvVariable))
+}
+
+/// Fills the flags the command line left at their defaults from `--config`, as kube-proxy
+/// does, and warns once about the file's fields kproxy does not use.
+fn apply_config(args: &mut RunArgs, matches: &clap::ArgMatches) -> Result<()> {
+    let Some(path) = args.config.clone() else { return Ok(()) };
+    let file = config::load(&path)?;
+    let set = |id: &str| !explicit(matches, id);
+    if set("kubeconfig") && args.manifests.is_none() {
+        args.kubeconfig = file.kubeconfig.or(args.kubeconfig.take());
+    }
+    if set("hostname_override") {
+        args.hostname_override = file.hostname_override.or(args.hostname_override.take());
+    }
+    if let (true, Some(a)) = (set("healthz_bind_address"), file.healthz_bind_address) {
+        args.healthz_bind_address = a;
+    }
+    if let (true, Some(a)) = (set("metrics_bind_address"), file.metrics_bind_address) {
+        args.metrics_bind_address = a;
+    }
+    if let (true, Some(cidrs)) = (set("nodeport_addresses"), file.nodeport_addresses) {
+        args.nodeport_addresses = cidrs
+            .iter()
+            .map(|c| c.parse().map_err(|e| anyhow::anyhow!("--config {}: nodePortAddresses: {e}", path.display())))
+            .collect::<Result<_>>()?;
+    }
+    if let (true, Some(d)) = (set("sync_period"), file.sync_period) {
+        args.sync_period = d;
+    }
+    if let (true, Some(d)) = (set("min_sync_period"), file.min_sync_period) {
+        args.min_sync_period = d;
+    }
+    if set("oom_score_adj") {
+        args.oom_score_adj = file.oom_score_adj.or(args.oom_score_adj);
+    }
+    if !file.ignored.is_empty() {
+        tracing::warn!(config = %path.display(), "fields without a kproxy meaning, ignored: {}", file.ignored.join(", "));
+    }
+    if !file.unknown.is_empty() {
+        tracing::warn!(config = %path.display(), "unknown KubeProxyConfiguration fields, ignored: {}", file.unknown.join(", "));
+    }
+    tracing::info!(config = %path.display(), "read kube-proxy's configuration file");
+    Ok(())
+}
+
+/// Writes `/proc/self/oom_score_adj`, as kube-proxy's `--oom-score-adj` does. Lowering it needs
+/// `CAP_SYS_RESOURCE`; failing to is logged, not fatal (kube-proxy logs it too).
+fn set_oom_score_adj(value: i32) {
+    match std::fs::write("/proc/self/oom_score_adj", value.to_string()) {
+        Ok(()) => tracing::info!(oom_score_adj = value, "set oom_score_adj"),
+        Err(e) => tracing::warn!(oom_score_adj = value, "could not set oom_score_adj: {e}"),
+    }
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -187,8 +253,16 @@ fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
-        Command::Run(args) => {
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    match cli.command {
+        Command::Run(mut args) => {
+            if let Some((_, run)) = matches.subcommand() {
+                apply_config(&mut args, run)?;
+            }
+            if let Some(value) = args.oom_score_adj {
+                set_oom_score_adj(value);
+            }
             let cgroup = match args.cgroup {
                 Some(c) => c,
                 None => loader::cgroup2_root()?,

@@ -29,6 +29,23 @@ pub struct MapLabel {
     pub map: String,
 }
 
+/// client-go's `rest_client_requests_total` labels: status code (`<error>` when no response
+/// came), the apiserver's `host:port`, and the HTTP method.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RestRequestLabels {
+    pub code: String,
+    pub host: String,
+    pub method: String,
+}
+
+/// client-go's `rest_client_request_duration_seconds` labels: the HTTP method and the
+/// apiserver's `host:port`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RestDurationLabels {
+    pub verb: String,
+    pub host: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct InvalidLabels {
     pub kind: String,
@@ -36,6 +53,11 @@ pub struct InvalidLabels {
 }
 
 type FloatGauge = Gauge<f64, AtomicU64>;
+
+/// client-go's buckets for `rest_client_request_duration_seconds`.
+fn rest_duration_buckets() -> Histogram {
+    Histogram::new([0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0])
+}
 
 pub struct Metrics {
     registry: Registry,
@@ -57,6 +79,8 @@ pub struct Metrics {
     pub map_writes_total: Counter,
     pub invalid_objects_total: Family<InvalidLabels, Counter>,
     pub sync_failures_total: Counter,
+    pub rest_requests_total: Family<RestRequestLabels, Counter>,
+    pub rest_request_duration: Family<RestDurationLabels, Histogram, fn() -> Histogram>,
 }
 
 /// Sync durations: 1 ms to ~16 s, as kube-proxy's `sync_proxy_rules_duration_seconds`.
@@ -93,6 +117,8 @@ impl Metrics {
             map_writes_total: Counter::default(),
             invalid_objects_total: Family::default(),
             sync_failures_total: Counter::default(),
+            rest_requests_total: Family::default(),
+            rest_request_duration: Family::new_with_constructor(rest_duration_buckets),
         };
         let r = &mut m.registry;
         r.register("kubeproxy_sync_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds", m.sync_duration.clone());
@@ -117,6 +143,17 @@ impl Metrics {
         r.register("kproxy_bpf_map_writes", "BPF map updates and deletes made by syncs", m.map_writes_total.clone());
         r.register("kproxy_invalid_objects", "Invalid object versions skipped, by kind and reason", m.invalid_objects_total.clone());
         r.register("kproxy_sync_failures", "Syncs that failed and were retried", m.sync_failures_total.clone());
+        r.register(
+            "rest_client_requests",
+            "Number of HTTP requests, partitioned by status code, method, and host.",
+            m.rest_requests_total.clone(),
+        );
+        r.register(
+            "rest_client_request_duration_seconds",
+            "Request latency in seconds. Broken down by verb, and host.",
+            m.rest_request_duration.clone(),
+        );
+        r.register_collector(Box::new(crate::process_metrics::ProcessCollector::new()));
         m
     }
 
@@ -133,6 +170,16 @@ impl Metrics {
             let label = TrafficPolicyLabel { traffic_policy: policy.into() };
             self.no_local_endpoints.get_or_create(&label).set(count as i64);
         }
+    }
+
+    /// Records one apiserver request as client-go does: `code` is the status, or `None` when
+    /// the request failed without a response.
+    pub fn observe_rest_request(&self, host: &str, method: &str, code: Option<u16>, seconds: f64) {
+        let code = code.map_or_else(|| "<error>".to_string(), |c| c.to_string());
+        self.rest_requests_total
+            .get_or_create(&RestRequestLabels { code, host: host.into(), method: method.into() })
+            .inc();
+        self.rest_request_duration.get_or_create(&RestDurationLabels { verb: method.into(), host: host.into() }).observe(seconds);
     }
 
     pub fn set_map(&self, name: &str, entries: usize, capacity: u32) {

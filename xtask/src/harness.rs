@@ -476,6 +476,11 @@ impl Harness {
         Ok(())
     }
 
+    /// The running agent's process id.
+    pub fn agent_pid(&self) -> Option<i32> {
+        self.agent.as_ref().map(ChildGuard::pid)
+    }
+
     /// Whether the agent process is alive.
     pub fn agent_running(&mut self) -> bool {
         self.agent.as_mut().is_some_and(ChildGuard::is_running)

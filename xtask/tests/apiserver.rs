@@ -1342,3 +1342,137 @@ fn should_prefer_endpoints_hinted_for_the_nodes_zone() {
     assert!(report.backend("pod-b") > 0 && report.backend("pod-c") > 0, "{report:?}");
     say(&format!("{test}: zone-a → 30/30 to pod-a; zone-b → {} pod-b, {} pod-c", report.backend("pod-b"), report.backend("pod-c")));
 }
+
+/// A field of `/proc/PID/status` (e.g. `VmRSS`), in kB.
+fn proc_status_kb(pid: i32, field: &str) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("reading the agent's status");
+    let line = status.lines().find(|l| l.starts_with(&format!("{field}:"))).unwrap_or_else(|| panic!("no {field} in {status}"));
+    line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("a number of kB")
+}
+
+/// Every panel of kubernetes-mixin's "Kubernetes / Proxy" dashboard (`dashboards/proxy.libsonnet`)
+/// and its KubeClientErrors alert have data: the rest client metrics count and time the agent's
+/// real requests to the (fake) apiserver, and the process metrics describe the agent process
+/// as /proc does. `go_goroutines` has no Rust meaning and is not served.
+#[test]
+fn kube_proxy_dashboard_and_alert_metrics_are_served() {
+    let test = "kube_proxy_dashboard_and_alert_metrics_are_served";
+    let Some(mut e) = env(test, &["pod-a"], &[]) else {
+        return;
+    };
+    let web = e.http_service("web", [10, 96, 0, 10], &[("pod-a", true)]);
+    e.publish(&web, 1);
+    e.start_agent();
+    e.wait_exact(std::slice::from_ref(&web), CONVERGE);
+    e.wait_for_watches();
+    let pid = e.h.agent_pid().expect("the agent runs");
+    let m = e.h.metrics().expect("metrics");
+
+    // The mixin's queries, by the metric each reads.
+    for name in [
+        "kubeproxy_sync_proxy_rules_duration_seconds",
+        "kubeproxy_network_programming_duration_seconds",
+        "rest_client_requests_total",
+        "rest_client_request_duration_seconds",
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+    ] {
+        assert!(m.has(name), "/metrics lacks {name}; it has {:?}", m.types);
+    }
+    assert!(!m.has("go_goroutines"), "nothing is faked");
+    assert_eq!(m.types.get("rest_client_request_duration_seconds").map(String::as_str), Some("histogram"));
+    // OpenMetrics names a counter's family without its `_total` suffix.
+    assert_eq!(m.types.get("process_cpu_seconds").map(String::as_str), Some("counter"));
+
+    // Requests as the apiserver saw them: lists and watches of three kinds are GETs answered
+    // 200, and the Starting event is a POST. The server recorded every request the agent
+    // counted (the agent counts a request when its response headers arrive).
+    let gets_ok = m.get("rest_client_requests_total", &[("code", "200"), ("method", "GET")]).unwrap_or(0.0);
+    let served = e.api.requests().len() as f64;
+    assert!(gets_ok >= 6.0, "3 lists and 3 watches at least, counted {gets_ok}: {:?}", m.matching("rest_client_requests_total", &[]).collect::<Vec<_>>());
+    assert!(gets_ok <= served, "the agent counted {gets_ok} GETs answered 200, the server saw {served} requests");
+    let api_addr = e.api.addr().to_string();
+    let hosts: BTreeSet<&str> = m.matching("rest_client_requests_total", &[]).filter_map(|s| s.labels.get("host").map(String::as_str)).collect();
+    assert_eq!(hosts, BTreeSet::from([api_addr.as_str()]), "host is the apiserver's host:port");
+    let posts = m.matching("rest_client_requests_total", &[("method", "POST")]).map(|s| s.value).sum::<f64>();
+    assert!(posts >= 1.0, "the Starting event's POST is counted");
+    for verb in ["GET", "POST"] {
+        let count = m.get("rest_client_request_duration_seconds_count", &[("verb", verb), ("host", &api_addr)]).unwrap_or(0.0);
+        assert!(count >= 1.0, "{verb} requests are timed (the dashboard's {verb} latency panel)");
+    }
+
+    // The process metrics are the agent's own, as /proc tells it now.
+    let rss = m.get("process_resident_memory_bytes", &[]).expect("RSS");
+    let rss_now = proc_status_kb(pid, "VmRSS") * 1024.0;
+    assert!((rss / rss_now - 1.0).abs() < 0.5, "process_resident_memory_bytes {rss} vs VmRSS {rss_now}");
+    let vm = m.get("process_virtual_memory_bytes", &[]).expect("virtual memory");
+    assert!((vm / (proc_status_kb(pid, "VmSize") * 1024.0) - 1.0).abs() < 0.5, "process_virtual_memory_bytes {vm}");
+    let open = m.get("process_open_fds", &[]).expect("open fds");
+    let open_now = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count() as f64;
+    assert!((open - open_now).abs() <= 10.0, "process_open_fds {open} vs {open_now} in /proc/{pid}/fd");
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let soft_nofile: f64 = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse().ok())
+        .expect("Max open files in /proc/PID/limits");
+    assert_eq!(m.get("process_max_fds", &[]), Some(soft_nofile));
+    let cpu = m.get("process_cpu_seconds_total", &[]).expect("cpu");
+    assert!(cpu > 0.0 && cpu < 600.0, "process_cpu_seconds_total {cpu}");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    let started = m.get("process_start_time_seconds", &[]).expect("start time");
+    assert!(started <= now + 2.0 && started > now - 600.0, "process_start_time_seconds {started}, now {now}");
+    say(&format!(
+        "{test}: {gets_ok} GETs answered 200 of {served} requests served, {posts} POSTs; RSS {:.1} MiB (VmRSS {:.1} MiB), {open} fds of {soft_nofile}, {cpu:.2} s CPU",
+        rss / 1048576.0,
+        rss_now / 1048576.0
+    ));
+}
+
+/// `--config` with kubeadm's KubeProxyConfiguration: the fields the command line does not give
+/// are taken from the file (the mode's sync period, `oomScoreAdj`), flags win over the file
+/// (kubeconfig, hostname, metrics address all point elsewhere in the file), and the file's set
+/// fields without a kproxy meaning are listed once in a warning.
+#[test]
+fn kube_proxy_configuration_file_is_honoured_and_flags_win() {
+    let test = "kube_proxy_configuration_file_is_honoured_and_flags_win";
+    let Some(e) = env(test, &["pod-a"], &[]) else {
+        return;
+    };
+    let kubeadm = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples/kubeadm-kube-proxy-config.conf"))
+        .expect("kubeadm's default file");
+    let edited = kubeadm
+        .replace("kubeconfig: /var/lib/kube-proxy/kubeconfig.conf", "kubeconfig: /nonexistent/kubeconfig.conf")
+        .replace("hostnameOverride: \"\"", "hostnameOverride: some-other-node")
+        .replace("metricsBindAddress: \"\"", "metricsBindAddress: 127.0.0.1:10299")
+        .replace("  syncPeriod: 0s\nipvs:", "  syncPeriod: 2s\nipvs:")
+        // A positive value: lowering it needs CAP_SYS_RESOURCE, which a test machine may lack.
+        .replace("oomScoreAdj: null", "oomScoreAdj: 500");
+    assert_ne!(edited, kubeadm);
+    assert!(edited.contains("  syncPeriod: 2s\nipvs:"), "the iptables section is edited");
+    let config = e.h.workdir().join("kube-proxy-config.conf");
+    std::fs::write(&config, &edited).unwrap();
+    let Env { h, api } = e;
+    let mut e = Env { h: h.with_agent_args(&["--config", config.to_str().unwrap()]), api };
+    let web = e.http_service("web", [10, 96, 0, 10], &[("pod-a", true)]);
+    e.publish(&web, 1);
+    e.start_agent();
+    // The flags' kubeconfig and node name are used: the agent follows the apiserver and its Node.
+    e.wait_exact(std::slice::from_ref(&web), CONVERGE);
+    e.h.wait_for_healthz(200, CONVERGE).expect("healthz on the flag's address");
+    e.h.metrics().expect("/metrics on the flag's address, not the file's");
+    let pid = e.h.agent_pid().expect("the agent runs");
+    let oom = std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj")).unwrap();
+    assert_eq!(oom.trim(), "500", "oomScoreAdj from the file");
+    // iptables.syncPeriod 2s from the file: full syncs every 2 s (the default is 30 s).
+    std::thread::sleep(Duration::from_secs(7));
+    let log = e.h.agent_log_full();
+    let full_syncs = log.lines().filter(|l| l.contains("synced") && l.contains("full=true")).count();
+    assert!(full_syncs >= 3, "{full_syncs} full syncs in ~7 s with syncPeriod 2s:\n{log}");
+    let warnings: Vec<&str> = log.lines().filter(|l| l.contains("fields without a kproxy meaning")).collect();
+    assert_eq!(warnings.len(), 1, "one warning:\n{log}");
+    assert!(warnings[0].contains("clusterCIDR=\"10.244.0.0/16\""), "{}", warnings[0]);
+    assert!(!log.contains("some-other-node"), "the flag's hostname wins:\n{log}");
+    say(&format!("{test}: {full_syncs} full syncs in 7 s, oom_score_adj {}, warning: {}", oom.trim(), warnings[0]));
+}

@@ -46,8 +46,9 @@ use crate::{health::ProxyHealth, metrics::Metrics, tracker::ModelStore};
 /// another proxy, and headless ones.
 pub const LABEL_SELECTOR: &str = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
 
-/// A client from `--kubeconfig`, or the in-cluster configuration.
-pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
+/// A client from `--kubeconfig`, or the in-cluster configuration, whose requests are counted
+/// and timed in client-go's `rest_client_*` metrics.
+pub async fn client(kubeconfig: Option<&Path>, metrics: Arc<Metrics>) -> Result<Client> {
     let config = match kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)
@@ -58,7 +59,9 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
         }
         None => kube::Config::incluster().context("in-cluster configuration (or pass --kubeconfig)")?,
     };
-    Client::try_from(config).context("create the Kubernetes client")
+    let layer = super::rest_metrics::RestMetricsLayer::new(metrics, &config.cluster_url);
+    let builder = kube::client::ClientBuilder::try_from(config).context("create the Kubernetes client")?;
+    Ok(builder.with_layer(&layer).build())
 }
 
 /// An object kind the store tracks.
