@@ -36,7 +36,7 @@ struct PinArgs {
 #[derive(Subcommand)]
 enum Command {
     /// Attach the datapath and keep it in sync with the Services and EndpointSlices.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print every programmed service and its backends, from the pinned maps.
     Dump {
         #[command(flatten)]
