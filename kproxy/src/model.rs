@@ -190,10 +190,12 @@ pub struct ServiceInfo {
     pub ports: Vec<ServicePortInfo>,
     /// `spec.externalIPs` (IPv4 ones).
     pub external_ips: Vec<Ipv4Addr>,
-    /// `status.loadBalancer.ingress[].ip` of LoadBalancer Services (IPv4 ones).
+    /// `status.loadBalancer.ingress[].ip` of LoadBalancer Services (IPv4 ones), except those
+    /// whose `ipMode` is `Proxy`.
     pub load_balancer_ips: Vec<Ipv4Addr>,
     /// `spec.externalTrafficPolicy: Local`: NodePort, external and load-balancer frontends use
-    /// only endpoints on this node (and keep the client's address).
+    /// only endpoints on this node (and keep the client's address) for clients from outside;
+    /// clients in the cluster get the cluster-wide endpoints.
     pub external_policy_local: bool,
     /// `spec.internalTrafficPolicy: Local`: the ClusterIP uses only endpoints on this node.
     pub internal_policy_local: bool,
@@ -347,6 +349,10 @@ impl ServiceInfo {
             .and_then(|lb| lb.ingress.as_ref())
             .into_iter()
             .flatten()
+            // kube-proxy's `IsVIPMode`: an ingress IP with `ipMode: Proxy` (or any mode but
+            // `VIP`) is not a frontend: traffic to it must reach the load balancer, which
+            // proxies it to the node ports itself.
+            .filter(|ing| ing.ip_mode.as_deref().is_none_or(|mode| mode == "VIP"))
             .filter_map(|ing| ing.ip.clone())
             .collect();
         let load_balancer_ips = if svc_type == ServiceType::LoadBalancer {
@@ -561,9 +567,17 @@ pub struct DesiredService {
     /// Kind of frontend: a ClusterIP frontend is `ClusterIp` whatever the Service's type.
     pub frontend_type: ServiceType,
     /// Backends that receive new connections (ready endpoints), sorted and de-duplicated.
+    /// For an external frontend, these are what clients from outside the node get.
     pub backends: Vec<SocketAddrV4>,
-    /// Endpoints still listed in the Service's slices that are not backends of this frontend
-    /// (not ready, terminating, or not local under a `Local` policy), sorted and de-duplicated.
+    /// External frontends of a Service with `externalTrafficPolicy: Local`, when its local
+    /// endpoints (`backends`) are not all of its usable ones: the backends clients in the
+    /// cluster (the node's processes and its pods, the socket path) get instead, the
+    /// cluster-wide set kube-proxy "short-circuits" them to (`UsesClusterEndpoints`). Sorted
+    /// and de-duplicated; never empty. `None`: every client gets `backends`.
+    pub internal_backends: Option<Vec<SocketAddrV4>>,
+    /// Endpoints still listed in the Service's slices that are backends for no client of this
+    /// frontend (not ready, terminating, or not local under a `Local` policy), sorted and
+    /// de-duplicated.
     /// Their pods may still be alive: kproxy leaves TCP connections to them alone, as
     /// kube-proxy does (socket termination, `crate::sockterm`, only ends TCP connections to
     /// endpoints that are listed no more).
@@ -571,7 +585,8 @@ pub struct DesiredService {
     /// No backend, although the Service has usable endpoints: none is on this node and the
     /// frontend may only use local ones (a `Local` traffic policy). kube-proxy drops such
     /// traffic instead of rejecting it, so that clients and load balancers retry elsewhere;
-    /// so does kproxy's tc path (its socket path refuses at once).
+    /// so does kproxy's tc path (its socket path refuses at once, `internalTrafficPolicy:
+    /// Local`; clients in the cluster of an external frontend get `internal_backends`).
     pub drop_unserved: bool,
     /// Load-balancer frontends: the only client ranges allowed (empty: all).
     pub source_ranges: Vec<Cidr>,
@@ -666,7 +681,10 @@ fn usable(candidates: &[Candidate<'_>], node: NodeTopology<'_>) -> Usable {
 /// [`usable`] endpoints are backends. Each port is served on the ClusterIP, on every external
 /// IP and load-balancer IP, and (NodePort and LoadBalancer Services) on every address of
 /// `node_addresses` at its node port. The ClusterIP uses only local endpoints with
-/// `internalTrafficPolicy: Local`, the other frontends with `externalTrafficPolicy: Local`.
+/// `internalTrafficPolicy: Local`, the other frontends with `externalTrafficPolicy: Local`
+/// for clients from outside, while clients in the cluster get the cluster-wide endpoints
+/// there, as kube-proxy's short circuit does (whatever the internal policy: it applies to
+/// the ClusterIP only).
 pub fn service_frontends<'a>(
     svc: &ServiceInfo,
     slices: impl Iterator<Item = &'a SliceInfo> + Clone,
@@ -701,10 +719,18 @@ pub fn service_frontends<'a>(
                 if frontend_type == ServiceType::ClusterIp { svc.internal_policy_local } else { svc.external_policy_local };
             let backends = if local_only { usable.local.clone() } else { usable.cluster.clone() };
             let drop_unserved = backends.is_empty() && usable.any;
+            let internal_backends = (frontend_type != ServiceType::ClusterIp
+                && local_only
+                && usable.cluster != backends
+                && !usable.cluster.is_empty())
+            .then(|| usable.cluster.clone());
+            let used = |b: &SocketAddrV4| {
+                backends.binary_search(b).is_ok() || internal_backends.as_ref().is_some_and(|i| i.binary_search(b).is_ok())
+            };
             let draining: Vec<SocketAddrV4> = candidates
                 .iter()
                 .map(|c| c.backend)
-                .filter(|b| backends.binary_search(b).is_err())
+                .filter(|b| !used(b))
                 .collect::<BTreeSet<_>>()
                 .into_iter()
                 .collect();
@@ -714,6 +740,7 @@ pub fn service_frontends<'a>(
                 name: port.name.clone(),
                 frontend_type,
                 backends,
+                internal_backends,
                 draining,
                 drop_unserved,
                 source_ranges,

@@ -7,7 +7,7 @@ use std::{
 };
 
 use kproxy_common::{
-    lb::{Backend, ServiceKey},
+    lb::{Backend, ServiceKey, SCOPE_EXTERNAL},
     sock::SockTermKey,
     PROTO_TCP,
 };
@@ -94,7 +94,8 @@ impl<D: Dataplane> Syncer<D> {
             .ops
             .iter()
             .filter_map(|op| match op {
-                Op::PutService(k, _) | Op::DeleteService(k) => Some(ServiceKey { slot: 0, ..*k }),
+                // Either scope: the socket path's backends are compared per frontend.
+                Op::PutService(k, _) | Op::DeleteService(k) => Some(ServiceKey { slot: 0, scope: SCOPE_EXTERNAL, ..*k }),
                 _ => None,
             })
             .collect();
@@ -164,6 +165,7 @@ mod tests {
             name,
             frontend_type: ServiceType::ClusterIp,
             backends: backends.iter().map(|b| addr(*b)).collect(),
+            internal_backends: None,
             draining: draining.iter().map(|b| addr(*b)).collect(),
             drop_unserved: false,
             source_ranges: Vec::new(),

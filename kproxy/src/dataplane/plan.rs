@@ -5,9 +5,12 @@
 //! reader in the kernel:
 //! 1. new backends, then service metadata and new source ranges;
 //! 2. per frontend: changed backend slots, then the frontend entry (slot 0, with the count that
-//!    makes the slots reachable), then slots beyond the new count;
-//! 3. removed frontends (slot 0 first, so readers stop at once), then their slots, source
-//!    ranges no longer wanted, stray entries and metadata;
+//!    makes the slots reachable), then slots beyond the new count; a frontend with two scopes
+//!    (`kproxy_common::lb::SCOPE_INTERNAL`) gets its scope-1 entries so, before the scope-0
+//!    entries whose `SVC_FLAG_TWO_SCOPES` makes them reachable;
+//! 3. removed frontends (slot 0 first, so readers stop at once), then their slots, and after
+//!    them their scope-1 entries likewise (also those of a frontend whose flag was just
+//!    cleared); source ranges no longer wanted, stray entries and metadata;
 //! 4. backends that no slot references any more.
 //!
 //! A plan covers a [`Scope`]: the frontends that changed (a sync after events costs O(changes))
@@ -19,8 +22,9 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 use kproxy_common::lb::{
-    Backend, ServiceKey, ServiceValue, SVC_FLAG_AFFINITY, SVC_FLAG_CLUSTER_IP, SVC_FLAG_DROP_UNSERVED,
-    SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES,
+    Backend, ServiceKey, ServiceValue, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_CLUSTER_IP,
+    SVC_FLAG_DROP_UNSERVED, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES,
+    SVC_FLAG_TWO_SCOPES,
 };
 
 use super::{backend_value, frontend_of, service_key, service_meta, Dataplane as _, MapContents, Op};
@@ -70,6 +74,7 @@ pub struct Mirror {
     ids_by_backend: HashMap<Backend, u32>,
     /// How many slots name each backend id.
     backend_refs: HashMap<u32, u32>,
+    /// Frontend entries of scope 0: one per frontend (scope-1 ones are extra entries of it).
     frontends: usize,
     next_backend_id: u32,
     next_service_id: u32,
@@ -87,7 +92,7 @@ impl Mirror {
         }
         for (k, v) in &contents.services {
             if k.slot == 0 {
-                m.frontends += 1;
+                m.frontends += usize::from(k.scope == SCOPE_EXTERNAL);
             } else {
                 *m.backend_refs.entry(v.backend_id).or_default() += 1;
                 m.next_backend_id = m.next_backend_id.max(v.backend_id.saturating_add(1));
@@ -106,17 +111,25 @@ impl Mirror {
         (self.contents.services.len(), self.contents.backends.len(), self.contents.meta.len())
     }
 
-    /// The service id of a programmed frontend (`key0`, slot 0) and the backends its slots
-    /// name. O(backends of the frontend).
     /// The service id programmed for a frontend.
     pub fn service_id(&self, frontend: Frontend) -> Option<u32> {
         self.contents.services.get(&service_key(frontend, 0)).map(|v| v.service_id)
     }
 
+    /// The service id of a programmed frontend (`key0`: slot 0 of scope 0) and the backends
+    /// that the socket path gives its clients: those of its scope-1 slots if it has two scopes,
+    /// else those of its slots. O(backends of the frontend).
     pub fn frontend_backends(&self, key0: &ServiceKey) -> Option<(u32, BTreeSet<Backend>)> {
-        let front = self.contents.services.get(key0)?;
+        let mut key0 = *key0;
+        let mut front = self.contents.services.get(&key0)?;
+        if front.flags & SVC_FLAG_TWO_SCOPES != 0 {
+            let internal = ServiceKey { scope: SCOPE_INTERNAL, ..key0 };
+            if let Some(v) = self.contents.services.get(&internal) {
+                (key0, front) = (internal, v);
+            }
+        }
         let backends = (1..=front.count)
-            .filter_map(|slot| self.contents.services.get(&ServiceKey { slot, ..*key0 }))
+            .filter_map(|slot| self.contents.services.get(&ServiceKey { slot, ..key0 }))
             .filter_map(|s| self.contents.backends.get(&s.backend_id))
             .copied()
             .collect();
@@ -146,7 +159,7 @@ impl Mirror {
             }
             Op::PutService(k, v) => {
                 match self.contents.services.get(k) {
-                    None if k.slot == 0 => self.frontends += 1,
+                    None if k.slot == 0 && k.scope == SCOPE_EXTERNAL => self.frontends += 1,
                     Some(old) if k.slot > 0 => self.unref(old.backend_id),
                     _ => {}
                 }
@@ -156,7 +169,7 @@ impl Mirror {
                 self.next_service_id = self.next_service_id.max(v.service_id.saturating_add(1));
             }
             Op::DeleteService(k) => match self.contents.services.get(k) {
-                Some(_) if k.slot == 0 => self.frontends -= 1,
+                Some(_) if k.slot == 0 => self.frontends -= usize::from(k.scope == SCOPE_EXTERNAL),
                 Some(old) => self.unref(old.backend_id),
                 None => {}
             },
@@ -246,21 +259,15 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
 
     for frontend in &targets {
         let key0 = service_key(*frontend, 0);
+        let internal_key0 = ServiceKey { scope: SCOPE_INTERNAL, ..key0 };
         let existing = current.services.get(&key0).copied();
-        let old_slots: Vec<Option<u32>> = existing.map_or_else(Vec::new, |v| {
-            (1..=v.count).map(|slot| current.services.get(&ServiceKey { slot, ..key0 }).map(|s| s.backend_id)).collect()
-        });
+        let existing_internal = current.services.get(&internal_key0).copied();
         let Some(want) = desired.get(frontend) else {
-            // Removed: the frontend entry first, so readers stop at once.
+            // Removed: the frontend entry first, so readers stop at once; the internal scope
+            // after it, when nothing points there any more.
             if let Some(v) = existing {
-                removal_ops.push(Op::DeleteService(key0));
-                for slot in 1..=v.count {
-                    let key = ServiceKey { slot, ..key0 };
-                    if let Some(s) = current.services.get(&key) {
-                        *ref_delta.entry(s.backend_id).or_default() -= 1;
-                        removal_ops.push(Op::DeleteService(key));
-                    }
-                }
+                delete_scope(current, key0, &mut removal_ops, &mut ref_delta);
+                delete_scope(current, internal_key0, &mut removal_ops, &mut ref_delta);
                 if current.meta.contains_key(&v.service_id) {
                     meta_deletes.push(v.service_id);
                 }
@@ -272,13 +279,21 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
         };
 
         let backends: Vec<Backend> = want.backends.iter().map(|a| backend_value(*a, frontend.protocol)).collect();
+        let internal: Option<Vec<Backend>> =
+            want.internal_backends.as_ref().map(|list| list.iter().map(|a| backend_value(*a, frontend.protocol)).collect());
         let new_backends: BTreeSet<Backend> = backends
             .iter()
+            .chain(internal.iter().flatten())
             .filter(|b| !mirror.ids_by_backend.contains_key(b) && !new_ids.contains_key(b))
             .copied()
             .collect();
-        let old_count = old_slots.len();
-        let added_entries = (backends.len() + 1).saturating_sub(old_count + usize::from(existing.is_some()));
+        // Entries of each scope (frontend and slots) wanted beyond those programmed.
+        let scope_entries = |wanted: Option<usize>, programmed: Option<ServiceValue>| {
+            let programmed = programmed.map_or(0, |v| usize::from(v.count) + 1);
+            wanted.map_or(0, |n| n + 1).saturating_sub(programmed)
+        };
+        let added_entries = scope_entries(Some(backends.len()), existing)
+            + scope_entries(internal.as_ref().map(Vec::len), existing_internal);
         let fits = (n_services + u64::from(existing.is_none()) <= u64::from(limits.max_services))
             && (n_backends + new_backends.len() as u64 <= u64::from(limits.max_backends))
             && (n_entries + added_entries as u64 <= u64::from(limits.max_service_entries));
@@ -295,8 +310,12 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
                 ),
             });
             if let Some(v) = existing {
-                keep_keys.insert(key0);
-                keep_keys.extend((1..=v.count).map(|slot| ServiceKey { slot, ..key0 }));
+                for (key0, v) in [(key0, Some(v)), (internal_key0, existing_internal)] {
+                    if let Some(v) = v {
+                        keep_keys.insert(key0);
+                        keep_keys.extend((1..=v.count).map(|slot| ServiceKey { slot, ..key0 }));
+                    }
+                }
                 keep_meta.insert(v.service_id);
             }
             continue;
@@ -312,10 +331,9 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
         }
         // A backend entry deleted behind our back is not indexed: it gets a new id above and
         // the slots that named the old one are rewritten below.
-        let ids: Vec<u32> = backends
-            .iter()
-            .map(|b| mirror.ids_by_backend.get(b).or_else(|| new_ids.get(b)).copied().expect("allocated above"))
-            .collect();
+        let id_of = |b: &Backend| mirror.ids_by_backend.get(b).or_else(|| new_ids.get(b)).copied().expect("allocated above");
+        let ids: Vec<u32> = backends.iter().map(id_of).collect();
+        let internal_ids: Option<Vec<u32>> = internal.as_ref().map(|list| list.iter().map(id_of).collect());
 
         let service_id = existing.map_or_else(|| service_ids.allocate(), |v| v.service_id);
         keep_meta.insert(service_id);
@@ -335,51 +353,19 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
             removal_ops.push(Op::DeleteSourceRange(service_id, *range));
         }
 
-        // Backends keep their slot when they stay; new ones fill the free slots.
-        let mut remaining: BTreeSet<u32> = ids.iter().copied().collect();
-        let mut slots: Vec<Option<u32>> = vec![None; ids.len()];
-        for (slot, old) in slots.iter_mut().zip(&old_slots) {
-            if let Some(id) = old {
-                if remaining.remove(id) {
-                    *slot = Some(*id);
-                }
-            }
+        let mut writes = ScopeWrites { current, ops: &mut service_ops, ref_delta: &mut ref_delta, keep_keys: &mut keep_keys };
+        // The internal scope first: complete before the scope-0 flag that makes it reachable.
+        let kind_and_affinity = frontend_flags(want) & (FRONTEND_KIND | SVC_FLAG_AFFINITY);
+        if let Some(ids) = &internal_ids {
+            let front = ServiceValue { backend_id: want.affinity_timeout, count: 0, flags: kind_and_affinity, service_id };
+            writes.scope(internal_key0, ids, front);
         }
-        let mut fill = remaining.into_iter();
-        for slot in slots.iter_mut().filter(|s| s.is_none()) {
-            *slot = fill.next();
-        }
-
-        for (i, backend_id) in slots.iter().enumerate() {
-            let backend_id = backend_id.expect("every slot is filled: as many ids as slots");
-            let key = ServiceKey { slot: i as u16 + 1, ..key0 };
-            let value = ServiceValue { backend_id, count: 0, flags: 0, service_id };
-            keep_keys.insert(key);
-            let old = current.services.get(&key);
-            if old != Some(&value) {
-                if let Some(old) = old {
-                    *ref_delta.entry(old.backend_id).or_default() -= 1;
-                }
-                *ref_delta.entry(backend_id).or_default() += 1;
-                service_ops.push(Op::PutService(key, value));
-            }
-        }
-        let front = ServiceValue {
-            backend_id: want.affinity_timeout,
-            count: slots.len() as u16,
-            flags: frontend_flags(want),
-            service_id,
-        };
-        keep_keys.insert(key0);
-        if existing != Some(front) {
-            service_ops.push(Op::PutService(key0, front));
-        }
-        for slot in slots.len() + 1..=old_count {
-            let key = ServiceKey { slot: slot as u16, ..key0 };
-            if let Some(old) = current.services.get(&key) {
-                *ref_delta.entry(old.backend_id).or_default() -= 1;
-                service_ops.push(Op::DeleteService(key));
-            }
+        let two_scopes = if internal_ids.is_some() { SVC_FLAG_TWO_SCOPES } else { 0 };
+        let front = ServiceValue { backend_id: want.affinity_timeout, count: 0, flags: frontend_flags(want) | two_scopes, service_id };
+        writes.scope(key0, &ids, front);
+        if internal_ids.is_none() {
+            // No longer two scopes: the internal one goes once the flag is cleared above.
+            delete_scope(current, internal_key0, &mut removal_ops, &mut ref_delta);
         }
     }
 
@@ -402,7 +388,7 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
             .collect();
         let mut strays: Vec<&ServiceKey> =
             current.services.keys().filter(|k| !keep_keys.contains(k) && !deleted.contains(k)).collect();
-        strays.sort_by_key(|k| (k.slot != 0, k.address, k.port, k.protocol, k.slot));
+        strays.sort_by_key(|k| (k.slot != 0, k.scope, k.address, k.port, k.protocol, k.slot));
         for k in strays {
             if k.slot > 0 {
                 *ref_delta.entry(current.services[k].backend_id).or_default() -= 1;
@@ -436,6 +422,86 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
     ops.extend(meta_deletes.into_iter().map(Op::DeleteMeta));
     ops.extend(stale_backends.into_iter().map(Op::DeleteBackend));
     Plan { ops, refused }
+}
+
+/// The `SVC_FLAG_*` bits that say which kind of frontend an entry is.
+const FRONTEND_KIND: u16 = SVC_FLAG_CLUSTER_IP | SVC_FLAG_NODE_PORT | SVC_FLAG_EXTERNAL_IP | SVC_FLAG_LOAD_BALANCER;
+
+/// Where the writes of one frontend's scopes go, and the accounting they update.
+struct ScopeWrites<'a> {
+    current: &'a MapContents,
+    ops: &'a mut Vec<Op>,
+    /// Slot references gained (+) and lost (-) per backend id.
+    ref_delta: &'a mut HashMap<u32, i64>,
+    /// Entries that must survive the sweep of a full plan.
+    keep_keys: &'a mut HashSet<ServiceKey>,
+}
+
+impl ScopeWrites<'_> {
+    /// Plans one scope of a frontend (`key0`, its slot 0) to hold the backend `ids`: changed
+    /// slots (a backend keeps its slot while it stays; new ones fill the free slots), then the
+    /// frontend entry `front` with the count that makes them reachable, then the slots past
+    /// the new count.
+    fn scope(&mut self, key0: ServiceKey, ids: &[u32], front: ServiceValue) {
+        let services = &self.current.services;
+        let old_count = services.get(&key0).map_or(0, |v| v.count);
+        let old_slots: Vec<Option<u32>> =
+            (1..=old_count).map(|slot| services.get(&ServiceKey { slot, ..key0 }).map(|s| s.backend_id)).collect();
+        let mut remaining: BTreeSet<u32> = ids.iter().copied().collect();
+        let mut slots: Vec<Option<u32>> = vec![None; ids.len()];
+        for (slot, old) in slots.iter_mut().zip(&old_slots) {
+            if let Some(id) = old {
+                if remaining.remove(id) {
+                    *slot = Some(*id);
+                }
+            }
+        }
+        let mut fill = remaining.into_iter();
+        for slot in slots.iter_mut().filter(|s| s.is_none()) {
+            *slot = fill.next();
+        }
+
+        for (i, backend_id) in slots.iter().enumerate() {
+            let backend_id = backend_id.expect("every slot is filled: as many ids as slots");
+            let key = ServiceKey { slot: i as u16 + 1, ..key0 };
+            let value = ServiceValue { backend_id, count: 0, flags: 0, service_id: front.service_id };
+            self.keep_keys.insert(key);
+            let old = services.get(&key);
+            if old != Some(&value) {
+                if let Some(old) = old {
+                    *self.ref_delta.entry(old.backend_id).or_default() -= 1;
+                }
+                *self.ref_delta.entry(backend_id).or_default() += 1;
+                self.ops.push(Op::PutService(key, value));
+            }
+        }
+        let front = ServiceValue { count: slots.len() as u16, ..front };
+        self.keep_keys.insert(key0);
+        if services.get(&key0) != Some(&front) {
+            self.ops.push(Op::PutService(key0, front));
+        }
+        for slot in slots.len() + 1..=usize::from(old_count) {
+            let key = ServiceKey { slot: slot as u16, ..key0 };
+            if let Some(old) = services.get(&key) {
+                *self.ref_delta.entry(old.backend_id).or_default() -= 1;
+                self.ops.push(Op::DeleteService(key));
+            }
+        }
+    }
+}
+
+/// Plans the deletion of one scope of a frontend (`key0`, its slot 0), if programmed: the
+/// frontend entry first, so readers stop at once, then its slots.
+fn delete_scope(current: &MapContents, key0: ServiceKey, ops: &mut Vec<Op>, ref_delta: &mut HashMap<u32, i64>) {
+    let Some(v) = current.services.get(&key0) else { return };
+    ops.push(Op::DeleteService(key0));
+    for slot in 1..=v.count {
+        let key = ServiceKey { slot, ..key0 };
+        if let Some(s) = current.services.get(&key) {
+            *ref_delta.entry(s.backend_id).or_default() -= 1;
+            ops.push(Op::DeleteService(key));
+        }
+    }
 }
 
 fn frontend_flags(want: &DesiredService) -> u16 {
@@ -478,6 +544,7 @@ mod tests {
             name: ServicePortName { namespace: "default".into(), name: name.into(), port_name: "http".into(), protocol: Protocol::Tcp },
             frontend_type: ServiceType::ClusterIp,
             backends: backends.iter().map(|b| b.parse().unwrap()).collect(),
+            internal_backends: None,
             draining: Vec::new(),
             drop_unserved: false,
             source_ranges: Vec::new(),
@@ -724,7 +791,7 @@ mod scope_tests {
         let f = Frontend { address: Ipv4Addr::from(0x0a60_0000 + i), port: 80, protocol: Protocol::Tcp };
         let name = ServicePortName { namespace: "ns".into(), name: format!("s{i}"), port_name: String::new(), protocol: Protocol::Tcp };
         let backends = backends.into_iter().map(|b| SocketAddrV4::new(Ipv4Addr::from(0x0af4_0000 + b), 8080)).collect();
-        (f, DesiredService { name, frontend_type: ServiceType::ClusterIp, backends, draining: Vec::new(), drop_unserved: false, source_ranges: Vec::new(), affinity_timeout: 0 })
+        (f, DesiredService { name, frontend_type: ServiceType::ClusterIp, backends, internal_backends: None, draining: Vec::new(), drop_unserved: false, source_ranges: Vec::new(), affinity_timeout: 0 })
     }
 
     /// Applies a plan to a mirror and returns it.
