@@ -1084,6 +1084,137 @@ spec:
         assert_eq!(call("", &both, Some("n1"), Some("z1")), (v(&["10.0.0.1"]), false));
     }
 
+    /// What each kind of frontend of Service `s` serves on `node`: (backends, in-cluster
+    /// backends, drop_unserved), addresses' last octets only. `s` is a LoadBalancer Service
+    /// with `spec` lines, ClusterIP 10.96.0.9, external IP 198.51.100.9, load-balancer IP
+    /// 203.0.113.9 and NodePort 30009 on 192.168.50.2, with one slice of `endpoints`.
+    fn by_kind(spec: &str, endpoints: &[String], node: &str) -> BTreeMap<ServiceType, (Vec<u8>, Option<Vec<u8>>, bool)> {
+        let eps: String = endpoints.iter().map(|e| format!("- {e}\n")).collect();
+        let yaml = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: s}}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.9\n  \
+             externalIPs: [198.51.100.9]\n  ports: [{{port: 80, nodePort: 30009}}]\n{spec}\n\
+             status: {{loadBalancer: {{ingress: [{{ip: 203.0.113.9}}]}}}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s-1, labels: {{kubernetes.io/service-name: s}}}}\n\
+             addressType: IPv4\nports: [{{port: 8080}}]\nendpoints:\n{eps}"
+        );
+        let (services, slices) = crate::sources::manifests::parse_objects(&yaml);
+        let mut store = crate::tracker::ModelStore::default();
+        store.set_node_name(Some(node.to_string()));
+        store.set_node_addresses(vec!["192.168.50.2".parse().unwrap()]);
+        store.replace_all(&services, &slices);
+        store.take_changes();
+        assert!(store.invalid().next().is_none(), "{:?}", store.invalid().collect::<Vec<_>>());
+        let octets = |list: &[SocketAddrV4]| list.iter().map(|b| b.ip().octets()[3]).collect::<Vec<u8>>();
+        let out: BTreeMap<ServiceType, (Vec<u8>, Option<Vec<u8>>, bool)> = store
+            .desired()
+            .values()
+            .map(|d| (d.frontend_type, (octets(&d.backends), d.internal_backends.as_deref().map(octets), d.drop_unserved)))
+            .collect();
+        assert_eq!(out.len(), 4, "one frontend of each kind: {out:?}");
+        out
+    }
+
+    #[test]
+    fn external_traffic_policy_local_gives_clients_in_the_cluster_the_cluster_endpoints() {
+        use ServiceType::*;
+        let ep = |last: u8, node: &str, extra: &str| format!("{{addresses: [10.0.0.{last}], nodeName: {node}{extra}}}");
+        let spread = [ep(1, "n1", ""), ep(2, "n2", "")];
+        let etp = "  externalTrafficPolicy: Local";
+        let both = "  externalTrafficPolicy: Local\n  internalTrafficPolicy: Local";
+        let itp = "  internalTrafficPolicy: Local";
+        let external = |got: &BTreeMap<ServiceType, (Vec<u8>, Option<Vec<u8>>, bool)>| {
+            let e = got[&NodePort].clone();
+            assert!([ExternalIp, LoadBalancer].iter().all(|k| got[k] == e), "every external frontend alike: {got:?}");
+            e
+        };
+
+        // kube-proxy's UsesClusterEndpoints: an externally accessible Service always has its
+        // cluster endpoints, which in-cluster clients of the external frontends get (the
+        // short circuit); clients from outside get the local ones.
+        let got = by_kind(etp, &spread, "n1");
+        assert_eq!(got[&ClusterIp], (vec![1, 2], None, false));
+        assert_eq!(external(&got), (vec![1], Some(vec![1, 2]), false));
+        // No local endpoint: dropped from outside, served from inside.
+        let got = by_kind(etp, &spread, "n3");
+        assert_eq!(external(&got), (vec![], Some(vec![1, 2]), true));
+        // Both policies Local: the ClusterIP follows the internal one; the external
+        // frontends' in-cluster clients still get the cluster endpoints.
+        let got = by_kind(both, &spread, "n3");
+        assert_eq!(got[&ClusterIp], (vec![], None, true));
+        assert_eq!(external(&got), (vec![], Some(vec![1, 2]), true));
+        // internalTrafficPolicy Local alone changes the ClusterIP only.
+        let got = by_kind(itp, &spread, "n3");
+        assert_eq!(got[&ClusterIp], (vec![], None, true));
+        assert_eq!(external(&got), (vec![1, 2], None, false));
+        // Every endpoint local: one set serves everyone, no second one.
+        let got = by_kind(etp, &[ep(1, "n1", ""), ep(2, "n1", "")], "n1");
+        assert_eq!(external(&got), (vec![1, 2], None, false));
+        // No usable endpoint anywhere: refused on both paths.
+        let got = by_kind(etp, &[ep(2, "n2", ", conditions: {ready: false}")], "n1");
+        assert_eq!(external(&got), (vec![], None, false));
+        // Each set falls back to serving terminating endpoints on its own (KEP-1669): the
+        // local one to this node's terminating endpoint, the cluster one keeps the ready one.
+        let terminating = ", conditions: {ready: false, serving: true, terminating: true}";
+        let got = by_kind(etp, &[ep(1, "n1", terminating), ep(2, "n2", "")], "n1");
+        assert_eq!(external(&got), (vec![1], Some(vec![2]), false));
+        // Topology hints restrict the cluster endpoints (not the local ones) as for a ClusterIP.
+        let zoned = |last: u8, node: &str, zone: &str| ep(last, node, &format!(", hints: {{forNodes: [{{name: {zone}}}]}}"));
+        let got = by_kind(etp, &[zoned(1, "n1", "n2"), zoned(2, "n2", "n2"), zoned(3, "n3", "n1")], "n1");
+        assert_eq!(got[&ClusterIp], (vec![3], None, false));
+        assert_eq!(external(&got), (vec![1], Some(vec![3]), false));
+    }
+
+    #[test]
+    fn endpoints_used_by_in_cluster_clients_are_not_draining() {
+        let ep = |last: u8, node: &str, extra: &str| format!("{{addresses: [10.0.0.{last}], nodeName: {node}{extra}}}");
+        let eps = [ep(1, "n1", ""), ep(2, "n2", ""), ep(3, "n2", ", conditions: {ready: false}")];
+        let yaml = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: s}}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.9\n  \
+             externalTrafficPolicy: Local\n  ports: [{{port: 80, nodePort: 30009}}]\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s-1, labels: {{kubernetes.io/service-name: s}}}}\n\
+             addressType: IPv4\nports: [{{port: 8080}}]\nendpoints:\n{}",
+            eps.iter().map(|e| format!("- {e}\n")).collect::<String>()
+        );
+        let (services, slices) = crate::sources::manifests::parse_objects(&yaml);
+        let mut store = crate::tracker::ModelStore::default();
+        store.set_node_name(Some("n1".into()));
+        store.set_node_addresses(vec!["192.168.50.2".parse().unwrap()]);
+        store.replace_all(&services, &slices);
+        store.take_changes();
+        let np = &store.desired()[&fe("192.168.50.2", 30009, Protocol::Tcp)];
+        assert_eq!(np.backends, addrs(&["10.0.0.1:8080"]));
+        assert_eq!(np.internal_backends, Some(addrs(&["10.0.0.1:8080", "10.0.0.2:8080"])));
+        // 10.0.0.2 serves in-cluster clients: its connections are not left to drain.
+        assert_eq!(np.draining, addrs(&["10.0.0.3:8080"]));
+    }
+
+    #[test]
+    fn load_balancer_ingress_ips_with_ip_mode_proxy_are_not_frontends() {
+        let s = build(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: lb}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.7
+  ports: [{port: 80, nodePort: 30007}]
+status:
+  loadBalancer:
+    ingress:
+    - {ip: 203.0.113.1}
+    - {ip: 203.0.113.2, ipMode: VIP}
+    - {ip: 203.0.113.3, ipMode: Proxy}
+    - {hostname: lb.example.com, ipMode: Proxy}
+"#,
+        );
+        assert!(s.invalid.is_empty(), "{:?}", s.invalid);
+        let frontends: Vec<String> = s.desired.keys().map(|f| f.address.to_string()).collect();
+        // kube-proxy's IsVIPMode: no ipMode, or VIP. A Proxy-mode address belongs to the load
+        // balancer, which must receive the traffic itself.
+        assert_eq!(frontends, ["10.96.0.7", "203.0.113.1", "203.0.113.2"]);
+    }
+
     #[test]
     fn session_affinity_defaults_to_three_hours_and_bad_values_are_named() {
         let s = build(

@@ -201,6 +201,27 @@ mod tests {
     }
 
     #[test]
+    fn with_two_scopes_the_removed_backends_are_those_the_socket_path_stops_using() {
+        // An external frontend of an externalTrafficPolicy Local Service: `outside` for the tc
+        // path, `inside` for the socket path, whose sockets socket termination ends.
+        let state = |outside: &[u8], inside: &[u8]| {
+            let mut d = desired(Protocol::Udp, outside, &[]);
+            for s in d.values_mut() {
+                s.frontend_type = ServiceType::NodePort;
+                s.internal_backends = Some(inside.iter().map(|b| addr(*b)).collect());
+            }
+            d
+        };
+        let states = [
+            state(&[1], &[1, 2, 3]),
+            state(&[2], &[1, 2, 3]), // only the outside set changes: no socket is stale
+            state(&[2], &[2, 3]),    // 1 leaves the in-cluster set
+        ];
+        let got = removed_per_sync(Protocol::Udp, &states);
+        assert_eq!(got, vec![vec![], vec![], vec![(1, PROTO_UDP)]]);
+    }
+
+    #[test]
     fn tcp_backends_are_removed_only_when_no_longer_listed_while_the_service_stays() {
         let states = [
             desired(Protocol::Tcp, &[1, 2, 3], &[]),
