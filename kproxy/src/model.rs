@@ -1084,11 +1084,14 @@ spec:
         assert_eq!(call("", &both, Some("n1"), Some("z1")), (v(&["10.0.0.1"]), false));
     }
 
+    /// (backends, in-cluster backends, drop_unserved) of a frontend, as last octets.
+    type Serving = (Vec<u8>, Option<Vec<u8>>, bool);
+
     /// What each kind of frontend of Service `s` serves on `node`: (backends, in-cluster
     /// backends, drop_unserved), addresses' last octets only. `s` is a LoadBalancer Service
     /// with `spec` lines, ClusterIP 10.96.0.9, external IP 198.51.100.9, load-balancer IP
     /// 203.0.113.9 and NodePort 30009 on 192.168.50.2, with one slice of `endpoints`.
-    fn by_kind(spec: &str, endpoints: &[String], node: &str) -> BTreeMap<ServiceType, (Vec<u8>, Option<Vec<u8>>, bool)> {
+    fn by_kind(spec: &str, endpoints: &[String], node: &str) -> BTreeMap<ServiceType, Serving> {
         let eps: String = endpoints.iter().map(|e| format!("- {e}\n")).collect();
         let yaml = format!(
             "apiVersion: v1\nkind: Service\nmetadata: {{name: s}}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.9\n  \
@@ -1105,7 +1108,7 @@ spec:
         store.take_changes();
         assert!(store.invalid().next().is_none(), "{:?}", store.invalid().collect::<Vec<_>>());
         let octets = |list: &[SocketAddrV4]| list.iter().map(|b| b.ip().octets()[3]).collect::<Vec<u8>>();
-        let out: BTreeMap<ServiceType, (Vec<u8>, Option<Vec<u8>>, bool)> = store
+        let out: BTreeMap<ServiceType, Serving> = store
             .desired()
             .values()
             .map(|d| (d.frontend_type, (octets(&d.backends), d.internal_backends.as_deref().map(octets), d.drop_unserved)))
@@ -1122,7 +1125,7 @@ spec:
         let etp = "  externalTrafficPolicy: Local";
         let both = "  externalTrafficPolicy: Local\n  internalTrafficPolicy: Local";
         let itp = "  internalTrafficPolicy: Local";
-        let external = |got: &BTreeMap<ServiceType, (Vec<u8>, Option<Vec<u8>>, bool)>| {
+        let external = |got: &BTreeMap<ServiceType, Serving>| {
             let e = got[&NodePort].clone();
             assert!([ExternalIp, LoadBalancer].iter().all(|k| got[k] == e), "every external frontend alike: {got:?}");
             e
