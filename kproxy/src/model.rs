@@ -594,6 +594,15 @@ pub struct DesiredService {
     pub affinity_timeout: u32,
 }
 
+impl DesiredService {
+    /// Whether the Service's slices still list endpoint `a` for this frontend: as a backend
+    /// for either kind of client, or draining.
+    pub fn lists(&self, a: &SocketAddrV4) -> bool {
+        let has = |list: &[SocketAddrV4]| list.binary_search(a).is_ok();
+        has(&self.backends) || has(&self.draining) || self.internal_backends.as_deref().is_some_and(has)
+    }
+}
+
 /// Everything the dataplane must serve, keyed by frontend.
 pub type DesiredState = BTreeMap<Frontend, DesiredService>;
 

@@ -126,7 +126,7 @@ fn removed_backends(mirror: &Mirror, desired: &DesiredState, before: Vec<(Servic
         let want = desired.get(&frontend_of(&key0));
         for b in old.difference(&now) {
             if b.protocol == PROTO_TCP {
-                let listed = want.map(|w| w.draining.contains(&backend_addr(b)));
+                let listed = want.map(|w| w.lists(&backend_addr(b)));
                 if listed != Some(false) {
                     continue; // frontend gone (Service deleted) or endpoint still listed
                 }
@@ -219,6 +219,20 @@ mod tests {
         ];
         let got = removed_per_sync(Protocol::Udp, &states);
         assert_eq!(got, vec![vec![], vec![], vec![(1, PROTO_UDP)]]);
+        // TCP: an endpoint the socket path stops using while it is still listed (here still a
+        // backend for outside clients) keeps its connections; once unlisted, they end.
+        let tcp = |outside: &[u8], inside: &[u8]| {
+            let mut d = desired(Protocol::Tcp, outside, &[]);
+            for s in d.values_mut() {
+                s.frontend_type = ServiceType::NodePort;
+                s.internal_backends = Some(inside.iter().map(|b| addr(*b)).collect());
+            }
+            d
+        };
+        let got = removed_per_sync(Protocol::Tcp, &[tcp(&[1], &[1, 2]), tcp(&[1], &[2, 3]), tcp(&[4], &[2, 3, 4])]);
+        assert_eq!(got, vec![vec![], vec![], vec![]]);
+        let got = removed_per_sync(Protocol::Tcp, &[tcp(&[1], &[1, 2]), tcp(&[], &[2])]);
+        assert_eq!(got, vec![vec![], vec![(1, PROTO_TCP)]]);
     }
 
     #[test]

@@ -385,8 +385,7 @@ impl ModelStore {
             };
             let changed = old != entry;
             if let (Some(old), Some(new), Protocol::Tcp) = (&old, &entry, f.protocol) {
-                let listed = |a| new.backends.binary_search(a).is_ok() || new.draining.binary_search(a).is_ok();
-                changes.unlisted.extend(old.draining.iter().filter(|a| !listed(a)).map(|a| (f, *a)));
+                changes.unlisted.extend(old.draining.iter().filter(|a| !new.lists(a)).map(|a| (f, *a)));
             }
             if changed {
                 self.count_unserved(old.as_ref(), -1);
@@ -683,6 +682,33 @@ endpoints:
         assert_eq!(d.backends, addrs(&["10.244.1.5:8080"]));
         assert_eq!(d.internal_backends, Some(addrs(&["10.244.1.5:8080", "10.244.2.5:8080", "10.244.3.5:8080"])));
         assert_eq!(store.no_local_endpoints(), (0, 0));
+    }
+
+    #[test]
+    fn an_endpoint_that_turns_ready_on_another_node_is_not_unlisted() {
+        // A remote endpoint that was draining (not ready) becomes ready: outside clients of the
+        // externalTrafficPolicy Local NodePort do not use it, in-cluster ones do. It is listed
+        // all along, so its connections must not be ended.
+        let yaml = |ready: bool| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.7\n  \
+                 externalTrafficPolicy: Local\n  ports: [{{port: 80, nodePort: 30080}}]\n---\n\
+                 apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-1, labels: {{kubernetes.io/service-name: web}}}}\n\
+                 addressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{{addresses: [10.244.1.5], nodeName: node-a}}, \
+                 {{addresses: [10.244.2.5], nodeName: node-b, conditions: {{ready: {ready}}}}}]\n"
+            )
+        };
+        let mut store = ModelStore::default();
+        store.set_node_addresses(vec!["192.168.50.2".parse().unwrap()]);
+        store.set_node_name(Some("node-a".into()));
+        let (services, slices) = crate::sources::manifests::parse_objects(&yaml(false));
+        store.replace_all(&services, &slices);
+        store.take_changes();
+        let (_, slices) = crate::sources::manifests::parse_objects(&yaml(true));
+        store.apply_slice(&slices[0]).unwrap();
+        let changes = store.take_changes();
+        assert_eq!(changes.frontends.len(), 2, "ClusterIP and NodePort gain it");
+        assert_eq!(changes.unlisted, [], "still listed");
     }
 
     #[test]
