@@ -1016,6 +1016,23 @@ mod two_scope_tests {
     }
 
     #[test]
+    fn the_internal_scope_keeps_session_affinity_under_the_same_service_id() {
+        let mut want = node_port(LOCAL, Some(CLUSTER));
+        want.values_mut().for_each(|s| s.affinity_timeout = 60);
+        let mut maps = MapContents::default();
+        let p = full(&maps, &want, &LIMITS);
+        apply_checked(&mut maps, &p, true, &[]);
+        let key0 = service_key(fe(NODE_PORT), 0);
+        let (outside, inside) = (maps.services[&key0], maps.services[&ServiceKey { scope: SCOPE_INTERNAL, ..key0 }]);
+        // The kernel keys affinity by (client, service id): both paths find the same timeout
+        // there, and reverse translation finds the frontend by that id in the metadata map.
+        assert_eq!((inside.flags, inside.backend_id), (SVC_FLAG_NODE_PORT | SVC_FLAG_AFFINITY, 60));
+        assert_eq!(outside.flags & SVC_FLAG_AFFINITY, SVC_FLAG_AFFINITY);
+        assert_eq!(inside.service_id, outside.service_id);
+        assert!(maps.meta.contains_key(&inside.service_id));
+    }
+
+    #[test]
     fn a_full_sync_sweeps_internal_entries_no_flag_reaches() {
         let mut maps = MapContents::default();
         let want = node_port(CLUSTER, None);
