@@ -11,9 +11,11 @@
 //! ```
 //!
 //! A reader looks up slot 0, picks a slot with [`crate::select_slot`], looks that slot up, then
-//! the backend by id: three O(1) hash lookups, whatever the number of services. Writers keep
+//! the backend by id: three O(1) hash lookups, whatever the number of services (a fourth, on
+//! the socket path, for a frontend with [`SVC_FLAG_TWO_SCOPES`]: see [`SCOPE_INTERNAL`]). Writers keep
 //! every intermediate state valid: backends are written before the slots that name them, slots
-//! before the frontend count that makes them reachable, and deletion runs in reverse.
+//! before the frontend count that makes them reachable, a frontend's scope-1 entries before
+//! the scope-0 flag that makes them reachable, and deletion runs in reverse.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -33,10 +35,24 @@ pub const DEFAULT_MAX_BACKENDS: u32 = 131_072;
 
 /// Capacity of [`SERVICES_MAP`] for the given limits: one frontend entry per service port plus
 /// one slot per (service port, backend) pair, which is bounded by `max_backends` per service
-/// in the worst case but is `max_services + max_backends` when backends are not shared.
+/// in the worst case but is `max_services + max_backends` when backends are not shared. A
+/// frontend with [`SVC_FLAG_TWO_SCOPES`] takes one more frontend entry and one more slot per
+/// cluster-wide backend from the same capacity.
 pub const fn services_map_capacity(max_services: u32, max_backends: u32) -> u32 {
     max_services.saturating_add(max_backends)
 }
+
+/// [`ServiceKey::scope`] of every frontend's entries: what the tc path (clients from outside
+/// the node) and, for a frontend without [`SVC_FLAG_TWO_SCOPES`], the socket path use.
+pub const SCOPE_EXTERNAL: u8 = 0;
+/// [`ServiceKey::scope`] of the entries the socket path (clients in the cluster: the node's
+/// processes and its pods) uses instead for a frontend with [`SVC_FLAG_TWO_SCOPES`]: the
+/// cluster-wide endpoints of an external frontend with `externalTrafficPolicy: Local`, which
+/// kube-proxy "short-circuits" in-cluster clients to. A frontend entry and `1..=count` slots,
+/// as in scope 0, with the same `service_id` (so affinity and reverse translation are per
+/// service port whatever the scope); its `flags` have the frontend kind and
+/// [`SVC_FLAG_AFFINITY`] only.
+pub const SCOPE_INTERNAL: u8 = 1;
 
 /// Key of [`SERVICES_MAP`]. 12 bytes, no holes.
 #[repr(C)]
@@ -50,7 +66,8 @@ pub struct ServiceKey {
     pub slot: u16,
     /// IP protocol: [`crate::PROTO_TCP`] or [`crate::PROTO_UDP`].
     pub protocol: u8,
-    /// Reserved for the lookup scope (e.g. node-local traffic policy). Always 0 today.
+    /// Lookup scope: [`SCOPE_EXTERNAL`] for every frontend; [`SCOPE_INTERNAL`] for the
+    /// second set of entries of a frontend whose slot 0 has [`SVC_FLAG_TWO_SCOPES`].
     pub scope: u8,
     /// Explicit padding, always zero.
     pub _pad: [u8; 2],
@@ -96,6 +113,12 @@ pub const SVC_FLAG_SOURCE_RANGES: u16 = 1 << 5;
 /// [`ServiceValue::flags`]: `sessionAffinity: ClientIP`; slot 0's `backend_id` is the timeout
 /// in seconds, and a client's backend is kept in [`AFFINITY_MAP`].
 pub const SVC_FLAG_AFFINITY: u16 = 1 << 6;
+/// [`ServiceValue::flags`]: clients in the cluster (the socket path) use this frontend's
+/// [`SCOPE_INTERNAL`] entries, which are written before this flag and deleted after it is
+/// cleared; clients from outside (the tc path) use these scope-0 entries. Set on external
+/// frontends of `externalTrafficPolicy: Local` Services whose local endpoints differ from the
+/// cluster's. Without the flag, the socket path makes no second lookup.
+pub const SVC_FLAG_TWO_SCOPES: u16 = 1 << 7;
 
 /// Pinned name of the session affinity map (LRU): [`AffinityKey`] → [`AffinityValue`].
 pub const AFFINITY_MAP: &str = "KP_AFFINITY";

@@ -4,7 +4,8 @@ use aya_ebpf::helpers::bpf_get_prandom_u32;
 use aya_ebpf::{btf_maps::lpm_trie::Key, helpers::bpf_ktime_get_ns};
 use kproxy_common::{
     lb::{
-        source_range_prefix_len, AffinityKey, AffinityValue, Backend, ServiceKey, SourceRangeKey, SVC_FLAG_AFFINITY,
+        source_range_prefix_len, AffinityKey, AffinityValue, Backend, ServiceKey, SourceRangeKey, SCOPE_EXTERNAL,
+        SCOPE_INTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_TWO_SCOPES,
     },
     select_slot,
 };
@@ -54,17 +55,38 @@ pub fn source_allowed(service_id: u32, client: [u8; 4]) -> bool {
     KP_SRC_RANGES.get(&key).is_some()
 }
 
+/// Where a client is, which decides the endpoints of a frontend with two scopes
+/// (`kproxy_common::lb::SCOPE_INTERNAL`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// The node's processes and its pods (the socket path).
+    InCluster,
+    /// Outside the node (the tc path).
+    Outside,
+}
+
 /// Looks up `address:port/protocol` (network order) and picks a backend: the `sticky` one if
 /// its slot still holds it, else (for a frontend with session affinity) the one `client` used
-/// last if within the timeout and still in its slot, else uniformly at random. O(1): at most
-/// three hash lookups, two more with session affinity.
+/// last if within the timeout and still in its slot, else uniformly at random. A client
+/// `InCluster` uses the frontend's internal scope when its flags say it has one. O(1): at
+/// most three hash lookups, one more for the internal scope, two more with session affinity.
 #[inline(always)]
-pub fn lookup(address: [u8; 4], port: [u8; 2], protocol: u8, sticky: Option<Sticky>, client: Client) -> Lookup {
-    let mut key = ServiceKey { address, port, slot: 0, protocol, scope: 0, _pad: [0; 2] };
+pub fn lookup(address: [u8; 4], port: [u8; 2], protocol: u8, sticky: Option<Sticky>, client: Client, origin: Origin) -> Lookup {
+    let mut key = ServiceKey { address, port, slot: 0, protocol, scope: SCOPE_EXTERNAL, _pad: [0; 2] };
     // SAFETY: the value is copied out at once; no reference outlives this statement.
-    let Some(frontend) = (unsafe { KP_SERVICES.get(&key) }).copied() else {
+    let Some(mut frontend) = (unsafe { KP_SERVICES.get(&key) }).copied() else {
         return Lookup::NotAService;
     };
+    if origin == Origin::InCluster && frontend.flags & SVC_FLAG_TWO_SCOPES != 0 {
+        key.scope = SCOPE_INTERNAL;
+        // The agent writes the internal scope before the flag and deletes it after clearing
+        // the flag; should it be missing all the same (a hand edit), scope 0 serves.
+        // SAFETY: as above.
+        match unsafe { KP_SERVICES.get(&key) }.copied() {
+            Some(internal) => frontend = internal,
+            None => key.scope = SCOPE_EXTERNAL,
+        }
+    }
     // Session affinity state is built whether the frontend has affinity or not: a value
     // written on one path and read on another would be an uninitialised stack read to the
     // Linux 5.10 verifier, which does not relate the two branches on the same flag. This runs

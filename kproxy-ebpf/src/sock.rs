@@ -12,7 +12,7 @@ use kproxy_common::{
 };
 
 use crate::{
-    lb::{self, Client, Lookup, Sticky},
+    lb::{self, Client, Lookup, Origin, Sticky},
     maps::{KP_SOCK_AFFIN, KP_SOCK_REVNAT},
 };
 
@@ -92,7 +92,7 @@ pub fn forward(ctx: &SockAddrContext, affinity: Affinity) -> i32 {
     // namespace (a pod, or the node), which is what its source address would tell kube-proxy.
     // SAFETY: the helper takes the program context, which is what we pass (Linux >= 5.7).
     let client = Client { id: unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) }.to_ne_bytes(), kind: AFFINITY_NETNS };
-    match lb::lookup(d.address, d.port, protocol, sticky, client) {
+    match lb::lookup(d.address, d.port, protocol, sticky, client, Origin::InCluster) {
         Lookup::NotAService => ALLOW,
         Lookup::NoBackend { .. } => {
             // SAFETY: reading a constant global patched at load time.

@@ -15,7 +15,7 @@ use kproxy_common::{
 use crate::{
     conntrack::{self, Chosen},
     icmp::{self, Hook},
-    lb::{self, Client, Lookup},
+    lb::{self, Client, Lookup, Origin},
     nat::{self, End},
     packet::{self, Flow},
     reject, route,
@@ -51,7 +51,7 @@ pub fn ingress(ctx: &mut TcContext) -> i32 {
     }
     let mut client = Client { id: [0; 8], kind: AFFINITY_ADDRESS };
     client.id[..4].copy_from_slice(&flow.src_address);
-    let lookup = lb::lookup(flow.dst_address, flow.dst_port, flow.protocol, None, client);
+    let lookup = lb::lookup(flow.dst_address, flow.dst_port, flow.protocol, None, client, Origin::Outside);
     if let Some((flags, service_id)) = lookup.frontend() {
         // kube-proxy drops clients outside `loadBalancerSourceRanges`, before anything else.
         if flags & SVC_FLAG_SOURCE_RANGES != 0 && !lb::source_allowed(service_id, flow.src_address) {

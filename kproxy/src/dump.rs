@@ -18,8 +18,15 @@ pub struct DumpService {
     pub frontend: String,
     /// `TCP` or `UDP`.
     pub protocol: String,
-    /// `address:port`, in slot order.
+    /// `address:port`, in slot order. For a frontend with `in_cluster_backends`, what clients
+    /// from outside the node get.
     pub backends: Vec<String>,
+    /// `address:port`, in slot order: the backends clients in the cluster (the node's
+    /// processes and its pods) get instead, for an external frontend of an
+    /// `externalTrafficPolicy: Local` Service whose local endpoints are not all of its
+    /// endpoints. Absent: every client gets `backends`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub in_cluster_backends: Option<Vec<String>>,
     /// Without backends: `"refuse"` (TCP RST / ICMP port unreachable) or `"drop"` (endpoints
     /// exist, none on this node, `externalTrafficPolicy: Local`). Absent with backends.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -62,6 +69,7 @@ impl Dump {
                     frontend: format!("{}:{}", p.frontend.address, p.frontend.port),
                     protocol: p.frontend.protocol.to_string(),
                     backends: p.backends.iter().map(ToString::to_string).collect(),
+                    in_cluster_backends: p.internal_backends.map(|list| list.iter().map(ToString::to_string).collect()),
                     no_backends: match (p.backends.is_empty(), p.drop_unserved) {
                         (false, _) => None,
                         (true, false) => Some("refuse"),
@@ -89,6 +97,9 @@ impl Dump {
                     Some("drop") => "(none here: dropped, externalTrafficPolicy Local)".to_string(),
                     Some(_) => "(none: refused)".to_string(),
                 };
+                if let Some(list) = &s.in_cluster_backends {
+                    backends = format!("{backends}  [in-cluster clients: {}]", list.join(", "));
+                }
                 if let Some(seconds) = s.session_affinity_seconds {
                     backends = format!("{backends}  [ClientIP affinity {seconds}s]");
                 }

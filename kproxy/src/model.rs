@@ -190,10 +190,12 @@ pub struct ServiceInfo {
     pub ports: Vec<ServicePortInfo>,
     /// `spec.externalIPs` (IPv4 ones).
     pub external_ips: Vec<Ipv4Addr>,
-    /// `status.loadBalancer.ingress[].ip` of LoadBalancer Services (IPv4 ones).
+    /// `status.loadBalancer.ingress[].ip` of LoadBalancer Services (IPv4 ones), except those
+    /// whose `ipMode` is `Proxy`.
     pub load_balancer_ips: Vec<Ipv4Addr>,
     /// `spec.externalTrafficPolicy: Local`: NodePort, external and load-balancer frontends use
-    /// only endpoints on this node (and keep the client's address).
+    /// only endpoints on this node (and keep the client's address) for clients from outside;
+    /// clients in the cluster get the cluster-wide endpoints.
     pub external_policy_local: bool,
     /// `spec.internalTrafficPolicy: Local`: the ClusterIP uses only endpoints on this node.
     pub internal_policy_local: bool,
@@ -347,6 +349,10 @@ impl ServiceInfo {
             .and_then(|lb| lb.ingress.as_ref())
             .into_iter()
             .flatten()
+            // kube-proxy's `IsVIPMode`: an ingress IP with `ipMode: Proxy` (or any mode but
+            // `VIP`) is not a frontend: traffic to it must reach the load balancer, which
+            // proxies it to the node ports itself.
+            .filter(|ing| ing.ip_mode.as_deref().is_none_or(|mode| mode == "VIP"))
             .filter_map(|ing| ing.ip.clone())
             .collect();
         let load_balancer_ips = if svc_type == ServiceType::LoadBalancer {
@@ -561,9 +567,17 @@ pub struct DesiredService {
     /// Kind of frontend: a ClusterIP frontend is `ClusterIp` whatever the Service's type.
     pub frontend_type: ServiceType,
     /// Backends that receive new connections (ready endpoints), sorted and de-duplicated.
+    /// For an external frontend, these are what clients from outside the node get.
     pub backends: Vec<SocketAddrV4>,
-    /// Endpoints still listed in the Service's slices that are not backends of this frontend
-    /// (not ready, terminating, or not local under a `Local` policy), sorted and de-duplicated.
+    /// External frontends of a Service with `externalTrafficPolicy: Local`, when its local
+    /// endpoints (`backends`) are not all of its usable ones: the backends clients in the
+    /// cluster (the node's processes and its pods, the socket path) get instead, the
+    /// cluster-wide set kube-proxy "short-circuits" them to (`UsesClusterEndpoints`). Sorted
+    /// and de-duplicated; never empty. `None`: every client gets `backends`.
+    pub internal_backends: Option<Vec<SocketAddrV4>>,
+    /// Endpoints still listed in the Service's slices that are backends for no client of this
+    /// frontend (not ready, terminating, or not local under a `Local` policy), sorted and
+    /// de-duplicated.
     /// Their pods may still be alive: kproxy leaves TCP connections to them alone, as
     /// kube-proxy does (socket termination, `crate::sockterm`, only ends TCP connections to
     /// endpoints that are listed no more).
@@ -571,12 +585,22 @@ pub struct DesiredService {
     /// No backend, although the Service has usable endpoints: none is on this node and the
     /// frontend may only use local ones (a `Local` traffic policy). kube-proxy drops such
     /// traffic instead of rejecting it, so that clients and load balancers retry elsewhere;
-    /// so does kproxy's tc path (its socket path refuses at once).
+    /// so does kproxy's tc path (its socket path refuses at once, `internalTrafficPolicy:
+    /// Local`; clients in the cluster of an external frontend get `internal_backends`).
     pub drop_unserved: bool,
     /// Load-balancer frontends: the only client ranges allowed (empty: all).
     pub source_ranges: Vec<Cidr>,
     /// `sessionAffinity: ClientIP` timeout in seconds; 0 without session affinity.
     pub affinity_timeout: u32,
+}
+
+impl DesiredService {
+    /// Whether the Service's slices still list endpoint `a` for this frontend: as a backend
+    /// for either kind of client, or draining.
+    pub fn lists(&self, a: &SocketAddrV4) -> bool {
+        let has = |list: &[SocketAddrV4]| list.binary_search(a).is_ok();
+        has(&self.backends) || has(&self.draining) || self.internal_backends.as_deref().is_some_and(has)
+    }
 }
 
 /// Everything the dataplane must serve, keyed by frontend.
@@ -666,7 +690,10 @@ fn usable(candidates: &[Candidate<'_>], node: NodeTopology<'_>) -> Usable {
 /// [`usable`] endpoints are backends. Each port is served on the ClusterIP, on every external
 /// IP and load-balancer IP, and (NodePort and LoadBalancer Services) on every address of
 /// `node_addresses` at its node port. The ClusterIP uses only local endpoints with
-/// `internalTrafficPolicy: Local`, the other frontends with `externalTrafficPolicy: Local`.
+/// `internalTrafficPolicy: Local`, the other frontends with `externalTrafficPolicy: Local`
+/// for clients from outside, while clients in the cluster get the cluster-wide endpoints
+/// there, as kube-proxy's short circuit does (whatever the internal policy: it applies to
+/// the ClusterIP only).
 pub fn service_frontends<'a>(
     svc: &ServiceInfo,
     slices: impl Iterator<Item = &'a SliceInfo> + Clone,
@@ -701,10 +728,18 @@ pub fn service_frontends<'a>(
                 if frontend_type == ServiceType::ClusterIp { svc.internal_policy_local } else { svc.external_policy_local };
             let backends = if local_only { usable.local.clone() } else { usable.cluster.clone() };
             let drop_unserved = backends.is_empty() && usable.any;
+            let internal_backends = (frontend_type != ServiceType::ClusterIp
+                && local_only
+                && usable.cluster != backends
+                && !usable.cluster.is_empty())
+            .then(|| usable.cluster.clone());
+            let used = |b: &SocketAddrV4| {
+                backends.binary_search(b).is_ok() || internal_backends.as_ref().is_some_and(|i| i.binary_search(b).is_ok())
+            };
             let draining: Vec<SocketAddrV4> = candidates
                 .iter()
                 .map(|c| c.backend)
-                .filter(|b| backends.binary_search(b).is_err())
+                .filter(|b| !used(b))
                 .collect::<BTreeSet<_>>()
                 .into_iter()
                 .collect();
@@ -714,6 +749,7 @@ pub fn service_frontends<'a>(
                 name: port.name.clone(),
                 frontend_type,
                 backends,
+                internal_backends,
                 draining,
                 drop_unserved,
                 source_ranges,
@@ -1055,6 +1091,140 @@ spec:
         };
         let both = eps(&[noded("10.0.0.1", "n1", "z1"), noded("10.0.0.2", "n2", "z1")]);
         assert_eq!(call("", &both, Some("n1"), Some("z1")), (v(&["10.0.0.1"]), false));
+    }
+
+    /// (backends, in-cluster backends, drop_unserved) of a frontend, as last octets.
+    type Serving = (Vec<u8>, Option<Vec<u8>>, bool);
+
+    /// What each kind of frontend of Service `s` serves on `node`: (backends, in-cluster
+    /// backends, drop_unserved), addresses' last octets only. `s` is a LoadBalancer Service
+    /// with `spec` lines, ClusterIP 10.96.0.9, external IP 198.51.100.9, load-balancer IP
+    /// 203.0.113.9 and NodePort 30009 on 192.168.50.2, with one slice of `endpoints`.
+    fn by_kind(spec: &str, endpoints: &[String], node: &str) -> BTreeMap<ServiceType, Serving> {
+        let eps: String = endpoints.iter().map(|e| format!("- {e}\n")).collect();
+        let yaml = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: s}}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.9\n  \
+             externalIPs: [198.51.100.9]\n  ports: [{{port: 80, nodePort: 30009}}]\n{spec}\n\
+             status: {{loadBalancer: {{ingress: [{{ip: 203.0.113.9}}]}}}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s-1, labels: {{kubernetes.io/service-name: s}}}}\n\
+             addressType: IPv4\nports: [{{port: 8080}}]\nendpoints:\n{eps}"
+        );
+        let (services, slices) = crate::sources::manifests::parse_objects(&yaml);
+        let mut store = crate::tracker::ModelStore::default();
+        store.set_node_name(Some(node.to_string()));
+        store.set_node_addresses(vec!["192.168.50.2".parse().unwrap()]);
+        store.replace_all(&services, &slices);
+        store.take_changes();
+        assert!(store.invalid().next().is_none(), "{:?}", store.invalid().collect::<Vec<_>>());
+        let octets = |list: &[SocketAddrV4]| list.iter().map(|b| b.ip().octets()[3]).collect::<Vec<u8>>();
+        let out: BTreeMap<ServiceType, Serving> = store
+            .desired()
+            .values()
+            .map(|d| (d.frontend_type, (octets(&d.backends), d.internal_backends.as_deref().map(octets), d.drop_unserved)))
+            .collect();
+        assert_eq!(out.len(), 4, "one frontend of each kind: {out:?}");
+        out
+    }
+
+    #[test]
+    fn external_traffic_policy_local_gives_clients_in_the_cluster_the_cluster_endpoints() {
+        use ServiceType::*;
+        let ep = |last: u8, node: &str, extra: &str| format!("{{addresses: [10.0.0.{last}], nodeName: {node}{extra}}}");
+        let spread = [ep(1, "n1", ""), ep(2, "n2", "")];
+        let etp = "  externalTrafficPolicy: Local";
+        let both = "  externalTrafficPolicy: Local\n  internalTrafficPolicy: Local";
+        let itp = "  internalTrafficPolicy: Local";
+        let external = |got: &BTreeMap<ServiceType, Serving>| {
+            let e = got[&NodePort].clone();
+            assert!([ExternalIp, LoadBalancer].iter().all(|k| got[k] == e), "every external frontend alike: {got:?}");
+            e
+        };
+
+        // kube-proxy's UsesClusterEndpoints: an externally accessible Service always has its
+        // cluster endpoints, which in-cluster clients of the external frontends get (the
+        // short circuit); clients from outside get the local ones.
+        let got = by_kind(etp, &spread, "n1");
+        assert_eq!(got[&ClusterIp], (vec![1, 2], None, false));
+        assert_eq!(external(&got), (vec![1], Some(vec![1, 2]), false));
+        // No local endpoint: dropped from outside, served from inside.
+        let got = by_kind(etp, &spread, "n3");
+        assert_eq!(external(&got), (vec![], Some(vec![1, 2]), true));
+        // Both policies Local: the ClusterIP follows the internal one; the external
+        // frontends' in-cluster clients still get the cluster endpoints.
+        let got = by_kind(both, &spread, "n3");
+        assert_eq!(got[&ClusterIp], (vec![], None, true));
+        assert_eq!(external(&got), (vec![], Some(vec![1, 2]), true));
+        // internalTrafficPolicy Local alone changes the ClusterIP only.
+        let got = by_kind(itp, &spread, "n3");
+        assert_eq!(got[&ClusterIp], (vec![], None, true));
+        assert_eq!(external(&got), (vec![1, 2], None, false));
+        // Every endpoint local: one set serves everyone, no second one.
+        let got = by_kind(etp, &[ep(1, "n1", ""), ep(2, "n1", "")], "n1");
+        assert_eq!(external(&got), (vec![1, 2], None, false));
+        // No usable endpoint anywhere: refused on both paths.
+        let got = by_kind(etp, &[ep(2, "n2", ", conditions: {ready: false}")], "n1");
+        assert_eq!(external(&got), (vec![], None, false));
+        // Each set falls back to serving terminating endpoints on its own (KEP-1669): the
+        // local one to this node's terminating endpoint, the cluster one keeps the ready one.
+        let terminating = ", conditions: {ready: false, serving: true, terminating: true}";
+        let got = by_kind(etp, &[ep(1, "n1", terminating), ep(2, "n2", "")], "n1");
+        assert_eq!(external(&got), (vec![1], Some(vec![2]), false));
+        // Topology hints restrict the cluster endpoints (not the local ones) as for a ClusterIP.
+        let zoned = |last: u8, node: &str, zone: &str| ep(last, node, &format!(", hints: {{forNodes: [{{name: {zone}}}]}}"));
+        let got = by_kind(etp, &[zoned(1, "n1", "n2"), zoned(2, "n2", "n2"), zoned(3, "n3", "n1")], "n1");
+        assert_eq!(got[&ClusterIp], (vec![3], None, false));
+        assert_eq!(external(&got), (vec![1], Some(vec![3]), false));
+    }
+
+    #[test]
+    fn endpoints_used_by_in_cluster_clients_are_not_draining() {
+        let ep = |last: u8, node: &str, extra: &str| format!("{{addresses: [10.0.0.{last}], nodeName: {node}{extra}}}");
+        let eps = [ep(1, "n1", ""), ep(2, "n2", ""), ep(3, "n2", ", conditions: {ready: false}")];
+        let yaml = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: s}}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.9\n  \
+             externalTrafficPolicy: Local\n  ports: [{{port: 80, nodePort: 30009}}]\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s-1, labels: {{kubernetes.io/service-name: s}}}}\n\
+             addressType: IPv4\nports: [{{port: 8080}}]\nendpoints:\n{}",
+            eps.iter().map(|e| format!("- {e}\n")).collect::<String>()
+        );
+        let (services, slices) = crate::sources::manifests::parse_objects(&yaml);
+        let mut store = crate::tracker::ModelStore::default();
+        store.set_node_name(Some("n1".into()));
+        store.set_node_addresses(vec!["192.168.50.2".parse().unwrap()]);
+        store.replace_all(&services, &slices);
+        store.take_changes();
+        let np = &store.desired()[&fe("192.168.50.2", 30009, Protocol::Tcp)];
+        assert_eq!(np.backends, addrs(&["10.0.0.1:8080"]));
+        assert_eq!(np.internal_backends, Some(addrs(&["10.0.0.1:8080", "10.0.0.2:8080"])));
+        // 10.0.0.2 serves in-cluster clients: its connections are not left to drain.
+        assert_eq!(np.draining, addrs(&["10.0.0.3:8080"]));
+    }
+
+    #[test]
+    fn load_balancer_ingress_ips_with_ip_mode_proxy_are_not_frontends() {
+        let s = build(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: lb}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.7
+  ports: [{port: 80, nodePort: 30007}]
+status:
+  loadBalancer:
+    ingress:
+    - {ip: 203.0.113.1}
+    - {ip: 203.0.113.2, ipMode: VIP}
+    - {ip: 203.0.113.3, ipMode: Proxy}
+    - {hostname: lb.example.com, ipMode: Proxy}
+"#,
+        );
+        assert!(s.invalid.is_empty(), "{:?}", s.invalid);
+        let frontends: Vec<String> = s.desired.keys().map(|f| f.address.to_string()).collect();
+        // kube-proxy's IsVIPMode: no ipMode, or VIP. A Proxy-mode address belongs to the load
+        // balancer, which must receive the traffic itself.
+        assert_eq!(frontends, ["10.96.0.7", "203.0.113.1", "203.0.113.2"]);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::{
 };
 
 use kproxy_common::{
-    lb::{Backend, ServiceKey},
+    lb::{Backend, ServiceKey, SCOPE_EXTERNAL},
     sock::SockTermKey,
     PROTO_TCP,
 };
@@ -94,7 +94,8 @@ impl<D: Dataplane> Syncer<D> {
             .ops
             .iter()
             .filter_map(|op| match op {
-                Op::PutService(k, _) | Op::DeleteService(k) => Some(ServiceKey { slot: 0, ..*k }),
+                // Either scope: the socket path's backends are compared per frontend.
+                Op::PutService(k, _) | Op::DeleteService(k) => Some(ServiceKey { slot: 0, scope: SCOPE_EXTERNAL, ..*k }),
                 _ => None,
             })
             .collect();
@@ -125,7 +126,7 @@ fn removed_backends(mirror: &Mirror, desired: &DesiredState, before: Vec<(Servic
         let want = desired.get(&frontend_of(&key0));
         for b in old.difference(&now) {
             if b.protocol == PROTO_TCP {
-                let listed = want.map(|w| w.draining.contains(&backend_addr(b)));
+                let listed = want.map(|w| w.lists(&backend_addr(b)));
                 if listed != Some(false) {
                     continue; // frontend gone (Service deleted) or endpoint still listed
                 }
@@ -164,6 +165,7 @@ mod tests {
             name,
             frontend_type: ServiceType::ClusterIp,
             backends: backends.iter().map(|b| addr(*b)).collect(),
+            internal_backends: None,
             draining: draining.iter().map(|b| addr(*b)).collect(),
             drop_unserved: false,
             source_ranges: Vec::new(),
@@ -196,6 +198,41 @@ mod tests {
         ];
         let got = removed_per_sync(Protocol::Udp, &states);
         assert_eq!(got, vec![vec![], vec![(1, PROTO_UDP)], vec![], vec![(2, PROTO_UDP), (3, PROTO_UDP)]]);
+    }
+
+    #[test]
+    fn with_two_scopes_the_removed_backends_are_those_the_socket_path_stops_using() {
+        // An external frontend of an externalTrafficPolicy Local Service: `outside` for the tc
+        // path, `inside` for the socket path, whose sockets socket termination ends.
+        let state = |outside: &[u8], inside: &[u8]| {
+            let mut d = desired(Protocol::Udp, outside, &[]);
+            for s in d.values_mut() {
+                s.frontend_type = ServiceType::NodePort;
+                s.internal_backends = Some(inside.iter().map(|b| addr(*b)).collect());
+            }
+            d
+        };
+        let states = [
+            state(&[1], &[1, 2, 3]),
+            state(&[2], &[1, 2, 3]), // only the outside set changes: no socket is stale
+            state(&[2], &[2, 3]),    // 1 leaves the in-cluster set
+        ];
+        let got = removed_per_sync(Protocol::Udp, &states);
+        assert_eq!(got, vec![vec![], vec![], vec![(1, PROTO_UDP)]]);
+        // TCP: an endpoint the socket path stops using while it is still listed (here still a
+        // backend for outside clients) keeps its connections; once unlisted, they end.
+        let tcp = |outside: &[u8], inside: &[u8]| {
+            let mut d = desired(Protocol::Tcp, outside, &[]);
+            for s in d.values_mut() {
+                s.frontend_type = ServiceType::NodePort;
+                s.internal_backends = Some(inside.iter().map(|b| addr(*b)).collect());
+            }
+            d
+        };
+        let got = removed_per_sync(Protocol::Tcp, &[tcp(&[1], &[1, 2]), tcp(&[1], &[2, 3]), tcp(&[4], &[2, 3, 4])]);
+        assert_eq!(got, vec![vec![], vec![], vec![]]);
+        let got = removed_per_sync(Protocol::Tcp, &[tcp(&[1], &[1, 2]), tcp(&[], &[2])]);
+        assert_eq!(got, vec![vec![], vec![(1, PROTO_TCP)]]);
     }
 
     #[test]

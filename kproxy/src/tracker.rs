@@ -385,8 +385,7 @@ impl ModelStore {
             };
             let changed = old != entry;
             if let (Some(old), Some(new), Protocol::Tcp) = (&old, &entry, f.protocol) {
-                let listed = |a| new.backends.binary_search(a).is_ok() || new.draining.binary_search(a).is_ok();
-                changes.unlisted.extend(old.draining.iter().filter(|a| !listed(a)).map(|a| (f, *a)));
+                changes.unlisted.extend(old.draining.iter().filter(|a| !new.lists(a)).map(|a| (f, *a)));
             }
             if changed {
                 self.count_unserved(old.as_ref(), -1);
@@ -642,6 +641,96 @@ endpoints:
         assert_eq!(store.take_changes().frontends.len(), 1);
         let np = &store.desired()[&Frontend { address: "192.168.50.2".parse().unwrap(), port: 30080, protocol: crate::model::Protocol::Tcp }];
         assert_eq!(np.backends, ["10.244.2.5:8080".parse().unwrap()]);
+    }
+
+    #[test]
+    fn in_cluster_clients_of_an_external_traffic_policy_local_node_port_follow_the_cluster_endpoints() {
+        let yaml = |endpoints: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.7\n  \
+                 externalTrafficPolicy: Local\n  ports: [{{port: 80, nodePort: 30080}}]\n---\n\
+                 apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-1, labels: {{kubernetes.io/service-name: web}}}}\n\
+                 addressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{endpoints}]\n"
+            )
+        };
+        let np = Frontend { address: "192.168.50.2".parse().unwrap(), port: 30080, protocol: Protocol::Tcp };
+        let addrs = |list: &[&str]| list.iter().map(|a| a.parse().unwrap()).collect::<Vec<std::net::SocketAddrV4>>();
+        let mut store = ModelStore::default();
+        store.set_node_addresses(vec!["192.168.50.2".parse().unwrap()]);
+        store.set_node_name(Some("node-a".into()));
+        let (services, slices) = crate::sources::manifests::parse_objects(&yaml("{addresses: [10.244.2.5], nodeName: node-b}"));
+        store.replace_all(&services, &slices);
+        store.take_changes();
+        let d = &store.desired()[&np];
+        assert_eq!((d.backends.len(), d.drop_unserved), (0, true), "from outside: dropped here");
+        assert_eq!(d.internal_backends, Some(addrs(&["10.244.2.5:8080"])), "from inside: the cluster's endpoint");
+        // kube-proxy counts the service port as without local endpoints all the same.
+        assert_eq!(store.no_local_endpoints(), (0, 1));
+
+        // Another remote endpoint: the in-cluster set changes, so does the frontend.
+        let two_remote = "{addresses: [10.244.2.5], nodeName: node-b}, {addresses: [10.244.3.5], nodeName: node-c}";
+        let (_, slices) = crate::sources::manifests::parse_objects(&yaml(two_remote));
+        store.apply_slice(&slices[0]).unwrap();
+        assert!(store.take_changes().frontends.contains(&np));
+        assert_eq!(store.desired()[&np].internal_backends, Some(addrs(&["10.244.2.5:8080", "10.244.3.5:8080"])));
+
+        // A local endpoint appears: outside clients get it, inside ones all three; none dropped.
+        let (_, slices) = crate::sources::manifests::parse_objects(&yaml(&format!("{two_remote}, {{addresses: [10.244.1.5], nodeName: node-a}}")));
+        store.apply_slice(&slices[0]).unwrap();
+        assert!(store.take_changes().frontends.contains(&np));
+        let d = &store.desired()[&np];
+        assert_eq!(d.backends, addrs(&["10.244.1.5:8080"]));
+        assert_eq!(d.internal_backends, Some(addrs(&["10.244.1.5:8080", "10.244.2.5:8080", "10.244.3.5:8080"])));
+        assert_eq!(store.no_local_endpoints(), (0, 0));
+    }
+
+    #[test]
+    fn an_endpoint_that_turns_ready_on_another_node_is_not_unlisted() {
+        // A remote endpoint that was draining (not ready) becomes ready: outside clients of the
+        // externalTrafficPolicy Local NodePort do not use it, in-cluster ones do. It is listed
+        // all along, so its connections must not be ended.
+        let yaml = |ready: bool| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.7\n  \
+                 externalTrafficPolicy: Local\n  ports: [{{port: 80, nodePort: 30080}}]\n---\n\
+                 apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-1, labels: {{kubernetes.io/service-name: web}}}}\n\
+                 addressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{{addresses: [10.244.1.5], nodeName: node-a}}, \
+                 {{addresses: [10.244.2.5], nodeName: node-b, conditions: {{ready: {ready}}}}}]\n"
+            )
+        };
+        let mut store = ModelStore::default();
+        store.set_node_addresses(vec!["192.168.50.2".parse().unwrap()]);
+        store.set_node_name(Some("node-a".into()));
+        let (services, slices) = crate::sources::manifests::parse_objects(&yaml(false));
+        store.replace_all(&services, &slices);
+        store.take_changes();
+        let (_, slices) = crate::sources::manifests::parse_objects(&yaml(true));
+        store.apply_slice(&slices[0]).unwrap();
+        let changes = store.take_changes();
+        assert_eq!(changes.frontends.len(), 2, "ClusterIP and NodePort gain it");
+        assert_eq!(changes.unlisted, [], "still listed");
+    }
+
+    #[test]
+    fn a_load_balancer_ip_whose_ip_mode_turns_to_proxy_stops_being_a_frontend() {
+        let yaml = |mode: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: lb}}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.8\n  \
+                 ports: [{{port: 80, nodePort: 30081}}]\nstatus: {{loadBalancer: {{ingress: [{{ip: 203.0.113.8, ipMode: {mode}}}]}}}}\n"
+            )
+        };
+        let lb = Frontend { address: "203.0.113.8".parse().unwrap(), port: 80, protocol: Protocol::Tcp };
+        let mut store = ModelStore::default();
+        let (services, _) = crate::sources::manifests::parse_objects(&yaml("VIP"));
+        store.apply_service(&services[0]).unwrap();
+        store.take_changes();
+        assert!(store.desired().contains_key(&lb));
+        let (services, _) = crate::sources::manifests::parse_objects(&yaml("Proxy"));
+        store.apply_service(&services[0]).unwrap();
+        let changes = store.take_changes();
+        assert_eq!(changes.frontends, [lb].into(), "only the load-balancer IP changes");
+        assert!(!store.desired().contains_key(&lb));
+        assert_eq!(store.desired().len(), 1, "the ClusterIP stays");
     }
 
     #[test]

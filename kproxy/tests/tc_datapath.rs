@@ -55,6 +55,7 @@ fn service(frontend: Frontend, backends: &[&str]) -> (Frontend, DesiredService) 
         name,
         frontend_type: ServiceType::ClusterIp,
         backends,
+        internal_backends: None,
         draining: Vec::new(),
         drop_unserved: false,
         source_ranges: Vec::new(),

@@ -115,6 +115,9 @@ pub struct ServiceDump {
     pub protocol: String,
     /// `ip:port` of each backend, sorted.
     pub backends: Vec<String>,
+    /// `in_cluster_backends`, sorted: the backends of clients in the cluster when they are not
+    /// `backends` (an external frontend with `externalTrafficPolicy: Local`).
+    pub in_cluster_backends: Option<Vec<String>>,
 }
 
 impl ServiceDump {
@@ -169,19 +172,24 @@ impl Dump {
 fn parse_service(v: &Value) -> Result<ServiceDump> {
     let text = |key: &str| v.get(key).and_then(Value::as_str).map(str::to_string);
     let required = |key: &str| text(key).ok_or_else(|| anyhow!("no string field {key:?}"));
-    let mut backends = match v.get("backends") {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|b| {
-                b.as_str()
-                    .map(str::to_string)
-                    .ok_or_else(|| anyhow!("backend {b}"))
-            })
-            .collect::<Result<_>>()?,
-        Some(other) => bail!("backends is not an array: {other}"),
+    let list = |key: &str| -> Result<Option<Vec<String>>> {
+        let mut list: Vec<String> = match v.get(key) {
+            None | Some(Value::Null) => return Ok(None),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|b| {
+                    b.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| anyhow!("{key}: {b}"))
+                })
+                .collect::<Result<_>>()?,
+            Some(other) => bail!("{key} is not an array: {other}"),
+        };
+        list.sort();
+        Ok(Some(list))
     };
-    backends.sort();
+    let backends = list("backends")?.unwrap_or_default();
+    let in_cluster_backends = list("in_cluster_backends")?;
     Ok(ServiceDump {
         namespace: text("namespace").unwrap_or_default(),
         name: required("name")?,
@@ -190,6 +198,7 @@ fn parse_service(v: &Value) -> Result<ServiceDump> {
         frontend: required("frontend")?,
         protocol: text("protocol").unwrap_or_default(),
         backends,
+        in_cluster_backends,
     })
 }
 

@@ -312,3 +312,191 @@ fn external_traffic_policy_local_uses_local_endpoints_and_serves_its_health_chec
     assert!(answer.ends_with("\n503") && answer.contains(r#""localEndpoints": 0"#), "{answer}");
     say(&format!("{test}: 40/40 to the local endpoint; health check port 200 then 503"));
 }
+
+const LB_IP: &str = "203.0.113.30";
+
+/// An `externalTrafficPolicy: Local` LoadBalancer Service whose only endpoint (pod-b) is on
+/// another node, and a Service with a local endpoint (pod-a) as a control.
+fn local_policy_remote_endpoints_manifest(h: &Harness) -> String {
+    let (a, b) = (h.topology.pod("pod-a").ip, h.topology.pod("pod-b").ip);
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: remote, namespace: default}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.30
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32001
+  ports:
+  - {{name: http, port: 80, nodePort: 30091, protocol: TCP}}
+  - {{name: dns, port: 53, nodePort: 30091, protocol: UDP}}
+status: {{loadBalancer: {{ingress: [{{ip: {LB_IP}}}]}}}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: remote-1, namespace: default, labels: {{kubernetes.io/service-name: remote}}}}
+addressType: IPv4
+ports: [{{name: http, port: {HTTP_PORT}, protocol: TCP}}, {{name: dns, port: {UDP_PORT}, protocol: UDP}}]
+endpoints:
+- {{addresses: [{b}], nodeName: another-node}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: control, namespace: default}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.31
+  ports: [{{name: http, port: 80, nodePort: 30092, protocol: TCP}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: control-1, namespace: default, labels: {{kubernetes.io/service-name: control}}}}
+addressType: IPv4
+ports: [{{name: http, port: {HTTP_PORT}, protocol: TCP}}]
+endpoints:
+- {{addresses: [{a}], nodeName: kproxy-node}}
+"#
+    )
+}
+
+impl NodePortSetup {
+    /// Runs `kproxy-testpod <args>` in the cluster: in pod `pod`'s network namespace, or the
+    /// node's (a node process) for `None`, in the attached cgroup (the socket path).
+    fn in_cluster_client(&self, pod: Option<&str>, args: &[&str]) -> Report {
+        let what = format!("client in {} {args:?}", pod.unwrap_or("the node"));
+        let child = match pod {
+            None => self.h.spawn_client(args),
+            Some(pod) => {
+                let mut cmd = Command::new(&self.h.binaries().testpod);
+                cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+                xtask::topology::spawn_in_cgroup(&self.h.topology.pod(pod).netns, &self.h.cgroup, cmd)
+            }
+        };
+        let child = child.unwrap_or_else(|e| panic!("{what}: {e:#}"));
+        Harness::client_report(child, CLIENT_WAIT).unwrap_or_else(|e| panic!("{what}: {e:#}"))
+    }
+}
+
+/// The sig-network e2e "LoadBalancers ExternalTrafficPolicy: Local ... should work from pods",
+/// on a node without a local endpoint: kube-proxy short-circuits in-cluster clients of the
+/// NodePort and load-balancer IP to the cluster's endpoints (`UsesClusterEndpoints`), while
+/// clients from outside keep the Local semantics (dropped here, so the load balancer's health
+/// check moves them to a node with an endpoint).
+#[test]
+fn external_traffic_policy_local_should_work_from_pods_on_a_node_without_local_endpoints() {
+    let test = "external_traffic_policy_local_should_work_from_pods_on_a_node_without_local_endpoints";
+    let Some(mut setup) = NodePortSetup::with_manifest(test, "auto", local_policy_remote_endpoints_manifest) else { return };
+    // From outside, the load-balancer IP is routed to this node.
+    setup.ext.ip(&["route", "add", &format!("{LB_IP}/32"), "via", NODE_IP]).expect("route the LB IP to the node");
+    let node_port = format!("{NODE_IP}:30091");
+    let lb = format!("{LB_IP}:80");
+    let pod_b = format!("{}:{HTTP_PORT}", setup.h.topology.pod("pod-b").ip);
+    let (dump, _) = setup
+        .h
+        .wait_for_dump(Duration::from_secs(30), |d| {
+            let lb_ip = format!("{LB_IP}:");
+            d.services.iter().filter(|s| s.name == "remote" && (s.frontend == node_port || s.frontend.starts_with(&lb_ip))).count() == 4
+        })
+        .unwrap_or_else(|e| panic!("{test}: frontends not programmed: {e:#}\n{}", setup.h.agent_log()));
+    // A node process and a pod reach the NodePort and the load-balancer IP: the remote endpoint
+    // answers (not ECONNREFUSED), and sees the pod's own address (no SNAT).
+    let pod_a_ip = setup.h.topology.pod("pod-a").ip.to_string();
+    for (who, addr) in [(None, &node_port), (Some("pod-a"), &node_port), (None, &lb), (Some("pod-a"), &lb)] {
+        let report = setup.in_cluster_client(who, &["http", "--addr", addr, "--count", "20"]);
+        assert_eq!((report.ok, report.backend("pod-b")), (20, 20), "{test}: {who:?} to {addr}: {report:?}");
+        if who.is_some() {
+            assert_eq!(report.seen_as.get(&pod_a_ip), Some(&20), "{test}: the pod's address is kept: {report:?}");
+        }
+    }
+    // UDP from a pod to the load-balancer IP: replies come from the address it sent to.
+    let report = setup.in_cluster_client(Some("pod-a"), &["udp", "--addr", &format!("{LB_IP}:53"), "--count", "10"]);
+    assert_eq!((report.ok, report.backend("pod-b")), (10, 10), "{test}: UDP to the LB IP from a pod: {report:?}");
+    assert_eq!(report.sources.get(&format!("{LB_IP}:53")), Some(&10), "{test}: {report:?}");
+
+    // The dump shows both sets.
+    for s in dump.services.iter().filter(|s| s.name == "remote" && s.kind != "ClusterIP") {
+        assert!(s.backends.is_empty(), "{test}: no local endpoint for outside clients: {s:?}");
+        let want = if s.protocol == "UDP" { format!("{}:{UDP_PORT}", setup.h.topology.pod("pod-b").ip) } else { pod_b.clone() };
+        assert_eq!(s.in_cluster_backends, Some(vec![want]), "{test}: dump shows what in-cluster clients get: {s:?}");
+    }
+
+    // From outside, through tc: dropped (no RST, no ICMP), at the NodePort and the LB IP.
+    for addr in [&node_port, &lb] {
+        let report = setup.client(&["http", "--addr", addr, "--count", "3", "--timeout-ms", "500"]);
+        assert_eq!((report.ok, report.errors.get("TimedOut")), (0, Some(&3)), "{test}: {addr} from outside: {report:?}");
+    }
+    // The control: a NodePort with a local endpoint answers the same outside client.
+    let report = setup.client(&["http", "--addr", &format!("{NODE_IP}:30092"), "--count", "10"]);
+    assert_eq!((report.ok, report.backend("pod-a")), (10, 10), "{test}: control NodePort: {report:?}");
+    say(&format!(
+        "{test}: node process and pod reached the NodePort and LB IP of an ETP=Local service with only a remote endpoint \
+         (20/20 each, pod address kept, UDP 10/10); outside clients dropped (3/3 timed out) while the control answered"
+    ));
+}
+
+const PROXY_MODE_IP: &str = "203.0.113.40";
+const VIP_MODE_IP: &str = "203.0.113.41";
+
+fn ip_mode_manifest(h: &Harness) -> String {
+    let a = h.topology.pod("pod-a").ip;
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: lb, namespace: default}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.40
+  ports: [{{name: http, port: 80, nodePort: 30093, protocol: TCP}}]
+status:
+  loadBalancer:
+    ingress:
+    - {{ip: {PROXY_MODE_IP}, ipMode: Proxy}}
+    - {{ip: {VIP_MODE_IP}, ipMode: VIP}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: lb-1, namespace: default, labels: {{kubernetes.io/service-name: lb}}}}
+addressType: IPv4
+ports: [{{name: http, port: {HTTP_PORT}, protocol: TCP}}]
+endpoints:
+- {{addresses: [{a}], nodeName: kproxy-node}}
+"#
+    )
+}
+
+/// kube-proxy's `IsVIPMode`: a load-balancer ingress IP with `ipMode: Proxy` is not a frontend;
+/// a client in the cluster reaches the load balancer itself (which proxies to the node ports),
+/// not a pod. The load balancer here is a server on that IP in the external namespace.
+#[test]
+fn a_load_balancer_ip_with_ip_mode_proxy_reaches_the_load_balancer_not_a_pod() {
+    let test = "a_load_balancer_ip_with_ip_mode_proxy_reaches_the_load_balancer_not_a_pod";
+    let Some(mut setup) = NodePortSetup::with_manifest(test, "auto", ip_mode_manifest) else { return };
+    setup.ext.ip(&["addr", "add", &format!("{PROXY_MODE_IP}/32"), "dev", "eth0"]).expect("give the LB its IP");
+    setup.h.topology.node.ip(&["route", "add", &format!("{PROXY_MODE_IP}/32"), "via", EXT_IP]).expect("route to the LB");
+    // The balancer answers pods through the node, as a real one would through the network.
+    setup.ext.ip(&["route", "add", &setup.h.topology.pod_cidr(), "via", NODE_IP]).expect("route back to the pods");
+    let mut server = Command::new(&setup.h.binaries().testpod);
+    server
+        .args(["serve", "--name", "load-balancer", "--tcp", &format!("{PROXY_MODE_IP}:80")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped());
+    let mut server = spawn_in(&setup.ext, server).expect("start the load balancer");
+    let line = server.read_line(Duration::from_secs(5)).expect("load balancer ready");
+    assert!(line.starts_with("ready"), "{test}: load balancer printed {line:?}");
+
+    let (dump, _) = setup
+        .h
+        .wait_for_dump(Duration::from_secs(30), |d| d.services.iter().any(|s| s.frontend == format!("{VIP_MODE_IP}:80")))
+        .unwrap_or_else(|e| panic!("{test}: VIP-mode IP not programmed: {e:#}\n{}", setup.h.agent_log()));
+    // The VIP-mode IP is translated to the pod; the Proxy-mode one is left for the balancer.
+    let report = setup.in_cluster_client(None, &["http", "--addr", &format!("{VIP_MODE_IP}:80"), "--count", "10"]);
+    assert_eq!((report.ok, report.backend("pod-a")), (10, 10), "{test}: VIP mode: {report:?}");
+    for pod in [None, Some("pod-b")] {
+        let report = setup.in_cluster_client(pod, &["http", "--addr", &format!("{PROXY_MODE_IP}:80"), "--count", "10"]);
+        assert_eq!((report.ok, report.backend("load-balancer")), (10, 10), "{test}: Proxy mode from {pod:?}: {report:?}");
+    }
+    let frontends: Vec<&str> = dump.services.iter().map(|s| s.frontend.as_str()).collect();
+    assert!(!frontends.iter().any(|f| f.starts_with(PROXY_MODE_IP)), "{test}: Proxy-mode IP programmed: {frontends:?}");
+    say(&format!("{test}: {VIP_MODE_IP} (VIP) 10/10 to pod-a; {PROXY_MODE_IP} (Proxy) not in the dump, 10/10 to the load balancer from the node and a pod"));
+}

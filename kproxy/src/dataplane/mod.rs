@@ -17,8 +17,9 @@ use std::{
 };
 
 use kproxy_common::lb::{
-    Backend, ServiceKey, ServiceMeta, ServiceValue, NAME_LEN, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_UNSERVED, SVC_TYPE_CLUSTER_IP,
-    SVC_TYPE_EXTERNAL_IP, SVC_TYPE_LOAD_BALANCER, SVC_TYPE_NODE_PORT,
+    Backend, ServiceKey, ServiceMeta, ServiceValue, NAME_LEN, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_AFFINITY,
+    SVC_FLAG_DROP_UNSERVED, SVC_FLAG_TWO_SCOPES, SVC_TYPE_CLUSTER_IP, SVC_TYPE_EXTERNAL_IP, SVC_TYPE_LOAD_BALANCER,
+    SVC_TYPE_NODE_PORT,
 };
 
 use crate::model::{Cidr, Frontend, Protocol, ServicePortName, ServiceType};
@@ -132,13 +133,36 @@ pub enum Resolution {
     Backend(SocketAddrV4),
 }
 
+/// Where a client is, as the kernel's `lb::Origin`.
+#[cfg(test)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// The node's processes and its pods (the socket path).
+    InCluster,
+    /// Outside the node (the tc path).
+    Outside,
+}
+
 impl MapContents {
-    /// Resolves a new connection exactly as the kernel's `lb::lookup` does, with `random` in
-    /// place of `bpf_get_prandom_u32()`.
+    /// Resolves a new connection from outside the node (the tc path), as
+    /// [`MapContents::resolve_from`] does.
     #[cfg(test)]
     pub fn resolve(&self, frontend: Frontend, random: u32) -> Resolution {
+        self.resolve_from(Origin::Outside, frontend, random)
+    }
+
+    /// Resolves a new connection from `origin` exactly as the kernel's `lb::lookup` does, with
+    /// `random` in place of `bpf_get_prandom_u32()`.
+    #[cfg(test)]
+    pub fn resolve_from(&self, origin: Origin, frontend: Frontend, random: u32) -> Resolution {
         let mut key = service_key(frontend, 0);
-        let Some(front) = self.services.get(&key) else { return Resolution::NotAService };
+        let Some(mut front) = self.services.get(&key) else { return Resolution::NotAService };
+        if origin == Origin::InCluster && front.flags & SVC_FLAG_TWO_SCOPES != 0 {
+            if let Some(internal) = self.services.get(&ServiceKey { scope: SCOPE_INTERNAL, ..key }) {
+                key.scope = SCOPE_INTERNAL;
+                front = internal;
+            }
+        }
         if front.count == 0 {
             return Resolution::Refused;
         }
@@ -155,13 +179,13 @@ impl MapContents {
         let mut out: Vec<ProgrammedService> = self
             .services
             .iter()
-            .filter(|(k, _)| k.slot == 0)
+            .filter(|(k, _)| k.slot == 0 && k.scope == SCOPE_EXTERNAL)
             .map(|(k, v)| {
-                let backends = (1..=v.count)
-                    .filter_map(|slot| self.services.get(&ServiceKey { slot, ..*k }))
-                    .filter_map(|s| self.backends.get(&s.backend_id))
-                    .map(backend_addr)
-                    .collect();
+                let backends = self.slot_backends(k, v);
+                let internal_key = ServiceKey { scope: SCOPE_INTERNAL, ..*k };
+                let internal_backends = (v.flags & SVC_FLAG_TWO_SCOPES != 0)
+                    .then(|| self.services.get(&internal_key).map(|i| self.slot_backends(&internal_key, i)))
+                    .flatten();
                 let meta = self.meta.get(&v.service_id);
                 ProgrammedService {
                     frontend: frontend_of(k),
@@ -169,6 +193,7 @@ impl MapContents {
                     name: meta.map(meta_names),
                     frontend_type: meta.map_or("Unknown", |m| svc_type_name(m.svc_type)),
                     backends,
+                    internal_backends,
                     drop_unserved: v.flags & SVC_FLAG_DROP_UNSERVED != 0,
                     affinity_timeout: if v.flags & SVC_FLAG_AFFINITY != 0 { v.backend_id } else { 0 },
                     source_ranges: self.source_ranges.get(&v.service_id).into_iter().flatten().copied().collect(),
@@ -177,6 +202,15 @@ impl MapContents {
             .collect();
         out.sort_by(|a, b| (&a.name, a.frontend).cmp(&(&b.name, b.frontend)));
         out
+    }
+
+    /// The backends in slots `1..=count` of the frontend entry `key0` (`front`), in slot order.
+    fn slot_backends(&self, key0: &ServiceKey, front: &ServiceValue) -> Vec<SocketAddrV4> {
+        (1..=front.count)
+            .filter_map(|slot| self.services.get(&ServiceKey { slot, ..*key0 }))
+            .filter_map(|s| self.backends.get(&s.backend_id))
+            .map(backend_addr)
+            .collect()
     }
 }
 
@@ -189,6 +223,9 @@ pub struct ProgrammedService {
     pub name: Option<(String, String, String)>,
     pub frontend_type: &'static str,
     pub backends: Vec<SocketAddrV4>,
+    /// With two scopes ([`SVC_FLAG_TWO_SCOPES`]): the backends of clients in the cluster (the
+    /// socket path), in slot order; `backends` are then those of clients from outside.
+    pub internal_backends: Option<Vec<SocketAddrV4>>,
     /// No backend because none is local (`externalTrafficPolicy: Local`): new flows dropped.
     pub drop_unserved: bool,
     /// Allowed client ranges (load-balancer IPs with `loadBalancerSourceRanges`).
@@ -197,13 +234,14 @@ pub struct ProgrammedService {
     pub affinity_timeout: u32,
 }
 
+/// The key of `frontend`'s `slot` in scope 0 ([`SCOPE_EXTERNAL`]).
 pub fn service_key(frontend: Frontend, slot: u16) -> ServiceKey {
     ServiceKey {
         address: frontend.address.octets(),
         port: frontend.port.to_be_bytes(),
         slot,
         protocol: frontend.protocol.ip_proto(),
-        scope: 0,
+        scope: SCOPE_EXTERNAL,
         _pad: [0; 2],
     }
 }

@@ -5,9 +5,12 @@
 //! reader in the kernel:
 //! 1. new backends, then service metadata and new source ranges;
 //! 2. per frontend: changed backend slots, then the frontend entry (slot 0, with the count that
-//!    makes the slots reachable), then slots beyond the new count;
-//! 3. removed frontends (slot 0 first, so readers stop at once), then their slots, source
-//!    ranges no longer wanted, stray entries and metadata;
+//!    makes the slots reachable), then slots beyond the new count; a frontend with two scopes
+//!    (`kproxy_common::lb::SCOPE_INTERNAL`) gets its scope-1 entries so, before the scope-0
+//!    entries whose `SVC_FLAG_TWO_SCOPES` makes them reachable;
+//! 3. removed frontends (slot 0 first, so readers stop at once), then their slots, and after
+//!    them their scope-1 entries likewise (also those of a frontend whose flag was just
+//!    cleared); source ranges no longer wanted, stray entries and metadata;
 //! 4. backends that no slot references any more.
 //!
 //! A plan covers a [`Scope`]: the frontends that changed (a sync after events costs O(changes))
@@ -19,8 +22,9 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 use kproxy_common::lb::{
-    Backend, ServiceKey, ServiceValue, SVC_FLAG_AFFINITY, SVC_FLAG_CLUSTER_IP, SVC_FLAG_DROP_UNSERVED,
-    SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES,
+    Backend, ServiceKey, ServiceValue, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_CLUSTER_IP,
+    SVC_FLAG_DROP_UNSERVED, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES,
+    SVC_FLAG_TWO_SCOPES,
 };
 
 use super::{backend_value, frontend_of, service_key, service_meta, Dataplane as _, MapContents, Op};
@@ -70,6 +74,7 @@ pub struct Mirror {
     ids_by_backend: HashMap<Backend, u32>,
     /// How many slots name each backend id.
     backend_refs: HashMap<u32, u32>,
+    /// Frontend entries of scope 0: one per frontend (scope-1 ones are extra entries of it).
     frontends: usize,
     next_backend_id: u32,
     next_service_id: u32,
@@ -87,7 +92,7 @@ impl Mirror {
         }
         for (k, v) in &contents.services {
             if k.slot == 0 {
-                m.frontends += 1;
+                m.frontends += usize::from(k.scope == SCOPE_EXTERNAL);
             } else {
                 *m.backend_refs.entry(v.backend_id).or_default() += 1;
                 m.next_backend_id = m.next_backend_id.max(v.backend_id.saturating_add(1));
@@ -106,17 +111,25 @@ impl Mirror {
         (self.contents.services.len(), self.contents.backends.len(), self.contents.meta.len())
     }
 
-    /// The service id of a programmed frontend (`key0`, slot 0) and the backends its slots
-    /// name. O(backends of the frontend).
     /// The service id programmed for a frontend.
     pub fn service_id(&self, frontend: Frontend) -> Option<u32> {
         self.contents.services.get(&service_key(frontend, 0)).map(|v| v.service_id)
     }
 
+    /// The service id of a programmed frontend (`key0`: slot 0 of scope 0) and the backends
+    /// that the socket path gives its clients: those of its scope-1 slots if it has two scopes,
+    /// else those of its slots. O(backends of the frontend).
     pub fn frontend_backends(&self, key0: &ServiceKey) -> Option<(u32, BTreeSet<Backend>)> {
-        let front = self.contents.services.get(key0)?;
+        let mut key0 = *key0;
+        let mut front = self.contents.services.get(&key0)?;
+        if front.flags & SVC_FLAG_TWO_SCOPES != 0 {
+            let internal = ServiceKey { scope: SCOPE_INTERNAL, ..key0 };
+            if let Some(v) = self.contents.services.get(&internal) {
+                (key0, front) = (internal, v);
+            }
+        }
         let backends = (1..=front.count)
-            .filter_map(|slot| self.contents.services.get(&ServiceKey { slot, ..*key0 }))
+            .filter_map(|slot| self.contents.services.get(&ServiceKey { slot, ..key0 }))
             .filter_map(|s| self.contents.backends.get(&s.backend_id))
             .copied()
             .collect();
@@ -146,7 +159,7 @@ impl Mirror {
             }
             Op::PutService(k, v) => {
                 match self.contents.services.get(k) {
-                    None if k.slot == 0 => self.frontends += 1,
+                    None if k.slot == 0 && k.scope == SCOPE_EXTERNAL => self.frontends += 1,
                     Some(old) if k.slot > 0 => self.unref(old.backend_id),
                     _ => {}
                 }
@@ -156,7 +169,7 @@ impl Mirror {
                 self.next_service_id = self.next_service_id.max(v.service_id.saturating_add(1));
             }
             Op::DeleteService(k) => match self.contents.services.get(k) {
-                Some(_) if k.slot == 0 => self.frontends -= 1,
+                Some(_) if k.slot == 0 => self.frontends -= usize::from(k.scope == SCOPE_EXTERNAL),
                 Some(old) => self.unref(old.backend_id),
                 None => {}
             },
@@ -246,21 +259,15 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
 
     for frontend in &targets {
         let key0 = service_key(*frontend, 0);
+        let internal_key0 = ServiceKey { scope: SCOPE_INTERNAL, ..key0 };
         let existing = current.services.get(&key0).copied();
-        let old_slots: Vec<Option<u32>> = existing.map_or_else(Vec::new, |v| {
-            (1..=v.count).map(|slot| current.services.get(&ServiceKey { slot, ..key0 }).map(|s| s.backend_id)).collect()
-        });
+        let existing_internal = current.services.get(&internal_key0).copied();
         let Some(want) = desired.get(frontend) else {
-            // Removed: the frontend entry first, so readers stop at once.
+            // Removed: the frontend entry first, so readers stop at once; the internal scope
+            // after it, when nothing points there any more.
             if let Some(v) = existing {
-                removal_ops.push(Op::DeleteService(key0));
-                for slot in 1..=v.count {
-                    let key = ServiceKey { slot, ..key0 };
-                    if let Some(s) = current.services.get(&key) {
-                        *ref_delta.entry(s.backend_id).or_default() -= 1;
-                        removal_ops.push(Op::DeleteService(key));
-                    }
-                }
+                delete_scope(current, key0, &mut removal_ops, &mut ref_delta);
+                delete_scope(current, internal_key0, &mut removal_ops, &mut ref_delta);
                 if current.meta.contains_key(&v.service_id) {
                     meta_deletes.push(v.service_id);
                 }
@@ -272,13 +279,21 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
         };
 
         let backends: Vec<Backend> = want.backends.iter().map(|a| backend_value(*a, frontend.protocol)).collect();
+        let internal: Option<Vec<Backend>> =
+            want.internal_backends.as_ref().map(|list| list.iter().map(|a| backend_value(*a, frontend.protocol)).collect());
         let new_backends: BTreeSet<Backend> = backends
             .iter()
+            .chain(internal.iter().flatten())
             .filter(|b| !mirror.ids_by_backend.contains_key(b) && !new_ids.contains_key(b))
             .copied()
             .collect();
-        let old_count = old_slots.len();
-        let added_entries = (backends.len() + 1).saturating_sub(old_count + usize::from(existing.is_some()));
+        // Entries of each scope (frontend and slots) wanted beyond those programmed.
+        let scope_entries = |wanted: Option<usize>, programmed: Option<ServiceValue>| {
+            let programmed = programmed.map_or(0, |v| usize::from(v.count) + 1);
+            wanted.map_or(0, |n| n + 1).saturating_sub(programmed)
+        };
+        let added_entries = scope_entries(Some(backends.len()), existing)
+            + scope_entries(internal.as_ref().map(Vec::len), existing_internal);
         let fits = (n_services + u64::from(existing.is_none()) <= u64::from(limits.max_services))
             && (n_backends + new_backends.len() as u64 <= u64::from(limits.max_backends))
             && (n_entries + added_entries as u64 <= u64::from(limits.max_service_entries));
@@ -295,8 +310,12 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
                 ),
             });
             if let Some(v) = existing {
-                keep_keys.insert(key0);
-                keep_keys.extend((1..=v.count).map(|slot| ServiceKey { slot, ..key0 }));
+                for (key0, v) in [(key0, Some(v)), (internal_key0, existing_internal)] {
+                    if let Some(v) = v {
+                        keep_keys.insert(key0);
+                        keep_keys.extend((1..=v.count).map(|slot| ServiceKey { slot, ..key0 }));
+                    }
+                }
                 keep_meta.insert(v.service_id);
             }
             continue;
@@ -312,10 +331,9 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
         }
         // A backend entry deleted behind our back is not indexed: it gets a new id above and
         // the slots that named the old one are rewritten below.
-        let ids: Vec<u32> = backends
-            .iter()
-            .map(|b| mirror.ids_by_backend.get(b).or_else(|| new_ids.get(b)).copied().expect("allocated above"))
-            .collect();
+        let id_of = |b: &Backend| mirror.ids_by_backend.get(b).or_else(|| new_ids.get(b)).copied().expect("allocated above");
+        let ids: Vec<u32> = backends.iter().map(id_of).collect();
+        let internal_ids: Option<Vec<u32>> = internal.as_ref().map(|list| list.iter().map(id_of).collect());
 
         let service_id = existing.map_or_else(|| service_ids.allocate(), |v| v.service_id);
         keep_meta.insert(service_id);
@@ -335,51 +353,19 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
             removal_ops.push(Op::DeleteSourceRange(service_id, *range));
         }
 
-        // Backends keep their slot when they stay; new ones fill the free slots.
-        let mut remaining: BTreeSet<u32> = ids.iter().copied().collect();
-        let mut slots: Vec<Option<u32>> = vec![None; ids.len()];
-        for (slot, old) in slots.iter_mut().zip(&old_slots) {
-            if let Some(id) = old {
-                if remaining.remove(id) {
-                    *slot = Some(*id);
-                }
-            }
+        let mut writes = ScopeWrites { current, ops: &mut service_ops, ref_delta: &mut ref_delta, keep_keys: &mut keep_keys };
+        // The internal scope first: complete before the scope-0 flag that makes it reachable.
+        let kind_and_affinity = frontend_flags(want) & (FRONTEND_KIND | SVC_FLAG_AFFINITY);
+        if let Some(ids) = &internal_ids {
+            let front = ServiceValue { backend_id: want.affinity_timeout, count: 0, flags: kind_and_affinity, service_id };
+            writes.scope(internal_key0, ids, front);
         }
-        let mut fill = remaining.into_iter();
-        for slot in slots.iter_mut().filter(|s| s.is_none()) {
-            *slot = fill.next();
-        }
-
-        for (i, backend_id) in slots.iter().enumerate() {
-            let backend_id = backend_id.expect("every slot is filled: as many ids as slots");
-            let key = ServiceKey { slot: i as u16 + 1, ..key0 };
-            let value = ServiceValue { backend_id, count: 0, flags: 0, service_id };
-            keep_keys.insert(key);
-            let old = current.services.get(&key);
-            if old != Some(&value) {
-                if let Some(old) = old {
-                    *ref_delta.entry(old.backend_id).or_default() -= 1;
-                }
-                *ref_delta.entry(backend_id).or_default() += 1;
-                service_ops.push(Op::PutService(key, value));
-            }
-        }
-        let front = ServiceValue {
-            backend_id: want.affinity_timeout,
-            count: slots.len() as u16,
-            flags: frontend_flags(want),
-            service_id,
-        };
-        keep_keys.insert(key0);
-        if existing != Some(front) {
-            service_ops.push(Op::PutService(key0, front));
-        }
-        for slot in slots.len() + 1..=old_count {
-            let key = ServiceKey { slot: slot as u16, ..key0 };
-            if let Some(old) = current.services.get(&key) {
-                *ref_delta.entry(old.backend_id).or_default() -= 1;
-                service_ops.push(Op::DeleteService(key));
-            }
+        let two_scopes = if internal_ids.is_some() { SVC_FLAG_TWO_SCOPES } else { 0 };
+        let front = ServiceValue { backend_id: want.affinity_timeout, count: 0, flags: frontend_flags(want) | two_scopes, service_id };
+        writes.scope(key0, &ids, front);
+        if internal_ids.is_none() {
+            // No longer two scopes: the internal one goes once the flag is cleared above.
+            delete_scope(current, internal_key0, &mut removal_ops, &mut ref_delta);
         }
     }
 
@@ -402,7 +388,7 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
             .collect();
         let mut strays: Vec<&ServiceKey> =
             current.services.keys().filter(|k| !keep_keys.contains(k) && !deleted.contains(k)).collect();
-        strays.sort_by_key(|k| (k.slot != 0, k.address, k.port, k.protocol, k.slot));
+        strays.sort_by_key(|k| (k.slot != 0, k.scope, k.address, k.port, k.protocol, k.slot));
         for k in strays {
             if k.slot > 0 {
                 *ref_delta.entry(current.services[k].backend_id).or_default() -= 1;
@@ -436,6 +422,86 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
     ops.extend(meta_deletes.into_iter().map(Op::DeleteMeta));
     ops.extend(stale_backends.into_iter().map(Op::DeleteBackend));
     Plan { ops, refused }
+}
+
+/// The `SVC_FLAG_*` bits that say which kind of frontend an entry is.
+const FRONTEND_KIND: u16 = SVC_FLAG_CLUSTER_IP | SVC_FLAG_NODE_PORT | SVC_FLAG_EXTERNAL_IP | SVC_FLAG_LOAD_BALANCER;
+
+/// Where the writes of one frontend's scopes go, and the accounting they update.
+struct ScopeWrites<'a> {
+    current: &'a MapContents,
+    ops: &'a mut Vec<Op>,
+    /// Slot references gained (+) and lost (-) per backend id.
+    ref_delta: &'a mut HashMap<u32, i64>,
+    /// Entries that must survive the sweep of a full plan.
+    keep_keys: &'a mut HashSet<ServiceKey>,
+}
+
+impl ScopeWrites<'_> {
+    /// Plans one scope of a frontend (`key0`, its slot 0) to hold the backend `ids`: changed
+    /// slots (a backend keeps its slot while it stays; new ones fill the free slots), then the
+    /// frontend entry `front` with the count that makes them reachable, then the slots past
+    /// the new count.
+    fn scope(&mut self, key0: ServiceKey, ids: &[u32], front: ServiceValue) {
+        let services = &self.current.services;
+        let old_count = services.get(&key0).map_or(0, |v| v.count);
+        let old_slots: Vec<Option<u32>> =
+            (1..=old_count).map(|slot| services.get(&ServiceKey { slot, ..key0 }).map(|s| s.backend_id)).collect();
+        let mut remaining: BTreeSet<u32> = ids.iter().copied().collect();
+        let mut slots: Vec<Option<u32>> = vec![None; ids.len()];
+        for (slot, old) in slots.iter_mut().zip(&old_slots) {
+            if let Some(id) = old {
+                if remaining.remove(id) {
+                    *slot = Some(*id);
+                }
+            }
+        }
+        let mut fill = remaining.into_iter();
+        for slot in slots.iter_mut().filter(|s| s.is_none()) {
+            *slot = fill.next();
+        }
+
+        for (i, backend_id) in slots.iter().enumerate() {
+            let backend_id = backend_id.expect("every slot is filled: as many ids as slots");
+            let key = ServiceKey { slot: i as u16 + 1, ..key0 };
+            let value = ServiceValue { backend_id, count: 0, flags: 0, service_id: front.service_id };
+            self.keep_keys.insert(key);
+            let old = services.get(&key);
+            if old != Some(&value) {
+                if let Some(old) = old {
+                    *self.ref_delta.entry(old.backend_id).or_default() -= 1;
+                }
+                *self.ref_delta.entry(backend_id).or_default() += 1;
+                self.ops.push(Op::PutService(key, value));
+            }
+        }
+        let front = ServiceValue { count: slots.len() as u16, ..front };
+        self.keep_keys.insert(key0);
+        if services.get(&key0) != Some(&front) {
+            self.ops.push(Op::PutService(key0, front));
+        }
+        for slot in slots.len() + 1..=usize::from(old_count) {
+            let key = ServiceKey { slot: slot as u16, ..key0 };
+            if let Some(old) = services.get(&key) {
+                *self.ref_delta.entry(old.backend_id).or_default() -= 1;
+                self.ops.push(Op::DeleteService(key));
+            }
+        }
+    }
+}
+
+/// Plans the deletion of one scope of a frontend (`key0`, its slot 0), if programmed: the
+/// frontend entry first, so readers stop at once, then its slots.
+fn delete_scope(current: &MapContents, key0: ServiceKey, ops: &mut Vec<Op>, ref_delta: &mut HashMap<u32, i64>) {
+    let Some(v) = current.services.get(&key0) else { return };
+    ops.push(Op::DeleteService(key0));
+    for slot in 1..=v.count {
+        let key = ServiceKey { slot, ..key0 };
+        if let Some(s) = current.services.get(&key) {
+            *ref_delta.entry(s.backend_id).or_default() -= 1;
+            ops.push(Op::DeleteService(key));
+        }
+    }
 }
 
 fn frontend_flags(want: &DesiredService) -> u16 {
@@ -478,6 +544,7 @@ mod tests {
             name: ServicePortName { namespace: "default".into(), name: name.into(), port_name: "http".into(), protocol: Protocol::Tcp },
             frontend_type: ServiceType::ClusterIp,
             backends: backends.iter().map(|b| b.parse().unwrap()).collect(),
+            internal_backends: None,
             draining: Vec::new(),
             drop_unserved: false,
             source_ranges: Vec::new(),
@@ -724,7 +791,7 @@ mod scope_tests {
         let f = Frontend { address: Ipv4Addr::from(0x0a60_0000 + i), port: 80, protocol: Protocol::Tcp };
         let name = ServicePortName { namespace: "ns".into(), name: format!("s{i}"), port_name: String::new(), protocol: Protocol::Tcp };
         let backends = backends.into_iter().map(|b| SocketAddrV4::new(Ipv4Addr::from(0x0af4_0000 + b), 8080)).collect();
-        (f, DesiredService { name, frontend_type: ServiceType::ClusterIp, backends, draining: Vec::new(), drop_unserved: false, source_ranges: Vec::new(), affinity_timeout: 0 })
+        (f, DesiredService { name, frontend_type: ServiceType::ClusterIp, backends, internal_backends: None, draining: Vec::new(), drop_unserved: false, source_ranges: Vec::new(), affinity_timeout: 0 })
     }
 
     /// Applies a plan to a mirror and returns it.
@@ -772,5 +839,215 @@ mod scope_tests {
             assert_eq!(rebuilt.backend_refs, mirror.backend_refs);
             assert_eq!(rebuilt.frontends, mirror.frontends);
         }
+    }
+}
+
+/// Frontends with two scopes (`externalTrafficPolicy: Local` short circuit): write order,
+/// what each origin resolves to, capacity.
+#[cfg(test)]
+mod two_scope_tests {
+    use std::net::SocketAddrV4;
+
+    use super::*;
+    use crate::{
+        dataplane::{Origin, Resolution},
+        model::{DesiredService, Protocol},
+    };
+
+    const LIMITS: Limits = Limits { max_services: 100, max_backends: 100, max_service_entries: 1000 };
+    const NODE_PORT: &str = "192.168.50.2:30080";
+    const LOCAL: &[&str] = &["10.244.1.1:8080"];
+    const CLUSTER: &[&str] = &["10.244.1.1:8080", "10.244.2.1:8080", "10.244.3.1:8080"];
+
+    fn fe(s: &str) -> Frontend {
+        let a: SocketAddrV4 = s.parse().unwrap();
+        Frontend { address: *a.ip(), port: a.port(), protocol: Protocol::Tcp }
+    }
+
+    fn addrs(list: &[&str]) -> Vec<SocketAddrV4> {
+        list.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    /// A NodePort frontend: `backends` for clients from outside, `internal` for those inside.
+    fn node_port(backends: &[&str], internal: Option<&[&str]>) -> DesiredState {
+        let svc = DesiredService {
+            name: ServicePortName { namespace: "default".into(), name: "np".into(), port_name: String::new(), protocol: Protocol::Tcp },
+            frontend_type: ServiceType::NodePort,
+            backends: addrs(backends),
+            internal_backends: internal.map(addrs),
+            draining: Vec::new(),
+            drop_unserved: backends.is_empty(),
+            source_ranges: Vec::new(),
+            affinity_timeout: 0,
+        };
+        [(fe(NODE_PORT), svc)].into_iter().collect()
+    }
+
+    fn full(maps: &MapContents, want: &DesiredState, limits: &Limits) -> Plan {
+        plan(&Mirror::new(maps.clone()), want, Scope::Full, limits)
+    }
+
+    /// Applies `plan` one op at a time; after each, a new connection from either origin must
+    /// find no frontend (only if `may_vanish`) or one of that origin's `allowed` backends
+    /// (`None`: dropped or refused is fine too).
+    fn apply_checked(maps: &mut MapContents, plan: &Plan, may_vanish: bool, allowed: &[(Origin, Option<Vec<SocketAddrV4>>)]) {
+        let mut mirror = Mirror::new(maps.clone());
+        for op in &plan.ops {
+            maps.apply(op).unwrap();
+            mirror.apply(op);
+            for (origin, allowed) in allowed {
+                for r in 0..12 {
+                    match (maps.resolve_from(*origin, fe(NODE_PORT), r), allowed) {
+                        (Resolution::NotAService, _) if may_vanish => {}
+                        (Resolution::Refused, None) => {}
+                        (Resolution::Backend(b), Some(list)) if list.contains(&b) => {}
+                        (Resolution::Backend(_), None) => {}
+                        (other, _) => panic!("{origin:?} resolved to {other:?} after {op:?}"),
+                    }
+                }
+            }
+        }
+        // The indexes kept by applying ops equal a rebuild from the content, and scope-1
+        // frontend entries count as no service.
+        let rebuilt = Mirror::new(maps.clone());
+        assert_eq!((mirror.frontends, &mirror.backend_refs), (rebuilt.frontends, &rebuilt.backend_refs));
+        assert_eq!(rebuilt.frontends, maps.services.keys().filter(|k| k.slot == 0 && k.scope == SCOPE_EXTERNAL).count());
+    }
+
+    fn spread(maps: &MapContents, origin: Origin, n: u32) -> std::collections::BTreeMap<String, u32> {
+        let mut hits = std::collections::BTreeMap::new();
+        for r in 0..n {
+            if let Resolution::Backend(b) = maps.resolve_from(origin, fe(NODE_PORT), r) {
+                *hits.entry(b.to_string()).or_insert(0) += 1;
+            }
+        }
+        hits
+    }
+
+    fn kind(op: &Op) -> &'static str {
+        match op {
+            Op::PutBackend(..) => "backend",
+            Op::PutMeta(..) => "meta",
+            Op::PutService(k, _) if k.scope == SCOPE_INTERNAL && k.slot == 0 => "internal frontend",
+            Op::PutService(k, _) if k.scope == SCOPE_INTERNAL => "internal slot",
+            Op::PutService(k, _) if k.slot == 0 => "frontend",
+            Op::PutService(..) => "slot",
+            Op::DeleteService(k) if k.scope == SCOPE_INTERNAL && k.slot == 0 => "-internal frontend",
+            Op::DeleteService(k) if k.scope == SCOPE_INTERNAL => "-internal slot",
+            Op::DeleteService(k) if k.slot == 0 => "-frontend",
+            Op::DeleteService(..) => "-slot",
+            Op::DeleteBackend(..) => "-backend",
+            Op::DeleteMeta(..) => "-meta",
+            _ => "other",
+        }
+    }
+
+    #[test]
+    fn the_internal_scope_is_written_before_the_flag_that_reaches_it_and_deleted_after_it() {
+        let both = [(Origin::InCluster, Some(addrs(CLUSTER))), (Origin::Outside, Some(addrs(LOCAL)))];
+        let mut maps = MapContents::default();
+        let p = full(&maps, &node_port(LOCAL, Some(CLUSTER)), &LIMITS);
+        let kinds: Vec<&str> = p.ops.iter().map(kind).collect();
+        assert_eq!(
+            kinds,
+            ["backend", "backend", "backend", "meta", "internal slot", "internal slot", "internal slot", "internal frontend", "slot", "frontend"]
+        );
+        let flags = |maps: &MapContents, scope: u8| maps.services[&ServiceKey { scope, ..service_key(fe(NODE_PORT), 0) }].flags;
+        apply_checked(&mut maps, &p, true, &both);
+        assert_eq!(flags(&maps, SCOPE_EXTERNAL), SVC_FLAG_NODE_PORT | SVC_FLAG_TWO_SCOPES);
+        assert_eq!(flags(&maps, SCOPE_INTERNAL), SVC_FLAG_NODE_PORT);
+        let ids: BTreeSet<u32> = maps.services.values().map(|v| v.service_id).collect();
+        assert_eq!(ids.len(), 1, "both scopes share the service id (affinity, reverse translation)");
+        // In-cluster clients are spread over every endpoint, outside ones get the local one.
+        assert_eq!(spread(&maps, Origin::InCluster, 300).values().copied().collect::<Vec<_>>(), [100, 100, 100]);
+        assert_eq!(spread(&maps, Origin::Outside, 300).keys().cloned().collect::<Vec<_>>(), LOCAL);
+        assert_eq!(full(&maps, &node_port(LOCAL, Some(CLUSTER)), &LIMITS), Plan::default(), "nothing left to do");
+
+        // A remote endpoint leaves: only the internal scope changes, its count before its slot.
+        let fewer = ["10.244.1.1:8080", "10.244.3.1:8080"];
+        let p = full(&maps, &node_port(LOCAL, Some(&fewer)), &LIMITS);
+        let kinds: Vec<&str> = p.ops.iter().map(kind).collect();
+        assert_eq!(kinds, ["internal slot", "internal frontend", "-internal slot", "-backend"]);
+        apply_checked(&mut maps, &p, false, &both);
+        assert_eq!(spread(&maps, Origin::InCluster, 100).keys().cloned().collect::<Vec<_>>(), fewer);
+
+        // externalTrafficPolicy turns Cluster: one set for all; the flag is cleared before the
+        // internal scope goes.
+        let p = full(&maps, &node_port(&fewer, None), &LIMITS);
+        let kinds: Vec<&str> = p.ops.iter().map(kind).collect();
+        assert_eq!(kinds, ["slot", "frontend", "-internal frontend", "-internal slot", "-internal slot"]);
+        apply_checked(&mut maps, &p, false, &[(Origin::InCluster, Some(addrs(&fewer))), (Origin::Outside, Some(addrs(&fewer)))]);
+        assert_eq!(flags(&maps, SCOPE_EXTERNAL), SVC_FLAG_NODE_PORT);
+        assert!(maps.services.keys().all(|k| k.scope == SCOPE_EXTERNAL));
+
+        // Back to Local with no local endpoint (dropped from outside), then the Service goes:
+        // the scope-0 frontend first, the internal scope after every scope-0 entry.
+        let p = full(&maps, &node_port(&[], Some(&fewer)), &LIMITS);
+        apply_checked(&mut maps, &p, false, &[(Origin::InCluster, Some(addrs(&fewer))), (Origin::Outside, None)]);
+        assert_eq!(maps.resolve_from(Origin::Outside, fe(NODE_PORT), 0), Resolution::Refused, "dropped by tc (flag)");
+        assert_eq!(flags(&maps, SCOPE_EXTERNAL), SVC_FLAG_NODE_PORT | SVC_FLAG_TWO_SCOPES | SVC_FLAG_DROP_UNSERVED);
+        let p = full(&maps, &DesiredState::new(), &LIMITS);
+        let kinds: Vec<&str> = p.ops.iter().map(kind).collect();
+        assert_eq!(kinds, ["-frontend", "-internal frontend", "-internal slot", "-internal slot", "-meta", "-backend", "-backend"]);
+        apply_checked(&mut maps, &p, true, &both);
+        assert_eq!(maps, MapContents::default());
+    }
+
+    #[test]
+    fn both_scopes_count_against_the_service_entries_but_one_service() {
+        // 2 entries in scope 0 (frontend + 1 slot) and 4 in scope 1 (frontend + 3 slots).
+        let want = node_port(LOCAL, Some(CLUSTER));
+        let tight = Limits { max_services: 1, max_backends: 3, max_service_entries: 5 };
+        let p = full(&MapContents::default(), &want, &tight);
+        assert_eq!(p.refused.len(), 1, "6 entries do not fit in 5");
+        assert!(p.ops.is_empty(), "{:?}", p.ops);
+        let exact = Limits { max_service_entries: 6, ..tight };
+        let p = full(&MapContents::default(), &want, &exact);
+        assert!(p.refused.is_empty(), "one service, 3 backends, 6 entries fit: {:?}", p.refused);
+        let mut maps = MapContents::default();
+        apply_checked(&mut maps, &p, true, &[(Origin::InCluster, Some(addrs(CLUSTER)))]);
+        assert_eq!(Mirror::new(maps.clone()).frontends, 1);
+        // Growing the internal scope past the entries left is refused; the programming stays.
+        let more = ["10.244.1.1:8080", "10.244.2.1:8080", "10.244.3.1:8080", "10.244.4.1:8080"];
+        let p = full(&maps, &node_port(LOCAL, Some(&more)), &Limits { max_backends: 10, ..exact });
+        assert_eq!(p.refused.len(), 1);
+        assert!(p.refused[0].reason.contains("left as programmed"), "{}", p.refused[0].reason);
+        assert!(p.ops.is_empty(), "a full sweep keeps both scopes of a refused frontend: {:?}", p.ops);
+    }
+
+    #[test]
+    fn the_internal_scope_keeps_session_affinity_under_the_same_service_id() {
+        let mut want = node_port(LOCAL, Some(CLUSTER));
+        want.values_mut().for_each(|s| s.affinity_timeout = 60);
+        let mut maps = MapContents::default();
+        let p = full(&maps, &want, &LIMITS);
+        apply_checked(&mut maps, &p, true, &[]);
+        let key0 = service_key(fe(NODE_PORT), 0);
+        let (outside, inside) = (maps.services[&key0], maps.services[&ServiceKey { scope: SCOPE_INTERNAL, ..key0 }]);
+        // The kernel keys affinity by (client, service id): both paths find the same timeout
+        // there, and reverse translation finds the frontend by that id in the metadata map.
+        assert_eq!((inside.flags, inside.backend_id), (SVC_FLAG_NODE_PORT | SVC_FLAG_AFFINITY, 60));
+        assert_eq!(outside.flags & SVC_FLAG_AFFINITY, SVC_FLAG_AFFINITY);
+        assert_eq!(inside.service_id, outside.service_id);
+        assert!(maps.meta.contains_key(&inside.service_id));
+    }
+
+    #[test]
+    fn a_full_sync_sweeps_internal_entries_no_flag_reaches() {
+        let mut maps = MapContents::default();
+        let want = node_port(CLUSTER, None);
+        for op in &full(&maps, &want, &LIMITS).ops {
+            maps.apply(op).unwrap();
+        }
+        let key0 = service_key(fe(NODE_PORT), 0);
+        let front = maps.services[&key0];
+        maps.services.insert(ServiceKey { scope: SCOPE_INTERNAL, ..key0 }, ServiceValue { count: 1, ..front });
+        maps.services.insert(ServiceKey { scope: SCOPE_INTERNAL, slot: 1, ..key0 }, maps.services[&ServiceKey { slot: 1, ..key0 }]);
+        let p = full(&maps, &want, &LIMITS);
+        let kinds: Vec<&str> = p.ops.iter().map(kind).collect();
+        assert_eq!(kinds, ["-internal frontend", "-internal slot"]);
+        // A changed-frontends plan removes them too.
+        let scope: BTreeSet<Frontend> = [fe(NODE_PORT)].into();
+        assert_eq!(plan(&Mirror::new(maps.clone()), &want, Scope::Frontends(&scope), &LIMITS).ops, p.ops);
     }
 }
