@@ -222,6 +222,22 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_body_larger_than_the_header_limit_is_sent_whole() {
+        let listener = bind((std::net::Ipv4Addr::LOCALHOST, 0).into()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let body = "x".repeat(300_000);
+        let answer = body.clone();
+        serve(listener, "test".into(), LIMITS, move |_| Answer::json(StatusCode::OK, answer.clone()));
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+        let mut all = Vec::new();
+        s.read_to_end(&mut all).await.unwrap();
+        let text = String::from_utf8(all).unwrap();
+        assert!(text.starts_with("HTTP/1.1 200"), "{}", &text[..100]);
+        assert!(text.ends_with(&body), "{} bytes", text.len());
+    }
+
+    #[tokio::test]
     async fn a_client_that_does_not_send_its_headers_in_time_is_cut() {
         let addr = server(Limits { max_connections: 8, header_timeout: Duration::from_millis(300) }).await;
         let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();

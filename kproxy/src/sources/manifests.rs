@@ -657,6 +657,9 @@ impl ManifestSource {
             let (mut files, mut failed) = (Vec::new(), Vec::new());
             collect_files(&dir, &mut files, &mut failed);
             self.walk_problems.retain(|d, _| !d.starts_with(&dir));
+            if failed.is_empty() {
+                self.failures.remove(&dir);
+            }
             let files: BTreeSet<PathBuf> = files.into_iter().collect();
             {
                 let d = self.pending.lock();
