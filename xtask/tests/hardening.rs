@@ -113,14 +113,15 @@ fn lowest_free_fd(pid: i32) -> u64 {
 /// returns the soft limit it had.
 fn set_soft_open_files(pid: i32, soft: u64) -> u64 {
     let mut old = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: prlimit reads `None`-or-valid pointers to rlimit structs on this stack.
+    // SAFETY: prlimit only reads or writes the rlimit structs passed (null: not used), which
+    // live on this stack.
     let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) };
     assert_eq!(rc, 0, "prlimit get: {}", std::io::Error::last_os_error());
     let new = libc::rlimit { rlim_cur: soft as libc::rlim_t, rlim_max: old.rlim_max };
     // SAFETY: as above.
     let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) };
     assert_eq!(rc, 0, "prlimit set: {}", std::io::Error::last_os_error());
-    old.rlim_cur as u64
+    old.rlim_cur
 }
 
 /// This test process's hard `RLIMIT_NOFILE`.
@@ -128,7 +129,7 @@ fn own_open_files_hard_limit() -> u64 {
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit writes the rlimit on this stack.
     assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) }, 0);
-    limit.rlim_max as u64
+    limit.rlim_max
 }
 
 /// Raises this test process's soft `RLIMIT_NOFILE` to its hard limit, to hold `needed`
