@@ -16,6 +16,7 @@ use tokio::sync::Notify;
 use crate::{
     dataplane::{bpf::BpfMaps, plan::Limits},
     health::{self, ProxyHealth},
+    http,
     loader::{self, Capacities, PinLayout},
     metrics::{unix_seconds, InvalidLabels, MapLabel, Metrics},
     model::InvalidObject,
@@ -52,6 +53,9 @@ pub struct AgentConfig {
     pub runner: RunnerConfig,
     pub healthz_addr: Option<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
+    /// How long a changed manifest file must be quiet (after its writer closed it) before it
+    /// is read (`crate::sources::settle`).
+    pub manifests_settle: std::time::Duration,
     /// Destroy sockets still connected to removed backends where the kernel allows it
     /// (`crate::sockterm`, Linux >= 6.5).
     pub terminate_sockets: bool,
@@ -83,15 +87,23 @@ impl ProblemLog {
 }
 
 pub async fn run(cfg: AgentConfig) -> Result<()> {
+    raise_open_file_limit();
     let metrics = Arc::new(Metrics::new());
     // kube-proxy's health timeout: twice the sync period.
     let health = Arc::new(ProxyHealth::new(cfg.runner.sync_period * 2));
-    let endpoints = health::Endpoints { health: health.clone(), metrics: metrics.clone() };
     // Ports first: if another proxy still holds them, fail before touching the datapath.
     let mut servers = Vec::new();
-    for addr in [cfg.healthz_addr, cfg.metrics_addr].into_iter().flatten() {
-        servers.push(health::serve(addr, endpoints.clone()).await?);
-        tracing::info!(%addr, "serving /healthz, /livez and /metrics");
+    if let Some(addr) = cfg.healthz_addr {
+        let (health, metrics) = (health.clone(), metrics.clone());
+        let answer = move |path: &str| health::answer(&health, &metrics, path);
+        servers.push(http::serve(http::bind(addr).await?, format!("healthz {addr}"), http::LIMITS, answer));
+        tracing::info!(%addr, "serving /healthz and /livez");
+    }
+    if let Some(addr) = cfg.metrics_addr {
+        let metrics = metrics.clone();
+        let answer = move |path: &str| metrics.answer(path);
+        servers.push(http::serve(http::bind(addr).await?, format!("metrics {addr}"), http::LIMITS, answer));
+        tracing::info!(%addr, "serving /metrics");
     }
     // The pinned maps are adopted before the source is read, so the datapath keeps serving.
     loader::load_and_attach(&cfg.layout, &cfg.cgroup, &cfg.devices, cfg.tc_attach, cfg.capacities)?;
@@ -139,10 +151,10 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let mut _watches = Vec::new();
     match &cfg.source {
         Source::Manifests(path) => {
-            let source = ManifestSource::new(path.clone());
+            let source = ManifestSource::with_settle(path.clone(), cfg.manifests_settle);
             _watcher = Some(source.watch(shared.changed.clone()).with_context(|| format!("watch {}", path.display()))?);
             manifests = Some(source);
-            tracing::info!(manifests = %path.display(), "watching manifests");
+            tracing::info!(manifests = %path.display(), settle = ?cfg.manifests_settle, "watching manifests");
         }
         Source::Apiserver { kubeconfig } => {
             let client = apiserver::client(kubeconfig.as_deref(), metrics.clone()).await?;
@@ -248,9 +260,36 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         }
     };
     runner::run(cfg.runner, trigger, shutdown_signal(), sync_once).await;
-    drop(servers);
+    for server in servers {
+        server.abort();
+    }
     tracing::info!("stopping; the datapath stays attached and keeps serving (kproxy cleanup removes it)");
     Ok(())
+}
+
+/// Raises the soft limit on open files to the hard limit, as Go programs (kube-proxy among
+/// them) do at start: the default soft limit (1,024) is a guard for programs that use
+/// `select(2)`, which the agent does not, and too small for a node's health checkers,
+/// manifest files and BPF objects together. Needs no privilege.
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit only writes the `rlimit` it is given, which lives on this stack.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        tracing::warn!("getrlimit(RLIMIT_NOFILE): {}", std::io::Error::last_os_error());
+        return;
+    }
+    if limit.rlim_cur >= limit.rlim_max {
+        tracing::info!(limit = limit.rlim_cur, "open-file limit (RLIMIT_NOFILE) is already at its hard limit");
+        return;
+    }
+    let from = limit.rlim_cur;
+    limit.rlim_cur = limit.rlim_max;
+    // SAFETY: setrlimit only reads the `rlimit` it is given.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+        tracing::warn!(from, to = limit.rlim_max, "setrlimit(RLIMIT_NOFILE): {}", std::io::Error::last_os_error());
+        return;
+    }
+    tracing::info!(from, to = limit.rlim_max, "raised the open-file limit (RLIMIT_NOFILE) to its hard limit");
 }
 
 /// After a sync this large (the first one, typically), the memory freed by planning and by

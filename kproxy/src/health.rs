@@ -1,5 +1,5 @@
-//! `/healthz` and `/livez` with kube-proxy's meaning, and the small HTTP server that serves them
-//! and `/metrics`.
+//! `/healthz` and `/livez` with kube-proxy's meaning, and the `healthCheckNodePort` servers;
+//! [`crate::http`] serves them.
 //!
 //! Healthy means: no update has been waiting longer than the health timeout (kube-proxy uses
 //! twice `--sync-period`) since it was queued. `/healthz` additionally requires the node to be
@@ -7,19 +7,17 @@
 //! balancers drain the node before it goes.
 
 use std::{
-    convert::Infallible,
-    net::SocketAddr,
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
 
-use anyhow::{Context as _, Result};
-use http_body_util::Full;
-use hyper::{body::Bytes, server::conn::http1, service::service_fn, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper::StatusCode;
 use k8s_openapi::api::core::v1::Node;
 
-use crate::metrics::{CodeLabel, Metrics};
+use crate::{
+    http::{self, Answer},
+    metrics::{CodeLabel, Metrics},
+};
 
 /// Taint the cluster autoscaler puts on a node it is about to delete.
 pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
@@ -101,56 +99,19 @@ impl ProxyHealth {
     }
 }
 
-/// What the HTTP servers answer.
-#[derive(Clone)]
-pub struct Endpoints {
-    pub health: Arc<ProxyHealth>,
-    pub metrics: Arc<Metrics>,
-}
-
-impl Endpoints {
-    fn answer(&self, path: &str) -> (StatusCode, &'static str, String) {
-        let now = SystemTime::now();
-        match path {
-            "/healthz" | "/livez" => {
-                let (code, body) = self.health.respond(now, path == "/healthz");
-                let family = if path == "/healthz" { &self.metrics.healthz_total } else { &self.metrics.livez_total };
-                family.get_or_create(&CodeLabel { code: code.as_u16().to_string() }).inc();
-                (code, "application/json", body)
-            }
-            "/metrics" => (
-                StatusCode::OK,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                self.metrics.encode(),
-            ),
-            _ => (StatusCode::NOT_FOUND, "text/plain", "404 page not found\n".into()),
-        }
-    }
-}
-
-/// Binds `addr` and serves `endpoints` until the task is dropped. Binding errors are returned
-/// at once, so a port clash fails the agent's start with a clear message.
-pub async fn serve(addr: SocketAddr, endpoints: Endpoints) -> Result<tokio::task::JoinHandle<()>> {
-    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listen on {addr}"))?;
-    Ok(tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
-            let endpoints = endpoints.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let (code, content_type, body) = endpoints.answer(req.uri().path());
-                    let response = Response::builder()
-                        .status(code)
-                        .header("Content-Type", content_type)
-                        .header("X-Content-Type-Options", "nosniff")
-                        .body(Full::new(Bytes::from(body)))
-                        .expect("static headers are valid");
-                    async move { Ok::<_, Infallible>(response) }
-                });
-                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
-            });
-        }
-    }))
+/// The healthz server's answer to `path`: `/healthz` and `/livez` only (`/metrics` is served on
+/// the metrics address alone: the healthz port listens on every address of the node). Every
+/// answer is counted in `kubeproxy_proxy_healthz` / `kubeproxy_proxy_livez`.
+pub fn answer(health: &ProxyHealth, metrics: &Metrics, path: &str) -> Answer {
+    let with_node = match path {
+        "/healthz" => true,
+        "/livez" => false,
+        _ => return Answer::not_found(),
+    };
+    let (code, body) = health.respond(SystemTime::now(), with_node);
+    let family = if with_node { &metrics.healthz_total } else { &metrics.livez_total };
+    family.get_or_create(&CodeLabel { code: code.as_u16().to_string() }).inc();
+    Answer::json(code, body)
 }
 
 #[cfg(test)]
@@ -255,34 +216,22 @@ impl ServiceHealthServers {
                 }
             };
             let state = Arc::new(Mutex::new(check.clone()));
-            let task = tokio::spawn(serve_service_health(listener, state.clone(), health.clone()));
+            let name = format!("healthCheckNodePort {port} ({}/{})", check.namespace, check.name);
+            let (answer_state, health) = (state.clone(), health.clone());
+            let task = http::serve(listener, name, http::LIMITS, move |_path| service_answer(&answer_state, &health));
             self.servers.insert(*port, (state, task));
         }
     }
 }
 
-async fn serve_service_health(listener: tokio::net::TcpListener, state: Arc<Mutex<ServiceHealthCheck>>, health: Arc<ProxyHealth>) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
-        let (state, health) = (state.clone(), health.clone());
-        tokio::spawn(async move {
-            let service = service_fn(move |_req: Request<hyper::body::Incoming>| {
-                let check = state.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                let (proxy_healthy, _, _) = health.check(SystemTime::now());
-                let body = format!(
-                    r#"{{"service": {{"namespace": "{}", "name": "{}"}}, "localEndpoints": {}, "serviceProxyHealthy": {proxy_healthy}}}"#,
-                    check.namespace, check.name, check.local_endpoints
-                );
-                let code = if check.local_endpoints > 0 && proxy_healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-                let response = Response::builder()
-                    .status(code)
-                    .header("Content-Type", "application/json")
-                    .header("X-Content-Type-Options", "nosniff")
-                    .body(Full::new(Bytes::from(body)))
-                    .expect("static headers are valid");
-                async move { Ok::<_, Infallible>(response) }
-            });
-            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
-        });
-    }
+/// kube-proxy's answer on a `healthCheckNodePort` (any path).
+fn service_answer(state: &Mutex<ServiceHealthCheck>, health: &ProxyHealth) -> Answer {
+    let check = state.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let (proxy_healthy, _, _) = health.check(SystemTime::now());
+    let body = format!(
+        r#"{{"service": {{"namespace": "{}", "name": "{}"}}, "localEndpoints": {}, "serviceProxyHealthy": {proxy_healthy}}}"#,
+        check.namespace, check.name, check.local_endpoints
+    );
+    let code = if check.local_endpoints > 0 && proxy_healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    Answer::json(code, body)
 }

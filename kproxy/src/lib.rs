@@ -7,6 +7,8 @@
 //! - [`dataplane`]: the map contents, the planner, and the BPF maps;
 //! - [`loader`]: loading, attaching, pinning and removing the kernel objects;
 //! - [`sockterm`]: destroying sockets still connected to removed backends (Linux >= 6.5);
+//! - [`health`], [`metrics`] and [`http`]: `/healthz`, `/metrics` and the one HTTP server behind
+//!   them and the `healthCheckNodePort` servers;
 //! - [`agent`]: `kproxy run`; [`dump`]: `kproxy dump`; [`tc_cost`]: the benchmark's per-packet
 //!   cost of the tc programs (`kproxy tc-cost`, hidden).
 
@@ -15,6 +17,7 @@ pub mod config;
 pub mod dataplane;
 pub mod dump;
 pub mod health;
+pub mod http;
 pub mod loader;
 pub mod metrics;
 pub mod model;

@@ -118,10 +118,53 @@ pub fn ensure_bpffs(dir: &Path) -> Result<()> {
     }
     let mount_point = Path::new(DEFAULT_BPFFS_MOUNT);
     fs::create_dir_all(mount_point).with_context(|| format!("create {DEFAULT_BPFFS_MOUNT}"))?;
-    nix::mount::mount(Some("bpf"), mount_point, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
-        .with_context(|| format!("mount -t bpf bpf {DEFAULT_BPFFS_MOUNT}"))?;
+    // Private, as systemd mounts it (bpffs's own default is 0777).
+    nix::mount::mount(Some("bpf"), mount_point, Some("bpf"), nix::mount::MsFlags::empty(), Some("mode=0700"))
+        .with_context(|| format!("mount -t bpf -o mode=0700 bpf {DEFAULT_BPFFS_MOUNT}"))?;
     tracing::info!("mounted bpffs at {DEFAULT_BPFFS_MOUNT}");
     Ok(())
+}
+
+/// The mode of every directory kproxy creates in bpffs: only root may see, open or replace
+/// the pins (which the kernel creates 0600).
+pub const PIN_DIR_MODE: u32 = 0o700;
+
+/// Creates kproxy's directories ([`PinLayout`]: the root, `maps/`, `links/`, and parents of
+/// the root that do not exist yet) with mode [`PIN_DIR_MODE`] whatever the umask, and makes
+/// them private if an older agent created them with a laxer mode. A root that is a mount point
+/// (`--bpffs-dir /sys/fs/bpf`) keeps its mode: it is the file system's, not kproxy's.
+fn create_private_dirs(layout: &PinLayout) -> Result<()> {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let mut missing: Vec<PathBuf> =
+        layout.root.ancestors().skip(1).take_while(|p| !p.exists()).map(Path::to_path_buf).collect();
+    missing.reverse();
+    for dir in &missing {
+        make_private_dir(dir)?;
+    }
+    let is_mount_point = |dir: &Path| {
+        let dev = |p: &Path| fs::metadata(p).map(|m| m.dev()).ok();
+        dir.parent().is_some_and(|parent| dev(parent) != dev(dir))
+    };
+    for dir in [layout.root.clone(), layout.maps_dir(), layout.links_dir()] {
+        let mode = fs::metadata(&dir).ok().map(|m| m.permissions().mode() & 0o7777);
+        if mode != Some(PIN_DIR_MODE) && !(mode.is_some() && is_mount_point(&dir)) {
+            make_private_dir(&dir)?;
+        }
+    }
+    Ok(())
+}
+
+/// `mkdir dir` (already existing is fine) then `chmod PIN_DIR_MODE dir`.
+fn make_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    match fs::DirBuilder::new().mode(PIN_DIR_MODE).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e).with_context(|| format!("create {}", dir.display())),
+    }
+    // mkdir applies the umask (to 0700 it can only remove bits); the chmod makes the mode exact.
+    fs::set_permissions(dir, fs::Permissions::from_mode(PIN_DIR_MODE))
+        .with_context(|| format!("chmod {:o} {}", PIN_DIR_MODE, dir.display()))
 }
 
 /// The cgroup v2 mount point, from `/proc/self/mountinfo` (it is not always /sys/fs/cgroup).
@@ -253,9 +296,7 @@ pub fn load_and_attach(
     caps: Capacities,
 ) -> Result<()> {
     ensure_bpffs(&layout.root)?;
-    for dir in [layout.maps_dir(), layout.links_dir()] {
-        fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-    }
+    create_private_dirs(layout)?;
     if fs_type(cgroup)? != CGROUP2_SUPER_MAGIC {
         bail!("{} is not a cgroup v2 directory", cgroup.display());
     }

@@ -126,6 +126,11 @@ struct RunArgs {
     /// them, watched) instead of the apiserver.
     #[arg(long, conflicts_with = "kubeconfig")]
     manifests: Option<PathBuf>,
+    /// How long a changed manifest file must be quiet, after its writer closed it or it was
+    /// renamed into place, before it is read (a file still open for writing waits until it
+    /// has been quiet for 10 s).
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    manifests_settle_time: Duration,
     /// Kubeconfig for the apiserver (default: the in-cluster configuration).
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
@@ -284,6 +289,7 @@ fn main() -> Result<()> {
                 node_port_addresses: kproxy::node::node_port_addresses(&args.nodeport_addresses)?,
                 healthz_addr: bind_address("--healthz-bind-address", &args.healthz_bind_address)?,
                 metrics_addr: bind_address("--metrics-bind-address", &args.metrics_bind_address)?,
+                manifests_settle: args.manifests_settle_time,
                 layout: PinLayout::new(args.pin.bpffs_dir),
                 cgroup,
                 capacities: args.capacities.capacities(),

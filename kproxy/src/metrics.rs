@@ -164,6 +164,18 @@ impl Metrics {
         out
     }
 
+    /// The metrics server's answer to `path`: `/metrics` only.
+    pub fn answer(&self, path: &str) -> crate::http::Answer {
+        match path {
+            "/metrics" => crate::http::Answer {
+                status: hyper::StatusCode::OK,
+                content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                body: self.encode(),
+            },
+            _ => crate::http::Answer::not_found(),
+        }
+    }
+
     /// Sets `kubeproxy_sync_proxy_rules_no_local_endpoints_total` for both policies.
     pub fn set_no_local_endpoints(&self, (internal, external): (usize, usize)) {
         for (policy, count) in [("internal", internal), ("external", external)] {

@@ -202,6 +202,15 @@ fn parse_service(v: &Value) -> Result<ServiceDump> {
     })
 }
 
+/// How the agent process starts, besides its arguments; see [`Harness::with_agent_umask`] and
+/// [`Harness::with_agent_open_files`].
+#[derive(Debug, Default, Clone, Copy)]
+struct AgentProcess {
+    umask: Option<libc::mode_t>,
+    /// `RLIMIT_NOFILE` (soft, hard).
+    open_files: Option<(libc::rlim_t, libc::rlim_t)>,
+}
+
 /// A directory removed (recursively) on drop.
 #[derive(Debug)]
 struct WorkDir(PathBuf);
@@ -225,6 +234,7 @@ pub struct Harness {
     manifests: PathBuf,
     apiserver: Option<ApiserverSource>,
     extra_agent_args: Vec<String>,
+    agent_process: AgentProcess,
     // Field order is drop order: servers, files, then cgroup and namespaces.
     servers: Vec<ChildGuard>,
     workdir: WorkDir,
@@ -259,6 +269,7 @@ impl Harness {
             manifests,
             apiserver: None,
             extra_agent_args: Vec::new(),
+            agent_process: AgentProcess::default(),
             servers: Vec::new(),
             workdir,
             cgroup,
@@ -301,6 +312,25 @@ impl Harness {
     pub fn with_agent_args(mut self, args: &[&str]) -> Harness {
         self.extra_agent_args = args.iter().map(|a| a.to_string()).collect();
         self
+    }
+
+    /// Starts the agent with this umask (e.g. 0, to check the modes it creates files with).
+    pub fn with_agent_umask(mut self, umask: u32) -> Harness {
+        self.agent_process.umask = Some(umask as libc::mode_t);
+        self
+    }
+
+    /// Starts the agent with this `RLIMIT_NOFILE` (soft, hard), e.g. the common default soft
+    /// limit of 1,024.
+    pub fn with_agent_open_files(mut self, soft: u64, hard: u64) -> Harness {
+        self.agent_process.open_files = Some((soft as libc::rlim_t, hard as libc::rlim_t));
+        self
+    }
+
+    /// The agent's process id while it runs.
+    pub fn agent_pid(&mut self) -> Option<i32> {
+        let agent = self.agent.as_mut()?;
+        agent.is_running().then(|| agent.pid())
     }
 
     /// The apiserver settings, if the agent watches one.
@@ -480,14 +510,29 @@ impl Harness {
             .stdin(Stdio::null())
             .stdout(log.try_clone().context("duplicating the agent log")?)
             .stderr(log);
+        let AgentProcess { umask, open_files } = self.agent_process;
+        if umask.is_some() || open_files.is_some() {
+            use std::os::unix::process::CommandExt as _;
+            // SAFETY: runs between fork and exec; umask and setrlimit are async-signal-safe
+            // and the closure only reads values copied into it.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if let Some(mask) = umask {
+                        libc::umask(mask);
+                    }
+                    if let Some((soft, hard)) = open_files {
+                        let limit = libc::rlimit { rlim_cur: soft, rlim_max: hard };
+                        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
         self.agent = Some(spawn_in(&self.topology.node, cmd)?);
         self.cleaned_up = false;
         Ok(())
-    }
-
-    /// The running agent's process id.
-    pub fn agent_pid(&self) -> Option<i32> {
-        self.agent.as_ref().map(ChildGuard::pid)
     }
 
     /// Whether the agent process is alive.

@@ -92,6 +92,10 @@ fn should_fallback_to_terminating_endpoints_when_there_are_no_ready_endpoints_wi
     let mut eps = eps;
     eps.push(endpoint(&h, "pod-c", ""));
     program(&mut h, &manifest("", &[HTTP], &eps), 1);
+    // Still one backend, as before the change: wait for it to be pod-c's.
+    let pod_c = format!("{}:{HTTP_PORT}", h.topology.pod("pod-c").ip);
+    h.wait_for_dump(Duration::from_secs(10), |d| d.services.iter().any(|s| s.frontend.starts_with("10.96.0.7:") && s.backends == [pod_c.clone()]))
+        .unwrap_or_else(|e| panic!("pod-c not programmed: {e:#}"));
     let report = client(&h, &["http", "--addr", "10.96.0.7:80", "--count", "30"]);
     assert_eq!((report.ok, report.backend("pod-c")), (30, 30), "ready endpoints first: {report:?}");
     say(&format!("{test}: terminating-but-serving pod used while nothing was ready, then only the ready one"));

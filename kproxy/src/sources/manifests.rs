@@ -6,7 +6,8 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fmt,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{Arc, Condvar, Mutex, MutexGuard},
+    time::{Duration, Instant, SystemTime},
 };
 
 use k8s_openapi::{
@@ -17,6 +18,7 @@ use notify::{RecursiveMode, Watcher as _};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+use super::settle::{Change, Settle};
 use crate::{
     model::{InvalidCode, InvalidObject},
     tracker::{ModelStore, ObjectKey},
@@ -66,27 +68,42 @@ pub struct Manifests {
 /// agent reads through [`ManifestSource`], which re-reads only changed files.)
 #[cfg(test)]
 pub fn read_files(path: &Path) -> Vec<(PathBuf, Manifests)> {
-    let mut files = Vec::new();
-    let mut out = Vec::new();
-    if let Err(e) = collect_files(path, &mut files) {
-        let errors = vec![ManifestError { origin: path.display().to_string(), message: e.to_string() }];
-        out.push((path.to_path_buf(), Manifests { errors, ..Default::default() }));
-    }
+    let (mut files, mut failed) = (Vec::new(), Vec::new());
+    collect_files(path, &mut files, &mut failed);
+    let mut out: Vec<(PathBuf, Manifests)> = failed
+        .into_iter()
+        .map(|(dir, e)| {
+            let errors = vec![ManifestError { origin: dir.display().to_string(), message: e.to_string() }];
+            (dir, Manifests { errors, ..Default::default() })
+        })
+        .collect();
     out.extend(files.into_iter().map(|file| {
-        let m = read_file(&file);
+        let m = read_file(&file).unwrap_or_else(|e| Manifests {
+            errors: vec![ManifestError { origin: file.display().to_string(), message: format!("read: {e}") }],
+            ..Default::default()
+        });
         (file, m)
     }));
     out
 }
 
-fn collect_files(path: &Path, files: &mut Vec<PathBuf>) -> std::io::Result<()> {
+/// Lists the manifest files at `path` (itself, if it is not a directory) in name order,
+/// skipping hidden entries. A directory that cannot be read goes to `failed` and the walk
+/// goes on: what is below it is unknown, not absent.
+fn collect_files(path: &Path, files: &mut Vec<PathBuf>, failed: &mut Vec<(PathBuf, std::io::Error)>) {
     if !path.is_dir() {
         // Reading a missing file reports the error with its name.
         files.push(path.to_path_buf());
-        return Ok(());
+        return;
     }
-    let mut entries: Vec<PathBuf> =
-        std::fs::read_dir(path)?.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>()?;
+    let entries = std::fs::read_dir(path).and_then(|d| d.map(|e| e.map(|e| e.path())).collect::<Result<Vec<PathBuf>, _>>());
+    let mut entries = match entries {
+        Ok(entries) => entries,
+        Err(e) => {
+            failed.push((path.to_path_buf(), e));
+            return;
+        }
+    };
     entries.sort();
     for entry in entries {
         let hidden = entry.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'));
@@ -94,12 +111,11 @@ fn collect_files(path: &Path, files: &mut Vec<PathBuf>) -> std::io::Result<()> {
             continue;
         }
         if entry.is_dir() {
-            collect_files(&entry, files)?;
+            collect_files(&entry, files, failed);
         } else if is_manifest_file(&entry) {
             files.push(entry);
         }
     }
-    Ok(())
 }
 
 /// The YAML parser's limits, raised from its defaults (1,024 documents, 250,000 nodes) so that
@@ -221,16 +237,32 @@ struct Stamp {
     dev: u64,
 }
 
+impl Stamp {
+    fn of(m: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt as _;
+        Stamp {
+            len: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+            ino: m.ino(),
+            dev: m.dev(),
+        }
+    }
+
+    /// How long ago the file last changed (data or metadata), by its change time; zero for a
+    /// change time in the future.
+    fn age(&self, now: SystemTime) -> Duration {
+        let (secs, nanos) = self.ctime;
+        let ctime = match u64::try_from(secs) {
+            Ok(s) => SystemTime::UNIX_EPOCH + Duration::new(s, nanos.clamp(0, 999_999_999) as u32),
+            Err(_) => SystemTime::UNIX_EPOCH,
+        };
+        now.duration_since(ctime).unwrap_or_default()
+    }
+}
+
 fn stamp(path: &Path) -> Option<Stamp> {
-    use std::os::unix::fs::MetadataExt as _;
-    let m = std::fs::metadata(path).ok()?;
-    Some(Stamp {
-        len: m.len(),
-        mtime: (m.mtime(), m.mtime_nsec()),
-        ctime: (m.ctime(), m.ctime_nsec()),
-        ino: m.ino(),
-        dev: m.dev(),
-    })
+    std::fs::metadata(path).ok().map(|m| Stamp::of(&m))
 }
 
 /// Services and EndpointSlices are separate key spaces.
@@ -258,20 +290,73 @@ fn key_of(meta: &ObjectMeta) -> ObjectKey {
     (meta.namespace.clone().unwrap_or_else(|| "default".into()), meta.name.clone().unwrap_or_default())
 }
 
-/// Paths the watcher saw change since the last read.
-#[derive(Debug, Default)]
+/// The paths the watcher saw change and that were not read yet, and the timer thread's state.
+#[derive(Debug)]
 struct Dirty {
     /// Walk everything (first read, watcher errors and overflows).
     rescan: bool,
-    paths: BTreeSet<PathBuf>,
+    settle: Settle,
+    /// When the timer thread wakes up next (`None`: when woken); an event that makes a path
+    /// ready sooner wakes it.
+    timer_at: Option<Instant>,
+    /// The timer asked for a read and none happened since.
+    signalled: bool,
+    /// The watcher is gone: the timer thread ends.
+    stop: bool,
 }
+
+/// [`Dirty`], shared by the watcher's callback, the timer thread and the reads.
+#[derive(Debug)]
+struct Pending {
+    dirty: Mutex<Dirty>,
+    /// Wakes the timer thread.
+    wake: Condvar,
+}
+
+impl Pending {
+    fn lock(&self) -> MutexGuard<'_, Dirty> {
+        // The fields stay consistent whatever panicked while holding the lock.
+        self.dirty.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a change of `path` (see [`mark`]) and wakes the timer if it must wake sooner.
+    fn record(&self, root: &Path, path: &Path, change: Change, now: Instant) {
+        let mut d = self.lock();
+        if let Some(ready_at) = mark(&mut d, root, path, change, now) {
+            if d.timer_at.is_none_or(|t| ready_at < t) {
+                self.wake.notify_one();
+            }
+        }
+    }
+
+    fn rescan(&self) {
+        self.lock().rescan = true;
+        self.wake.notify_one();
+    }
+}
+
+/// The first wait before a failed read is tried again; it doubles with each failure in a row,
+/// up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// The manifest source, incremental: the watcher records which paths changed, and a read
 /// re-parses only those files and applies the objects they define now to the [`ModelStore`]
-/// (deleting those they no longer define). A file that fails to parse keeps serving the objects
-/// of its last good version, so a half-saved edit never takes services down. When an object is
-/// defined twice, the first copy in file order is used and the others are reported, as in a
-/// read of all files in order.
+/// (deleting those they no longer define).
+///
+/// - A changed file is read only once it is complete: closed by its writer or renamed into
+///   place, then quiet for the settle time ([`super::settle`]). A file written in place is
+///   empty or cut mid-document while it is written; read then, it would take its Services
+///   down and end their connections.
+/// - A file that fails to parse keeps serving the objects of its last good version, so a
+///   half-saved edit never takes services down.
+/// - A file or directory that cannot be read (`EMFILE`, `EACCES`, …) keeps its last version
+///   and is read again at the next read, which is asked for after a back-off (1 s, doubling
+///   to 30 s); what is below a directory that cannot be listed is not taken for deleted.
+/// - A ConfigMap volume (kubelet's atomic writer: the visible files are links through the
+///   `..data` link, which is replaced by a rename) is re-read when `..data` changes.
+/// - When an object is defined twice, the first copy in file order is used and the others are
+///   reported, as in a read of all files in order.
 ///
 /// The parsed objects are not kept: the store holds what is served, and the source only the
 /// keys each file defines, so memory does not hold the manifests twice.
@@ -281,9 +366,14 @@ pub struct ManifestSource {
     defs: HashMap<(Kind, ObjectKey), Vec<Def>>,
     /// Keys defined more than once.
     duplicated: BTreeSet<(Kind, ObjectKey)>,
-    /// Problems of the last directory walk.
-    walk_problems: Vec<String>,
-    dirty: Arc<Mutex<Dirty>>,
+    /// Directories that could not be listed, with the problem.
+    walk_problems: BTreeMap<PathBuf, String>,
+    /// Files that could not be read, with the problem (those with a last good version keep
+    /// their [`FileState`]).
+    read_problems: BTreeMap<PathBuf, String>,
+    /// Failed reads in a row, per path, for the back-off.
+    failures: HashMap<PathBuf, u32>,
+    pending: Arc<Pending>,
 }
 
 /// What one [`ManifestSource::update`] did.
@@ -293,45 +383,70 @@ pub struct UpdateStats {
     pub parsed: usize,
     pub applied: usize,
     pub deleted: usize,
+    /// Files and directories that could not be read (read again later).
+    pub failed: usize,
+    /// Changed files not read yet because they have not settled.
+    pub unsettled: usize,
+}
+
+/// One file, read.
+enum Read {
+    /// Gone, or not a regular file any more.
+    Gone,
+    /// Could not be read; `String` says what failed.
+    Failed(String),
+    Parsed(Stamp, Manifests),
 }
 
 impl ManifestSource {
+    /// A source that reads a changed file as soon as it is asked to (no settle time): for
+    /// one-shot reads and tests. The agent uses [`Self::with_settle`].
     pub fn new(path: PathBuf) -> Self {
-        let dirty = Dirty { rescan: true, paths: BTreeSet::new() };
+        Self::with_settle(path, Duration::ZERO)
+    }
+
+    /// A source that reads a changed file once it has settled for `settle` (see the type's
+    /// documentation).
+    pub fn with_settle(path: PathBuf, settle: Duration) -> Self {
+        // The first read comes with the runner's first sync: no need for the timer to ask.
+        let dirty = Dirty { rescan: true, settle: Settle::new(settle), timer_at: None, signalled: true, stop: false };
         Self {
             path,
             files: BTreeMap::new(),
             defs: HashMap::new(),
             duplicated: BTreeSet::new(),
-            walk_problems: Vec::new(),
-            dirty: Arc::new(Mutex::new(dirty)),
+            walk_problems: BTreeMap::new(),
+            read_problems: BTreeMap::new(),
+            failures: HashMap::new(),
+            pending: Arc::new(Pending { dirty: Mutex::new(dirty), wake: Condvar::new() }),
         }
     }
 
-    /// Records that `path` (a file or directory at or below the manifest path) changed; the
-    /// next [`Self::update`] re-reads it. The watcher calls this.
+    /// Records that `path` (a file or directory at or below the manifest path) changed and is
+    /// complete; the next [`Self::update`] after the settle time re-reads it.
     pub fn mark_changed(&self, path: &Path) {
-        mark(&self.dirty, &self.path, path);
+        self.pending.record(&self.path, path, Change::Done, Instant::now());
     }
 
-    /// Watches the manifest path: every change is recorded for the next update, then `changed`
-    /// is notified.
+    /// Watches the manifest path: every change is recorded, and `changed` is notified once a
+    /// changed path has settled (or a failed read is due again).
     pub fn watch(&self, changed: Arc<tokio::sync::Notify>) -> notify::Result<ManifestWatcher> {
-        ManifestWatcher::new(&self.path, self.dirty.clone(), changed)
+        ManifestWatcher::new(&self.path, self.pending.clone(), changed)
     }
 
     /// Brings `store` up to date with the files changed since the last update (every file the
-    /// first time). With `full`, also re-reads every file whose size, times or inode changed
-    /// (a check that costs a `stat` per file, for changes the watcher missed). `Err` when the
-    /// path itself is gone: an unreadable path must not look like "no services", so nothing
-    /// changes then.
+    /// first time) that have settled; the others wait for a later update. With `full`, also
+    /// re-reads every file whose size, times or inode changed (a check that costs a `stat` per
+    /// file, for changes the watcher missed). `Err` when the path itself is gone: an
+    /// unreadable path must not look like "no services", so nothing changes then.
     pub fn update(&mut self, store: &mut ModelStore, full: bool) -> Result<UpdateStats, String> {
         if !self.path.exists() {
             // Everything is read again once it is back.
-            self.dirty.lock().unwrap_or_else(|e| e.into_inner()).rescan = true;
+            self.pending.lock().rescan = true;
             return Err(format!("{}: no such file or directory; keeping the programmed services", self.path.display()));
         }
         let mut stats = UpdateStats::default();
+        let mut retries: Vec<(PathBuf, Duration)> = Vec::new();
         let mut parsed: HashSet<Arc<Path>> = HashSet::new();
         // Keys a file stopped defining (or defines at another place), with the copy that was in
         // force before this update.
@@ -339,9 +454,20 @@ impl ManifestSource {
         // In file order: when a file is read, every file before it is final, so the copy in
         // force of each key the file defines is known, and the file's objects are applied and
         // dropped before the next file is read.
-        let changed: Vec<PathBuf> = self.take_changed(full).into_iter().collect();
+        let changed: Vec<PathBuf> = self.take_changed(full, &mut stats, &mut retries).into_iter().collect();
         let read = changed.chunks(PARSE_BATCH).flat_map(|batch| batch.iter().zip(read_files_parallel(batch)));
-        for (file, (st, now)) in read {
+        for (file, outcome) in read {
+            let (st, now) = match outcome {
+                Read::Failed(e) => {
+                    retries.push((file.clone(), self.read_failed(file, &e)));
+                    stats.failed += 1;
+                    continue;
+                }
+                Read::Gone => (None, None),
+                Read::Parsed(st, m) => (Some(st), Some(m)),
+            };
+            self.read_problems.remove(file);
+            self.failures.remove(file);
             let file: Arc<Path> = Arc::from(file.as_path());
             stats.parsed += usize::from(now.is_some());
             if let (Some(m), Some(old)) = (&now, self.files.get_mut(&file)) {
@@ -421,7 +547,15 @@ impl ManifestSource {
             }
         }
         for (file, wanted) in pull {
-            let m = read_file(&file);
+            let m = match read_file(&file) {
+                Ok(m) => m,
+                Err(e) => {
+                    // Read whole again later: that applies every object it is the copy in force of.
+                    retries.push((file.to_path_buf(), self.read_failed(&file, &format!("read: {e}"))));
+                    stats.failed += 1;
+                    continue;
+                }
+            };
             stats.parsed += 1;
             for (kind, key, index) in wanted {
                 // Only if the file still says what it said when it was last read.
@@ -434,12 +568,35 @@ impl ManifestSource {
                 }
             }
         }
+        // A read happened: the timer may ask for the next one (a failed read's retry, or a
+        // path that settles later).
+        let mut d = self.pending.lock();
+        let at = Instant::now();
+        for (path, delay) in retries {
+            d.settle.retry(&path, at + delay);
+        }
+        d.signalled = false;
+        self.pending.wake.notify_one();
         Ok(stats)
+    }
+
+    /// Counts a failed read of `path` and records `what` failed; returns when to try again.
+    fn read_failed(&mut self, path: &Path, what: &str) -> Duration {
+        let failures = self.failures.entry(path.to_path_buf()).or_insert(0);
+        *failures += 1;
+        let delay = RETRY_FIRST.saturating_mul(1 << (*failures - 1).min(8)).min(RETRY_MAX);
+        let kept = if self.files.contains_key(path) { "serving its last good version, " } else { "" };
+        let problem = format!("{}: {what}; {kept}reading it again in {}", path.display(), humantime::format_duration(delay));
+        self.read_problems.insert(path.to_path_buf(), problem);
+        delay
     }
 
     /// Problems of the files (each naming file and document, and what was done about it).
     pub fn problems(&self) -> impl Iterator<Item = &String> {
-        self.walk_problems.iter().chain(self.files.values().flat_map(|f| &f.problems))
+        self.walk_problems
+            .values()
+            .chain(self.read_problems.values())
+            .chain(self.files.values().flat_map(|f| &f.problems))
     }
 
     /// The second (and later) copies of objects defined more than once, as the tracker reports
@@ -461,43 +618,94 @@ impl ManifestSource {
         out
     }
 
-    /// The files to read now: every changed file the watcher named; below a changed directory
-    /// (and below the manifest path on a rescan or with `full`), every file that is new or
-    /// whose stamp changed; and every known file that is gone.
-    fn take_changed(&mut self, full: bool) -> BTreeSet<PathBuf> {
-        let Dirty { rescan, paths } = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|e| e.into_inner()));
+    /// The files to read now: every settled file the watcher named; below a settled changed
+    /// directory (and below the manifest path on a rescan or with `full`), every file that is
+    /// new or whose stamp changed, once it has settled by its change time; and every known
+    /// file that is gone. Paths that cannot be looked at are added to `retries`.
+    fn take_changed(&mut self, full: bool, stats: &mut UpdateStats, retries: &mut Vec<(PathBuf, Duration)>) -> BTreeSet<PathBuf> {
+        let now = Instant::now();
+        let (rescan, ready, settle) = {
+            let mut d = self.pending.lock();
+            (std::mem::take(&mut d.rescan), d.settle.take_ready(now), d.settle.settle_time())
+        };
         let mut out = BTreeSet::new();
         let mut scan = Vec::new();
         if rescan || full {
             scan.push(self.path.clone());
         }
-        for p in paths {
-            if p.is_dir() {
-                scan.push(p);
-            } else if p.is_file() {
-                if p == self.path || is_manifest_file(&p) {
-                    out.insert(p);
+        for p in ready {
+            match std::fs::metadata(&p) {
+                Ok(m) if m.is_dir() => scan.push(p),
+                Ok(_) => {
+                    if p == self.path || is_manifest_file(&p) {
+                        out.insert(p);
+                    }
                 }
-            } else {
                 // Gone: the files known at or below it are removed.
-                out.extend(self.files.keys().filter(|f| f.starts_with(&p)).map(|f| f.to_path_buf()));
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    out.extend(self.files.keys().filter(|f| f.starts_with(&p)).map(|f| f.to_path_buf()));
+                }
+                Err(e) => {
+                    retries.push((p.clone(), self.read_failed(&p, &format!("stat: {e}"))));
+                    stats.failed += 1;
+                }
             }
         }
+        let wall = SystemTime::now();
+        let mut young = Vec::new();
         for dir in scan {
-            let mut files = Vec::new();
-            let walked = collect_files(&dir, &mut files);
-            if dir == self.path {
-                self.walk_problems = walked.err().map(|e| format!("{}: {e}", dir.display())).into_iter().collect();
+            let (mut files, mut failed) = (Vec::new(), Vec::new());
+            collect_files(&dir, &mut files, &mut failed);
+            self.walk_problems.retain(|d, _| !d.starts_with(&dir));
+            if failed.is_empty() {
+                self.failures.remove(&dir);
             }
             let files: BTreeSet<PathBuf> = files.into_iter().collect();
-            for f in &files {
-                let known = self.files.get(f.as_path()).map(|s| s.stamp);
-                if known != Some(stamp(f)) {
-                    out.insert(f.clone());
+            {
+                let d = self.pending.lock();
+                for f in &files {
+                    if retries.iter().any(|(p, _)| p == f) {
+                        continue; // failed already in this update
+                    }
+                    if d.settle.waits(f, now) {
+                        stats.unsettled += 1; // read when it has settled
+                        continue;
+                    }
+                    let Some(st) = stamp(f) else {
+                        out.insert(f.clone()); // the read says what is wrong
+                        continue;
+                    };
+                    if self.files.get(f.as_path()).map(|s| s.stamp) == Some(Some(st)) {
+                        continue;
+                    }
+                    // Changed unseen (or before the watcher started): settled by its change time.
+                    let age = st.age(wall);
+                    if age < settle {
+                        young.push((f.clone(), now + (settle - age)));
+                        stats.unsettled += 1;
+                    } else {
+                        out.insert(f.clone());
+                    }
                 }
             }
-            let gone = self.files.keys().filter(|f| f.starts_with(&dir) && !files.contains(&***f));
+            // Files under a directory that could not be listed are not gone.
+            let unknown = |f: &Path| failed.iter().any(|(d, _)| f.starts_with(d));
+            let gone = self.files.keys().filter(|f| f.starts_with(&dir) && !files.contains(&***f) && !unknown(f));
             out.extend(gone.map(|f| f.to_path_buf()));
+            for (d, e) in failed {
+                let delay = self.read_failed(&d, &format!("list: {e}"));
+                // The directory's problem is its listing's, not a file's.
+                let problem = self.read_problems.remove(&d).unwrap_or_default();
+                self.walk_problems.insert(d.clone(), problem);
+                retries.push((d, delay));
+                stats.failed += 1;
+            }
+        }
+        if !young.is_empty() {
+            let mut d = self.pending.lock();
+            for (f, at) in young {
+                d.settle.defer(&f, at);
+            }
         }
         out
     }
@@ -507,11 +715,18 @@ impl ManifestSource {
 /// that the parsed objects of one batch (not yet in the store) stay small.
 const PARSE_BATCH: usize = 512;
 
-/// Stamps, reads and parses `files` on every core, returned in the order of `files`: `None`
-/// for a file that is gone. The stamp is taken first, so a write after it shows as a changed
-/// stamp on the next check.
-fn read_files_parallel(files: &[PathBuf]) -> Vec<(Option<Stamp>, Option<Manifests>)> {
-    let read_one = |f: &PathBuf| (stamp(f), f.is_file().then(|| read_file(f)));
+/// Stamps, reads and parses `files` on every core, returned in the order of `files`. The
+/// stamp is taken first, so a write after it shows as a changed stamp on the next check.
+fn read_files_parallel(files: &[PathBuf]) -> Vec<Read> {
+    let read_one = |f: &PathBuf| match std::fs::metadata(f) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Read::Gone,
+        Err(e) => Read::Failed(format!("stat: {e}")),
+        Ok(m) if !m.is_file() => Read::Gone,
+        Ok(m) => match read_file(f) {
+            Ok(parsed) => Read::Parsed(Stamp::of(&m), parsed),
+            Err(e) => Read::Failed(format!("read: {e}")),
+        },
+    };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     // A thread is worth starting for a few files at least (a change is usually one file).
     let workers = cores.min(files.len() / 8).max(1);
@@ -527,14 +742,18 @@ fn read_files_parallel(files: &[PathBuf]) -> Vec<(Option<Stamp>, Option<Manifest
     })
 }
 
-/// Reads and parses one file.
-fn read_file(file: &Path) -> Manifests {
+/// Reads and parses one file. `Err` when it cannot be read (it is read again later); content
+/// that is not UTF-8 is a parse error of the file.
+fn read_file(file: &Path) -> std::io::Result<Manifests> {
     let mut m = Manifests::default();
     match std::fs::read_to_string(file) {
         Ok(text) => parse_into(file, &text, &mut m),
-        Err(e) => m.errors.push(ManifestError { origin: file.display().to_string(), message: format!("read: {e}") }),
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+            m.errors.push(ManifestError { origin: file.display().to_string(), message: format!("read: {e}") })
+        }
+        Err(e) => return Err(e),
     }
-    m
+    Ok(m)
 }
 
 /// Applies the `index`-th object of `kind` in `m`; false if it is invalid (the store lists it).
@@ -545,69 +764,92 @@ fn apply(store: &mut ModelStore, m: &Manifests, kind: Kind, index: usize) -> boo
     }
 }
 
-/// Records a changed path for `root`'s source: a path the reads cannot place under `root`, a
-/// path of the manifest file itself, and hidden entries are handled as the directory walk does.
-fn mark(dirty: &Mutex<Dirty>, root: &Path, path: &Path) {
-    let mut d = dirty.lock().unwrap_or_else(|e| e.into_inner());
-    if !root.is_dir() && path.file_name() == root.file_name() {
+/// The link kubelet's atomic writer replaces (by a rename) to update a ConfigMap or Secret
+/// volume: the visible files are links through it, so their content changes with it although
+/// they themselves are never written.
+const ATOMIC_WRITER_LINK: &str = "..data";
+
+fn is_atomic_writer_link(p: &Path) -> bool {
+    p.file_name().is_some_and(|n| n == ATOMIC_WRITER_LINK)
+}
+
+/// Records a changed path for `root`'s source and returns when it is ready: a path of the
+/// manifest file itself (or the atomic writer's link beside it) marks the file; `..data` in a
+/// directory marks that directory; a path the reads cannot place under `root` asks for a
+/// rescan; other hidden entries are ignored, as the directory walk does.
+fn mark(d: &mut Dirty, root: &Path, path: &Path, change: Change, now: Instant) -> Option<Instant> {
+    if !root.is_dir() && (path.file_name() == root.file_name() || is_atomic_writer_link(path)) {
         // A single manifest file, watched through its directory.
-        d.paths.insert(root.to_path_buf());
-        return;
+        return Some(d.settle.record(root, change, now));
     }
     match path.strip_prefix(root) {
         Ok(rel) => {
+            let rel = if is_atomic_writer_link(rel) { rel.parent().unwrap_or(Path::new("")) } else { rel };
             let hidden = rel.components().any(|c| c.as_os_str().to_string_lossy().starts_with('.'));
-            if !hidden {
-                d.paths.insert(root.join(rel));
+            if hidden {
+                return None;
             }
+            let path = if rel.as_os_str().is_empty() { root.to_path_buf() } else { root.join(rel) };
+            Some(d.settle.record(&path, change, now))
         }
-        Err(_) => d.rescan = true,
+        Err(_) => {
+            d.rescan = true;
+            Some(now)
+        }
     }
 }
 
-/// Watches the manifest path and records every change for the [`ManifestSource`], then
-/// notifies `changed` (from the watcher's thread). A file is watched through its directory, so
-/// editors that replace the file are seen.
+/// What a watch event says about its paths; `None` for events that change nothing (opens and
+/// reads, the agent's own included).
+fn change_of(kind: &notify::EventKind) -> Option<Change> {
+    use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind, RenameMode};
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => Some(Change::Done),
+        EventKind::Access(_) => None,
+        EventKind::Modify(ModifyKind::Data(_)) => Some(Change::Writing),
+        // Renamed into place, or away, or removed: nothing writes that name now.
+        EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both | RenameMode::From)) | EventKind::Remove(_) => {
+            Some(Change::Done)
+        }
+        _ => Some(Change::Touched),
+    }
+}
+
+/// Watches the manifest path and records every change for the [`ManifestSource`]; a timer
+/// thread notifies `changed` once a changed path has settled. A file is watched through its
+/// directory, so editors that replace the file are seen.
 pub struct ManifestWatcher {
     _watcher: notify::RecommendedWatcher,
+    pending: Arc<Pending>,
+    timer: Option<std::thread::JoinHandle<()>>,
 }
 
 impl ManifestWatcher {
-    fn new(path: &Path, dirty: Arc<Mutex<Dirty>>, changed: Arc<tokio::sync::Notify>) -> notify::Result<Self> {
+    fn new(path: &Path, pending: Arc<Pending>, changed: Arc<tokio::sync::Notify>) -> notify::Result<Self> {
         let watched_file = (!path.is_dir()).then(|| path.to_path_buf());
         let root = path.to_path_buf();
+        let events = pending.clone();
         let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
             tracing::debug!(?event, "manifest watch event");
-            let relevant = match &event {
-                Ok(e) if e.need_rescan() => {
-                    dirty.lock().unwrap_or_else(|e| e.into_inner()).rescan = true;
-                    true
-                }
-                Ok(e) if matches!(e.kind, notify::EventKind::Access(_)) => false,
-                Ok(e) => {
-                    let mut relevant = false;
-                    for p in &e.paths {
-                        let wanted = match &watched_file {
-                            // Other files in the same directory (logs, editor swap files)
-                            // must not trigger syncs.
-                            Some(file) => p.file_name() == file.file_name(),
-                            None => is_manifest_file(p) || p.extension().is_none(),
-                        };
-                        if wanted {
-                            mark(&dirty, &root, p);
-                            relevant = true;
-                        }
-                    }
-                    relevant
-                }
-                Err(_) => {
-                    // Re-read everything on watcher errors: better a spare read than a lost one.
-                    dirty.lock().unwrap_or_else(|e| e.into_inner()).rescan = true;
-                    true
-                }
+            let e = match event {
+                // Re-read everything on watcher errors: better a spare read than a lost one.
+                Err(_) => return events.rescan(),
+                Ok(e) if e.need_rescan() => return events.rescan(),
+                Ok(e) => e,
             };
-            if relevant {
-                changed.notify_one();
+            let Some(change) = change_of(&e.kind) else { return };
+            let now = Instant::now();
+            for p in &e.paths {
+                let wanted = is_atomic_writer_link(p)
+                    || match &watched_file {
+                        // Other files in the same directory (logs, editor swap files)
+                        // must not trigger syncs.
+                        Some(file) => p.file_name() == file.file_name(),
+                        None => is_manifest_file(p) || p.extension().is_none(),
+                    };
+                if wanted {
+                    events.record(&root, p, change, now);
+                }
             }
         })?;
         let target = match path.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -617,7 +859,42 @@ impl ManifestWatcher {
         };
         let mode = if path.is_dir() { RecursiveMode::Recursive } else { RecursiveMode::NonRecursive };
         watcher.watch(&target, mode)?;
-        Ok(Self { _watcher: watcher })
+        let timer_pending = pending.clone();
+        let timer = std::thread::Builder::new()
+            .name("manifest-settle".into())
+            .spawn(move || settle_timer(&timer_pending, &changed))
+            .map_err(|e| notify::Error::io(e).add_path(target))?;
+        Ok(Self { _watcher: watcher, pending, timer: Some(timer) })
+    }
+}
+
+impl Drop for ManifestWatcher {
+    fn drop(&mut self) {
+        self.pending.lock().stop = true;
+        self.pending.wake.notify_one();
+        if let Some(timer) = self.timer.take() {
+            let _ = timer.join();
+        }
+    }
+}
+
+/// The timer thread: notifies `changed` when a pending path is ready (once per read: a
+/// ready path the next read has not taken yet is not announced twice), and otherwise sleeps
+/// until the earliest one will be, or until an event or a read wakes it.
+fn settle_timer(pending: &Pending, changed: &tokio::sync::Notify) {
+    let mut d = pending.lock();
+    while !d.stop {
+        let now = Instant::now();
+        let next = if d.rescan { Some(now) } else { d.settle.next_ready() };
+        d.timer_at = next.filter(|t| *t > now);
+        if next.is_some_and(|t| t <= now) && !d.signalled {
+            d.signalled = true;
+            changed.notify_one();
+        }
+        d = match d.timer_at {
+            Some(t) => pending.wake.wait_timeout(d, t - now).unwrap_or_else(|e| e.into_inner()).0,
+            None => pending.wake.wait(d).unwrap_or_else(|e| e.into_inner()),
+        };
     }
 }
 
@@ -884,5 +1161,132 @@ kind: Service
         assert!(programmed(&mut store).is_empty());
         std::fs::remove_dir_all(&dir).unwrap();
         std::fs::remove_dir_all(&staged).unwrap();
+    }
+
+    #[test]
+    fn a_changed_file_waits_until_it_has_settled() {
+        let (dir, _, mut store) = source_on("settle", &[("a.yaml", service_file("a", "10.96.0.1", "10.244.0.1"))]);
+        let mut source = ManifestSource::with_settle(dir.clone(), Duration::from_secs(3600));
+        // Written just now: the first read leaves it for later, by its change time.
+        let stats = source.update(&mut store, false).unwrap();
+        assert_eq!((stats.parsed, stats.unsettled), (0, 1));
+        assert!(programmed(&mut store).is_empty());
+        // A change the watcher reports waits too, and so does the periodic check.
+        source.mark_changed(&dir.join("a.yaml"));
+        let stats = source.update(&mut store, true).unwrap();
+        assert_eq!((stats.parsed, stats.unsettled), (0, 1));
+        // Without a settle time it is read at once.
+        let mut source = ManifestSource::new(dir.clone());
+        assert_eq!(source.update(&mut store, false).unwrap().parsed, 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_file_that_cannot_be_read_keeps_its_last_version_and_is_read_again() {
+        let files = [("a.yaml", service_file("a", "10.96.0.1", "10.244.0.1")), ("b.yaml", service_file("b", "10.96.0.2", "10.244.0.2"))];
+        let (dir, mut source, mut store) = source_on("unreadable", &files);
+        source.update(&mut store, false).unwrap();
+        assert_eq!(programmed(&mut store).len(), 2);
+        // As root, modes do not stop a read; a symbolic link to itself does (ELOOP).
+        std::fs::remove_file(dir.join("a.yaml")).unwrap();
+        std::os::unix::fs::symlink("a.yaml", dir.join("a.yaml")).unwrap();
+        source.mark_changed(&dir.join("a.yaml"));
+        let stats = source.update(&mut store, false).unwrap();
+        assert_eq!((stats.parsed, stats.failed, stats.deleted), (0, 1, 0));
+        assert_eq!(programmed(&mut store).len(), 2, "the last good version is served");
+        let problems: Vec<&String> = source.problems().collect();
+        assert!(
+            problems.iter().any(|p| p.contains("a.yaml: stat:") && p.contains("serving its last good version, reading it again in 1s")),
+            "{problems:?}"
+        );
+        // The periodic check does not take it for deleted either, and it is read again at the
+        // next update whatever triggers it (no event comes for it).
+        let stats = source.update(&mut store, true).unwrap();
+        assert_eq!((stats.failed, stats.deleted), (1, 0), "{stats:?}");
+        assert!(source.problems().any(|p| p.contains("reading it again in 2s")), "back-off");
+        std::fs::remove_file(dir.join("a.yaml")).unwrap();
+        std::fs::write(dir.join("a.yaml"), service_file("a", "10.96.0.1", "10.244.0.7")).unwrap();
+        let stats = source.update(&mut store, false).unwrap();
+        assert_eq!((stats.parsed, stats.failed), (1, 0));
+        assert_eq!(programmed(&mut store)[0], ("10.96.0.1".into(), vec!["10.244.0.7".into()]));
+        assert_eq!(source.problems().count(), 0);
+        // A new file that cannot be read is not taken for empty: it is read once it can be.
+        std::os::unix::fs::symlink("c.yaml", dir.join("c.yaml")).unwrap();
+        source.mark_changed(&dir.join("c.yaml"));
+        assert_eq!(source.update(&mut store, false).unwrap().failed, 1);
+        std::fs::remove_file(dir.join("c.yaml")).unwrap();
+        std::fs::write(dir.join("c.yaml"), service_file("c", "10.96.0.3", "10.244.0.3")).unwrap();
+        assert_eq!(source.update(&mut store, false).unwrap().parsed, 1);
+        assert_eq!(programmed(&mut store).len(), 3);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Lays out `dir` as kubelet's atomic writer does for a ConfigMap volume with one key,
+    /// `services.yaml`: the content in a timestamped directory, `..data` linking to it, and the
+    /// visible file linking through `..data`. Replaces an earlier version by a rename of the
+    /// `..data` link, as kubelet does.
+    fn atomic_write(dir: &Path, version: u32, content: &str) {
+        let data = dir.join(format!("..2024_01_01_00_00_0{version}.000000001"));
+        std::fs::create_dir(&data).unwrap();
+        std::fs::write(data.join("services.yaml"), content).unwrap();
+        std::os::unix::fs::symlink(data.file_name().unwrap(), dir.join("..data_tmp")).unwrap();
+        std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+        if !dir.join("services.yaml").exists() {
+            std::os::unix::fs::symlink("..data/services.yaml", dir.join("services.yaml")).unwrap();
+        }
+        if version > 1 {
+            std::fs::remove_dir_all(dir.join(format!("..2024_01_01_00_00_0{}.000000001", version - 1))).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_configmap_volume_is_read_again_when_its_data_link_is_swapped() {
+        for single_file in [false, true] {
+            let dir = temp_dir(&format!("configmap-{single_file}"));
+            atomic_write(&dir, 1, &service_file("a", "10.96.0.1", "10.244.0.1"));
+            let root = if single_file { dir.join("services.yaml") } else { dir.clone() };
+            let (mut source, mut store) = (ManifestSource::new(root), ModelStore::default());
+            source.update(&mut store, false).unwrap();
+            assert_eq!(programmed(&mut store), [("10.96.0.1".into(), vec!["10.244.0.1".into()])]);
+            atomic_write(&dir, 2, &service_file("a", "10.96.0.1", "10.244.0.2"));
+            // The only event is the rename of `..data` (the visible link is not touched).
+            source.mark_changed(&dir.join("..data"));
+            assert_eq!(source.update(&mut store, false).unwrap().parsed, 1, "single file: {single_file}");
+            assert_eq!(programmed(&mut store), [("10.96.0.1".into(), vec!["10.244.0.2".into()])]);
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+    }
+
+    /// The real watcher and timer: a file rewritten in place, slowly, is read once, complete,
+    /// after its writer closed it and it settled.
+    #[tokio::test]
+    async fn the_watcher_reads_a_file_rewritten_in_place_once_it_is_complete() {
+        use std::io::Write as _;
+        let text = service_file("a", "10.96.0.1", "10.244.0.1");
+        let (dir, _, mut store) = source_on("watch", &[("a.yaml", text.clone())]);
+        let mut source = ManifestSource::with_settle(dir.clone(), Duration::from_millis(300));
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(source.update(&mut store, false).unwrap().parsed, 1);
+        let changed = Arc::new(tokio::sync::Notify::new());
+        let _watcher = source.watch(changed.clone()).unwrap();
+        let new = service_file("a", "10.96.0.1", "10.244.0.2");
+        let started = Instant::now();
+        let mut f = std::fs::File::create(dir.join("a.yaml")).unwrap(); // truncated
+        for chunk in new.as_bytes().chunks(new.len() / 4 + 1) {
+            std::thread::sleep(Duration::from_millis(200));
+            f.write_all(chunk).unwrap();
+            // Nothing is announced while the writer has it open.
+            assert!(tokio::time::timeout(Duration::from_millis(1), changed.notified()).await.is_err());
+        }
+        std::thread::sleep(Duration::from_millis(400)); // open, quiet longer than the settle time
+        assert!(tokio::time::timeout(Duration::from_millis(1), changed.notified()).await.is_err(), "still open");
+        drop(f);
+        let closed = Instant::now();
+        tokio::time::timeout(Duration::from_secs(10), changed.notified()).await.expect("announced once settled");
+        assert!(closed.elapsed() >= Duration::from_millis(250), "{:?} after the close", closed.elapsed());
+        let stats = source.update(&mut store, false).unwrap();
+        assert_eq!((stats.parsed, stats.unsettled), (1, 0), "{stats:?} after {:?}", started.elapsed());
+        assert_eq!(programmed(&mut store), [("10.96.0.1".into(), vec!["10.244.0.2".into()])]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -4,3 +4,4 @@
 pub mod apiserver;
 pub mod manifests;
 pub mod rest_metrics;
+pub mod settle;

@@ -52,6 +52,7 @@ pub fn test() -> Result<()> {
         ("end-to-end tests (socket_lb)", e2e("socket_lb")),
         ("end-to-end tests (apiserver)", e2e("apiserver")),
         ("end-to-end tests (service semantics)", e2e("service_semantics")),
+        ("end-to-end tests (hardening: files, HTTP servers, bpffs modes)", e2e("hardening")),
         ("end-to-end tests (nodeport, tc datapath)", e2e("nodeport")),
         ("end-to-end tests (two nodes, tc datapath)", e2e("two_nodes")),
     ];
