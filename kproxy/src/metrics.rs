@@ -13,6 +13,8 @@ use prometheus_client::{
 };
 use std::sync::atomic::AtomicU64;
 
+use crate::dataplane::plan::{RefuseReason, Refused};
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CodeLabel {
     pub code: String,
@@ -32,6 +34,13 @@ pub struct MapLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct InvalidLabels {
     pub kind: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabel {
+    /// `services_full`, `backends_full`, `service_entries_full` or `too_many_endpoints`
+    /// ([`crate::dataplane::plan::RefuseReason`]).
     pub reason: String,
 }
 
@@ -57,6 +66,8 @@ pub struct Metrics {
     pub map_writes_total: Counter,
     pub invalid_objects_total: Family<InvalidLabels, Counter>,
     pub sync_failures_total: Counter,
+    pub frontends_refused: Family<RefusedLabel, Gauge>,
+    pub frontend_refusals_total: Family<RefusedLabel, Counter>,
 }
 
 /// Sync durations: 1 ms to ~16 s, as kube-proxy's `sync_proxy_rules_duration_seconds`.
@@ -93,6 +104,8 @@ impl Metrics {
             map_writes_total: Counter::default(),
             invalid_objects_total: Family::default(),
             sync_failures_total: Counter::default(),
+            frontends_refused: Family::default(),
+            frontend_refusals_total: Family::default(),
         };
         let r = &mut m.registry;
         r.register("kubeproxy_sync_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds", m.sync_duration.clone());
@@ -117,6 +130,16 @@ impl Metrics {
         r.register("kproxy_bpf_map_writes", "BPF map updates and deletes made by syncs", m.map_writes_total.clone());
         r.register("kproxy_invalid_objects", "Invalid object versions skipped, by kind and reason", m.invalid_objects_total.clone());
         r.register("kproxy_sync_failures", "Syncs that failed and were retried", m.sync_failures_total.clone());
+        r.register(
+            "kproxy_frontends_refused",
+            "Frontends (service ports) not programmed as desired because they do not fit, by reason",
+            m.frontends_refused.clone(),
+        );
+        r.register(
+            "kproxy_frontend_refusals",
+            "Refusals of frontends that do not fit, counted once per frontend and reason, by reason",
+            m.frontend_refusals_total.clone(),
+        );
         m
     }
 
@@ -132,6 +155,14 @@ impl Metrics {
         for (policy, count) in [("internal", internal), ("external", external)] {
             let label = TrafficPolicyLabel { traffic_policy: policy.into() };
             self.no_local_endpoints.get_or_create(&label).set(count as i64);
+        }
+    }
+
+    /// Sets `kproxy_frontends_refused` for every reason, from the frontends refused now.
+    pub fn set_refused(&self, refused: &[Refused]) {
+        for reason in RefuseReason::ALL {
+            let count = refused.iter().filter(|r| r.reason == reason).count();
+            self.frontends_refused.get_or_create(&RefusedLabel { reason: reason.as_str().into() }).set(count as i64);
         }
     }
 

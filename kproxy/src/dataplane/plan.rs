@@ -2,13 +2,20 @@
 //! desired state. Pure: no kernel, no clock.
 //!
 //! Only differences are written, in an order that keeps every intermediate state valid for a
-//! reader in the kernel:
-//! 1. new backends, then service metadata and new source ranges;
-//! 2. per frontend: changed backend slots, then the frontend entry (slot 0, with the count that
-//!    makes the slots reachable), then slots beyond the new count;
-//! 3. removed frontends (slot 0 first, so readers stop at once), then their slots, source
-//!    ranges no longer wanted, stray entries and metadata;
-//! 4. backends that no slot references any more.
+//! reader in the kernel, and that never writes to a full map:
+//! 1. removed frontends (slot 0 first, so readers stop at once), then their slots, source
+//!    ranges and metadata, then the backends only they used: the room they free is counted
+//!    before anything is added, so the same plan can use it;
+//! 2. new backends, then service metadata and new source ranges;
+//! 3. per frontend, those that do not grow before those that do: changed backend slots, then
+//!    the frontend entry (slot 0, with the count that makes the slots reachable), then slots
+//!    beyond the new count;
+//! 4. source ranges no longer wanted, stray entries and metadata;
+//! 5. backends that no slot references any more.
+//!
+//! A frontend that does not fit in the maps ([`Limits`]), or that has more backends than a
+//! slot index can number ([`MAX_BACKENDS_PER_FRONTEND`]), is refused whole ([`Refused`]): it
+//! keeps what was programmed for it, or stays unprogrammed; it is never cut short.
 //!
 //! A plan covers a [`Scope`]: the frontends that changed (a sync after events costs O(changes))
 //! or everything (start-up and periodic full syncs, which also remove stray entries).
@@ -46,12 +53,48 @@ pub enum Scope<'a> {
     Frontends(&'a BTreeSet<Frontend>),
 }
 
-/// A frontend left as it was because the maps are full.
+/// The most backends one frontend can have: backend slots are numbered `1..=count` by a 16-bit
+/// index ([`ServiceKey::slot`], [`ServiceValue::count`]; slot 0 is the frontend entry), and the
+/// kernel's slot selection (`kproxy_common::select_slot`) covers that whole range. A frontend
+/// with more is refused ([`RefuseReason::TooManyEndpoints`]), never cut short.
+pub const MAX_BACKENDS_PER_FRONTEND: usize = u16::MAX as usize;
+
+/// Why a frontend was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RefuseReason {
+    /// No room for one more frontend ([`Limits::max_services`]).
+    ServicesFull,
+    /// No room for its new backends ([`Limits::max_backends`]).
+    BackendsFull,
+    /// No room for its slots in the services map ([`Limits::max_service_entries`]).
+    ServiceEntriesFull,
+    /// More backends than one frontend can hold ([`MAX_BACKENDS_PER_FRONTEND`]).
+    TooManyEndpoints,
+}
+
+impl RefuseReason {
+    pub const ALL: [RefuseReason; 4] =
+        [RefuseReason::ServicesFull, RefuseReason::BackendsFull, RefuseReason::ServiceEntriesFull, RefuseReason::TooManyEndpoints];
+
+    /// The `reason` label of the refusal metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefuseReason::ServicesFull => "services_full",
+            RefuseReason::BackendsFull => "backends_full",
+            RefuseReason::ServiceEntriesFull => "service_entries_full",
+            RefuseReason::TooManyEndpoints => "too_many_endpoints",
+        }
+    }
+}
+
+/// A frontend left as it was (programmed as before, or not at all) because it does not fit.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Refused {
     pub frontend: Frontend,
     pub name: ServicePortName,
-    pub reason: String,
+    pub reason: RefuseReason,
+    /// What did not fit, with the numbers, and what became of the frontend.
+    pub detail: String,
 }
 
 /// The outcome of planning.
@@ -228,12 +271,19 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
     // Slot references gained (+) and lost (-) per backend id.
     let mut ref_delta: HashMap<u32, i64> = HashMap::new();
 
-    // Running totals, never decreased within one plan: deletions come last, so the peak is
-    // what was there plus what is added.
+    // Running totals of each map's entries, following the ops in the order they are written,
+    // so that no write ever finds its map full: removed frontends go first and free their
+    // room (entries, metadata, backends nothing else uses) before anything is added; then
+    // frontends that do not grow, whose slot deletions come before the growing ones add
+    // theirs. Room freed in a plan is thereby reused by the same plan. Only backends that
+    // changed frontends stop using are freed after everything else (their slots must be
+    // rewritten first): the caller syncs again to use that room (see `crate::sync`).
     let mut n_services = mirror.frontends as u64;
     let mut n_backends = current.backends.len() as u64;
     let mut n_entries = current.services.len() as u64;
 
+    // Writes that free room, before every other write.
+    let mut freeing_ops = Vec::new();
     let mut backend_ops = Vec::new();
     let mut meta_ops = Vec::new();
     let mut service_ops = Vec::new();
@@ -244,32 +294,62 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
     let mut keep_keys: HashSet<ServiceKey> = HashSet::new();
     let mut keep_meta: HashSet<u32> = HashSet::new();
 
-    for frontend in &targets {
+    let (removed, kept): (Vec<Frontend>, Vec<Frontend>) = targets.iter().partition(|f| !desired.contains_key(f));
+    // Service ids of the removed frontends: their metadata and ranges go with them.
+    let mut removed_ids: HashSet<u32> = HashSet::new();
+    for frontend in &removed {
+        // The frontend entry first, so readers stop at once.
+        let key0 = service_key(*frontend, 0);
+        let Some(v) = current.services.get(&key0) else { continue };
+        removed_ids.insert(v.service_id);
+        freeing_ops.push(Op::DeleteService(key0));
+        n_services = n_services.saturating_sub(1);
+        n_entries = n_entries.saturating_sub(1);
+        for slot in 1..=v.count {
+            let key = ServiceKey { slot, ..key0 };
+            if let Some(s) = current.services.get(&key) {
+                *ref_delta.entry(s.backend_id).or_default() -= 1;
+                freeing_ops.push(Op::DeleteService(key));
+                n_entries = n_entries.saturating_sub(1);
+            }
+        }
+        for range in current.source_ranges.get(&v.service_id).into_iter().flatten() {
+            freeing_ops.push(Op::DeleteSourceRange(v.service_id, *range));
+        }
+        if current.meta.contains_key(&v.service_id) {
+            freeing_ops.push(Op::DeleteMeta(v.service_id));
+        }
+    }
+    // Backends only removed frontends used, and no frontend of this plan wants.
+    let mut freed_backends: BTreeSet<u32> = BTreeSet::new();
+    if !ref_delta.is_empty() {
+        let wanted: HashSet<Backend> = kept
+            .iter()
+            .flat_map(|f| desired[f].backends.iter().map(|a| backend_value(*a, f.protocol)))
+            .collect();
+        freed_backends = ref_delta
+            .iter()
+            .filter(|(id, delta)| i64::from(mirror.refs(**id)) + **delta <= 0)
+            .filter(|(id, _)| current.backends.get(id).is_some_and(|b| !wanted.contains(b)))
+            .map(|(id, _)| *id)
+            .collect();
+        freeing_ops.extend(freed_backends.iter().copied().map(Op::DeleteBackend));
+        n_backends = n_backends.saturating_sub(freed_backends.len() as u64);
+    }
+
+    // Frontends that do not grow first: they free slots (or add none) before others add.
+    let grows = |f: &Frontend| {
+        let programmed = current.services.get(&service_key(*f, 0)).map_or(0, |v| usize::from(v.count) + 1);
+        desired[f].backends.len() + 1 > programmed
+    };
+    let (steady, growing): (Vec<Frontend>, Vec<Frontend>) = kept.into_iter().partition(|f| !grows(f));
+    for frontend in steady.iter().chain(&growing) {
         let key0 = service_key(*frontend, 0);
         let existing = current.services.get(&key0).copied();
         let old_slots: Vec<Option<u32>> = existing.map_or_else(Vec::new, |v| {
             (1..=v.count).map(|slot| current.services.get(&ServiceKey { slot, ..key0 }).map(|s| s.backend_id)).collect()
         });
-        let Some(want) = desired.get(frontend) else {
-            // Removed: the frontend entry first, so readers stop at once.
-            if let Some(v) = existing {
-                removal_ops.push(Op::DeleteService(key0));
-                for slot in 1..=v.count {
-                    let key = ServiceKey { slot, ..key0 };
-                    if let Some(s) = current.services.get(&key) {
-                        *ref_delta.entry(s.backend_id).or_default() -= 1;
-                        removal_ops.push(Op::DeleteService(key));
-                    }
-                }
-                if current.meta.contains_key(&v.service_id) {
-                    meta_deletes.push(v.service_id);
-                }
-                for range in current.source_ranges.get(&v.service_id).into_iter().flatten() {
-                    removal_ops.push(Op::DeleteSourceRange(v.service_id, *range));
-                }
-            }
-            continue;
-        };
+        let want = &desired[frontend];
 
         let backends: Vec<Backend> = want.backends.iter().map(|a| backend_value(*a, frontend.protocol)).collect();
         let new_backends: BTreeSet<Backend> = backends
@@ -278,22 +358,38 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
             .copied()
             .collect();
         let old_count = old_slots.len();
-        let added_entries = (backends.len() + 1).saturating_sub(old_count + usize::from(existing.is_some()));
-        let fits = (n_services + u64::from(existing.is_none()) <= u64::from(limits.max_services))
-            && (n_backends + new_backends.len() as u64 <= u64::from(limits.max_backends))
-            && (n_entries + added_entries as u64 <= u64::from(limits.max_service_entries));
-        if !fits {
-            refused.push(Refused {
-                frontend: *frontend,
-                name: want.name.clone(),
-                reason: format!(
-                    "maps full ({n_services}/{} services, {n_backends}/{} backends, {n_entries}/{} service entries); {}",
-                    limits.max_services,
-                    limits.max_backends,
-                    limits.max_service_entries,
-                    if existing.is_some() { "left as programmed" } else { "not programmed" },
+        // Services-map keys this frontend adds (all written before its deletions), and deletes.
+        let added_entries = usize::from(existing.is_none())
+            + old_slots.iter().take(backends.len()).filter(|s| s.is_none()).count()
+            + backends.len().saturating_sub(old_count);
+        let deleted_entries = old_slots.iter().skip(backends.len()).flatten().count();
+        let state = if existing.is_some() { "left as programmed" } else { "not programmed" };
+        let full = || {
+            format!(
+                "maps full ({n_services}/{} services, {n_backends}/{} backends, {n_entries}/{} service entries); {state}",
+                limits.max_services, limits.max_backends, limits.max_service_entries,
+            )
+        };
+        let refusal = if backends.len() > MAX_BACKENDS_PER_FRONTEND {
+            Some((
+                RefuseReason::TooManyEndpoints,
+                format!(
+                    "Service {} ({frontend}) has {} endpoints, more than the {MAX_BACKENDS_PER_FRONTEND} one service port can hold; {state}",
+                    want.name,
+                    backends.len(),
                 ),
-            });
+            ))
+        } else if n_services + u64::from(existing.is_none()) > u64::from(limits.max_services) {
+            Some((RefuseReason::ServicesFull, full()))
+        } else if n_backends + new_backends.len() as u64 > u64::from(limits.max_backends) {
+            Some((RefuseReason::BackendsFull, full()))
+        } else if n_entries + added_entries as u64 > u64::from(limits.max_service_entries) {
+            Some((RefuseReason::ServiceEntriesFull, full()))
+        } else {
+            None
+        };
+        if let Some((reason, detail)) = refusal {
+            refused.push(Refused { frontend: *frontend, name: want.name.clone(), reason, detail });
             if let Some(v) = existing {
                 keep_keys.insert(key0);
                 keep_keys.extend((1..=v.count).map(|slot| ServiceKey { slot, ..key0 }));
@@ -303,7 +399,7 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
         }
         n_services += u64::from(existing.is_none());
         n_backends += new_backends.len() as u64;
-        n_entries += added_entries as u64;
+        n_entries = (n_entries + added_entries as u64).saturating_sub(deleted_entries as u64);
 
         for b in &new_backends {
             let id = backend_ids.allocate();
@@ -350,9 +446,10 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
             *slot = fill.next();
         }
 
-        for (i, backend_id) in slots.iter().enumerate() {
+        // At most MAX_BACKENDS_PER_FRONTEND (checked above): every slot number fits.
+        for (slot, backend_id) in (1..=u16::MAX).zip(&slots) {
             let backend_id = backend_id.expect("every slot is filled: as many ids as slots");
-            let key = ServiceKey { slot: i as u16 + 1, ..key0 };
+            let key = ServiceKey { slot, ..key0 };
             let value = ServiceValue { backend_id, count: 0, flags: 0, service_id };
             keep_keys.insert(key);
             let old = current.services.get(&key);
@@ -366,7 +463,7 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
         }
         let front = ServiceValue {
             backend_id: want.affinity_timeout,
-            count: slots.len() as u16,
+            count: u16::try_from(slots.len()).expect("at most MAX_BACKENDS_PER_FRONTEND, checked above"),
             flags: frontend_flags(want),
             service_id,
         };
@@ -374,8 +471,9 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
         if existing != Some(front) {
             service_ops.push(Op::PutService(key0, front));
         }
-        for slot in slots.len() + 1..=old_count {
-            let key = ServiceKey { slot: slot as u16, ..key0 };
+        // Both counts are 16-bit slot numbers: front.count < slot <= the programmed count.
+        for slot in front.count.saturating_add(1)..=existing.map_or(0, |v| v.count) {
+            let key = ServiceKey { slot, ..key0 };
             if let Some(old) = current.services.get(&key) {
                 *ref_delta.entry(old.backend_id).or_default() -= 1;
                 service_ops.push(Op::DeleteService(key));
@@ -387,13 +485,14 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
         .iter()
         .filter(|(id, delta)| **delta < 0 && i64::from(mirror.refs(**id)) + **delta <= 0)
         .map(|(id, _)| *id)
-        .filter(|id| current.backends.contains_key(id))
+        .filter(|id| current.backends.contains_key(id) && !freed_backends.contains(id))
         .collect();
     if let Scope::Full = scope {
         // Stray entries: slots past a count or without a frontend, unreferenced backends and
         // metadata, as left by a crash or a hand edit.
-        let deleted: HashSet<ServiceKey> = removal_ops
+        let deleted: HashSet<ServiceKey> = freeing_ops
             .iter()
+            .chain(&removal_ops)
             .chain(&service_ops)
             .filter_map(|op| match op {
                 Op::DeleteService(k) => Some(*k),
@@ -413,13 +512,14 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
             current
                 .backends
                 .keys()
-                .filter(|id| i64::from(mirror.refs(**id)) + ref_delta.get(id).copied().unwrap_or(0) <= 0),
+                .filter(|id| i64::from(mirror.refs(**id)) + ref_delta.get(id).copied().unwrap_or(0) <= 0)
+                .filter(|id| !freed_backends.contains(id)),
         );
-        meta_deletes.extend(current.meta.keys().filter(|id| !keep_meta.contains(id)));
+        meta_deletes.extend(current.meta.keys().filter(|id| !keep_meta.contains(id) && !removed_ids.contains(id)));
         let mut stray_ranges: Vec<(u32, Cidr)> = current
             .source_ranges
             .iter()
-            .filter(|(id, _)| !keep_meta.contains(id))
+            .filter(|(id, _)| !keep_meta.contains(id) && !removed_ids.contains(id))
             .flat_map(|(id, set)| set.iter().map(move |r| (*id, *r)))
             .filter(|(id, r)| !removal_ops.contains(&Op::DeleteSourceRange(*id, *r)))
             .collect();
@@ -429,7 +529,8 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
     meta_deletes.sort_unstable();
     meta_deletes.dedup();
 
-    let mut ops = backend_ops;
+    let mut ops = freeing_ops;
+    ops.extend(backend_ops);
     ops.extend(meta_ops);
     ops.extend(service_ops);
     ops.extend(removal_ops);
@@ -659,7 +760,8 @@ mod tests {
         let p = full(&maps, &want, &limits);
         let refused: Vec<String> = p.refused.iter().map(|r| r.name.name.clone()).collect();
         assert_eq!(refused, ["a", "c"], "a grows past max_backends, c past max_services");
-        assert!(p.refused[0].reason.contains("left as programmed"), "{}", p.refused[0].reason);
+        assert_eq!(p.refused.iter().map(|r| r.reason).collect::<Vec<_>>(), [RefuseReason::BackendsFull, RefuseReason::ServicesFull]);
+        assert!(p.refused[0].detail.contains("left as programmed"), "{}", p.refused[0].detail);
         for op in &p.ops {
             maps.apply(op).unwrap();
         }
@@ -772,5 +874,128 @@ mod scope_tests {
             assert_eq!(rebuilt.backend_refs, mirror.backend_refs);
             assert_eq!(rebuilt.frontends, mirror.frontends);
         }
+    }
+}
+
+#[cfg(test)]
+mod capacity_tests {
+    use std::net::{Ipv4Addr, SocketAddrV4};
+
+    use super::*;
+    use crate::{
+        dataplane::Resolution,
+        model::{DesiredService, Protocol},
+    };
+
+    /// Frontend 10.96.0.`i`:80 of Service `s<i>` with backends 10.244.x.y:8080 numbered `b`.
+    fn svc(i: u8, backends: impl IntoIterator<Item = u32>) -> (Frontend, DesiredService) {
+        let f = Frontend { address: Ipv4Addr::new(10, 96, 0, i), port: 80, protocol: Protocol::Tcp };
+        let name = ServicePortName { namespace: "ns".into(), name: format!("s{i}"), port_name: "http".into(), protocol: Protocol::Tcp };
+        let backends = backends.into_iter().map(|b| SocketAddrV4::new(Ipv4Addr::from(0x0af4_0000 + b), 8080)).collect();
+        (f, DesiredService { name, frontend_type: ServiceType::ClusterIp, backends, draining: Vec::new(), drop_unserved: false, source_ranges: Vec::new(), affinity_timeout: 0 })
+    }
+
+    /// Applies a plan op by op, checking after each that no map holds more than its limit
+    /// (the kernel's maps refuse a new key then, and the sync fails).
+    fn apply_within(mirror: &mut Mirror, plan: &Plan, limits: &Limits) {
+        for op in &plan.ops {
+            mirror.apply(op);
+            let c = mirror.contents();
+            assert!(mirror.frontends <= limits.max_services as usize, "{} frontends after {op:?}", mirror.frontends);
+            assert!(c.meta.len() <= limits.max_services as usize, "{} metadata entries after {op:?}", c.meta.len());
+            assert!(c.backends.len() <= limits.max_backends as usize, "{} backends after {op:?}", c.backends.len());
+            assert!(c.services.len() <= limits.max_service_entries as usize, "{} service entries after {op:?}", c.services.len());
+        }
+    }
+
+    fn programmed(limits: &Limits, want: &DesiredState) -> Mirror {
+        let mut mirror = Mirror::default();
+        let p = plan(&mirror, want, Scope::Full, limits);
+        assert!(p.refused.is_empty(), "{:?}", p.refused);
+        apply_within(&mut mirror, &p, limits);
+        mirror
+    }
+
+    fn served(mirror: &Mirror, f: Frontend) -> BTreeSet<SocketAddrV4> {
+        (0..64)
+            .map(|r| match mirror.contents().resolve(f, r) {
+                Resolution::Backend(b) => b,
+                other => panic!("{f} resolves to {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn room_a_removed_frontend_frees_is_reused_by_the_same_plan() {
+        // Every map full: s1 [1, 2], s2 [3] (2 frontends, 3 backends, 5 service entries).
+        let limits = Limits { max_services: 2, max_backends: 3, max_service_entries: 5 };
+        let before: DesiredState = [svc(1, [1, 2]), svc(2, [3])].into_iter().collect();
+        let mirror = programmed(&limits, &before);
+        // s1 goes, s3 comes with s1's backend 1 (kept, not rewritten) and a new one, 4, which
+        // fits only because s1's backend 2 goes first.
+        let (s3, want3) = svc(3, [1, 4]);
+        let after: DesiredState = [svc(2, [3]), (s3, want3.clone())].into_iter().collect();
+        for scope in [Scope::Full, Scope::Frontends(&[svc(1, []).0, s3].into())] {
+            let mut m = mirror.clone();
+            let p = plan(&m, &after, scope, &limits);
+            assert!(p.refused.is_empty(), "{scope:?}: refused {:?}", p.refused);
+            apply_within(&mut m, &p, &limits);
+            assert_eq!(served(&m, s3), want3.backends.iter().copied().collect(), "{scope:?}");
+            assert_eq!(m.contents().resolve(svc(1, []).0, 0), Resolution::NotAService);
+            assert_eq!(m.contents().backends.len(), 3, "{scope:?}: backends 1, 3 and 4");
+            assert_eq!(plan(&m, &after, Scope::Full, &limits), Plan::default(), "{scope:?}: not converged");
+        }
+    }
+
+    #[test]
+    fn room_a_shrinking_frontend_frees_is_reused_by_a_growing_one_in_the_same_plan() {
+        // s2 [1, 2, 3] and s3 [4] fill 6 service entries; s1 sorts first and grows while s2
+        // shrinks by as much: the shrinking one is written first.
+        let limits = Limits { max_services: 3, max_backends: 10, max_service_entries: 8 };
+        let before: DesiredState = [svc(1, [5]), svc(2, [1, 2, 3]), svc(3, [4])].into_iter().collect();
+        let mut mirror = programmed(&limits, &before);
+        let (s1, want1) = svc(1, [5, 1]);
+        let after: DesiredState = [(s1, want1.clone()), svc(2, [1, 2]), svc(3, [4])].into_iter().collect();
+        let changed: BTreeSet<Frontend> = [s1, svc(2, []).0].into();
+        let p = plan(&mirror, &after, Scope::Frontends(&changed), &limits);
+        assert!(p.refused.is_empty(), "refused {:?}", p.refused);
+        apply_within(&mut mirror, &p, &limits);
+        assert_eq!(served(&mirror, s1), want1.backends.iter().copied().collect());
+        assert_eq!(plan(&mirror, &after, Scope::Full, &limits), Plan::default());
+    }
+
+    #[test]
+    fn a_frontend_with_more_endpoints_than_a_slot_index_can_number_is_refused_never_cut_short() {
+        const MAX: u32 = MAX_BACKENDS_PER_FRONTEND as u32;
+        assert_eq!(MAX, 65_535);
+        let limits = Limits { max_services: 10, max_backends: 200_000, max_service_entries: 400_000 };
+        // 65,535 endpoints: every one has its slot, the last one 65,535.
+        let (f1, want1) = svc(1, 0..MAX);
+        let mut mirror = programmed(&limits, &[(f1, want1.clone())].into_iter().collect());
+        let front = mirror.contents().services[&service_key(f1, 0)];
+        assert_eq!(front.count, u16::MAX);
+        let last = mirror.contents().services[&service_key(f1, u16::MAX)];
+        assert_eq!(mirror.contents().backends[&last.backend_id], backend_value(want1.backends[65_534], Protocol::Tcp));
+        assert_eq!(mirror.contents().frontends()[0].backends.len(), 65_535);
+
+        // 65,536: refused with an error naming it, the count and the limit; not programmed.
+        let (f2, want2) = svc(2, 100_000..100_000 + MAX + 1);
+        let mut want: DesiredState = [(f1, want1.clone()), (f2, want2)].into_iter().collect();
+        let p = plan(&mirror, &want, Scope::Frontends(&[f2].into()), &limits);
+        assert_eq!(p.ops, []);
+        let [r] = &p.refused[..] else { panic!("{:?}", p.refused) };
+        assert_eq!((r.frontend, r.reason), (f2, RefuseReason::TooManyEndpoints));
+        for part in ["ns/s2", "http", "10.96.0.2:80", "65536 endpoints", "65535"] {
+            assert!(r.detail.contains(part), "{part:?} not in {:?}", r.detail);
+        }
+
+        // A programmed frontend that grows past the limit keeps what it had, whole.
+        want.insert(f1, svc(1, 0..MAX + 1).1);
+        let p = plan(&mirror, &want, Scope::Full, &limits);
+        assert_eq!(p.refused.iter().map(|r| (r.frontend, r.reason)).collect::<Vec<_>>(), [(f1, RefuseReason::TooManyEndpoints), (f2, RefuseReason::TooManyEndpoints)]);
+        assert!(p.refused[0].detail.contains("left as programmed"), "{}", p.refused[0].detail);
+        apply_within(&mut mirror, &p, &limits);
+        assert_eq!(mirror.contents().services[&service_key(f1, 0)].count, u16::MAX);
+        assert_eq!(mirror.contents().frontends()[0].backends, want1.backends);
     }
 }
