@@ -1,7 +1,7 @@
 //! Sync: bring the dataplane to the desired state by writing only the difference.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::SocketAddrV4,
     time::{Duration, Instant},
 };
@@ -14,7 +14,7 @@ use kproxy_common::{
 
 use crate::{
     dataplane::{
-        plan::{plan, Limits, Mirror, Refused, Scope},
+        plan::{plan, Limits, Mirror, RefuseReason, Refused, Scope},
         backend_addr, backend_value, frontend_of, Dataplane, DataplaneError, Op,
     },
     model::{DesiredState, Frontend},
@@ -27,7 +27,7 @@ pub struct SyncStats {
     pub full: bool,
     /// Map writes and deletes applied.
     pub ops: usize,
-    /// Every frontend currently refused (those of earlier syncs are planned again each time).
+    /// Every frontend refused now, by this sync or (too many endpoints, unchanged since) earlier.
     pub refused: Vec<Refused>,
     /// Frontends stay refused and this sync freed room it could not use itself (backends that
     /// changed frontends stopped using are deleted last): sync again, soon, to use it.
@@ -46,16 +46,17 @@ pub struct SyncStats {
 /// the first sync, on every full sync (which repairs drift, such as entries deleted by hand)
 /// and after a failed write.
 ///
-/// Frontends refused because they did not fit are remembered and planned again by every sync,
-/// so one is programmed by the first sync after room appears (the plan counts the room a
-/// removal frees before what it adds), not at the next full sync. A sync costs O(changes +
-/// refused frontends).
+/// Frontends refused because the maps were full are remembered and planned again by every
+/// sync, so one is programmed by the first sync after room appears (the plan counts the room a
+/// removal frees before what it adds), not at the next full sync: a sync costs O(changes +
+/// backends of those frontends). A frontend with too many endpoints waits for a change of its
+/// own instead (room does not help it), and is reported as refused until then.
 pub struct Syncer<D> {
     dataplane: D,
     mirror: Option<Mirror>,
     limits: Limits,
-    /// The frontends the last sync refused.
-    refused: BTreeSet<Frontend>,
+    /// The frontends refused now.
+    refused: BTreeMap<Frontend, Refused>,
 }
 
 /// What a sync must look at.
@@ -69,7 +70,7 @@ pub enum SyncScope<'a> {
 
 impl<D: Dataplane> Syncer<D> {
     pub fn new(dataplane: D, limits: Limits) -> Self {
-        Self { dataplane, mirror: None, limits, refused: BTreeSet::new() }
+        Self { dataplane, mirror: None, limits, refused: BTreeMap::new() }
     }
 
     /// Entries of the services, backends and metadata maps, as last synced.
@@ -97,7 +98,8 @@ impl<D: Dataplane> Syncer<D> {
         let (mut mirror, plan_scope) = match (self.mirror.take(), scope) {
             (Some(m), SyncScope::Changed(set)) if self.refused.is_empty() => (m, Scope::Frontends(set)),
             (Some(m), SyncScope::Changed(set)) => {
-                with_refused = set | &self.refused;
+                let waiting = self.refused.values().filter(|r| r.reason != RefuseReason::TooManyEndpoints);
+                with_refused = set.iter().copied().chain(waiting.map(|r| r.frontend)).collect();
                 (m, Scope::Frontends(&with_refused))
             }
             // No trusted mirror (first sync, or a write failed): a changed sync becomes full.
@@ -125,11 +127,17 @@ impl<D: Dataplane> Syncer<D> {
         }
         let removed = removed_backends(&mirror, desired, before);
         self.mirror = Some(mirror);
-        // Every earlier refusal was in this plan's scope, so this is the whole set.
-        self.refused = plan.refused.iter().map(|r| r.frontend).collect();
-        let sync_again = !plan.refused.is_empty()
+        let sync_again = plan.refused.iter().any(|r| r.reason != RefuseReason::TooManyEndpoints)
             && plan.ops.iter().any(|op| matches!(op, Op::DeleteService(_) | Op::DeleteBackend(_) | Op::DeleteMeta(_)));
-        Ok(SyncStats { full, ops: plan.ops.len(), refused: plan.refused, sync_again, duration: start.elapsed(), removed })
+        // Earlier refusals outside this plan's scope (too many endpoints, unchanged) still hold.
+        let planned = |f: &Frontend| match plan_scope {
+            Scope::Full => true,
+            Scope::Frontends(set) => set.contains(f),
+        };
+        self.refused.retain(|f, _| !planned(f));
+        self.refused.extend(plan.refused.into_iter().map(|r| (r.frontend, r)));
+        let refused = self.refused.values().cloned().collect();
+        Ok(SyncStats { full, ops: plan.ops.len(), refused, sync_again, duration: start.elapsed(), removed })
     }
 }
 
@@ -164,7 +172,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        dataplane::{plan::RefuseReason, MapContents},
+        dataplane::MapContents,
         model::{DesiredService, Protocol, ServicePortName, ServiceType},
     };
 
@@ -285,5 +293,25 @@ mod tests {
         let stats = syncer.sync(&want, SyncScope::Changed(&BTreeSet::new())).unwrap();
         assert_eq!(refused(&stats), []);
         assert!(serves(&syncer, f2) && !stats.sync_again);
+    }
+
+    #[test]
+    fn a_frontend_with_too_many_endpoints_stays_refused_until_its_own_change() {
+        let mut syncer = Syncer::new(MapContents::default(), LIMITS);
+        let (f1, s1) = web(1, &[1]);
+        let (f2, mut s2) = web(2, &[]);
+        s2.backends = (0..=u16::MAX as u32).map(|i| SocketAddrV4::new(Ipv4Addr::from(0x0af5_0000 + i), 80)).collect();
+        let mut want: DesiredState = [(f1, s1), (f2, s2)].into_iter().collect();
+        let stats = syncer.sync(&want, SyncScope::Full).unwrap();
+        assert_eq!(refused(&stats), [(f2, RefuseReason::TooManyEndpoints)]);
+        // Not planned again by other changes (room would not help), but still reported.
+        want.insert(f1, web(1, &[1, 2]).1);
+        let stats = syncer.sync(&want, SyncScope::Changed(&[f1].into())).unwrap();
+        assert_eq!(refused(&stats), [(f2, RefuseReason::TooManyEndpoints)]);
+        assert!(!stats.sync_again);
+        want.insert(f2, web(2, &[3]).1);
+        let stats = syncer.sync(&want, SyncScope::Changed(&[f2].into())).unwrap();
+        assert_eq!(refused(&stats), []);
+        assert!(serves(&syncer, f2));
     }
 }

@@ -346,10 +346,31 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
     for frontend in steady.iter().chain(&growing) {
         let key0 = service_key(*frontend, 0);
         let existing = current.services.get(&key0).copied();
+        let want = &desired[frontend];
+        let state = if existing.is_some() { "left as programmed" } else { "not programmed" };
+        let mut refuse = |reason: RefuseReason, detail: String| {
+            refused.push(Refused { frontend: *frontend, name: want.name.clone(), reason, detail });
+            if let Some(v) = existing {
+                keep_keys.insert(key0);
+                keep_keys.extend((1..=v.count).map(|slot| ServiceKey { slot, ..key0 }));
+                keep_meta.insert(v.service_id);
+            }
+        };
+        // Before anything that costs O(backends): such a frontend may be planned every sync.
+        if want.backends.len() > MAX_BACKENDS_PER_FRONTEND {
+            refuse(
+                RefuseReason::TooManyEndpoints,
+                format!(
+                    "Service {} ({frontend}) has {} endpoints, more than the {MAX_BACKENDS_PER_FRONTEND} one service port can hold; {state}",
+                    want.name,
+                    want.backends.len(),
+                ),
+            );
+            continue;
+        }
         let old_slots: Vec<Option<u32>> = existing.map_or_else(Vec::new, |v| {
             (1..=v.count).map(|slot| current.services.get(&ServiceKey { slot, ..key0 }).map(|s| s.backend_id)).collect()
         });
-        let want = &desired[frontend];
 
         let backends: Vec<Backend> = want.backends.iter().map(|a| backend_value(*a, frontend.protocol)).collect();
         let new_backends: BTreeSet<Backend> = backends
@@ -363,38 +384,23 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
             + old_slots.iter().take(backends.len()).filter(|s| s.is_none()).count()
             + backends.len().saturating_sub(old_count);
         let deleted_entries = old_slots.iter().skip(backends.len()).flatten().count();
-        let state = if existing.is_some() { "left as programmed" } else { "not programmed" };
-        let full = || {
-            format!(
-                "maps full ({n_services}/{} services, {n_backends}/{} backends, {n_entries}/{} service entries); {state}",
-                limits.max_services, limits.max_backends, limits.max_service_entries,
-            )
-        };
-        let refusal = if backends.len() > MAX_BACKENDS_PER_FRONTEND {
-            Some((
-                RefuseReason::TooManyEndpoints,
-                format!(
-                    "Service {} ({frontend}) has {} endpoints, more than the {MAX_BACKENDS_PER_FRONTEND} one service port can hold; {state}",
-                    want.name,
-                    backends.len(),
-                ),
-            ))
-        } else if n_services + u64::from(existing.is_none()) > u64::from(limits.max_services) {
-            Some((RefuseReason::ServicesFull, full()))
+        let full = if n_services + u64::from(existing.is_none()) > u64::from(limits.max_services) {
+            Some(RefuseReason::ServicesFull)
         } else if n_backends + new_backends.len() as u64 > u64::from(limits.max_backends) {
-            Some((RefuseReason::BackendsFull, full()))
+            Some(RefuseReason::BackendsFull)
         } else if n_entries + added_entries as u64 > u64::from(limits.max_service_entries) {
-            Some((RefuseReason::ServiceEntriesFull, full()))
+            Some(RefuseReason::ServiceEntriesFull)
         } else {
             None
         };
-        if let Some((reason, detail)) = refusal {
-            refused.push(Refused { frontend: *frontend, name: want.name.clone(), reason, detail });
-            if let Some(v) = existing {
-                keep_keys.insert(key0);
-                keep_keys.extend((1..=v.count).map(|slot| ServiceKey { slot, ..key0 }));
-                keep_meta.insert(v.service_id);
-            }
+        if let Some(reason) = full {
+            refuse(
+                reason,
+                format!(
+                    "maps full ({n_services}/{} services, {n_backends}/{} backends, {n_entries}/{} service entries); {state}",
+                    limits.max_services, limits.max_backends, limits.max_service_entries,
+                ),
+            );
             continue;
         }
         n_services += u64::from(existing.is_none());
