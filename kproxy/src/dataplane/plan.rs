@@ -111,6 +111,9 @@ pub struct Mirror {
     contents: MapContents,
     /// The id of each backend value (the lowest, should the maps hold a value twice).
     ids_by_backend: HashMap<Backend, u32>,
+    /// Values the maps hold under more than one id, with the number of ids beyond the first
+    /// (rare: written by hand or by another agent). Only these need a scan when an id goes.
+    extra_ids: HashMap<Backend, u32>,
     /// How many slots name each backend id.
     backend_refs: HashMap<u32, u32>,
     frontends: usize,
@@ -125,7 +128,7 @@ impl Mirror {
         let mut backends: Vec<(u32, Backend)> = contents.backends.iter().map(|(i, b)| (*i, *b)).collect();
         backends.sort();
         for (id, b) in backends {
-            m.ids_by_backend.entry(b).or_insert(id);
+            m.index_backend(id, b);
             m.next_backend_id = m.next_backend_id.max(id.saturating_add(1));
         }
         for (k, v) in &contents.services {
@@ -178,8 +181,7 @@ impl Mirror {
                 if let Some(old) = self.contents.backends.get(id).copied() {
                     self.unindex_backend(*id, old);
                 }
-                let e = self.ids_by_backend.entry(*b).or_insert(*id);
-                *e = (*e).min(*id);
+                self.index_backend(*id, *b);
                 self.next_backend_id = self.next_backend_id.max(id.saturating_add(1));
             }
             Op::DeleteBackend(id) => {
@@ -218,7 +220,29 @@ impl Mirror {
         }
     }
 
+    fn index_backend(&mut self, id: u32, b: Backend) {
+        match self.ids_by_backend.entry(b) {
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(id);
+            }
+            std::collections::hash_map::Entry::Occupied(mut e) => {
+                *self.extra_ids.entry(b).or_default() += 1;
+                let lowest = e.get_mut();
+                *lowest = (*lowest).min(id);
+            }
+        }
+    }
+
+    /// O(1), unless the value is held by another id too.
     fn unindex_backend(&mut self, id: u32, old: Backend) {
+        let Some(extra) = self.extra_ids.get_mut(&old) else {
+            self.ids_by_backend.remove(&old);
+            return;
+        };
+        *extra -= 1;
+        if *extra == 0 {
+            self.extra_ids.remove(&old);
+        }
         if self.ids_by_backend.get(&old) == Some(&id) {
             self.ids_by_backend.remove(&old);
             // Rare (a value the maps held twice): fall back to its other id.
@@ -877,6 +901,7 @@ mod scope_tests {
             // The indexes stay equal to a rebuild from the content.
             let rebuilt = Mirror::new(mirror.contents().clone());
             assert_eq!(rebuilt.ids_by_backend, mirror.ids_by_backend);
+            assert_eq!(rebuilt.extra_ids, mirror.extra_ids);
             assert_eq!(rebuilt.backend_refs, mirror.backend_refs);
             assert_eq!(rebuilt.frontends, mirror.frontends);
         }
@@ -1003,5 +1028,22 @@ mod capacity_tests {
         apply_within(&mut mirror, &p, &limits);
         assert_eq!(mirror.contents().services[&service_key(f1, 0)].count, u16::MAX);
         assert_eq!(mirror.contents().frontends()[0].backends, want1.backends);
+    }
+
+    #[test]
+    fn a_backend_value_held_under_two_ids_stays_indexed_until_both_go() {
+        let b = backend_value("10.244.0.1:80".parse().unwrap(), Protocol::Tcp);
+        let other = backend_value("10.244.0.2:80".parse().unwrap(), Protocol::Tcp);
+        let mut contents = MapContents::default();
+        contents.backends.extend([(3, b), (7, b), (9, other)]);
+        let mut mirror = Mirror::new(contents);
+        assert_eq!(mirror.ids_by_backend[&b], 3);
+        for (op, expected) in [(Op::DeleteBackend(3), Some(7)), (Op::PutBackend(2, b), Some(2)), (Op::DeleteBackend(2), Some(7)), (Op::DeleteBackend(7), None)] {
+            mirror.apply(&op);
+            assert_eq!(mirror.ids_by_backend.get(&b).copied(), expected, "after {op:?}");
+            let rebuilt = Mirror::new(mirror.contents().clone());
+            assert_eq!((&rebuilt.ids_by_backend, &rebuilt.extra_ids), (&mirror.ids_by_backend, &mirror.extra_ids), "after {op:?}");
+        }
+        assert_eq!(mirror.ids_by_backend.get(&other), Some(&9));
     }
 }
