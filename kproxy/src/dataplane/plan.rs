@@ -501,8 +501,8 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
         if existing != Some(front) {
             service_ops.push(Op::PutService(key0, front));
         }
-        // Both counts are 16-bit slot numbers: front.count < slot <= the programmed count.
-        for slot in front.count.saturating_add(1)..=existing.map_or(0, |v| v.count) {
+        // Slots front.count < slot <= the programmed count, in 16 bits (slot 65,535 included).
+        for slot in (front.count..existing.map_or(0, |v| v.count)).map(|s| s + 1) {
             let key = ServiceKey { slot, ..key0 };
             if let Some(old) = current.services.get(&key) {
                 *ref_delta.entry(old.backend_id).or_default() -= 1;
@@ -1008,6 +1008,7 @@ mod capacity_tests {
         let last = mirror.contents().services[&service_key(f1, u16::MAX)];
         assert_eq!(mirror.contents().backends[&last.backend_id], backend_value(want1.backends[65_534], Protocol::Tcp));
         assert_eq!(mirror.contents().frontends()[0].backends.len(), 65_535);
+        assert_eq!(plan(&mirror, &[(f1, want1.clone())].into_iter().collect(), Scope::Full, &limits), Plan::default(), "not converged");
 
         // 65,536: refused with an error naming it, the count and the limit; not programmed.
         let (f2, want2) = svc(2, 100_000..100_000 + MAX + 1);
