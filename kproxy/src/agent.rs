@@ -2,7 +2,7 @@
 //! health and metrics.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
     path::PathBuf,
     sync::{Arc, Mutex},
@@ -14,12 +14,15 @@ use kproxy_common::lb::{BACKENDS_MAP, SERVICES_MAP, SERVICE_META_MAP};
 use tokio::sync::Notify;
 
 use crate::{
-    dataplane::{bpf::BpfMaps, plan::Limits},
+    dataplane::{
+        bpf::BpfMaps,
+        plan::{Limits, RefuseReason, Refused},
+    },
     health::{self, ProxyHealth},
     http,
     loader::{self, Capacities, PinLayout},
-    metrics::{unix_seconds, InvalidLabels, MapLabel, Metrics},
-    model::InvalidObject,
+    metrics::{unix_seconds, InvalidLabels, MapLabel, Metrics, RefusedLabel},
+    model::{DesiredState, Frontend, InvalidObject},
     runner::{self, RunKind, RunnerConfig},
     sockterm::SockTerm,
     sources::{
@@ -83,6 +86,30 @@ impl ProblemLog {
             metrics.invalid_objects_total.get_or_create(&labels).inc();
         }
         self.invalid = current;
+    }
+}
+
+/// Logs and counts each refused frontend once per reason, and says when it is programmed at
+/// last; the syncs in between refuse it again silently.
+#[derive(Default)]
+struct RefusedLog {
+    reported: BTreeMap<Frontend, RefuseReason>,
+}
+
+impl RefusedLog {
+    fn report(&mut self, refused: &[Refused], desired: &DesiredState, metrics: &Metrics) {
+        let current: BTreeMap<Frontend, RefuseReason> = refused.iter().map(|r| (r.frontend, r.reason)).collect();
+        for r in refused.iter().filter(|r| self.reported.get(&r.frontend) != Some(&r.reason)) {
+            tracing::error!(service = %r.name, frontend = %r.frontend, reason = r.reason.as_str(), "does not fit: {}", r.detail);
+            metrics.frontend_refusals_total.get_or_create(&RefusedLabel { reason: r.reason.as_str().into() }).inc();
+        }
+        for frontend in self.reported.keys().filter(|f| !current.contains_key(f)) {
+            if let Some(want) = desired.get(frontend) {
+                tracing::info!(service = %want.name, %frontend, "programmed: it fits now");
+            }
+        }
+        metrics.set_refused(refused);
+        self.reported = current;
     }
 }
 
@@ -164,6 +191,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     }
 
     let mut problems = ProblemLog::default();
+    let mut refusals = RefusedLog::default();
     let mut service_health = health::ServiceHealthServers::default();
     let trigger = shared.changed.clone();
     let sync_once = move |kind: RunKind| -> bool {
@@ -205,8 +233,10 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 let now = SystemTime::now();
                 health.updated(now);
                 service_health.sync(&store.health_checks(), &health);
-                for r in &stats.refused {
-                    tracing::error!(service = %r.name, frontend = %r.frontend, "not programmed: {}", r.reason);
+                refusals.report(&stats.refused, store.desired(), &metrics);
+                if stats.sync_again {
+                    // Room this sync freed too late for it to use (see Syncer::sync).
+                    shared.changed.notify_one();
                 }
                 let seconds = stats.duration.as_secs_f64();
                 metrics.sync_duration.observe(seconds);

@@ -13,6 +13,8 @@ use prometheus_client::{
 };
 use std::sync::atomic::AtomicU64;
 
+use crate::dataplane::plan::{RefuseReason, Refused};
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CodeLabel {
     pub code: String,
@@ -52,6 +54,13 @@ pub struct InvalidLabels {
     pub reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabel {
+    /// `services_full`, `backends_full`, `service_entries_full` or `too_many_endpoints`
+    /// ([`crate::dataplane::plan::RefuseReason`]).
+    pub reason: String,
+}
+
 type FloatGauge = Gauge<f64, AtomicU64>;
 
 /// client-go's buckets for `rest_client_request_duration_seconds`.
@@ -81,6 +90,8 @@ pub struct Metrics {
     pub sync_failures_total: Counter,
     pub rest_requests_total: Family<RestRequestLabels, Counter>,
     pub rest_request_duration: Family<RestDurationLabels, Histogram, fn() -> Histogram>,
+    pub frontends_refused: Family<RefusedLabel, Gauge>,
+    pub frontend_refusals_total: Family<RefusedLabel, Counter>,
 }
 
 /// Sync durations: 1 ms to ~16 s, as kube-proxy's `sync_proxy_rules_duration_seconds`.
@@ -119,6 +130,8 @@ impl Metrics {
             sync_failures_total: Counter::default(),
             rest_requests_total: Family::default(),
             rest_request_duration: Family::new_with_constructor(rest_duration_buckets),
+            frontends_refused: Family::default(),
+            frontend_refusals_total: Family::default(),
         };
         let r = &mut m.registry;
         r.register("kubeproxy_sync_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds", m.sync_duration.clone());
@@ -154,6 +167,16 @@ impl Metrics {
             m.rest_request_duration.clone(),
         );
         r.register_collector(Box::new(crate::process_metrics::ProcessCollector::new()));
+        r.register(
+            "kproxy_frontends_refused",
+            "Frontends (service ports) not programmed as desired because they do not fit, by reason",
+            m.frontends_refused.clone(),
+        );
+        r.register(
+            "kproxy_frontend_refusals",
+            "Refusals of frontends that do not fit, counted once per frontend and reason, by reason",
+            m.frontend_refusals_total.clone(),
+        );
         m
     }
 
@@ -192,6 +215,14 @@ impl Metrics {
             .get_or_create(&RestRequestLabels { code, host: host.into(), method: method.into() })
             .inc();
         self.rest_request_duration.get_or_create(&RestDurationLabels { verb: method.into(), host: host.into() }).observe(seconds);
+    }
+
+    /// Sets `kproxy_frontends_refused` for every reason, from the frontends refused now.
+    pub fn set_refused(&self, refused: &[Refused]) {
+        for reason in RefuseReason::ALL {
+            let count = refused.iter().filter(|r| r.reason == reason).count();
+            self.frontends_refused.get_or_create(&RefusedLabel { reason: reason.as_str().into() }).set(count as i64);
+        }
     }
 
     pub fn set_map(&self, name: &str, entries: usize, capacity: u32) {

@@ -595,6 +595,11 @@ pub struct DesiredService {
 }
 
 impl DesiredService {
+    /// The backends of every kind of client: `backends`, then `internal_backends`.
+    pub fn all_backends(&self) -> impl Iterator<Item = &SocketAddrV4> {
+        self.backends.iter().chain(self.internal_backends.iter().flatten())
+    }
+
     /// Whether the Service's slices still list endpoint `a` for this frontend: as a backend
     /// for either kind of client, or draining.
     pub fn lists(&self, a: &SocketAddrV4) -> bool {

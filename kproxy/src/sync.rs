@@ -1,7 +1,7 @@
 //! Sync: bring the dataplane to the desired state by writing only the difference.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::SocketAddrV4,
     time::{Duration, Instant},
 };
@@ -14,7 +14,7 @@ use kproxy_common::{
 
 use crate::{
     dataplane::{
-        plan::{plan, Limits, Mirror, Refused, Scope},
+        plan::{plan, Limits, Mirror, RefuseReason, Refused, Scope},
         backend_addr, backend_value, frontend_of, Dataplane, DataplaneError, Op,
     },
     model::{DesiredState, Frontend},
@@ -27,7 +27,11 @@ pub struct SyncStats {
     pub full: bool,
     /// Map writes and deletes applied.
     pub ops: usize,
+    /// Every frontend refused now, by this sync or (too many endpoints, unchanged since) earlier.
     pub refused: Vec<Refused>,
+    /// Frontends stay refused and this sync freed room it could not use itself (backends that
+    /// changed frontends stopped using are deleted last): sync again, soon, to use it.
+    pub sync_again: bool,
     pub duration: Duration,
     /// Backends that left a frontend in this sync, with the frontend's service id: sockets
     /// kproxy translated to them for that service are stale (see `crate::sockterm`). UDP: every
@@ -41,10 +45,18 @@ pub struct SyncStats {
 /// frontends costs O(changes): no map reads, no scan. The mirror is rebuilt from the maps on
 /// the first sync, on every full sync (which repairs drift, such as entries deleted by hand)
 /// and after a failed write.
+///
+/// Frontends refused because the maps were full are remembered and planned again by every
+/// sync, so one is programmed by the first sync after room appears (the plan counts the room a
+/// removal frees before what it adds), not at the next full sync: a sync costs O(changes +
+/// backends of those frontends). A frontend with too many endpoints waits for a change of its
+/// own instead (room does not help it), and is reported as refused until then.
 pub struct Syncer<D> {
     dataplane: D,
     mirror: Option<Mirror>,
     limits: Limits,
+    /// The frontends refused now.
+    refused: BTreeMap<Frontend, Refused>,
 }
 
 /// What a sync must look at.
@@ -58,7 +70,7 @@ pub enum SyncScope<'a> {
 
 impl<D: Dataplane> Syncer<D> {
     pub fn new(dataplane: D, limits: Limits) -> Self {
-        Self { dataplane, mirror: None, limits }
+        Self { dataplane, mirror: None, limits, refused: BTreeMap::new() }
     }
 
     /// Entries of the services, backends and metadata maps, as last synced.
@@ -82,8 +94,14 @@ impl<D: Dataplane> Syncer<D> {
 
     pub fn sync(&mut self, desired: &DesiredState, scope: SyncScope<'_>) -> Result<SyncStats, DataplaneError> {
         let start = Instant::now();
+        let with_refused: BTreeSet<Frontend>;
         let (mut mirror, plan_scope) = match (self.mirror.take(), scope) {
-            (Some(m), SyncScope::Changed(set)) => (m, Scope::Frontends(set)),
+            (Some(m), SyncScope::Changed(set)) if self.refused.is_empty() => (m, Scope::Frontends(set)),
+            (Some(m), SyncScope::Changed(set)) => {
+                let waiting = self.refused.values().filter(|r| r.reason != RefuseReason::TooManyEndpoints);
+                with_refused = set.iter().copied().chain(waiting.map(|r| r.frontend)).collect();
+                (m, Scope::Frontends(&with_refused))
+            }
             // No trusted mirror (first sync, or a write failed): a changed sync becomes full.
             _ => (Mirror::new(self.dataplane.read()?), Scope::Full),
         };
@@ -110,7 +128,17 @@ impl<D: Dataplane> Syncer<D> {
         }
         let removed = removed_backends(&mirror, desired, before);
         self.mirror = Some(mirror);
-        Ok(SyncStats { full, ops: plan.ops.len(), refused: plan.refused, duration: start.elapsed(), removed })
+        let sync_again = plan.refused.iter().any(|r| r.reason != RefuseReason::TooManyEndpoints)
+            && plan.ops.iter().any(|op| matches!(op, Op::DeleteService(_) | Op::DeleteBackend(_) | Op::DeleteMeta(_)));
+        // Earlier refusals outside this plan's scope (too many endpoints, unchanged) still hold.
+        let planned = |f: &Frontend| match plan_scope {
+            Scope::Full => true,
+            Scope::Frontends(set) => set.contains(f),
+        };
+        self.refused.retain(|f, _| !planned(f));
+        self.refused.extend(plan.refused.into_iter().map(|r| (r.frontend, r)));
+        let refused = self.refused.values().cloned().collect();
+        Ok(SyncStats { full, ops: plan.ops.len(), refused, sync_again, duration: start.elapsed(), removed })
     }
 }
 
@@ -245,5 +273,82 @@ mod tests {
         ];
         let got = removed_per_sync(Protocol::Tcp, &states);
         assert_eq!(got, vec![vec![], vec![], vec![(2, PROTO_TCP)], vec![]]);
+    }
+
+    /// Frontend 10.96.1.`i`:80 with backends 10.244.2.`b`:8080.
+    fn web(i: u8, backends: &[u8]) -> (Frontend, DesiredService) {
+        let f = Frontend { address: Ipv4Addr::new(10, 96, 1, i), port: 80, protocol: Protocol::Tcp };
+        let name = ServicePortName { namespace: "default".into(), name: format!("web{i}"), port_name: String::new(), protocol: Protocol::Tcp };
+        let backends = backends.iter().map(|b| SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, *b), 8080)).collect();
+        (f, DesiredService { name, frontend_type: ServiceType::ClusterIp, backends, internal_backends: None, draining: Vec::new(), drop_unserved: false, source_ranges: Vec::new(), affinity_timeout: 0 })
+    }
+
+    fn refused(stats: &SyncStats) -> Vec<(Frontend, RefuseReason)> {
+        stats.refused.iter().map(|r| (r.frontend, r.reason)).collect()
+    }
+
+    fn serves(syncer: &Syncer<MapContents>, f: Frontend) -> bool {
+        matches!(syncer.dataplane.resolve(f, 0), crate::dataplane::Resolution::Backend(_))
+    }
+
+    #[test]
+    fn a_refused_frontend_is_programmed_by_the_first_sync_after_room_appears() {
+        let limits = Limits { max_services: 2, max_backends: 100, max_service_entries: 1000 };
+        let mut syncer = Syncer::new(MapContents::default(), limits);
+        let [(f1, s1), (f2, s2), (f3, s3)] = [web(1, &[1]), web(2, &[2]), web(3, &[3])];
+        let mut want: DesiredState = [(f1, s1), (f2, s2), (f3, s3)].into_iter().collect();
+        let stats = syncer.sync(&want, SyncScope::Changed(&[f1, f2, f3].into())).unwrap();
+        assert_eq!(refused(&stats), [(f3, RefuseReason::ServicesFull)]);
+        assert!(!serves(&syncer, f3) && !stats.sync_again);
+        // Syncs of other changes plan it again, and say it is still refused.
+        want.insert(f2, web(2, &[2, 4]).1);
+        let stats = syncer.sync(&want, SyncScope::Changed(&[f2].into())).unwrap();
+        assert_eq!(refused(&stats), [(f3, RefuseReason::ServicesFull)]);
+        // web1 is deleted: the sync of that change alone programs web3.
+        want.remove(&f1);
+        let stats = syncer.sync(&want, SyncScope::Changed(&[f1].into())).unwrap();
+        assert_eq!(refused(&stats), []);
+        assert!(serves(&syncer, f3) && !serves(&syncer, f1));
+        assert!(!stats.sync_again);
+    }
+
+    #[test]
+    fn a_sync_that_frees_room_too_late_to_use_asks_for_another() {
+        // Backends are deleted after every slot is rewritten, so a backend that web1 stops
+        // using is free only after the sync that refused web2 for want of one.
+        let limits = Limits { max_services: 10, max_backends: 2, max_service_entries: 1000 };
+        let mut syncer = Syncer::new(MapContents::default(), limits);
+        let [(f1, s1), (f2, s2)] = [web(1, &[1, 2]), web(2, &[3])];
+        let mut want: DesiredState = [(f1, s1), (f2, s2)].into_iter().collect();
+        let stats = syncer.sync(&want, SyncScope::Full).unwrap();
+        assert_eq!(refused(&stats), [(f2, RefuseReason::BackendsFull)]);
+        assert!(!stats.sync_again, "nothing was freed");
+        want.insert(f1, web(1, &[1]).1);
+        let stats = syncer.sync(&want, SyncScope::Changed(&[f1].into())).unwrap();
+        assert_eq!(refused(&stats), [(f2, RefuseReason::BackendsFull)]);
+        assert!(stats.sync_again);
+        let stats = syncer.sync(&want, SyncScope::Changed(&BTreeSet::new())).unwrap();
+        assert_eq!(refused(&stats), []);
+        assert!(serves(&syncer, f2) && !stats.sync_again);
+    }
+
+    #[test]
+    fn a_frontend_with_too_many_endpoints_stays_refused_until_its_own_change() {
+        let mut syncer = Syncer::new(MapContents::default(), LIMITS);
+        let (f1, s1) = web(1, &[1]);
+        let (f2, mut s2) = web(2, &[]);
+        s2.backends = (0..=u16::MAX as u32).map(|i| SocketAddrV4::new(Ipv4Addr::from(0x0af5_0000 + i), 80)).collect();
+        let mut want: DesiredState = [(f1, s1), (f2, s2)].into_iter().collect();
+        let stats = syncer.sync(&want, SyncScope::Full).unwrap();
+        assert_eq!(refused(&stats), [(f2, RefuseReason::TooManyEndpoints)]);
+        // Not planned again by other changes (room would not help), but still reported.
+        want.insert(f1, web(1, &[1, 2]).1);
+        let stats = syncer.sync(&want, SyncScope::Changed(&[f1].into())).unwrap();
+        assert_eq!(refused(&stats), [(f2, RefuseReason::TooManyEndpoints)]);
+        assert!(!stats.sync_again);
+        want.insert(f2, web(2, &[3]).1);
+        let stats = syncer.sync(&want, SyncScope::Changed(&[f2].into())).unwrap();
+        assert_eq!(refused(&stats), []);
+        assert!(serves(&syncer, f2));
     }
 }

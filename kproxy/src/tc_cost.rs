@@ -130,7 +130,7 @@ pub fn run(cfg: &Config) -> Result<Report> {
     let mut syncer = Syncer::new(maps, limits);
     let stats = syncer.sync(&desired, SyncScope::Full).context("program the services")?;
     if let Some(r) = stats.refused.first() {
-        bail!("{} of {} frontends not programmed, e.g. {}: {}", stats.refused.len(), desired.len(), r.frontend, r.reason);
+        bail!("{} of {} frontends not programmed, e.g. {}: {}", stats.refused.len(), desired.len(), r.frontend, r.detail);
     }
     for name in ["kp_tc_ingress", "kp_tc_egress", "kp_tc_baseline"] {
         let program: &mut SchedClassifier = ebpf.program_mut(name).context(name)?.try_into()?;

@@ -1176,6 +1176,79 @@ fn wait_for_metrics(
     }
 }
 
+/// A Service that does not fit in the maps (`--max-services 3`, a fourth one) is refused: counted
+/// by reason in `kproxy_frontends_refused` and `kproxy_frontend_refusals_total`, logged once however
+/// many syncs refuse it again, and programmed as soon as a deleted Service makes room, by the
+/// sync of that deletion. The periodic full sync, which would program it anyway, is set far
+/// beyond the bound, so only that path can pass.
+#[test]
+fn a_service_that_does_not_fit_is_programmed_once_room_appears() {
+    let test = "a_service_that_does_not_fit_is_programmed_once_room_appears";
+    let args = ["--max-services", "3", "--sync-period", "10m"];
+    let Some(mut e) = env(test, &["pod-a", "pod-b"], &args) else {
+        return;
+    };
+    let fitting: Vec<ServiceSpec> = (1..=3)
+        .map(|i| e.http_service(&format!("fits-{i}"), [10, 96, 0, 10 + i], &[("pod-a", true)]))
+        .collect();
+    let late = e.http_service("late", [10, 96, 0, 20], &[("pod-b", true)]);
+    for spec in &fitting {
+        e.publish(spec, 1);
+    }
+    e.start_agent();
+    e.wait_exact(&fitting, CONVERGE);
+    e.publish(&late, 1);
+    let refused = |m: &xtask::prometheus::Metrics, reason: &str| {
+        m.get("kproxy_frontends_refused", &[("reason", reason)])
+    };
+    let refusals = |m: &xtask::prometheus::Metrics, reason: &str| {
+        m.get("kproxy_frontend_refusals_total", &[("reason", reason)])
+    };
+    wait_for_metrics(&e, "the refused Service", |m| {
+        refused(m, "services_full") == Some(1.0) && refusals(m, "services_full") == Some(1.0)
+    });
+    // Other syncs while it stays refused: an endpoint change, twice.
+    let mut changed = fitting.clone();
+    for endpoints in [&[("pod-a", true), ("pod-b", true)][..], &[("pod-a", true)]] {
+        changed[1] = e.http_service("fits-2", [10, 96, 0, 12], endpoints);
+        e.publish(&changed[1], 1);
+        e.wait_exact(&changed, CONVERGE);
+    }
+    let m = e.h.metrics().expect("metrics");
+    for reason in ["services_full", "backends_full", "service_entries_full", "too_many_endpoints"] {
+        let want = if reason == "services_full" { 1.0 } else { 0.0 };
+        assert_eq!(refused(&m, reason), Some(want), "kproxy_frontends_refused{{reason={reason:?}}}");
+    }
+    assert_eq!(refusals(&m, "services_full"), Some(1.0), "counted once, not once per sync");
+    let log = e.h.agent_log_full();
+    let logged: Vec<&str> = log.lines().filter(|l| l.contains("does not fit") && l.contains("default/late")).collect();
+    assert_eq!(logged.len(), 1, "logged once, not once per sync: {logged:#?}");
+    assert!(logged[0].contains("services_full") && logged[0].contains("10.96.0.20:80"), "{}", logged[0]);
+
+    // Room appears: fits-1 is deleted, once the runner's token bucket is full again (as after
+    // any quiet second), so that the delay measured is the reaction to this deletion and not the
+    // `--min-sync-period` pacing of the syncs just above.
+    std::thread::sleep(Duration::from_secs(2));
+    let deleted = Instant::now();
+    e.api.delete::<Service>("default", "fits-1").unwrap();
+    e.api.delete::<EndpointSlice>("default", "fits-1-0").unwrap();
+    let expected = [changed[1].clone(), changed[2].clone(), late.clone()];
+    e.wait_exact(&expected, CONVERGE);
+    let took = deleted.elapsed();
+    assert_all_ok(&e.http("10.96.0.20:80", 10), 10);
+    let m = wait_for_metrics(&e, "no refused Service", |m| refused(m, "services_full") == Some(0.0));
+    assert_eq!(refusals(&m, "services_full"), Some(1.0));
+    assert!(
+        e.h.agent_log_full().lines().any(|l| l.contains("it fits now") && l.contains("default/late")),
+        "no log line saying it is programmed now"
+    );
+    say(&format!(
+        "{test}: the refused Service was programmed {} ms after the deletion that made room \
+         (full syncs every 10 minutes)",
+        took.as_millis()
+    ));
+}
+
 #[test]
 fn measure_event_to_map_latency() {
     let test = "measure_event_to_map_latency";

@@ -2,16 +2,23 @@
 //! desired state. Pure: no kernel, no clock.
 //!
 //! Only differences are written, in an order that keeps every intermediate state valid for a
-//! reader in the kernel:
-//! 1. new backends, then service metadata and new source ranges;
-//! 2. per frontend: changed backend slots, then the frontend entry (slot 0, with the count that
-//!    makes the slots reachable), then slots beyond the new count; a frontend with two scopes
-//!    (`kproxy_common::lb::SCOPE_INTERNAL`) gets its scope-1 entries so, before the scope-0
-//!    entries whose `SVC_FLAG_TWO_SCOPES` makes them reachable;
-//! 3. removed frontends (slot 0 first, so readers stop at once), then their slots, and after
-//!    them their scope-1 entries likewise (also those of a frontend whose flag was just
-//!    cleared); source ranges no longer wanted, stray entries and metadata;
-//! 4. backends that no slot references any more.
+//! reader in the kernel, and that never writes to a full map:
+//! 1. removed frontends (slot 0 first, so readers stop at once), then their slots and their
+//!    scope-1 entries likewise, source ranges and metadata, then the backends only they used:
+//!    the room they free is counted before anything is added, so the same plan can use it;
+//! 2. new backends, then service metadata and new source ranges;
+//! 3. per frontend, those that do not grow before those that do: changed backend slots, then
+//!    the frontend entry (slot 0, with the count that makes the slots reachable), then slots
+//!    beyond the new count; a frontend with two scopes (`kproxy_common::lb::SCOPE_INTERNAL`)
+//!    gets its scope-1 entries so, before the scope-0 entries whose `SVC_FLAG_TWO_SCOPES`
+//!    makes them reachable;
+//! 4. source ranges no longer wanted, the scope-1 entries of a frontend whose flag was just
+//!    cleared, stray entries and metadata;
+//! 5. backends that no slot references any more.
+//!
+//! A frontend that does not fit in the maps ([`Limits`]), or that has more backends than a
+//! slot index can number ([`MAX_BACKENDS_PER_FRONTEND`]), is refused whole ([`Refused`]): it
+//! keeps what was programmed for it, or stays unprogrammed; it is never cut short.
 //!
 //! A plan covers a [`Scope`]: the frontends that changed (a sync after events costs O(changes))
 //! or everything (start-up and periodic full syncs, which also remove stray entries).
@@ -50,12 +57,48 @@ pub enum Scope<'a> {
     Frontends(&'a BTreeSet<Frontend>),
 }
 
-/// A frontend left as it was because the maps are full.
+/// The most backends one frontend can have: backend slots are numbered `1..=count` by a 16-bit
+/// index ([`ServiceKey::slot`], [`ServiceValue::count`]; slot 0 is the frontend entry), and the
+/// kernel's slot selection (`kproxy_common::select_slot`) covers that whole range. A frontend
+/// with more is refused ([`RefuseReason::TooManyEndpoints`]), never cut short.
+pub const MAX_BACKENDS_PER_FRONTEND: usize = u16::MAX as usize;
+
+/// Why a frontend was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RefuseReason {
+    /// No room for one more frontend ([`Limits::max_services`]).
+    ServicesFull,
+    /// No room for its new backends ([`Limits::max_backends`]).
+    BackendsFull,
+    /// No room for its slots in the services map ([`Limits::max_service_entries`]).
+    ServiceEntriesFull,
+    /// More backends than one frontend can hold ([`MAX_BACKENDS_PER_FRONTEND`]).
+    TooManyEndpoints,
+}
+
+impl RefuseReason {
+    pub const ALL: [RefuseReason; 4] =
+        [RefuseReason::ServicesFull, RefuseReason::BackendsFull, RefuseReason::ServiceEntriesFull, RefuseReason::TooManyEndpoints];
+
+    /// The `reason` label of the refusal metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefuseReason::ServicesFull => "services_full",
+            RefuseReason::BackendsFull => "backends_full",
+            RefuseReason::ServiceEntriesFull => "service_entries_full",
+            RefuseReason::TooManyEndpoints => "too_many_endpoints",
+        }
+    }
+}
+
+/// A frontend left as it was (programmed as before, or not at all) because it does not fit.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Refused {
     pub frontend: Frontend,
     pub name: ServicePortName,
-    pub reason: String,
+    pub reason: RefuseReason,
+    /// What did not fit, with the numbers, and what became of the frontend.
+    pub detail: String,
 }
 
 /// The outcome of planning.
@@ -72,6 +115,9 @@ pub struct Mirror {
     contents: MapContents,
     /// The id of each backend value (the lowest, should the maps hold a value twice).
     ids_by_backend: HashMap<Backend, u32>,
+    /// Values the maps hold under more than one id, with the number of ids beyond the first
+    /// (rare: written by hand or by another agent). Only these need a scan when an id goes.
+    extra_ids: HashMap<Backend, u32>,
     /// How many slots name each backend id.
     backend_refs: HashMap<u32, u32>,
     /// Frontend entries of scope 0: one per frontend (scope-1 ones are extra entries of it).
@@ -87,7 +133,7 @@ impl Mirror {
         let mut backends: Vec<(u32, Backend)> = contents.backends.iter().map(|(i, b)| (*i, *b)).collect();
         backends.sort();
         for (id, b) in backends {
-            m.ids_by_backend.entry(b).or_insert(id);
+            m.index_backend(id, b);
             m.next_backend_id = m.next_backend_id.max(id.saturating_add(1));
         }
         for (k, v) in &contents.services {
@@ -148,8 +194,7 @@ impl Mirror {
                 if let Some(old) = self.contents.backends.get(id).copied() {
                     self.unindex_backend(*id, old);
                 }
-                let e = self.ids_by_backend.entry(*b).or_insert(*id);
-                *e = (*e).min(*id);
+                self.index_backend(*id, *b);
                 self.next_backend_id = self.next_backend_id.max(id.saturating_add(1));
             }
             Op::DeleteBackend(id) => {
@@ -188,7 +233,29 @@ impl Mirror {
         }
     }
 
+    fn index_backend(&mut self, id: u32, b: Backend) {
+        match self.ids_by_backend.entry(b) {
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(id);
+            }
+            std::collections::hash_map::Entry::Occupied(mut e) => {
+                *self.extra_ids.entry(b).or_default() += 1;
+                let lowest = e.get_mut();
+                *lowest = (*lowest).min(id);
+            }
+        }
+    }
+
+    /// O(1), unless the value is held by another id too.
     fn unindex_backend(&mut self, id: u32, old: Backend) {
+        let Some(extra) = self.extra_ids.get_mut(&old) else {
+            self.ids_by_backend.remove(&old);
+            return;
+        };
+        *extra -= 1;
+        if *extra == 0 {
+            self.extra_ids.remove(&old);
+        }
         if self.ids_by_backend.get(&old) == Some(&id) {
             self.ids_by_backend.remove(&old);
             // Rare (a value the maps held twice): fall back to its other id.
@@ -241,12 +308,20 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
     // Slot references gained (+) and lost (-) per backend id.
     let mut ref_delta: HashMap<u32, i64> = HashMap::new();
 
-    // Running totals, never decreased within one plan: deletions come last, so the peak is
-    // what was there plus what is added.
+    // Running totals of each map's entries, following the ops in the order they are written,
+    // so that no write ever finds its map full: removed frontends go first and free their
+    // room (entries of both scopes, metadata, backends nothing else uses) before anything is
+    // added; then frontends that do not grow, whose slot deletions come before the growing
+    // ones add theirs. Room freed in a plan is thereby reused by the same plan. Only backends
+    // that changed frontends stop using, and the internal scope of a frontend that no longer
+    // needs one, are freed after everything else: the caller syncs again to use that room
+    // (see `crate::sync`).
     let mut n_services = mirror.frontends as u64;
     let mut n_backends = current.backends.len() as u64;
     let mut n_entries = current.services.len() as u64;
 
+    // Writes that free room, before every other write.
+    let mut freeing_ops = Vec::new();
     let mut backend_ops = Vec::new();
     let mut meta_ops = Vec::new();
     let mut service_ops = Vec::new();
@@ -257,26 +332,86 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
     let mut keep_keys: HashSet<ServiceKey> = HashSet::new();
     let mut keep_meta: HashSet<u32> = HashSet::new();
 
-    for frontend in &targets {
+    let (removed, kept): (Vec<Frontend>, Vec<Frontend>) = targets.iter().partition(|f| !desired.contains_key(f));
+    // Service ids of the removed frontends: their metadata and ranges go with them.
+    let mut removed_ids: HashSet<u32> = HashSet::new();
+    for frontend in &removed {
+        // The frontend entry first, so readers stop at once; the internal scope after it,
+        // when nothing points there any more.
+        let key0 = service_key(*frontend, 0);
+        let Some(v) = current.services.get(&key0) else { continue };
+        removed_ids.insert(v.service_id);
+        n_services = n_services.saturating_sub(1);
+        for key0 in [key0, ServiceKey { scope: SCOPE_INTERNAL, ..key0 }] {
+            let deleted = delete_scope(current, key0, &mut freeing_ops, &mut ref_delta);
+            n_entries = n_entries.saturating_sub(deleted);
+        }
+        for range in current.source_ranges.get(&v.service_id).into_iter().flatten() {
+            freeing_ops.push(Op::DeleteSourceRange(v.service_id, *range));
+        }
+        if current.meta.contains_key(&v.service_id) {
+            freeing_ops.push(Op::DeleteMeta(v.service_id));
+        }
+    }
+    // Backends only removed frontends used, and no frontend of this plan wants.
+    let mut freed_backends: BTreeSet<u32> = BTreeSet::new();
+    if !ref_delta.is_empty() {
+        let wanted: HashSet<Backend> = kept
+            .iter()
+            .flat_map(|f| desired[f].all_backends().map(|a| backend_value(*a, f.protocol)))
+            .collect();
+        freed_backends = ref_delta
+            .iter()
+            .filter(|(id, delta)| i64::from(mirror.refs(**id)) + **delta <= 0)
+            .filter(|(id, _)| current.backends.get(id).is_some_and(|b| !wanted.contains(b)))
+            .map(|(id, _)| *id)
+            .collect();
+        freeing_ops.extend(freed_backends.iter().copied().map(Op::DeleteBackend));
+        n_backends = n_backends.saturating_sub(freed_backends.len() as u64);
+    }
+
+    // Frontends that do not grow first: they free slots (or add none) before others add.
+    let grows = |f: &Frontend| {
+        let want = &desired[f];
+        let key0 = service_key(*f, 0);
+        let scopes = [(key0, Some(want.backends.len())), (ServiceKey { scope: SCOPE_INTERNAL, ..key0 }, want.internal_backends.as_ref().map(Vec::len))];
+        scopes.into_iter().any(|(key0, wanted)| {
+            let programmed = current.services.get(&key0).map_or(0, |v| usize::from(v.count) + 1);
+            wanted.map_or(0, |n| n + 1) > programmed
+        })
+    };
+    let (steady, growing): (Vec<Frontend>, Vec<Frontend>) = kept.into_iter().partition(|f| !grows(f));
+    for frontend in steady.iter().chain(&growing) {
         let key0 = service_key(*frontend, 0);
         let internal_key0 = ServiceKey { scope: SCOPE_INTERNAL, ..key0 };
         let existing = current.services.get(&key0).copied();
         let existing_internal = current.services.get(&internal_key0).copied();
-        let Some(want) = desired.get(frontend) else {
-            // Removed: the frontend entry first, so readers stop at once; the internal scope
-            // after it, when nothing points there any more.
+        let want = &desired[frontend];
+        let state = if existing.is_some() { "left as programmed" } else { "not programmed" };
+        let mut refuse = |reason: RefuseReason, detail: String| {
+            refused.push(Refused { frontend: *frontend, name: want.name.clone(), reason, detail });
             if let Some(v) = existing {
-                delete_scope(current, key0, &mut removal_ops, &mut ref_delta);
-                delete_scope(current, internal_key0, &mut removal_ops, &mut ref_delta);
-                if current.meta.contains_key(&v.service_id) {
-                    meta_deletes.push(v.service_id);
+                for (key0, v) in [(key0, Some(v)), (internal_key0, existing_internal)] {
+                    if let Some(v) = v {
+                        keep_keys.insert(key0);
+                        keep_keys.extend((1..=v.count).map(|slot| ServiceKey { slot, ..key0 }));
+                    }
                 }
-                for range in current.source_ranges.get(&v.service_id).into_iter().flatten() {
-                    removal_ops.push(Op::DeleteSourceRange(v.service_id, *range));
-                }
+                keep_meta.insert(v.service_id);
             }
-            continue;
         };
+        // Before anything that costs O(backends): such a frontend may be planned every sync.
+        let most = want.backends.len().max(want.internal_backends.as_ref().map_or(0, Vec::len));
+        if most > MAX_BACKENDS_PER_FRONTEND {
+            refuse(
+                RefuseReason::TooManyEndpoints,
+                format!(
+                    "Service {} ({frontend}) has {most} endpoints, more than the {MAX_BACKENDS_PER_FRONTEND} one service port can hold; {state}",
+                    want.name,
+                ),
+            );
+            continue;
+        }
 
         let backends: Vec<Backend> = want.backends.iter().map(|a| backend_value(*a, frontend.protocol)).collect();
         let internal: Option<Vec<Backend>> =
@@ -287,42 +422,32 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
             .filter(|b| !mirror.ids_by_backend.contains_key(b) && !new_ids.contains_key(b))
             .copied()
             .collect();
-        // Entries of each scope (frontend and slots) wanted beyond those programmed.
-        let scope_entries = |wanted: Option<usize>, programmed: Option<ServiceValue>| {
-            let programmed = programmed.map_or(0, |v| usize::from(v.count) + 1);
-            wanted.map_or(0, |n| n + 1).saturating_sub(programmed)
+        // Services-map keys this frontend adds (all written before its deletions), and deletes.
+        let (added_0, deleted_0) = scope_entry_changes(current, key0, Some(backends.len()));
+        let (added_1, deleted_1) = scope_entry_changes(current, internal_key0, internal.as_ref().map(Vec::len));
+        let (added_entries, deleted_entries) = (added_0 + added_1, deleted_0 + deleted_1);
+        let full = if n_services + u64::from(existing.is_none()) > u64::from(limits.max_services) {
+            Some(RefuseReason::ServicesFull)
+        } else if n_backends + new_backends.len() as u64 > u64::from(limits.max_backends) {
+            Some(RefuseReason::BackendsFull)
+        } else if n_entries + added_entries > u64::from(limits.max_service_entries) {
+            Some(RefuseReason::ServiceEntriesFull)
+        } else {
+            None
         };
-        let added_entries = scope_entries(Some(backends.len()), existing)
-            + scope_entries(internal.as_ref().map(Vec::len), existing_internal);
-        let fits = (n_services + u64::from(existing.is_none()) <= u64::from(limits.max_services))
-            && (n_backends + new_backends.len() as u64 <= u64::from(limits.max_backends))
-            && (n_entries + added_entries as u64 <= u64::from(limits.max_service_entries));
-        if !fits {
-            refused.push(Refused {
-                frontend: *frontend,
-                name: want.name.clone(),
-                reason: format!(
-                    "maps full ({n_services}/{} services, {n_backends}/{} backends, {n_entries}/{} service entries); {}",
-                    limits.max_services,
-                    limits.max_backends,
-                    limits.max_service_entries,
-                    if existing.is_some() { "left as programmed" } else { "not programmed" },
+        if let Some(reason) = full {
+            refuse(
+                reason,
+                format!(
+                    "maps full ({n_services}/{} services, {n_backends}/{} backends, {n_entries}/{} service entries); {state}",
+                    limits.max_services, limits.max_backends, limits.max_service_entries,
                 ),
-            });
-            if let Some(v) = existing {
-                for (key0, v) in [(key0, Some(v)), (internal_key0, existing_internal)] {
-                    if let Some(v) = v {
-                        keep_keys.insert(key0);
-                        keep_keys.extend((1..=v.count).map(|slot| ServiceKey { slot, ..key0 }));
-                    }
-                }
-                keep_meta.insert(v.service_id);
-            }
+            );
             continue;
         }
         n_services += u64::from(existing.is_none());
         n_backends += new_backends.len() as u64;
-        n_entries += added_entries as u64;
+        n_entries = (n_entries + added_entries).saturating_sub(deleted_entries);
 
         for b in &new_backends {
             let id = backend_ids.allocate();
@@ -373,13 +498,14 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
         .iter()
         .filter(|(id, delta)| **delta < 0 && i64::from(mirror.refs(**id)) + **delta <= 0)
         .map(|(id, _)| *id)
-        .filter(|id| current.backends.contains_key(id))
+        .filter(|id| current.backends.contains_key(id) && !freed_backends.contains(id))
         .collect();
     if let Scope::Full = scope {
-        // Stray entries: slots past a count or without a frontend, unreferenced backends and
-        // metadata, as left by a crash or a hand edit.
-        let deleted: HashSet<ServiceKey> = removal_ops
+        // Stray entries: slots past a count or without a frontend, scope-1 entries no flag
+        // reaches, unreferenced backends and metadata, as left by a crash or a hand edit.
+        let deleted: HashSet<ServiceKey> = freeing_ops
             .iter()
+            .chain(&removal_ops)
             .chain(&service_ops)
             .filter_map(|op| match op {
                 Op::DeleteService(k) => Some(*k),
@@ -399,13 +525,14 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
             current
                 .backends
                 .keys()
-                .filter(|id| i64::from(mirror.refs(**id)) + ref_delta.get(id).copied().unwrap_or(0) <= 0),
+                .filter(|id| i64::from(mirror.refs(**id)) + ref_delta.get(id).copied().unwrap_or(0) <= 0)
+                .filter(|id| !freed_backends.contains(id)),
         );
-        meta_deletes.extend(current.meta.keys().filter(|id| !keep_meta.contains(id)));
+        meta_deletes.extend(current.meta.keys().filter(|id| !keep_meta.contains(id) && !removed_ids.contains(id)));
         let mut stray_ranges: Vec<(u32, Cidr)> = current
             .source_ranges
             .iter()
-            .filter(|(id, _)| !keep_meta.contains(id))
+            .filter(|(id, _)| !keep_meta.contains(id) && !removed_ids.contains(id))
             .flat_map(|(id, set)| set.iter().map(move |r| (*id, *r)))
             .filter(|(id, r)| !removal_ops.contains(&Op::DeleteSourceRange(*id, *r)))
             .collect();
@@ -415,13 +542,32 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
     meta_deletes.sort_unstable();
     meta_deletes.dedup();
 
-    let mut ops = backend_ops;
+    let mut ops = freeing_ops;
+    ops.extend(backend_ops);
     ops.extend(meta_ops);
     ops.extend(service_ops);
     ops.extend(removal_ops);
     ops.extend(meta_deletes.into_iter().map(Op::DeleteMeta));
     ops.extend(stale_backends.into_iter().map(Op::DeleteBackend));
     Plan { ops, refused }
+}
+
+/// Services-map keys one scope of a frontend (`key0`, its slot 0) adds and deletes when it
+/// goes from what is programmed to `wanted` backends: its frontend entry and the slots it
+/// lacks, and the slots past the new count. `None` (the scope is not wanted): nothing here,
+/// its deletion comes after every addition of the plan.
+fn scope_entry_changes(current: &MapContents, key0: ServiceKey, wanted: Option<usize>) -> (u64, u64) {
+    let Some(wanted) = wanted else { return (0, 0) };
+    let existing = current.services.get(&key0);
+    let old_count = existing.map_or(0, |v| usize::from(v.count));
+    let slot_present = |slot: usize| {
+        u16::try_from(slot).is_ok_and(|slot| current.services.contains_key(&ServiceKey { slot, ..key0 }))
+    };
+    let added = usize::from(existing.is_none())
+        + (1..=wanted.min(old_count)).filter(|s| !slot_present(*s)).count()
+        + wanted.saturating_sub(old_count);
+    let deleted = (wanted + 1..=old_count).filter(|s| slot_present(*s)).count();
+    (added as u64, deleted as u64)
 }
 
 /// The `SVC_FLAG_*` bits that say which kind of frontend an entry is.
@@ -438,10 +584,10 @@ struct ScopeWrites<'a> {
 }
 
 impl ScopeWrites<'_> {
-    /// Plans one scope of a frontend (`key0`, its slot 0) to hold the backend `ids`: changed
-    /// slots (a backend keeps its slot while it stays; new ones fill the free slots), then the
-    /// frontend entry `front` with the count that makes them reachable, then the slots past
-    /// the new count.
+    /// Plans one scope of a frontend (`key0`, its slot 0) to hold the backend `ids` (at most
+    /// [`MAX_BACKENDS_PER_FRONTEND`], checked by the caller): changed slots (a backend keeps
+    /// its slot while it stays; new ones fill the free slots), then the frontend entry `front`
+    /// with the count that makes them reachable, then the slots past the new count.
     fn scope(&mut self, key0: ServiceKey, ids: &[u32], front: ServiceValue) {
         let services = &self.current.services;
         let old_count = services.get(&key0).map_or(0, |v| v.count);
@@ -461,9 +607,10 @@ impl ScopeWrites<'_> {
             *slot = fill.next();
         }
 
-        for (i, backend_id) in slots.iter().enumerate() {
+        // At most MAX_BACKENDS_PER_FRONTEND: every slot number fits in 16 bits.
+        for (slot, backend_id) in (1..=u16::MAX).zip(&slots) {
             let backend_id = backend_id.expect("every slot is filled: as many ids as slots");
-            let key = ServiceKey { slot: i as u16 + 1, ..key0 };
+            let key = ServiceKey { slot, ..key0 };
             let value = ServiceValue { backend_id, count: 0, flags: 0, service_id: front.service_id };
             self.keep_keys.insert(key);
             let old = services.get(&key);
@@ -475,13 +622,15 @@ impl ScopeWrites<'_> {
                 self.ops.push(Op::PutService(key, value));
             }
         }
-        let front = ServiceValue { count: slots.len() as u16, ..front };
+        let count = u16::try_from(slots.len()).expect("at most MAX_BACKENDS_PER_FRONTEND, checked by the caller");
+        let front = ServiceValue { count, ..front };
         self.keep_keys.insert(key0);
         if services.get(&key0) != Some(&front) {
             self.ops.push(Op::PutService(key0, front));
         }
-        for slot in slots.len() + 1..=usize::from(old_count) {
-            let key = ServiceKey { slot: slot as u16, ..key0 };
+        // Slots count < slot <= the programmed count, in 16 bits (slot 65,535 included).
+        for slot in (count..old_count).map(|s| s + 1) {
+            let key = ServiceKey { slot, ..key0 };
             if let Some(old) = services.get(&key) {
                 *self.ref_delta.entry(old.backend_id).or_default() -= 1;
                 self.ops.push(Op::DeleteService(key));
@@ -491,17 +640,21 @@ impl ScopeWrites<'_> {
 }
 
 /// Plans the deletion of one scope of a frontend (`key0`, its slot 0), if programmed: the
-/// frontend entry first, so readers stop at once, then its slots.
-fn delete_scope(current: &MapContents, key0: ServiceKey, ops: &mut Vec<Op>, ref_delta: &mut HashMap<u32, i64>) {
-    let Some(v) = current.services.get(&key0) else { return };
+/// frontend entry first, so readers stop at once, then its slots. Returns how many entries
+/// it deletes.
+fn delete_scope(current: &MapContents, key0: ServiceKey, ops: &mut Vec<Op>, ref_delta: &mut HashMap<u32, i64>) -> u64 {
+    let Some(v) = current.services.get(&key0) else { return 0 };
     ops.push(Op::DeleteService(key0));
+    let mut deleted = 1;
     for slot in 1..=v.count {
         let key = ServiceKey { slot, ..key0 };
         if let Some(s) = current.services.get(&key) {
             *ref_delta.entry(s.backend_id).or_default() -= 1;
             ops.push(Op::DeleteService(key));
+            deleted += 1;
         }
     }
+    deleted
 }
 
 fn frontend_flags(want: &DesiredService) -> u16 {
@@ -726,7 +879,8 @@ mod tests {
         let p = full(&maps, &want, &limits);
         let refused: Vec<String> = p.refused.iter().map(|r| r.name.name.clone()).collect();
         assert_eq!(refused, ["a", "c"], "a grows past max_backends, c past max_services");
-        assert!(p.refused[0].reason.contains("left as programmed"), "{}", p.refused[0].reason);
+        assert_eq!(p.refused.iter().map(|r| r.reason).collect::<Vec<_>>(), [RefuseReason::BackendsFull, RefuseReason::ServicesFull]);
+        assert!(p.refused[0].detail.contains("left as programmed"), "{}", p.refused[0].detail);
         for op in &p.ops {
             maps.apply(op).unwrap();
         }
@@ -836,6 +990,7 @@ mod scope_tests {
             // The indexes stay equal to a rebuild from the content.
             let rebuilt = Mirror::new(mirror.contents().clone());
             assert_eq!(rebuilt.ids_by_backend, mirror.ids_by_backend);
+            assert_eq!(rebuilt.extra_ids, mirror.extra_ids);
             assert_eq!(rebuilt.backend_refs, mirror.backend_refs);
             assert_eq!(rebuilt.frontends, mirror.frontends);
         }
@@ -1011,7 +1166,8 @@ mod two_scope_tests {
         let more = ["10.244.1.1:8080", "10.244.2.1:8080", "10.244.3.1:8080", "10.244.4.1:8080"];
         let p = full(&maps, &node_port(LOCAL, Some(&more)), &Limits { max_backends: 10, ..exact });
         assert_eq!(p.refused.len(), 1);
-        assert!(p.refused[0].reason.contains("left as programmed"), "{}", p.refused[0].reason);
+        assert_eq!(p.refused[0].reason, RefuseReason::ServiceEntriesFull);
+        assert!(p.refused[0].detail.contains("left as programmed"), "{}", p.refused[0].detail);
         assert!(p.ops.is_empty(), "a full sweep keeps both scopes of a refused frontend: {:?}", p.ops);
     }
 
@@ -1049,5 +1205,147 @@ mod two_scope_tests {
         // A changed-frontends plan removes them too.
         let scope: BTreeSet<Frontend> = [fe(NODE_PORT)].into();
         assert_eq!(plan(&Mirror::new(maps.clone()), &want, Scope::Frontends(&scope), &LIMITS).ops, p.ops);
+    }
+}
+
+
+#[cfg(test)]
+mod capacity_tests {
+    use std::net::{Ipv4Addr, SocketAddrV4};
+
+    use super::*;
+    use crate::{
+        dataplane::Resolution,
+        model::{DesiredService, Protocol},
+    };
+
+    /// Frontend 10.96.0.`i`:80 of Service `s<i>` with backends 10.244.x.y:8080 numbered `b`.
+    fn svc(i: u8, backends: impl IntoIterator<Item = u32>) -> (Frontend, DesiredService) {
+        let f = Frontend { address: Ipv4Addr::new(10, 96, 0, i), port: 80, protocol: Protocol::Tcp };
+        let name = ServicePortName { namespace: "ns".into(), name: format!("s{i}"), port_name: "http".into(), protocol: Protocol::Tcp };
+        let backends = backends.into_iter().map(|b| SocketAddrV4::new(Ipv4Addr::from(0x0af4_0000 + b), 8080)).collect();
+        (f, DesiredService { name, frontend_type: ServiceType::ClusterIp, backends, internal_backends: None, draining: Vec::new(), drop_unserved: false, source_ranges: Vec::new(), affinity_timeout: 0 })
+    }
+
+    /// Applies a plan op by op, checking after each that no map holds more than its limit
+    /// (the kernel's maps refuse a new key then, and the sync fails).
+    fn apply_within(mirror: &mut Mirror, plan: &Plan, limits: &Limits) {
+        for op in &plan.ops {
+            mirror.apply(op);
+            let c = mirror.contents();
+            assert!(mirror.frontends <= limits.max_services as usize, "{} frontends after {op:?}", mirror.frontends);
+            assert!(c.meta.len() <= limits.max_services as usize, "{} metadata entries after {op:?}", c.meta.len());
+            assert!(c.backends.len() <= limits.max_backends as usize, "{} backends after {op:?}", c.backends.len());
+            assert!(c.services.len() <= limits.max_service_entries as usize, "{} service entries after {op:?}", c.services.len());
+        }
+    }
+
+    fn programmed(limits: &Limits, want: &DesiredState) -> Mirror {
+        let mut mirror = Mirror::default();
+        let p = plan(&mirror, want, Scope::Full, limits);
+        assert!(p.refused.is_empty(), "{:?}", p.refused);
+        apply_within(&mut mirror, &p, limits);
+        mirror
+    }
+
+    fn served(mirror: &Mirror, f: Frontend) -> BTreeSet<SocketAddrV4> {
+        (0..64)
+            .map(|r| match mirror.contents().resolve(f, r) {
+                Resolution::Backend(b) => b,
+                other => panic!("{f} resolves to {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn room_a_removed_frontend_frees_is_reused_by_the_same_plan() {
+        // Every map full: s1 [1, 2], s2 [3] (2 frontends, 3 backends, 5 service entries).
+        let limits = Limits { max_services: 2, max_backends: 3, max_service_entries: 5 };
+        let before: DesiredState = [svc(1, [1, 2]), svc(2, [3])].into_iter().collect();
+        let mirror = programmed(&limits, &before);
+        // s1 goes, s3 comes with s1's backend 1 (kept, not rewritten) and a new one, 4, which
+        // fits only because s1's backend 2 goes first.
+        let (s3, want3) = svc(3, [1, 4]);
+        let after: DesiredState = [svc(2, [3]), (s3, want3.clone())].into_iter().collect();
+        for scope in [Scope::Full, Scope::Frontends(&[svc(1, []).0, s3].into())] {
+            let mut m = mirror.clone();
+            let p = plan(&m, &after, scope, &limits);
+            assert!(p.refused.is_empty(), "{scope:?}: refused {:?}", p.refused);
+            apply_within(&mut m, &p, &limits);
+            assert_eq!(served(&m, s3), want3.backends.iter().copied().collect(), "{scope:?}");
+            assert_eq!(m.contents().resolve(svc(1, []).0, 0), Resolution::NotAService);
+            assert_eq!(m.contents().backends.len(), 3, "{scope:?}: backends 1, 3 and 4");
+            assert_eq!(plan(&m, &after, Scope::Full, &limits), Plan::default(), "{scope:?}: not converged");
+        }
+    }
+
+    #[test]
+    fn room_a_shrinking_frontend_frees_is_reused_by_a_growing_one_in_the_same_plan() {
+        // s2 [1, 2, 3] and s3 [4] fill 6 service entries; s1 sorts first and grows while s2
+        // shrinks by as much: the shrinking one is written first.
+        let limits = Limits { max_services: 3, max_backends: 10, max_service_entries: 8 };
+        let before: DesiredState = [svc(1, [5]), svc(2, [1, 2, 3]), svc(3, [4])].into_iter().collect();
+        let mut mirror = programmed(&limits, &before);
+        let (s1, want1) = svc(1, [5, 1]);
+        let after: DesiredState = [(s1, want1.clone()), svc(2, [1, 2]), svc(3, [4])].into_iter().collect();
+        let changed: BTreeSet<Frontend> = [s1, svc(2, []).0].into();
+        let p = plan(&mirror, &after, Scope::Frontends(&changed), &limits);
+        assert!(p.refused.is_empty(), "refused {:?}", p.refused);
+        apply_within(&mut mirror, &p, &limits);
+        assert_eq!(served(&mirror, s1), want1.backends.iter().copied().collect());
+        assert_eq!(plan(&mirror, &after, Scope::Full, &limits), Plan::default());
+    }
+
+    #[test]
+    fn a_frontend_with_more_endpoints_than_a_slot_index_can_number_is_refused_never_cut_short() {
+        const MAX: u32 = MAX_BACKENDS_PER_FRONTEND as u32;
+        assert_eq!(MAX, 65_535);
+        let limits = Limits { max_services: 10, max_backends: 200_000, max_service_entries: 400_000 };
+        // 65,535 endpoints: every one has its slot, the last one 65,535.
+        let (f1, want1) = svc(1, 0..MAX);
+        let mut mirror = programmed(&limits, &[(f1, want1.clone())].into_iter().collect());
+        let front = mirror.contents().services[&service_key(f1, 0)];
+        assert_eq!(front.count, u16::MAX);
+        let last = mirror.contents().services[&service_key(f1, u16::MAX)];
+        assert_eq!(mirror.contents().backends[&last.backend_id], backend_value(want1.backends[65_534], Protocol::Tcp));
+        assert_eq!(mirror.contents().frontends()[0].backends.len(), 65_535);
+        assert_eq!(plan(&mirror, &[(f1, want1.clone())].into_iter().collect(), Scope::Full, &limits), Plan::default(), "not converged");
+
+        // 65,536: refused with an error naming it, the count and the limit; not programmed.
+        let (f2, want2) = svc(2, 100_000..100_000 + MAX + 1);
+        let mut want: DesiredState = [(f1, want1.clone()), (f2, want2)].into_iter().collect();
+        let p = plan(&mirror, &want, Scope::Frontends(&[f2].into()), &limits);
+        assert_eq!(p.ops, []);
+        let [r] = &p.refused[..] else { panic!("{:?}", p.refused) };
+        assert_eq!((r.frontend, r.reason), (f2, RefuseReason::TooManyEndpoints));
+        for part in ["ns/s2", "http", "10.96.0.2:80", "65536 endpoints", "65535"] {
+            assert!(r.detail.contains(part), "{part:?} not in {:?}", r.detail);
+        }
+
+        // A programmed frontend that grows past the limit keeps what it had, whole.
+        want.insert(f1, svc(1, 0..MAX + 1).1);
+        let p = plan(&mirror, &want, Scope::Full, &limits);
+        assert_eq!(p.refused.iter().map(|r| (r.frontend, r.reason)).collect::<Vec<_>>(), [(f1, RefuseReason::TooManyEndpoints), (f2, RefuseReason::TooManyEndpoints)]);
+        assert!(p.refused[0].detail.contains("left as programmed"), "{}", p.refused[0].detail);
+        apply_within(&mut mirror, &p, &limits);
+        assert_eq!(mirror.contents().services[&service_key(f1, 0)].count, u16::MAX);
+        assert_eq!(mirror.contents().frontends()[0].backends, want1.backends);
+    }
+
+    #[test]
+    fn a_backend_value_held_under_two_ids_stays_indexed_until_both_go() {
+        let b = backend_value("10.244.0.1:80".parse().unwrap(), Protocol::Tcp);
+        let other = backend_value("10.244.0.2:80".parse().unwrap(), Protocol::Tcp);
+        let mut contents = MapContents::default();
+        contents.backends.extend([(3, b), (7, b), (9, other)]);
+        let mut mirror = Mirror::new(contents);
+        assert_eq!(mirror.ids_by_backend[&b], 3);
+        for (op, expected) in [(Op::DeleteBackend(3), Some(7)), (Op::PutBackend(2, b), Some(2)), (Op::DeleteBackend(2), Some(7)), (Op::DeleteBackend(7), None)] {
+            mirror.apply(&op);
+            assert_eq!(mirror.ids_by_backend.get(&b).copied(), expected, "after {op:?}");
+            let rebuilt = Mirror::new(mirror.contents().clone());
+            assert_eq!((&rebuilt.ids_by_backend, &rebuilt.extra_ids), (&mirror.ids_by_backend, &mirror.extra_ids), "after {op:?}");
+        }
+        assert_eq!(mirror.ids_by_backend.get(&other), Some(&9));
     }
 }
