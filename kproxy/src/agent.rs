@@ -26,6 +26,7 @@ use crate::{
         manifests::ManifestSource,
     },
     sync::{SyncScope, Syncer},
+    sys::release_free_memory,
     tracker::ModelStore,
 };
 
@@ -256,16 +257,6 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
 /// After a sync this large (the first one, typically), the memory freed by planning and by
 /// reading the sources is handed back to the system.
 const TRIM_AFTER_WRITES: usize = 10_000;
-
-/// Returns free heap memory to the system: glibc keeps what a large sync allocated and freed
-/// (plans, parsed manifests) in its arenas otherwise, and it would count as the agent's RSS.
-fn release_free_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim has no preconditions; it only releases free memory.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
