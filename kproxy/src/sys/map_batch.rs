@@ -44,3 +44,37 @@ pub fn map_update_batch<K: Pod, V: Pod>(map: &HashMap<MapData, K, V>, keys: &[K]
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use aya::maps::{HashMap, MapData};
+    use kproxy_common::lb::{Backend, BACKENDS_MAP};
+
+    use super::*;
+
+    /// Every entry of a batch lands, also when it takes more than one syscall (`BATCH`
+    /// entries each), and an entry written again takes the later value.
+    #[test]
+    fn a_batch_writes_every_entry() {
+        if super::super::skip_unless_root("a_batch_writes_every_entry") {
+            return;
+        }
+        let mut ebpf = super::super::load_small_object();
+        let map = ebpf.take_map(BACKENDS_MAP).expect("backends map");
+        let backends: HashMap<MapData, u32, Backend> = HashMap::try_from(map).expect("typed backends map");
+        let backend = |i: u32, port: u16| Backend { address: i.to_be_bytes(), port: port.to_be_bytes(), protocol: 6, flags: 0 };
+        let total = BATCH as u32 + 1000;
+        let keys: Vec<u32> = (1..=total).collect();
+        let values: Vec<Backend> = keys.iter().map(|&i| backend(i, 80)).collect();
+        map_update_batch(&backends, &keys, &values).expect("first write");
+        let keys: Vec<u32> = (100..200).collect();
+        let values: Vec<Backend> = keys.iter().map(|&i| backend(i, 8080)).collect();
+        map_update_batch(&backends, &keys, &values).expect("second write");
+        map_update_batch(&backends, &[], &[]).expect("an empty write");
+        for i in 1..=total {
+            let port = if (100..200).contains(&i) { 8080 } else { 80 };
+            assert_eq!(backends.get(&i, 0).expect("entry written"), backend(i, port), "entry {i}");
+        }
+        assert_eq!(backends.keys().count(), total as usize, "no other entry");
+    }
+}

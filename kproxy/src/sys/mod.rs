@@ -94,6 +94,33 @@ unsafe fn bpf_fd(cmd: bpf_cmd, fd: RawFd, attr: &mut bpf_attr) -> Result<OwnedFd
     Ok(unsafe { OwnedFd::from_raw_fd(rc as RawFd) })
 }
 
+/// For the privileged tests of this module: whether to skip (saying so) because the process
+/// is not root, and so may not load BPF programs or create maps.
+#[cfg(test)]
+fn skip_unless_root(test: &str) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    // /proc/self belongs to the effective user of the process reading it.
+    if std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0) {
+        return false;
+    }
+    eprintln!("SKIPPED (needs root to load BPF programs): {test}");
+    true
+}
+
+/// The agent's eBPF object with small maps, loaded (not its programs), for the privileged
+/// tests of this module.
+#[cfg(test)]
+fn load_small_object() -> aya::Ebpf {
+    let caps = crate::loader::Capacities {
+        max_services: 1024,
+        // More than one batch of `map_batch::BATCH`.
+        max_backends: 16_384,
+        max_sock_entries: 1024,
+        max_ct_entries: 1024,
+    };
+    crate::loader::load_object(None, caps).expect("load the eBPF object")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

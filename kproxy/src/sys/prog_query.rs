@@ -30,3 +30,56 @@ pub fn prog_query(target: BorrowedFd<'_>, attach_type: bpf_attach_type, prog_ids
     let count = unsafe { attr.query.__bindgen_anon_2.prog_cnt };
     Ok((count as usize).min(prog_ids.len()))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{fs, os::fd::AsFd as _, path::PathBuf};
+
+    use aya::programs::{CgroupAttachMode, CgroupSockAddr};
+
+    use super::*;
+
+    /// Removes the test's cgroup, even when the test fails.
+    struct RemoveCgroup(PathBuf);
+
+    impl Drop for RemoveCgroup {
+        fn drop(&mut self) {
+            if let Err(e) = fs::remove_dir(&self.0) {
+                eprintln!("remove {}: {e}", self.0.display());
+            }
+        }
+    }
+
+    /// A program attached to a cgroup is listed at its attach type, and only there; the
+    /// loader's check built on the query names it. The cgroup is a child made for the test,
+    /// with no process in it.
+    #[test]
+    fn a_query_lists_the_program_attached_to_a_cgroup_at_its_hook() {
+        if super::super::skip_unless_root("a_query_lists_the_program_attached_to_a_cgroup_at_its_hook") {
+            return;
+        }
+        let root = crate::loader::cgroup2_root().expect("cgroup2 mount");
+        let cgroup = root.join(format!("kproxy-test-prog-query-{}", std::process::id()));
+        fs::create_dir(&cgroup).unwrap_or_else(|e| panic!("create {}: {e}", cgroup.display()));
+        let _remove = RemoveCgroup(cgroup.clone());
+        let dir = fs::File::open(&cgroup).expect("open the cgroup");
+        let mut ids = [0u32; 4];
+        assert_eq!(prog_query(dir.as_fd(), bpf_attach_type::BPF_CGROUP_INET4_CONNECT, &mut ids).expect("query"), 0);
+
+        // Declared after `_remove`, so dropped (and detached) before the cgroup goes.
+        let mut ebpf = super::super::load_small_object();
+        let program: &mut CgroupSockAddr =
+            ebpf.program_mut("kp_connect4").expect("kp_connect4").try_into().expect("sock_addr program");
+        program.load().expect("load kp_connect4");
+        program.attach(dir.as_fd(), CgroupAttachMode::Single).expect("attach kp_connect4");
+        let id = program.info().expect("program info").id();
+
+        let count = prog_query(dir.as_fd(), bpf_attach_type::BPF_CGROUP_INET4_CONNECT, &mut ids).expect("query");
+        assert_eq!(&ids[..count], &[id], "the program at connect4");
+        for other in [bpf_attach_type::BPF_CGROUP_UDP4_SENDMSG, bpf_attach_type::BPF_CGROUP_INET4_GETPEERNAME] {
+            assert_eq!(prog_query(dir.as_fd(), other, &mut ids).expect("query"), 0, "nothing at {other:?}");
+        }
+        let names = crate::loader::attached_kproxy_programs(&cgroup).expect("attached kproxy programs");
+        assert_eq!(names, ["kp_connect4"]);
+    }
+}
