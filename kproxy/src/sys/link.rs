@@ -1,4 +1,4 @@
-//! `BPF_LINK_CREATE` (Linux >= 5.7 for iterators).
+//! `BPF_LINK_CREATE` (Linux >= 5.7; of an iterator, >= 5.8).
 
 use std::os::fd::{AsRawFd as _, BorrowedFd, OwnedFd};
 
