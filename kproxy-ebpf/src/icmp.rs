@@ -75,7 +75,7 @@ fn parse<P: Packet>(ctx: &P) -> Option<IcmpError> {
     if start + MIN_LEN > end {
         return None;
     }
-    // SAFETY (every read): offsets below MIN_LEN, checked above.
+    // SAFETY: every read ends below MIN_LEN, checked above.
     unsafe {
         if u16::from_be(read::<u16>(start, 12)) != ETH_P_IP
             || read::<u8>(start, ETH_HLEN) != 0x45

@@ -126,6 +126,7 @@ pub fn lookup(address: [u8; 4], port: [u8; 2], protocol: u8, sticky: Option<Stic
             // The sticky backend left its slot (removed or replaced): choose afresh.
             // SAFETY: as above.
             key.slot = select_slot(unsafe { bpf_get_prandom_u32() }, frontend.count);
+            // SAFETY: as above.
             match unsafe { KP_SERVICES.get(&key) }.copied() {
                 Some(v) => slot = v,
                 None => return no_backend,

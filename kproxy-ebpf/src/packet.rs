@@ -134,37 +134,48 @@ pub fn parse<P: Packet>(ctx: &P) -> Option<Flow> {
     if start + L4_OFF + UDP_HLEN > end {
         return None;
     }
-    // SAFETY (every read below): offsets are below L4_OFF + UDP_HLEN, checked above, or
-    // below L4_OFF + TCP_HLEN, checked before the TCP reads.
+    // Every read below ends within L4_OFF + UDP_HLEN, checked above, or within L4_OFF +
+    // TCP_HLEN, checked before the TCP reads.
+    // SAFETY: bytes 12..14, checked above.
     let ethertype = u16::from_be(unsafe { read::<u16>(start, 12) });
     if ethertype != ETH_P_IP {
         return None;
     }
+    // SAFETY: within the IP header, checked above.
     if unsafe { read::<u8>(start, ETH_HLEN) } != 0x45 {
         return None; // not IPv4, or IP options
     }
+    // SAFETY: within the IP header, checked above.
     if u16::from_be(unsafe { read::<u16>(start, ETH_HLEN + 6) }) & 0x3fff != 0 {
         return None; // a fragment (more fragments, or an offset)
     }
+    // SAFETY: within the IP header, checked above.
     let total_len = u16::from_be(unsafe { read::<u16>(start, ETH_HLEN + 2) }) as usize;
     if ctx.len() < ETH_HLEN + total_len {
         return None; // truncated: the IP layer drops it; nothing sensible to translate
     }
+    // SAFETY: within the IP header, checked above.
     let protocol = unsafe { read::<u8>(start, ETH_HLEN + 9) };
     let (l4_csum_off, tcp_flags, no_l4_csum) = match protocol {
         PROTO_TCP => {
             if start + L4_OFF + TCP_HLEN > end {
                 return None;
             }
+            // SAFETY: within the TCP header, checked just above.
             (TCP_CSUM_OFF, unsafe { read::<u8>(start, TCP_FLAGS_OFF) }, false)
         }
+        // SAFETY: within the UDP header, checked above.
         PROTO_UDP => (UDP_CSUM_OFF, 0, unsafe { read::<u16>(start, UDP_CSUM_OFF) } == 0),
         _ => return None,
     };
     Some(Flow {
+        // SAFETY: within the IP header, checked above.
         src_address: unsafe { read::<u32>(start, IP_SRC_OFF) }.to_ne_bytes(),
+        // SAFETY: within the IP header, checked above.
         dst_address: unsafe { read::<u32>(start, IP_DST_OFF) }.to_ne_bytes(),
+        // SAFETY: within the first 8 bytes of the L4 header, checked above.
         src_port: unsafe { read::<u16>(start, L4_SRC_PORT_OFF) }.to_ne_bytes(),
+        // SAFETY: within the first 8 bytes of the L4 header, checked above.
         dst_port: unsafe { read::<u16>(start, L4_DST_PORT_OFF) }.to_ne_bytes(),
         protocol,
         tcp_flags,

@@ -133,9 +133,12 @@ fn terminate(meta: *mut BpfIterMeta, sk: *mut c_void, protocol: u8) -> i32 {
 }
 
 /// `iter/udp`: every UDP socket of the network namespace that opened the iterator.
+///
+/// # Safety
+/// Called by the kernel only, with `ctx` a valid `struct bpf_iter__udp`.
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/udp")]
-pub extern "C" fn kp_sockterm_udp(ctx: *mut BpfIterUdp) -> i32 {
+pub unsafe extern "C" fn kp_sockterm_udp(ctx: *mut BpfIterUdp) -> i32 {
     // SAFETY: the kernel passes a valid `bpf_iter__udp`; `udp_sk` is NULL at the end of a walk.
     let (meta, sk) = unsafe { ((*ctx).meta, (*ctx).udp_sk) };
     if sk.is_null() || meta.is_null() {
@@ -146,9 +149,12 @@ pub extern "C" fn kp_sockterm_udp(ctx: *mut BpfIterUdp) -> i32 {
 
 /// `iter/tcp`: every TCP socket of the network namespace that opened the iterator (listening,
 /// established, timewait and request socks; only full sockets are considered).
+///
+/// # Safety
+/// Called by the kernel only, with `ctx` a valid `struct bpf_iter__tcp`.
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/tcp")]
-pub extern "C" fn kp_sockterm_tcp(ctx: *mut BpfIterTcp) -> i32 {
+pub unsafe extern "C" fn kp_sockterm_tcp(ctx: *mut BpfIterTcp) -> i32 {
     // SAFETY: the kernel passes a valid `bpf_iter__tcp`; `sk_common` is NULL at the end.
     let (meta, sk) = unsafe { ((*ctx).meta, (*ctx).sk_common) };
     if sk.is_null() || meta.is_null() {

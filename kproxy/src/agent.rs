@@ -30,6 +30,7 @@ use crate::{
         manifests::ManifestSource,
     },
     sync::{SyncScope, Syncer},
+    sys::release_free_memory,
     tracker::ModelStore,
 };
 
@@ -302,39 +303,28 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
 /// `select(2)`, which the agent does not, and too small for a node's health checkers,
 /// manifest files and BPF objects together. Needs no privilege.
 fn raise_open_file_limit() {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit only writes the `rlimit` it is given, which lives on this stack.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        tracing::warn!("getrlimit(RLIMIT_NOFILE): {}", std::io::Error::last_os_error());
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(limits) => limits,
+        Err(e) => {
+            tracing::warn!("getrlimit(RLIMIT_NOFILE): {e}");
+            return;
+        }
+    };
+    if soft >= hard {
+        tracing::info!(limit = soft, "open-file limit (RLIMIT_NOFILE) is already at its hard limit");
         return;
     }
-    if limit.rlim_cur >= limit.rlim_max {
-        tracing::info!(limit = limit.rlim_cur, "open-file limit (RLIMIT_NOFILE) is already at its hard limit");
+    if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+        tracing::warn!(from = soft, to = hard, "setrlimit(RLIMIT_NOFILE): {e}");
         return;
     }
-    let from = limit.rlim_cur;
-    limit.rlim_cur = limit.rlim_max;
-    // SAFETY: setrlimit only reads the `rlimit` it is given.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
-        tracing::warn!(from, to = limit.rlim_max, "setrlimit(RLIMIT_NOFILE): {}", std::io::Error::last_os_error());
-        return;
-    }
-    tracing::info!(from, to = limit.rlim_max, "raised the open-file limit (RLIMIT_NOFILE) to its hard limit");
+    tracing::info!(from = soft, to = hard, "raised the open-file limit (RLIMIT_NOFILE) to its hard limit");
 }
 
 /// After a sync this large (the first one, typically), the memory freed by planning and by
 /// reading the sources is handed back to the system.
 const TRIM_AFTER_WRITES: usize = 10_000;
-
-/// Returns free heap memory to the system: glibc keeps what a large sync allocated and freed
-/// (plans, parsed manifests) in its arenas otherwise, and it would count as the agent's RSS.
-fn release_free_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim has no preconditions; it only releases free memory.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};

@@ -9,8 +9,12 @@
 //! - [`sockterm`]: destroying sockets still connected to removed backends (Linux >= 6.5);
 //! - [`health`], [`metrics`] and [`http`]: `/healthz`, `/metrics` and the one HTTP server behind
 //!   them and the `healthCheckNodePort` servers;
+//! - [`sys`]: the `bpf(2)` calls aya does not make, behind safe functions: the only `unsafe`
+//!   code of the library (denied everywhere else);
 //! - [`agent`]: `kproxy run`; [`dump`]: `kproxy dump`; [`tc_cost`]: the benchmark's per-packet
 //!   cost of the tc programs (`kproxy tc-cost`, hidden).
+
+#![deny(unsafe_code)]
 
 pub mod agent;
 pub mod config;
@@ -27,5 +31,7 @@ pub mod runner;
 pub mod sockterm;
 pub mod sources;
 pub mod sync;
+#[allow(unsafe_code)]
+pub mod sys;
 pub mod tc_cost;
 pub mod tracker;

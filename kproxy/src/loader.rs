@@ -31,6 +31,7 @@ use aya::{
     util::KernelVersion,
     Ebpf, EbpfLoader,
 };
+use aya_obj::generated::bpf_attach_type;
 use kproxy_common::{
     ct::{CtKey, CtValue, CT_MAP},
     lb::{
@@ -44,6 +45,8 @@ use kproxy_common::{
         SOCK_REVNAT_MAP,
     },
 };
+
+use crate::sys;
 
 /// The eBPF object built by `build.rs` from the `kproxy-ebpf` crate.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kproxy"));
@@ -430,33 +433,23 @@ fn detach_netlink_filters() -> Result<usize> {
     Ok(removed)
 }
 
-/// cgroup attach types of the sock_addr hooks kproxy uses (`enum bpf_attach_type`).
-const SOCK_ADDR_ATTACH_TYPES: [(u32, &str); 4] =
-    [(10, "connect4"), (14, "sendmsg4"), (19, "recvmsg4"), (29, "getpeername4")];
+/// cgroup attach types of the sock_addr hooks kproxy uses.
+const SOCK_ADDR_ATTACH_TYPES: [(bpf_attach_type, &str); 4] = [
+    (bpf_attach_type::BPF_CGROUP_INET4_CONNECT, "connect4"),
+    (bpf_attach_type::BPF_CGROUP_UDP4_SENDMSG, "sendmsg4"),
+    (bpf_attach_type::BPF_CGROUP_UDP4_RECVMSG, "recvmsg4"),
+    (bpf_attach_type::BPF_CGROUP_INET4_GETPEERNAME, "getpeername4"),
+];
 
 /// Ids of the programs attached directly to `cgroup` at kproxy's hooks (`BPF_PROG_QUERY`).
 fn attached_program_ids(cgroup: &Path) -> Result<Vec<u32>> {
-    const BPF_PROG_QUERY: libc::c_long = 16;
     let dir = fs::File::open(cgroup).with_context(|| format!("open cgroup {}", cgroup.display()))?;
     let mut ids = Vec::new();
     for (attach_type, hook) in SOCK_ADDR_ATTACH_TYPES {
         let mut prog_ids = [0u32; 64];
-        // `union bpf_attr`, query member: target_fd @0, attach_type @4, query_flags @8,
-        // attach_flags @12, prog_ids @16 (pointer), prog_cnt @24 (in: capacity, out: count).
-        let mut attr = [0u8; 128];
-        attr[0..4].copy_from_slice(&(std::os::fd::AsRawFd::as_raw_fd(&dir) as u32).to_ne_bytes());
-        attr[4..8].copy_from_slice(&attach_type.to_ne_bytes());
-        attr[16..24].copy_from_slice(&(prog_ids.as_mut_ptr() as u64).to_ne_bytes());
-        attr[24..28].copy_from_slice(&(prog_ids.len() as u32).to_ne_bytes());
-        // SAFETY: `attr` is a zeroed bpf_attr of the size passed; `prog_ids` points to a live
-        // buffer of `prog_cnt` u32s that the kernel fills; `dir` stays open during the call.
-        let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_QUERY, attr.as_mut_ptr(), attr.len()) };
-        if rc < 0 {
-            let err = std::io::Error::last_os_error();
-            return Err(err).with_context(|| format!("BPF_PROG_QUERY {hook} on {}", cgroup.display()));
-        }
-        let count = u32::from_ne_bytes(attr[24..28].try_into().expect("4 bytes")) as usize;
-        ids.extend_from_slice(&prog_ids[..count.min(prog_ids.len())]);
+        let count = sys::prog_query(dir.as_fd(), attach_type, &mut prog_ids)
+            .with_context(|| format!("programs at {hook} of {}", cgroup.display()))?;
+        ids.extend_from_slice(&prog_ids[..count]);
     }
     Ok(ids)
 }

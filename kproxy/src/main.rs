@@ -1,6 +1,8 @@
 //! kproxy: an eBPF replacement for kube-proxy. See README.md. The CLI; everything else is in
 //! the library.
 
+#![forbid(unsafe_code)]
+
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, Result};

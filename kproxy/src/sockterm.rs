@@ -38,7 +38,7 @@ use std::{
     fs::File,
     io::Read as _,
     os::{
-        fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+        fd::{AsFd as _, BorrowedFd, OwnedFd},
         unix::fs::MetadataExt as _,
     },
     path::Path,
@@ -48,7 +48,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use aya::{
     maps::HashMap as BpfHashMap,
-    programs::{Iter, ProgramFd},
+    programs::Iter,
     Btf, Ebpf, EbpfLoader,
 };
 use aya_obj::btf::BtfKind;
@@ -57,6 +57,8 @@ use kproxy_common::{
     PROTO_TCP, PROTO_UDP,
 };
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _, RelocationTarget};
+
+use crate::sys;
 
 /// The socket-termination object built by `build.rs` from `kproxy-ebpf/src/sockterm.rs`.
 pub static SOCKTERM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kproxy-sockterm"));
@@ -157,7 +159,7 @@ impl SockTerm {
                 .try_into()
                 .with_context(|| format!("program {name} is not an iterator"))?;
             program.load(target, &btf).with_context(|| format!("load {name} (iter/{target})"))?;
-            let link = link_create_iter(program.fd().with_context(|| format!("fd of {name}"))?)
+            let link = sys::link_create_iter(program.fd().with_context(|| format!("fd of {name}"))?.as_fd())
                 .with_context(|| format!("attach {name}"))?;
             links.push((protocol, link));
         }
@@ -171,14 +173,14 @@ impl SockTerm {
         let namespaces = network_namespaces();
         stats.namespaces = namespaces.len();
         for chunk in removed.chunks(SOCK_TERM_ENTRIES as usize) {
+            self.fill(chunk)?;
             // Only the iterators of the protocols listed: each is a walk of a hash table.
-            let links: Vec<(u8, RawFd)> = self
+            let links: Vec<(u8, BorrowedFd<'_>)> = self
                 .links
                 .iter()
                 .filter(|(p, _)| chunk.iter().any(|k| k.protocol == *p))
-                .map(|(p, fd)| (*p, fd.as_raw_fd()))
+                .map(|(p, fd)| (*p, fd.as_fd()))
                 .collect();
-            self.fill(chunk)?;
             let result = run_iterators(&links, &namespaces);
             let cleared = self.clear(chunk);
             let (udp, tcp) = result?;
@@ -213,40 +215,6 @@ impl SockTerm {
         }
         Ok(())
     }
-}
-
-/// `bpf(BPF_LINK_CREATE)` of an iterator program with no target (BPF_TRACE_ITER). aya's
-/// `IterLink` can create one iterator only (`into_file` consumes it), and the agent needs one
-/// per network namespace and round, so it keeps the link fd itself.
-fn link_create_iter(prog: &ProgramFd) -> std::io::Result<OwnedFd> {
-    const BPF_LINK_CREATE: libc::c_long = 28;
-    const BPF_TRACE_ITER: u32 = 28;
-    // `union bpf_attr`, link_create: prog_fd @0, target_fd @4, attach_type @8, flags @12,
-    // iter_info @16 (pointer, NULL), iter_info_len @24.
-    let mut attr = [0u8; 128];
-    attr[0..4].copy_from_slice(&(prog.as_fd().as_raw_fd() as u32).to_ne_bytes());
-    attr[8..12].copy_from_slice(&BPF_TRACE_ITER.to_ne_bytes());
-    bpf(BPF_LINK_CREATE, &mut attr)
-}
-
-/// `bpf(BPF_ITER_CREATE)`: a readable iterator, walking the namespace of the calling thread.
-fn iter_create(link: RawFd) -> std::io::Result<File> {
-    const BPF_ITER_CREATE: libc::c_long = 33;
-    // `union bpf_attr`, iter_create: link_fd @0, flags @4.
-    let mut attr = [0u8; 128];
-    attr[0..4].copy_from_slice(&(link as u32).to_ne_bytes());
-    bpf(BPF_ITER_CREATE, &mut attr).map(File::from)
-}
-
-fn bpf(cmd: libc::c_long, attr: &mut [u8; 128]) -> std::io::Result<OwnedFd> {
-    // SAFETY: `attr` is a bpf_attr of the size passed, laid out for `cmd` by the caller; the
-    // file descriptors it names stay open during the call.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: on success these commands return a new file descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(rc as RawFd) })
 }
 
 /// One open handle per distinct network namespace: the agent's own first, then those of every
@@ -284,7 +252,7 @@ pub fn network_namespaces() -> Vec<File> {
 /// agent's own, where the thread starts: it needs no `setns`, hence no `CAP_SYS_ADMIN`.
 /// Returns the sockets destroyed (UDP, TCP): each destroyed socket writes one byte to its
 /// iterator's output.
-fn run_iterators(links: &[(u8, RawFd)], namespaces: &[File]) -> Result<(usize, usize)> {
+fn run_iterators(links: &[(u8, BorrowedFd<'_>)], namespaces: &[File]) -> Result<(usize, usize)> {
     std::thread::scope(|scope| {
         scope
             .spawn(|| -> Result<(usize, usize)> {
@@ -308,7 +276,10 @@ fn run_iterators(links: &[(u8, RawFd)], namespaces: &[File]) -> Result<(usize, u
                     }
                     for (protocol, link) in links {
                         let mut out = Vec::new();
-                        match iter_create(*link).and_then(|mut it| it.read_to_end(&mut out)) {
+                        let read = sys::iter_create(*link)
+                            .map_err(anyhow::Error::from)
+                            .and_then(|mut it| it.read_to_end(&mut out).context("read the iterator"));
+                        match read {
                             Ok(n) if *protocol == PROTO_UDP => udp += n,
                             Ok(n) => tcp += n,
                             Err(e) => errors.push(e),
@@ -322,7 +293,7 @@ fn run_iterators(links: &[(u8, RawFd)], namespaces: &[File]) -> Result<(usize, u
                     );
                 }
                 if let Some(e) = errors.into_iter().next() {
-                    return Err(e).context("run a socket iterator");
+                    return Err(e.context("run a socket iterator"));
                 }
                 Ok((udp, tcp))
             })

@@ -13,8 +13,8 @@ use kproxy_common::lb::{
     SERVICES_MAP, SERVICE_META_MAP, SOURCE_RANGES_MAP,
 };
 
-use super::{batch, Dataplane, DataplaneError, MapContents, Op};
-use crate::model::Cidr;
+use super::{Dataplane, DataplaneError, MapContents, Op};
+use crate::{model::Cidr, sys};
 
 /// Handles on the load-balancing maps.
 pub struct BpfMaps {
@@ -110,10 +110,15 @@ impl BpfMaps {
 }
 
 /// Writes `entries` to `map` in batches; returns how many.
-fn put_batch<K: aya::Pod, V: aya::Pod>(map: &MapData, name: &'static str, entries: Vec<(K, V)>) -> Result<usize, DataplaneError> {
+fn put_batch<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    name: &'static str,
+    entries: Vec<(K, V)>,
+) -> Result<usize, DataplaneError> {
     let count = entries.len();
     let (keys, values): (Vec<K>, Vec<V>) = entries.into_iter().unzip();
-    batch::update(map, &keys, &values).map_err(|e| map_err(name, "update batch")(MapError::SyscallError(e)))?;
+    sys::map_update_batch(map, &keys, &values)
+        .map_err(|source| DataplaneError::Sys { map: name, operation: "update batch", source })?;
     Ok(count)
 }
 
@@ -163,9 +168,9 @@ impl Dataplane for BpfMaps {
                 })
                 .collect();
             let done = if backends.len() > 1 {
-                put_batch(self.backends.map(), BACKENDS_MAP, backends)?
+                put_batch(&self.backends, BACKENDS_MAP, backends)?
             } else if services.len() > 1 {
-                put_batch(self.services.map(), SERVICES_MAP, services)?
+                put_batch(&self.services, SERVICES_MAP, services)?
             } else {
                 self.apply(first)?;
                 1

@@ -7,7 +7,6 @@
 //! and [`MapContents::resolve`] answers "where would this connection go?" with the same
 //! selection code as the kernel.
 
-pub mod batch;
 pub mod bpf;
 pub mod plan;
 
@@ -62,6 +61,14 @@ pub enum DataplaneError {
         operation: &'static str,
         #[source]
         source: aya::maps::MapError,
+    },
+    /// A batched write (`crate::sys::map_update_batch`) failed.
+    #[error("{map}: {operation}: {source}")]
+    Sys {
+        map: &'static str,
+        operation: &'static str,
+        #[source]
+        source: crate::sys::SysError,
     },
     #[error("open pinned map {path}: {source}")]
     Open {
