@@ -55,6 +55,9 @@ pub struct AgentConfig {
     /// Destroy sockets still connected to removed backends where the kernel allows it
     /// (`crate::sockterm`, Linux >= 6.5).
     pub terminate_sockets: bool,
+    /// Keep socket translations in socket-local storage where the kernel allows it (see
+    /// `kproxy_common::sock`); false: in the shared LRU maps only.
+    pub socket_storage: bool,
 }
 
 /// Logs each problem once, when it first appears, and counts each newly invalid object.
@@ -94,7 +97,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         tracing::info!(%addr, "serving /healthz, /livez and /metrics");
     }
     // The pinned maps are adopted before the source is read, so the datapath keeps serving.
-    loader::load_and_attach(&cfg.layout, &cfg.cgroup, &cfg.devices, cfg.tc_attach, cfg.capacities)?;
+    loader::load_and_attach(&cfg.layout, &cfg.cgroup, &cfg.devices, cfg.tc_attach, cfg.capacities, cfg.socket_storage)?;
     let maps = BpfMaps::open(&cfg.layout.maps_dir()).context("open the pinned maps")?;
     // Optional: never a reason not to start.
     let mut sockterm = if cfg.terminate_sockets {
