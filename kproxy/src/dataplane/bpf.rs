@@ -9,8 +9,8 @@ use aya::maps::{
     HashMap, IterableMap as _, Map, MapData, MapError,
 };
 use kproxy_common::lb::{
-    source_range_prefix_len, Backend, ServiceKey, ServiceMeta, ServiceValue, SourceRangeKey, BACKENDS_MAP,
-    SERVICES_MAP, SERVICE_META_MAP, SOURCE_RANGES_MAP,
+    source_range_prefix_len, Backend, MemberKey, MemberValue, ServiceKey, ServiceMeta, ServiceValue, SourceRangeKey,
+    BACKENDS_MAP, MEMBERS_MAP, SERVICES_MAP, SERVICE_META_MAP, SOURCE_RANGES_MAP,
 };
 
 use super::{batch, Dataplane, DataplaneError, MapContents, Op};
@@ -22,6 +22,7 @@ pub struct BpfMaps {
     backends: HashMap<MapData, u32, Backend>,
     meta: HashMap<MapData, u32, ServiceMeta>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
+    members: HashMap<MapData, MemberKey, MemberValue>,
 }
 
 /// The source ranges map's key for `range` of service `id`.
@@ -74,6 +75,7 @@ impl BpfMaps {
             backends: open(maps_dir, BACKENDS_MAP)?,
             meta: open(maps_dir, SERVICE_META_MAP)?,
             source_ranges: open(maps_dir, SOURCE_RANGES_MAP)?,
+            members: open(maps_dir, MEMBERS_MAP)?,
         })
     }
 
@@ -89,6 +91,7 @@ impl BpfMaps {
             backends: take(ebpf, BACKENDS_MAP)?,
             meta: take(ebpf, SERVICE_META_MAP)?,
             source_ranges: take(ebpf, SOURCE_RANGES_MAP)?,
+            members: take(ebpf, MEMBERS_MAP)?,
         })
     }
 
@@ -105,6 +108,7 @@ impl BpfMaps {
             one(&self.services, SERVICES_MAP)?,
             one(&self.backends, BACKENDS_MAP)?,
             one(&self.meta, SERVICE_META_MAP)?,
+            one(&self.members, MEMBERS_MAP)?,
         ])
     }
 }
@@ -140,14 +144,22 @@ impl Dataplane for BpfMaps {
             backends: read_all(&self.backends, BACKENDS_MAP)?,
             meta: read_all(&self.meta, SERVICE_META_MAP)?,
             source_ranges: self.read_source_ranges()?,
+            members: read_all(&self.members, MEMBERS_MAP)?,
         })
     }
 
-    /// Runs of backend and service writes (most of a big sync) go to the kernel in batches;
-    /// the order of the operations is kept.
+    /// Runs of backend, service and membership writes (most of a big sync) go to the kernel in
+    /// batches; the order of the operations is kept.
     fn apply_all(&mut self, ops: &[Op]) -> Result<(), DataplaneError> {
         let mut rest = ops;
         while let Some(first) = rest.first() {
+            let members: Vec<(MemberKey, MemberValue)> = rest
+                .iter()
+                .map_while(|op| match op {
+                    Op::PutMember(k, v) => Some((*k, *v)),
+                    _ => None,
+                })
+                .collect();
             let backends: Vec<(u32, Backend)> = rest
                 .iter()
                 .map_while(|op| match op {
@@ -166,6 +178,8 @@ impl Dataplane for BpfMaps {
                 put_batch(self.backends.map(), BACKENDS_MAP, backends)?
             } else if services.len() > 1 {
                 put_batch(self.services.map(), SERVICES_MAP, services)?
+            } else if members.len() > 1 {
+                put_batch(self.members.map(), MEMBERS_MAP, members)?
             } else {
                 self.apply(first)?;
                 1
@@ -195,6 +209,8 @@ impl Dataplane for BpfMaps {
                 .map_err(map_err(SOURCE_RANGES_MAP, "insert")),
             Op::DeleteSourceRange(id, range) => ignore_missing(self.source_ranges.remove(&source_range_key(*id, *range)))
                 .map_err(map_err(SOURCE_RANGES_MAP, "remove")),
+            Op::PutMember(k, v) => self.members.insert(k, v, 0).map_err(map_err(MEMBERS_MAP, "insert")),
+            Op::DeleteMember(k) => ignore_missing(self.members.remove(k)).map_err(map_err(MEMBERS_MAP, "remove")),
         }
     }
 }

@@ -3,11 +3,13 @@
 //!
 //! Only differences are written, in an order that keeps every intermediate state valid for a
 //! reader in the kernel:
-//! 1. new backends, then service metadata and new source ranges;
+//! 1. new backends, then service metadata, new source ranges and membership entries (which
+//!    slot holds which backend: written before the slot, see `kproxy_common::lb::MEMBERS_MAP`);
 //! 2. per frontend: changed backend slots, then the frontend entry (slot 0, with the count that
 //!    makes the slots reachable), then slots beyond the new count;
 //! 3. removed frontends (slot 0 first, so readers stop at once), then their slots, source
-//!    ranges no longer wanted, stray entries and metadata;
+//!    ranges no longer wanted, stray entries, the membership entries of backends no slot holds
+//!    any more, and metadata;
 //! 4. backends that no slot references any more.
 //!
 //! A plan covers a [`Scope`]: the frontends that changed (a sync after events costs O(changes))
@@ -19,7 +21,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 use kproxy_common::lb::{
-    Backend, ServiceKey, ServiceValue, SVC_FLAG_AFFINITY, SVC_FLAG_CLUSTER_IP, SVC_FLAG_DROP_UNSERVED,
+    Backend, MemberKey, MemberValue, ServiceKey, ServiceValue, SVC_FLAG_AFFINITY, SVC_FLAG_CLUSTER_IP, SVC_FLAG_DROP_UNSERVED,
     SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES,
 };
 
@@ -161,7 +163,11 @@ impl Mirror {
                 None => {}
             },
             Op::PutMeta(id, _) => self.next_service_id = self.next_service_id.max(id.saturating_add(1)),
-            Op::DeleteMeta(_) | Op::PutSourceRange(..) | Op::DeleteSourceRange(..) => {}
+            Op::DeleteMeta(_)
+            | Op::PutSourceRange(..)
+            | Op::DeleteSourceRange(..)
+            | Op::PutMember(..)
+            | Op::DeleteMember(..) => {}
         }
         self.contents.apply(op).expect("the in-memory dataplane never fails");
     }
@@ -239,10 +245,15 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
     let mut service_ops = Vec::new();
     let mut removal_ops = Vec::new();
     let mut meta_deletes = Vec::new();
+    // Apart from the metadata, so that they reach the kernel as one batch.
+    let mut member_ops = Vec::new();
+    let mut member_deletes = Vec::new();
     let mut refused = Vec::new();
     // Full scope only: everything that must survive the sweep of stray entries.
     let mut keep_keys: HashSet<ServiceKey> = HashSet::new();
     let mut keep_meta: HashSet<u32> = HashSet::new();
+    let mut keep_members: HashSet<MemberKey> = HashSet::new();
+    let member = |key0: &ServiceKey, service_id: u32, backend_id: u32| MemberKey { service_id, backend_id, scope: key0.scope, _pad: [0; 3] };
 
     for frontend in &targets {
         let key0 = service_key(*frontend, 0);
@@ -259,6 +270,12 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
                     if let Some(s) = current.services.get(&key) {
                         *ref_delta.entry(s.backend_id).or_default() -= 1;
                         removal_ops.push(Op::DeleteService(key));
+                    }
+                }
+                for backend_id in old_slots.iter().flatten() {
+                    let key = member(&key0, v.service_id, *backend_id);
+                    if current.members.contains_key(&key) {
+                        member_deletes.push(key);
                     }
                 }
                 if current.meta.contains_key(&v.service_id) {
@@ -298,6 +315,7 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
                 keep_keys.insert(key0);
                 keep_keys.extend((1..=v.count).map(|slot| ServiceKey { slot, ..key0 }));
                 keep_meta.insert(v.service_id);
+                keep_members.extend(old_slots.iter().flatten().map(|id| member(&key0, v.service_id, *id)));
             }
             continue;
         }
@@ -353,6 +371,12 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
         for (i, backend_id) in slots.iter().enumerate() {
             let backend_id = backend_id.expect("every slot is filled: as many ids as slots");
             let key = ServiceKey { slot: i as u16 + 1, ..key0 };
+            let membership = member(&key0, service_id, backend_id);
+            let where_ = MemberValue { slot: key.slot, _pad: 0 };
+            keep_members.insert(membership);
+            if current.members.get(&membership) != Some(&where_) {
+                member_ops.push(Op::PutMember(membership, where_));
+            }
             let value = ServiceValue { backend_id, count: 0, flags: 0, service_id };
             keep_keys.insert(key);
             let old = current.services.get(&key);
@@ -379,6 +403,14 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
             if let Some(old) = current.services.get(&key) {
                 *ref_delta.entry(old.backend_id).or_default() -= 1;
                 service_ops.push(Op::DeleteService(key));
+            }
+        }
+        // Backends no slot of this frontend holds any more.
+        let kept: HashSet<u32> = if old_slots.is_empty() { HashSet::new() } else { ids.iter().copied().collect() };
+        for backend_id in old_slots.iter().flatten().filter(|id| !kept.contains(id)) {
+            let key = member(&key0, service_id, *backend_id);
+            if current.members.contains_key(&key) {
+                member_deletes.push(key);
             }
         }
     }
@@ -425,14 +457,19 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
             .collect();
         stray_ranges.sort();
         removal_ops.extend(stray_ranges.into_iter().map(|(id, r)| Op::DeleteSourceRange(id, r)));
+        member_deletes.extend(current.members.keys().filter(|k| !keep_members.contains(k)));
     }
     meta_deletes.sort_unstable();
     meta_deletes.dedup();
+    member_deletes.sort_unstable();
+    member_deletes.dedup();
 
     let mut ops = backend_ops;
     ops.extend(meta_ops);
+    ops.extend(member_ops);
     ops.extend(service_ops);
     ops.extend(removal_ops);
+    ops.extend(member_deletes.into_iter().map(Op::DeleteMember));
     ops.extend(meta_deletes.into_iter().map(Op::DeleteMeta));
     ops.extend(stale_backends.into_iter().map(Op::DeleteBackend));
     Plan { ops, refused }
@@ -530,14 +567,15 @@ mod tests {
         ]);
         let p = full(&MapContents::default(), &want, &LIMITS);
         assert!(p.refused.is_empty());
-        // A backend shared by two services is written once; backends and metadata come first,
-        // and every frontend entry comes after its slots.
+        // A backend shared by two services is written once; backends, metadata and membership
+        // come first, and every frontend entry comes after its slots.
         let kinds: Vec<&str> = p
             .ops
             .iter()
             .map(|op| match op {
                 Op::PutBackend(..) => "backend",
                 Op::PutMeta(..) => "meta",
+                Op::PutMember(..) => "member",
                 Op::PutService(k, _) if k.slot == 0 => "frontend",
                 Op::PutService(..) => "slot",
                 _ => "delete",
@@ -545,7 +583,10 @@ mod tests {
             .collect();
         assert_eq!(
             kinds,
-            ["backend", "backend", "backend", "meta", "meta", "meta", "slot", "slot", "slot", "frontend", "slot", "frontend", "frontend"]
+            [
+                "backend", "backend", "backend", "meta", "meta", "meta", "member", "member", "member", "member", "slot", "slot",
+                "slot", "frontend", "slot", "frontend", "frontend"
+            ]
         );
         let mut maps = MapContents::default();
         for op in &p.ops {
@@ -569,14 +610,53 @@ mod tests {
         }
         let new = ["10.244.1.1:8080", "10.244.1.3:8080"];
         let p = full(&maps, &desired(&[("10.96.0.10:80", svc("web", &new))]), &LIMITS);
-        // Slot 2 takes the backend from slot 3, the count drops, slot 3 and the backend go.
-        assert_eq!(p.ops.len(), 4, "{:#?}", p.ops);
-        assert!(matches!(p.ops[3], Op::DeleteBackend(_)));
+        // Slot 2 takes the backend from slot 3 (its membership entry first), the count drops,
+        // slot 3, then the removed backend's membership entry and the backend go.
+        assert_eq!(p.ops.len(), 6, "{:#?}", p.ops);
+        assert!(matches!(p.ops[0], Op::PutMember(_, MemberValue { slot: 2, .. })), "{:#?}", p.ops);
+        assert!(matches!(p.ops[4], Op::DeleteMember(_)), "{:#?}", p.ops);
+        assert!(matches!(p.ops[5], Op::DeleteBackend(_)));
         let allowed: Vec<SocketAddrV4> = old.iter().map(|a| a.parse().unwrap()).collect();
         apply_checked(&mut maps, &p, &[("10.96.0.10:80", allowed)]);
         let hits = spread(&maps, "10.96.0.10:80", 100);
         assert_eq!(hits.keys().cloned().collect::<Vec<_>>(), new);
         assert_eq!(maps.backends.len(), 2);
+    }
+
+    /// Flows that remember (slot, backend), as tc conntrack and the affinities do: when one
+    /// backend of ten leaves and the last one moves into its slot, only the flows of the one
+    /// that left change backend, after every single write of the plan and at its end.
+    #[test]
+    fn a_backend_that_leaves_moves_only_its_own_flows() {
+        let all: Vec<String> = (1..=10).map(|i| format!("10.244.1.{i}:8080")).collect();
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        let mut maps = MapContents::default();
+        let p = full(&maps, &desired(&[("10.96.0.10:80", svc("web", &refs))]), &LIMITS);
+        apply_plan(&mut maps, &p);
+        let web = fe("10.96.0.10:80");
+        let mut flows: Vec<(u16, u32)> = (0..1000u32).map(|r| maps.resolve_flow(web, None, r.wrapping_mul(2_654_435_761)).unwrap()).collect();
+        let addr = |maps: &MapContents, id: u32| crate::dataplane::backend_addr(&maps.backends[&id]).to_string();
+        let before: Vec<String> = flows.iter().map(|(_, id)| addr(&maps, *id)).collect();
+        let leaving = "10.244.1.3:8080";
+        let rest: Vec<&str> = refs.iter().copied().filter(|b| *b != leaving).collect();
+        let p = full(&maps, &desired(&[("10.96.0.10:80", svc("web", &rest))]), &LIMITS);
+        for (step, op) in p.ops.iter().enumerate() {
+            maps.apply(op).unwrap();
+            for (i, flow) in flows.iter_mut().enumerate() {
+                let next = maps.resolve_flow(web, Some(*flow), 7 * i as u32 + step as u32).expect("still served");
+                if before[i] != leaving {
+                    assert_eq!(addr(&maps, next.1), before[i], "flow {i} of a staying backend moved after {op:?}");
+                }
+                *flow = next;
+            }
+        }
+        let moved = flows.iter().zip(&before).filter(|((_, id), b)| addr(&maps, *id) != **b).count();
+        let of_leaving = before.iter().filter(|b| *b == leaving).count();
+        assert_eq!(moved, of_leaving, "exactly the flows of the backend that left moved");
+        assert!(of_leaving > 50, "{of_leaving} of 1000 flows on the leaving backend");
+        assert!(flows.iter().all(|(_, id)| addr(&maps, *id) != leaving));
+        // The moved backend's flows remember its new slot.
+        assert!(flows.iter().all(|(slot, id)| maps.services[&service_key(web, *slot)].backend_id == *id));
     }
 
     #[test]
@@ -591,7 +671,7 @@ mod tests {
         apply_checked(&mut maps, &p, &[("10.96.0.10:80", vec!["10.244.1.1:80".parse().unwrap(), "10.244.1.5:80".parse().unwrap()])]);
         let slot1 = service_key(fe("10.96.0.10:80"), 1);
         assert_eq!(maps.services[&slot1], before[&slot1], "existing backend moved");
-        assert_eq!(p.ops.len(), 3, "{:#?}", p.ops); // new backend, new slot 2, count
+        assert_eq!(p.ops.len(), 4, "{:#?}", p.ops); // new backend, its membership, new slot 2, count
     }
 
     #[test]
@@ -625,17 +705,19 @@ mod tests {
                 Op::PutService(k, v) if k.slot > 0 => Op::PutService(k, ServiceValue { backend_id: v.backend_id + 40, service_id: 7, ..v }),
                 Op::PutService(k, v) => Op::PutService(k, ServiceValue { service_id: 7, ..v }),
                 Op::PutMeta(_, m) => Op::PutMeta(7, m),
+                Op::PutMember(k, v) => Op::PutMember(MemberKey { service_id: 7, backend_id: k.backend_id + 40, ..k }, v),
                 other => other,
             };
             maps.apply(&op).unwrap();
         }
         assert_eq!(full(&maps, &want, &LIMITS), Plan::default(), "adoption must not rewrite anything");
-        // Drift: a slot and the metadata deleted by hand, a stray entry added.
+        // Drift: a slot and the metadata deleted by hand, stray entries added.
         maps.services.remove(&service_key(fe("10.96.0.10:80"), 2));
         maps.meta.clear();
         maps.services.insert(service_key(fe("10.96.0.99:80"), 3), ServiceValue::default());
+        maps.members.insert(MemberKey { service_id: 99, backend_id: 41, ..Default::default() }, MemberValue { slot: 1, _pad: 0 });
         let p = full(&maps, &want, &LIMITS);
-        assert_eq!(p.ops.len(), 3, "{:#?}", p.ops);
+        assert_eq!(p.ops.len(), 4, "{:#?}", p.ops);
         for op in &p.ops {
             maps.apply(op).unwrap();
         }
