@@ -10,14 +10,20 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use kproxy_common::lb::{BACKENDS_MAP, SERVICES_MAP, SERVICE_META_MAP};
+use kproxy_common::{
+    lb::{BACKENDS_MAP, MEMBERS_MAP, SERVICES_MAP, SERVICE_META_MAP},
+    sock::{SOCK_AFFINITY_MAP, SOCK_REVNAT_MAP, SOCK_STAT_AFFINITY_NEW, SOCK_STAT_LOCAL, SOCK_STAT_LOCAL_FULL, SOCK_STAT_REVNAT_NEW},
+};
 use tokio::sync::Notify;
 
 use crate::{
-    dataplane::{bpf::BpfMaps, plan::Limits},
+    dataplane::{
+        bpf::{BpfMaps, SocketMaps},
+        plan::Limits,
+    },
     health::{self, ProxyHealth},
     loader::{self, Capacities, PinLayout},
-    metrics::{unix_seconds, InvalidLabels, MapLabel, Metrics},
+    metrics::{follow, unix_seconds, InvalidLabels, MapLabel, Metrics},
     model::InvalidObject,
     runner::{self, RunKind, RunnerConfig},
     sockterm::SockTerm,
@@ -122,6 +128,13 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     for usage in maps.usage()? {
         metrics.set_map(usage.name, usage.entries, usage.capacity);
     }
+    // Only metrics come from these: never a reason not to start.
+    let socket_maps = SocketMaps::open(&cfg.layout.maps_dir())
+        .inspect_err(|e| tracing::warn!("socket map metrics unavailable: {e:#}"))
+        .ok();
+    if let Some(m) = &socket_maps {
+        socket_metrics(m, &metrics, true);
+    }
     let limits = Limits {
         max_services: cfg.capacities.max_services,
         max_backends: cfg.capacities.max_backends,
@@ -208,10 +221,15 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 for t in &changes.trigger_times {
                     metrics.network_programming_duration.observe(now.duration_since(*t).unwrap_or_default().as_secs_f64());
                 }
-                if let Some((services, backends, meta)) = syncer.entries() {
-                    for (name, entries) in [(SERVICES_MAP, services), (BACKENDS_MAP, backends), (SERVICE_META_MAP, meta)] {
+                if let (Some((services, backends, meta)), Some(members)) = (syncer.entries(), syncer.member_entries()) {
+                    for (name, entries) in
+                        [(SERVICES_MAP, services), (BACKENDS_MAP, backends), (SERVICE_META_MAP, meta), (MEMBERS_MAP, members)]
+                    {
                         metrics.map_entries.get_or_create(&MapLabel { map: name.into() }).set(entries as i64);
                     }
+                }
+                if let Some(m) = &socket_maps {
+                    socket_metrics(m, &metrics, stats.full);
                 }
                 tracing::info!(
                     full = stats.full,
@@ -254,6 +272,27 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     drop(servers);
     tracing::info!("stopping; the datapath stays attached and keeps serving (kproxy cleanup removes it)");
     Ok(())
+}
+
+/// Follows the socket programs' counters and, when `count_entries` (full syncs: it walks the
+/// keys of the shared LRU maps), the use of those maps.
+fn socket_metrics(maps: &SocketMaps, metrics: &Metrics, count_entries: bool) {
+    match maps.stats() {
+        Ok(stats) => {
+            follow(&metrics.sock_storage_entries_total, stats[SOCK_STAT_LOCAL as usize]);
+            follow(&metrics.sock_storage_overflow_total, stats[SOCK_STAT_LOCAL_FULL as usize]);
+            for (map, index) in [(SOCK_REVNAT_MAP, SOCK_STAT_REVNAT_NEW), (SOCK_AFFINITY_MAP, SOCK_STAT_AFFINITY_NEW)] {
+                follow(&metrics.sock_lru_inserts_total.get_or_create(&MapLabel { map: map.into() }), stats[index as usize]);
+            }
+        }
+        Err(e) => tracing::debug!("socket counters: {e:#}"),
+    }
+    if count_entries {
+        match maps.usage() {
+            Ok(usage) => usage.iter().for_each(|u| metrics.set_map(u.name, u.entries, u.capacity)),
+            Err(e) => tracing::debug!("socket map use: {e:#}"),
+        }
+    }
 }
 
 /// After a sync this large (the first one, typically), the memory freed by planning and by

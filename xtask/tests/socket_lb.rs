@@ -249,6 +249,77 @@ fn udp_reply_comes_from_service_address() {
     );
 }
 
+/// A process in the attached cgroup opens thousands of sockets through a service, 16 times as
+/// many as the shared LRU maps hold (`--max-sock-entries 256`), while another socket is in
+/// use: that socket's `getpeername()` and the source of its UDP replies keep showing the
+/// service, because its translation lives in its own storage. The metrics show where the
+/// translations went: all into socket storage, none into the LRU map.
+#[test]
+fn a_process_opening_many_sockets_cannot_evict_another_sockets_translation() {
+    let test = "a_process_opening_many_sockets_cannot_evict_another_sockets_translation";
+    if skip_unless_root(test) {
+        return;
+    }
+    const FLOOD: u32 = 4096;
+    let mut h = Harness::new(binaries(), &["pod-a", "pod-b"], unique_bpffs_dir("kproxy-test"))
+        .unwrap_or_else(|e| panic!("{test}: setting up the harness: {e:#}"))
+        .with_agent_args(&["--max-sock-entries", "256", "--sync-period", "2s"]);
+    let dns = dns(&h, &[("pod-a", true), ("pod-b", true)]);
+    start(&mut h, &[dns]);
+
+    // The victim: one connected socket, a datagram every second for 8 s, getpeername() after
+    // each. The flood comes between its first and second datagram (it takes well under a
+    // second), while the victim is idle, as most sockets are most of the time.
+    let victim = h
+        .spawn_client(&[
+            "udp", "--addr", DNS, "--connected", "--peer-each-datagram", "--count", "8", "--interval-ms", "1000",
+        ])
+        .expect("starting the victim");
+    std::thread::sleep(Duration::from_millis(300));
+    let flood = client(&h, "flood", DNS, FLOOD, &[]);
+    assert_eq!(
+        (flood.ok, flood.failed()),
+        (u64::from(FLOOD), 0),
+        "the flood connected every socket: {flood:?}"
+    );
+    assert_eq!(flood.peers, counts(&[(DNS, u64::from(FLOOD))]), "getpeername() of the flood's own sockets");
+    let r = Harness::client_report(victim, CLIENT_WAIT).expect("victim report");
+    assert_all_ok(&r, 8);
+    assert_eq!(
+        r.peers,
+        counts(&[(DNS, 9)]),
+        "getpeername() of the victim, at connect and after each datagram, before and after {FLOOD} other sockets"
+    );
+    assert_eq!(
+        r.sources,
+        counts(&[(DNS, 8)]),
+        "the source of every reply to the victim, before and after {FLOOD} other sockets"
+    );
+
+    // Every translation (the flood's and the victim's) went into socket storage, none into
+    // the LRU map: a scrape after the next sync (full syncs every 2 s) shows it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let metrics = loop {
+        let m = h.metrics().expect("scraping /metrics");
+        let stored = m.get("kproxy_sock_storage_entries_total", &[]).unwrap_or(0.0);
+        if stored >= f64::from(FLOOD + 1) || std::time::Instant::now() > deadline {
+            break m;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let stored = metrics.get("kproxy_sock_storage_entries_total", &[]);
+    let lru = metrics.get("kproxy_sock_lru_inserts_total", &[("map", "KP_SOCK_REVNAT")]);
+    let capacity = metrics.get("kproxy_bpf_map_capacity", &[("map", "KP_SOCK_REVNAT")]);
+    let overflow = metrics.get("kproxy_sock_storage_overflow_total", &[]);
+    say(&format!(
+        "{test}: {FLOOD} sockets opened in {:.0} ms; the victim's 8 replies and 9 getpeername() all showed {DNS}; \
+         socket storage entries {stored:?}, overflow {overflow:?}, KP_SOCK_REVNAT inserts {lru:?} (capacity {capacity:?})",
+        flood.elapsed_ms
+    ));
+    assert!(stored >= Some(f64::from(FLOOD + 1)), "kproxy_sock_storage_entries_total: {stored:?}");
+    assert_eq!((lru, overflow, capacity), (Some(0.0), Some(0.0), Some(256.0)), "the shared LRU map saw no translation");
+}
+
 #[test]
 fn service_without_endpoints_refuses_fast() {
     let test = "service_without_endpoints_refuses_fast";

@@ -6,11 +6,16 @@ use std::net::Ipv4Addr;
 
 use aya::maps::{
     lpm_trie::{Key, LpmTrie},
-    HashMap, IterableMap as _, Map, MapData, MapError,
+    HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray,
 };
 use kproxy_common::lb::{
     source_range_prefix_len, Backend, MemberKey, MemberValue, ServiceKey, ServiceMeta, ServiceValue, SourceRangeKey,
     BACKENDS_MAP, MEMBERS_MAP, SERVICES_MAP, SERVICE_META_MAP, SOURCE_RANGES_MAP,
+};
+
+use kproxy_common::sock::{
+    SockAffinityKey, SockAffinityValue, SockRevNatKey, SockRevNatValue, SOCK_AFFINITY_MAP, SOCK_REVNAT_MAP, SOCK_STATS,
+    SOCK_STATS_MAP,
 };
 
 use super::{batch, Dataplane, DataplaneError, MapContents, Op};
@@ -60,6 +65,12 @@ fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
     }
 }
 
+/// Entries (a walk of the keys, O(entries)) and capacity of `m`.
+fn usage_of<K: aya::Pod, V: aya::Pod>(m: &HashMap<MapData, K, V>, name: &'static str) -> Result<MapUsage, DataplaneError> {
+    let info = m.map().info().map_err(map_err(name, "info"))?;
+    Ok(MapUsage { name, entries: m.keys().count(), capacity: info.max_entries() })
+}
+
 fn read_all<K: aya::Pod + Eq + std::hash::Hash, V: aya::Pod>(
     map: &HashMap<MapData, K, V>,
     name: &'static str,
@@ -97,19 +108,46 @@ impl BpfMaps {
 
     /// Entries and capacity of each map, as the kernel reports them.
     pub fn usage(&self) -> Result<Vec<MapUsage>, DataplaneError> {
-        fn one<K: aya::Pod, V: aya::Pod>(
-            m: &HashMap<MapData, K, V>,
-            name: &'static str,
-        ) -> Result<MapUsage, DataplaneError> {
-            let info = m.map().info().map_err(map_err(name, "info"))?;
-            Ok(MapUsage { name, entries: m.keys().count(), capacity: info.max_entries() })
-        }
         Ok(vec![
-            one(&self.services, SERVICES_MAP)?,
-            one(&self.backends, BACKENDS_MAP)?,
-            one(&self.meta, SERVICE_META_MAP)?,
-            one(&self.members, MEMBERS_MAP)?,
+            usage_of(&self.services, SERVICES_MAP)?,
+            usage_of(&self.backends, BACKENDS_MAP)?,
+            usage_of(&self.meta, SERVICE_META_MAP)?,
+            usage_of(&self.members, MEMBERS_MAP)?,
         ])
+    }
+}
+
+/// The socket-level maps, for metrics: the socket programs' counters and the use of the shared
+/// LRU maps (see `kproxy_common::sock`).
+pub struct SocketMaps {
+    stats: PerCpuArray<MapData, u64>,
+    revnat: HashMap<MapData, SockRevNatKey, SockRevNatValue>,
+    affinity: HashMap<MapData, SockAffinityKey, SockAffinityValue>,
+}
+
+impl SocketMaps {
+    /// Opens the maps pinned in `maps_dir`.
+    pub fn open(maps_dir: &Path) -> Result<Self, DataplaneError> {
+        Ok(Self {
+            stats: open(maps_dir, SOCK_STATS_MAP)?,
+            revnat: open(maps_dir, SOCK_REVNAT_MAP)?,
+            affinity: open(maps_dir, SOCK_AFFINITY_MAP)?,
+        })
+    }
+
+    /// The `SOCK_STAT_*` counters, summed over the CPUs.
+    pub fn stats(&self) -> Result<[u64; SOCK_STATS as usize], DataplaneError> {
+        let mut out = [0u64; SOCK_STATS as usize];
+        for (index, total) in (0u32..).zip(out.iter_mut()) {
+            let per_cpu = self.stats.get(&index, 0).map_err(map_err(SOCK_STATS_MAP, "lookup"))?;
+            *total = per_cpu.iter().sum();
+        }
+        Ok(out)
+    }
+
+    /// Entries and capacity of the shared LRU maps: a walk of their keys, O(entries).
+    pub fn usage(&self) -> Result<Vec<MapUsage>, DataplaneError> {
+        Ok(vec![usage_of(&self.revnat, SOCK_REVNAT_MAP)?, usage_of(&self.affinity, SOCK_AFFINITY_MAP)?])
     }
 }
 

@@ -108,6 +108,11 @@ impl Mirror {
         (self.contents.services.len(), self.contents.backends.len(), self.contents.meta.len())
     }
 
+    /// Entries of the membership map.
+    pub fn member_entries(&self) -> usize {
+        self.contents.members.len()
+    }
+
     /// The service id of a programmed frontend (`key0`, slot 0) and the backends its slots
     /// name. O(backends of the frontend).
     /// The service id programmed for a frontend.
