@@ -8,7 +8,7 @@
 //! - `udp`: a client. `--count` datagrams with `sendto` on one unconnected socket (or, with
 //!   `--connected`, `connect` + `send`; with `--new-socket`, a fresh socket per datagram),
 //!   recording the backend and each reply's source address.
-//! - `udp-flows`: a client of many flows. `--sockets` unconnected sockets, one datagram each,
+//! - `udp-flows`: a client of many flows. `--count` unconnected sockets, one datagram each,
 //!   then (after `--go-file` appears) one more each, recording which sockets changed backend.
 //! - `flood`: `--count` UDP sockets `connect`ed to the address (no traffic; `getpeername()`
 //!   once each), all held open until the last is connected, as a process that opens very many
@@ -58,15 +58,12 @@ enum Cli {
         #[command(flatten)]
         mode: UdpMode,
     },
-    /// Many UDP flows, two rounds: one datagram on each of `--sockets` unconnected sockets,
+    /// Many UDP flows, two rounds: one datagram on each of `--count` unconnected sockets,
     /// then, once `--go-file` exists, one more on each. The report's `by_backend` counts the
     /// second round's answers, `moved` the sockets whose backend changed ("old->new").
     UdpFlows {
         #[command(flatten)]
         run: RunArgs,
-        /// Number of sockets (flows).
-        #[arg(long)]
-        sockets: u32,
         /// Created (empty) once the first round is done.
         #[arg(long)]
         ready_file: std::path::PathBuf,
@@ -137,8 +134,8 @@ fn main() -> Result<()> {
             print_report(udp_client(run, mode));
             Ok(())
         }
-        Cli::UdpFlows { run, sockets, ready_file, go_file } => {
-            print_report(udp_flows(run, sockets, &ready_file, &go_file));
+        Cli::UdpFlows { run, ready_file, go_file } => {
+            print_report(udp_flows(run, &ready_file, &go_file));
             Ok(())
         }
         Cli::Flood { run } => {
@@ -594,11 +591,11 @@ fn udp_exchange(socket: &UdpSocket, addr: SocketAddr, payload: &str) -> Result<S
     Ok(answer.lines().next().unwrap_or_default().trim().to_string())
 }
 
-fn udp_flows(run: RunArgs, sockets: u32, ready_file: &std::path::Path, go_file: &std::path::Path) -> Report {
+fn udp_flows(run: RunArgs, ready_file: &std::path::Path, go_file: &std::path::Path) -> Report {
     let mut rec = Recorder::new();
     let deadline = rec.start + Duration::from_millis(run.max_ms);
     let mut flows: Vec<(UdpSocket, Option<String>)> = Vec::new();
-    for i in 0..sockets {
+    for i in 0..run.count {
         match udp_socket(run, false, &mut rec) {
             Ok(socket) => {
                 let first = match udp_exchange(&socket, run.addr, &format!("flow {i} round 1\n")) {
