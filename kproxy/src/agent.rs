@@ -129,11 +129,12 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         metrics.set_map(usage.name, usage.entries, usage.capacity);
     }
     // Only metrics come from these: never a reason not to start.
-    let socket_maps = SocketMaps::open(&cfg.layout.maps_dir())
+    let mut socket_metrics = SocketMaps::open(&cfg.layout.maps_dir())
         .inspect_err(|e| tracing::warn!("socket map metrics unavailable: {e:#}"))
-        .ok();
-    if let Some(m) = &socket_maps {
-        socket_metrics(m, &metrics, true);
+        .ok()
+        .map(|maps| SocketMetrics { maps, counted: None });
+    if let Some(m) = &mut socket_metrics {
+        m.update(&metrics, true);
     }
     let limits = Limits {
         max_services: cfg.capacities.max_services,
@@ -228,8 +229,8 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                         metrics.map_entries.get_or_create(&MapLabel { map: name.into() }).set(entries as i64);
                     }
                 }
-                if let Some(m) = &socket_maps {
-                    socket_metrics(m, &metrics, stats.full);
+                if let Some(m) = &mut socket_metrics {
+                    m.update(&metrics, stats.full);
                 }
                 tracing::info!(
                     full = stats.full,
@@ -274,22 +275,41 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     Ok(())
 }
 
-/// Follows the socket programs' counters and, when `count_entries` (full syncs: it walks the
-/// keys of the shared LRU maps), the use of those maps.
-fn socket_metrics(maps: &SocketMaps, metrics: &Metrics, count_entries: bool) {
-    match maps.stats() {
-        Ok(stats) => {
-            follow(&metrics.sock_storage_entries_total, stats[SOCK_STAT_LOCAL as usize]);
-            follow(&metrics.sock_storage_overflow_total, stats[SOCK_STAT_LOCAL_FULL as usize]);
-            for (map, index) in [(SOCK_REVNAT_MAP, SOCK_STAT_REVNAT_NEW), (SOCK_AFFINITY_MAP, SOCK_STAT_AFFINITY_NEW)] {
-                follow(&metrics.sock_lru_inserts_total.get_or_create(&MapLabel { map: map.into() }), stats[index as usize]);
-            }
+/// The socket programs' counters and the use of the shared socket LRU maps, as metrics.
+struct SocketMetrics {
+    maps: SocketMaps,
+    /// The new-key counters of the LRU maps when their entries were last counted, and when.
+    counted: Option<([u64; 2], Instant)>,
+}
+
+/// How long an entry count of the socket LRU maps is reused while no new key was written.
+const RECOUNT_AFTER: std::time::Duration = std::time::Duration::from_secs(300);
+
+impl SocketMetrics {
+    /// Follows the counters, and on full syncs (`full`) counts the entries of the LRU maps (a
+    /// batched read of every entry, some 200 ms for a full map of 262,144): only when new keys
+    /// were written since the last count or that count is old, since entries come and go only
+    /// by inserts (and the evictions they cause).
+    fn update(&mut self, metrics: &Metrics, full: bool) {
+        let stats = match self.maps.stats() {
+            Ok(stats) => stats,
+            Err(e) => return tracing::debug!("socket counters: {e:#}"),
+        };
+        follow(&metrics.sock_storage_entries_total, stats[SOCK_STAT_LOCAL as usize]);
+        follow(&metrics.sock_storage_overflow_total, stats[SOCK_STAT_LOCAL_FULL as usize]);
+        for (map, index) in [(SOCK_REVNAT_MAP, SOCK_STAT_REVNAT_NEW), (SOCK_AFFINITY_MAP, SOCK_STAT_AFFINITY_NEW)] {
+            follow(&metrics.sock_lru_inserts_total.get_or_create(&MapLabel { map: map.into() }), stats[index as usize]);
         }
-        Err(e) => tracing::debug!("socket counters: {e:#}"),
-    }
-    if count_entries {
-        match maps.usage() {
-            Ok(usage) => usage.iter().for_each(|u| metrics.set_map(u.name, u.entries, u.capacity)),
+        let inserts = [stats[SOCK_STAT_REVNAT_NEW as usize], stats[SOCK_STAT_AFFINITY_NEW as usize]];
+        let fresh = self.counted.is_some_and(|(at, when)| at == inserts && when.elapsed() < RECOUNT_AFTER);
+        if !full || fresh {
+            return;
+        }
+        match self.maps.usage() {
+            Ok(usage) => {
+                usage.iter().for_each(|u| metrics.set_map(u.name, u.entries, u.capacity));
+                self.counted = Some((inserts, Instant::now()));
+            }
             Err(e) => tracing::debug!("socket map use: {e:#}"),
         }
     }

@@ -516,6 +516,32 @@ fn a_backend_that_leaves_ends_only_its_own_session_affinities() {
     assert_eq!(round(&dp, 41_003), after, "the moved clients stick to their new backends");
 }
 
+/// The socket LRU maps' fill level is read with `BPF_MAP_LOOKUP_BATCH`: it must agree with a
+/// walk of the keys, across the batch size (8,192) and on a full map.
+#[test]
+fn batched_entry_counts_agree_with_a_walk_of_the_keys() {
+    if skip_unless_root("batched_entry_counts_agree_with_a_walk_of_the_keys") {
+        return;
+    }
+    use aya::maps::{HashMap, IterableMap as _};
+    use kproxy_common::sock::{SockRevNatKey, SockRevNatValue, SOCK_REVNAT_MAP};
+    let caps = Capacities { max_services: 1024, max_backends: 1024, max_sock_entries: 20_000, max_ct_entries: 1024 };
+    let mut ebpf = loader::load_object(None, caps).expect("load the eBPF object");
+    let mut map: HashMap<_, SockRevNatKey, SockRevNatValue> =
+        HashMap::try_from(ebpf.map_mut(SOCK_REVNAT_MAP).expect("map")).expect("an LRU hash map");
+    let mut written = 0u64;
+    for n in [0u64, 1, 8191, 8192, 8193, 30_000] {
+        for cookie in written..n {
+            map.insert(SockRevNatKey { cookie, ..Default::default() }, SockRevNatValue::default(), 0).expect("insert");
+        }
+        written = n;
+        let counted = kproxy::dataplane::batch::count::<SockRevNatKey, SockRevNatValue>(map.map()).expect("count");
+        let walked = map.keys().count();
+        assert_eq!(counted, walked, "after {n} inserts");
+        assert!(counted as u64 <= n.min(20_000), "{counted} entries after {n} inserts");
+    }
+}
+
 /// Offset of `ifindex` in `struct __sk_buff` (the test run's context).
 const SKB_IFINDEX_OFF: usize = 40;
 /// `sizeof(struct __sk_buff)`.

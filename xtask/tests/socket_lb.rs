@@ -311,13 +311,18 @@ fn a_process_opening_many_sockets_cannot_evict_another_sockets_translation() {
     let lru = metrics.get("kproxy_sock_lru_inserts_total", &[("map", "KP_SOCK_REVNAT")]);
     let capacity = metrics.get("kproxy_bpf_map_capacity", &[("map", "KP_SOCK_REVNAT")]);
     let overflow = metrics.get("kproxy_sock_storage_overflow_total", &[]);
+    let entries = metrics.get("kproxy_bpf_map_entries", &[("map", "KP_SOCK_REVNAT")]);
     say(&format!(
         "{test}: {FLOOD} sockets opened in {:.0} ms; the victim's 8 replies and 9 getpeername() all showed {DNS}; \
          socket storage entries {stored:?}, overflow {overflow:?}, KP_SOCK_REVNAT inserts {lru:?} (capacity {capacity:?})",
         flood.elapsed_ms
     ));
     assert!(stored >= Some(f64::from(FLOOD + 1)), "kproxy_sock_storage_entries_total: {stored:?}");
-    assert_eq!((lru, overflow, capacity), (Some(0.0), Some(0.0), Some(256.0)), "the shared LRU map saw no translation");
+    assert_eq!(
+        (lru, overflow, entries, capacity),
+        (Some(0.0), Some(0.0), Some(0.0), Some(256.0)),
+        "the shared LRU map saw no translation"
+    );
 }
 
 #[test]
