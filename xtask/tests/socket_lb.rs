@@ -448,6 +448,48 @@ fn restart_without_disruption() {
     assert_eq!(after, before, "the restart changed the programmed state");
 }
 
+/// An agent started on the pins of a version that had no membership map, socket storage or
+/// socket counters (simulated by removing those pins) adopts the others, creates and pins the
+/// missing maps, and fills the membership map in its first sync; traffic never stops.
+#[test]
+fn restart_on_an_older_layout_creates_the_maps_it_lacks() {
+    let Some(mut h) = harness("restart_on_an_older_layout_creates_the_maps_it_lacks", &["pod-a", "pod-b", "pod-c"]) else {
+        return;
+    };
+    let web = web(&h, &[("pod-a", true), ("pod-b", true), ("pod-c", true)]);
+    start(&mut h, std::slice::from_ref(&web));
+    h.stop_agent().expect("stopping the agent");
+    let maps = h.bpffs_dir().join("maps");
+    let added = ["KP_SVC_MEMBERS", "KP_SOCK_LOCAL", "KP_SOCK_STATS"];
+    for name in added {
+        std::fs::remove_file(maps.join(name)).unwrap_or_else(|e| panic!("unpin {name}: {e}"));
+    }
+    let r = http(&h, WEB, 20, &[]);
+    assert_all_ok(&r, 20);
+    h.start_agent().expect("restarting the agent");
+    h.wait_for_services(&[web], PROGRAMMED)
+        .unwrap_or_else(|e| panic!("the restarted agent did not show the manifest: {e:#}"));
+    for name in added {
+        assert!(maps.join(name).exists(), "{name} was not pinned again");
+    }
+    // The dump matched at once (the services map was kept); the first sync follows.
+    let deadline = std::time::Instant::now() + PROGRAMMED;
+    let members = loop {
+        let mut bpftool = Command::new("bpftool");
+        bpftool.args(["map", "dump", "pinned"]).arg(maps.join("KP_SVC_MEMBERS")).arg("-j");
+        let dumped: serde_json::Value =
+            serde_json::from_str(&cmd::output(&mut bpftool).expect("bpftool map dump")).expect("JSON");
+        if dumped.as_array().map(Vec::len) == Some(3) || std::time::Instant::now() > deadline {
+            break dumped;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(members.as_array().map(Vec::len), Some(3), "one membership entry per backend: {members}");
+    let r = http(&h, WEB, 30, &[]);
+    assert_all_ok(&r, 30);
+    assert_eq!(r.peers, counts(&[(WEB, 30)]), "getpeername() through the new socket storage");
+}
+
 #[test]
 fn cleanup_leaves_nothing() {
     let Some(mut h) = harness("cleanup_leaves_nothing", &["pod-a"]) else {
