@@ -80,10 +80,10 @@ fn find_frontend(local: *mut SockLocal, address: [u8; 4], port: [u8; 2]) -> Opti
     None
 }
 
-/// Records `t` in the socket's own storage, creating it: in the entry of its frontend, else in
-/// the first unused one. False if there is no room (the socket talks to
-/// `SOCK_LOCAL_ENTRIES` other frontends) or no storage (none in this kernel, or the kernel
-/// could not allocate it): the caller then writes the LRU maps.
+/// Records `t` in the socket's own storage (`local`, or null if the caller has not looked it
+/// up), creating it: in the entry of its frontend, else in the first unused one. False if there
+/// is no room (the socket talks to `SOCK_LOCAL_ENTRIES` other frontends) or no storage (none in
+/// this kernel, or the kernel could not allocate it): the caller then writes the LRU maps.
 #[inline(always)]
 fn store_local(ctx: &SockAddrContext, mut local: *mut SockLocal, t: &SockTranslation) -> bool {
     if !sk_storage() {
@@ -116,23 +116,18 @@ fn store_local(ctx: &SockAddrContext, mut local: *mut SockLocal, t: &SockTransla
     // SAFETY: `index` < SOCK_LOCAL_ENTRIES, within the storage value. The hooks that write run
     // under the socket's lock; a reader (recvmsg, getpeername) that races with an in-place
     // rewrite sees the frontend, which an entry never changes, whichever half it reads. A new
-    // entry's protocol, its "in use" mark, is written last.
+    // entry's protocol, its "in use" mark, is written last: the entry first with the protocol
+    // it has (0 when new), then the protocol, both volatile so that they stay in this order
+    // (the BPF backend has no compiler fence).
     unsafe {
-        let e = &mut (*local).entries[index];
+        let e: *mut SockTranslation = &mut (*local).entries[index];
         if *e != *t {
-            e.frontend_address = t.frontend_address;
-            e.frontend_port = t.frontend_port;
-            e.backend_address = t.backend_address;
-            e.backend_port = t.backend_port;
-            e.service_id = t.service_id;
-            e.backend_id = t.backend_id;
-            e.slot = t.slot;
-            core::ptr::write_volatile(&mut e.protocol, t.protocol);
+            core::ptr::write_volatile(e, SockTranslation { protocol: (*e).protocol, ..*t });
+            core::ptr::write_volatile(&mut (*e).protocol, t.protocol);
         }
     }
     true
 }
-
 
 /// The parts of `bpf_sock_addr` the translation works on, in network order.
 struct Dest {
@@ -188,7 +183,8 @@ pub fn forward(ctx: &SockAddrContext, affinity: Affinity) -> i32 {
     let cookie = cookie(ctx);
     let affinity_key =
         SockAffinityKey { cookie, address: d.address, port: d.port, protocol, _pad: 0 };
-    let local = local(ctx);
+    // connect4 needs the storage only to write it (`store_local` finds or creates it then).
+    let local = if affinity == Affinity::PerSocket { local(ctx) } else { core::ptr::null_mut() };
     // The backend this socket used for this frontend before: from its own storage, else from
     // the LRU map (where it went if it did not fit, or where an older agent put it).
     let mut in_lru = false;
