@@ -95,9 +95,10 @@ pub struct CtValue {
 const _: () = assert!(core::mem::size_of::<CtValue>() == 32);
 
 /// [`CtValue::flags`]: the (client, frontend) entry of a flow, whose `backend_id` and `slot`
-/// say which backend it was given. A UDP flow whose backend has left its slot is balanced
+/// say which backend it was given. A UDP flow whose backend has left the service is balanced
 /// afresh on its next datagram, as kube-proxy deletes the conntrack entries of UDP flows to
-/// removed endpoints.
+/// removed endpoints; one whose backend only moved to another slot keeps it (and `slot` is
+/// updated), see `crate::lb::MEMBERS_MAP`.
 pub const CT_FLAG_FRONTEND: u8 = 1 << 0;
 
 /// [`CtValue::seen`]: a SYN went this way.

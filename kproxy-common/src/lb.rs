@@ -16,6 +16,12 @@
 //! every intermediate state valid: backends are written before the slots that name them, slots
 //! before the frontend count that makes them reachable, a frontend's scope-1 entries before
 //! the scope-0 flag that makes them reachable, and deletion runs in reverse.
+//!
+//! Slots are dense: when a backend leaves, the agent moves the last slot's backend into its
+//! slot. A flow that remembers its backend and slot (tc conntrack, per-socket UDP affinity,
+//! session affinity) therefore finds another backend in its slot although its own stayed;
+//! [`MEMBERS_MAP`] says where that backend is now, so that only the flows of the backend that
+//! left are balanced afresh.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -242,4 +248,41 @@ pub const SVC_TYPE_EXTERNAL_IP: u8 = 3;
 /// [`ServiceMeta::svc_type`] of a load-balancer ingress IP frontend.
 pub const SVC_TYPE_LOAD_BALANCER: u8 = 4;
 
-user_pod!(ServiceKey, ServiceValue, Backend, ServiceMeta, SourceRangeKey, AffinityKey, AffinityValue);
+/// Pinned name of the membership map: [`MemberKey`] (service, backend) → [`MemberValue`] (the
+/// backend's slot), one entry per backend slot of [`SERVICES_MAP`].
+///
+/// Read only when a flow's remembered slot no longer holds its remembered backend: the entry
+/// says which slot holds it now (the reader confirms with that slot), or that the backend left
+/// the service. The agent writes an entry before the slot that holds the backend and deletes it
+/// after the slot no longer does.
+pub const MEMBERS_MAP: &str = "KP_SVC_MEMBERS";
+
+/// Key of [`MEMBERS_MAP`]. 12 bytes, no holes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct MemberKey {
+    /// Service id of the frontend, as in [`ServiceValue::service_id`].
+    pub service_id: u32,
+    /// The backend, as in [`ServiceValue::backend_id`] of a slot.
+    pub backend_id: u32,
+    /// Lookup scope of the slots, as in [`ServiceKey::scope`].
+    pub scope: u8,
+    /// Explicit padding, always zero.
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<MemberKey>() == 12);
+const _: () = assert!(core::mem::offset_of!(MemberKey, scope) == 8);
+
+/// Value of [`MEMBERS_MAP`]. 4 bytes, no holes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct MemberValue {
+    /// The slot (`1..=count`) of the frontend that holds the backend, as in
+    /// [`ServiceKey::slot`].
+    pub slot: u16,
+    /// Explicit padding, always zero.
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<MemberValue>() == 4);
+
+user_pod!(ServiceKey, ServiceValue, Backend, ServiceMeta, SourceRangeKey, AffinityKey, AffinityValue, MemberKey, MemberValue);

@@ -16,6 +16,7 @@ use aya_ebpf::{
 };
 
 use crate::{
+    lb,
     maps::{KP_CT, KP_SERVICES},
     packet::{Flow, TCP_FIN, TCP_RST, TCP_SYN},
 };
@@ -157,19 +158,32 @@ fn frontend_value(chosen: &Chosen, seen: u8, lifetime: u64, now: u64) -> CtValue
     }
 }
 
-/// Whether `entry` is a UDP flow's (client, frontend) entry whose backend has left its slot:
-/// then the datagram is balanced afresh (see `CT_FLAG_FRONTEND`). TCP flows keep their
-/// backend, as with kube-proxy.
+/// Whether `entry` is a UDP flow's (client, frontend) entry whose backend has left the
+/// service: then the datagram is balanced afresh (see `CT_FLAG_FRONTEND`). A backend that is
+/// still in the service but in another slot (the agent moved it into the slot of one that
+/// left) keeps its flows, and the entry remembers the new slot. TCP flows keep their backend,
+/// as with kube-proxy. The fast path, a slot that still holds the backend, is one lookup.
 #[inline(always)]
 pub fn stale(entry: *mut CtValue, flow: &Flow) -> bool {
     // SAFETY: `entry` comes from `lookup` in this program run.
-    let (flags, backend_id, slot) = unsafe { ((*entry).flags, (*entry).backend_id, (*entry).slot) };
+    let (flags, backend_id, slot, service_id) =
+        unsafe { ((*entry).flags, (*entry).backend_id, (*entry).slot, (*entry).service_id) };
     if flow.protocol != PROTO_UDP || flags & CT_FLAG_FRONTEND == 0 {
         return false;
     }
     let key = ServiceKey { address: flow.dst_address, port: flow.dst_port, slot, protocol: flow.protocol, scope: 0, _pad: [0; 2] };
     // SAFETY: the value is copied out at once.
-    !matches!(unsafe { KP_SERVICES.get(&key) }, Some(v) if v.backend_id == backend_id)
+    if matches!(unsafe { KP_SERVICES.get(&key) }, Some(v) if v.backend_id == backend_id) {
+        return false;
+    }
+    match lb::relocate(&key, service_id, backend_id) {
+        Some(moved) => {
+            // SAFETY: as above; a u16 store into the entry.
+            unsafe { (*entry).slot = moved };
+            false
+        }
+        None => true,
+    }
 }
 
 /// Creates the entries of a new flow to a backend on this node: the client's packets to

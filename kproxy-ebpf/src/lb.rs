@@ -4,13 +4,13 @@ use aya_ebpf::helpers::bpf_get_prandom_u32;
 use aya_ebpf::{btf_maps::lpm_trie::Key, helpers::bpf_ktime_get_ns};
 use kproxy_common::{
     lb::{
-        source_range_prefix_len, AffinityKey, AffinityValue, Backend, ServiceKey, SourceRangeKey, SCOPE_EXTERNAL,
-        SCOPE_INTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_TWO_SCOPES,
+        source_range_prefix_len, AffinityKey, AffinityValue, Backend, MemberKey, ServiceKey, SourceRangeKey,
+        SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_TWO_SCOPES,
     },
     select_slot,
 };
 
-use crate::maps::{KP_AFFINITY, KP_BACKENDS, KP_SERVICES, KP_SRC_RANGES};
+use crate::maps::{KP_AFFINITY, KP_BACKENDS, KP_SERVICES, KP_SRC_RANGES, KP_SVC_MEMBERS};
 
 /// Who is asking, for `sessionAffinity: ClientIP`: see `kproxy_common::lb::AffinityKey`.
 #[derive(Clone, Copy)]
@@ -65,11 +65,32 @@ pub enum Origin {
     Outside,
 }
 
+/// The slot of the frontend `key` (any slot of it: address, port, protocol, scope) that holds
+/// `backend_id` of `service_id` now, for a flow whose remembered slot holds another backend:
+/// the agent moved this one there when another left (see `kproxy_common::lb::MEMBERS_MAP`).
+/// `None` if the backend left the service. O(1): the membership lookup, then the slot it names,
+/// which must hold the backend (a membership entry may run ahead of the slots for an instant
+/// while the agent rewrites them). Off the fast path: only called after a mismatch.
+#[inline(always)]
+pub fn relocate(key: &ServiceKey, service_id: u32, backend_id: u32) -> Option<u16> {
+    let member = MemberKey { service_id, backend_id, scope: key.scope, _pad: [0; 3] };
+    // SAFETY: the value is copied out at once.
+    let slot = unsafe { KP_SVC_MEMBERS.get(&member) }?.slot;
+    let at = ServiceKey { slot, ..*key };
+    // SAFETY: as above.
+    match unsafe { KP_SERVICES.get(&at) } {
+        Some(v) if slot != 0 && v.backend_id == backend_id && v.service_id == service_id => Some(slot),
+        _ => None,
+    }
+}
+
 /// Looks up `address:port/protocol` (network order) and picks a backend: the `sticky` one if
-/// its slot still holds it, else (for a frontend with session affinity) the one `client` used
-/// last if within the timeout and still in its slot, else uniformly at random. A client
-/// `InCluster` uses the frontend's internal scope when its flags say it has one. O(1): at
-/// most three hash lookups, one more for the internal scope, two more with session affinity.
+/// it is still in the service (in its slot, or in the slot it was moved to), else (for a
+/// frontend with session affinity) the one `client` used last if within the timeout and still
+/// in the service, else uniformly at random. A client `InCluster` uses the frontend's internal
+/// scope when its flags say it has one. O(1): at most three hash lookups, one more for the
+/// internal scope, two more with session affinity, two more when a remembered backend has left
+/// its slot.
 #[inline(always)]
 pub fn lookup(address: [u8; 4], port: [u8; 2], protocol: u8, sticky: Option<Sticky>, client: Client, origin: Origin) -> Lookup {
     let mut key = ServiceKey { address, port, slot: 0, protocol, scope: SCOPE_EXTERNAL, _pad: [0; 2] };
@@ -110,40 +131,50 @@ pub fn lookup(address: [u8; 4], port: [u8; 2], protocol: u8, sticky: Option<Stic
     if frontend.count == 0 {
         return no_backend;
     }
-    key.slot = match sticky {
-        Some(s) if s.slot >= 1 && s.slot <= frontend.count => s.slot,
-        // SAFETY: helper without arguments, always available to these program types.
-        _ => select_slot(unsafe { bpf_get_prandom_u32() }, frontend.count),
-    };
-    // A slot or backend can be missing only for an instant while the agent shrinks a service
-    // (it writes the smaller count first); treat that like a service without backends.
-    // SAFETY: as above, values are copied out at once.
-    let Some(mut slot) = (unsafe { KP_SERVICES.get(&key) }).copied() else {
-        return no_backend;
-    };
+    // The remembered backend, if it is still in the service: in its slot (the fast path), or
+    // in the slot the agent moved it to. 0 (never a backend id) until a backend is chosen; a
+    // scalar rather than an Option of a map value, which the Linux 5.10 verifier would see read
+    // uninitialised on the paths that never wrote it.
+    let mut backend_id = 0u32;
     if let Some(s) = sticky {
-        if s.slot == key.slot && slot.backend_id != s.backend_id {
-            // The sticky backend left its slot (removed or replaced): choose afresh.
-            // SAFETY: as above.
-            key.slot = select_slot(unsafe { bpf_get_prandom_u32() }, frontend.count);
-            // SAFETY: as above.
-            match unsafe { KP_SERVICES.get(&key) }.copied() {
-                Some(v) => slot = v,
-                None => return no_backend,
+        if s.slot >= 1 && s.slot <= frontend.count {
+            key.slot = s.slot;
+            // SAFETY: as above, values are copied out at once.
+            if matches!(unsafe { KP_SERVICES.get(&key) }, Some(v) if v.backend_id == s.backend_id) {
+                backend_id = s.backend_id;
             }
+        }
+        if backend_id == 0 {
+            if let Some(moved) = relocate(&key, frontend.service_id, s.backend_id) {
+                if moved <= frontend.count {
+                    key.slot = moved;
+                    backend_id = s.backend_id;
+                }
+            }
+        }
+    }
+    if backend_id == 0 {
+        // SAFETY: helper without arguments, always available to these program types.
+        key.slot = select_slot(unsafe { bpf_get_prandom_u32() }, frontend.count);
+        // A slot can be missing only for an instant while the agent shrinks a service (it
+        // writes the smaller count first); treat that like a service without backends.
+        // SAFETY: as above.
+        match unsafe { KP_SERVICES.get(&key) } {
+            Some(v) => backend_id = v.backend_id,
+            None => return no_backend,
         }
     }
     if affinity {
         // Every new connection renews the affinity, as kube-proxy's `recent --set` does.
         // Best effort: without the entry the next connection is balanced afresh.
-        let value = AffinityValue { last_used_ns: now, backend_id: slot.backend_id, slot: key.slot, _pad: 0 };
+        let value = AffinityValue { last_used_ns: now, backend_id, slot: key.slot, _pad: 0 };
         let _ = KP_AFFINITY.insert(&affinity_key, &value, 0);
     }
     // SAFETY: as above.
-    match unsafe { KP_BACKENDS.get(&slot.backend_id) }.copied() {
+    match unsafe { KP_BACKENDS.get(&backend_id) }.copied() {
         Some(backend) => Lookup::Backend {
             backend,
-            backend_id: slot.backend_id,
+            backend_id,
             slot: key.slot,
             service_id: frontend.service_id,
             flags: frontend.flags,

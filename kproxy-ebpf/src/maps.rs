@@ -2,14 +2,14 @@
 //! placeholders: the agent sets every capacity at load time from its flags.
 
 use aya_ebpf::{
-    btf_maps::{HashMap, LpmTrie, LruHashMap},
+    btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, SkStorage},
     macros::btf_map,
 };
 use kproxy_common::{
     ct::{CtKey, CtValue},
-    lb::{AffinityKey, AffinityValue, Backend, ServiceKey, ServiceMeta, ServiceValue, SourceRangeKey},
+    lb::{AffinityKey, AffinityValue, Backend, MemberKey, MemberValue, ServiceKey, ServiceMeta, ServiceValue, SourceRangeKey},
     nat::Device,
-    sock::{SockAffinityKey, SockAffinityValue, SockRevNatKey, SockRevNatValue},
+    sock::{SockAffinityKey, SockAffinityValue, SockLocal, SockRevNatKey, SockRevNatValue, SOCK_STATS},
 };
 
 /// Frontends and backend slots; see `kproxy_common::lb`.
@@ -20,15 +20,29 @@ pub static KP_SERVICES: HashMap<ServiceKey, ServiceValue, 1024> = HashMap::new()
 #[btf_map]
 pub static KP_BACKENDS: HashMap<u32, Backend, 1024> = HashMap::new();
 
+/// (service, backend) → the backend's slot; see `kproxy_common::lb::MEMBERS_MAP`.
+#[btf_map]
+pub static KP_SVC_MEMBERS: HashMap<MemberKey, MemberValue, 1024> = HashMap::new();
+
 /// Service id → frontend and names. Written by the agent only; read by the reverse path.
 #[btf_map]
 pub static KP_SVC_META: HashMap<u32, ServiceMeta, 1024> = HashMap::new();
 
-/// (socket, backend) → frontend, for getpeername and UDP replies.
+/// Each socket's own translations (socket-local storage); see `kproxy_common::sock`.
+#[btf_map]
+pub static KP_SOCK_LOCAL: SkStorage<SockLocal> = SkStorage::new();
+
+/// Counters of the socket programs, per CPU, indexed by `kproxy_common::sock::SOCK_STAT_*`.
+#[btf_map]
+pub static KP_SOCK_STATS: PerCpuArray<u64, { SOCK_STATS as usize }> = PerCpuArray::new();
+
+/// (socket, backend) → frontend, for getpeername and UDP replies, where socket-local storage
+/// cannot take it.
 #[btf_map]
 pub static KP_SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNatValue, 1024> = LruHashMap::new();
 
-/// (socket, frontend) → backend, so an unconnected UDP socket keeps its backend.
+/// (socket, frontend) → backend, so an unconnected UDP socket keeps its backend, where
+/// socket-local storage cannot take it.
 #[btf_map]
 pub static KP_SOCK_AFFIN: LruHashMap<SockAffinityKey, SockAffinityValue, 1024> = LruHashMap::new();
 

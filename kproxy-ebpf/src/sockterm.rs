@@ -13,8 +13,9 @@
 //! The agent fills `KP_SOCK_TERM` with (service id, backend) pairs, then opens these iterators
 //! once per network namespace (an iterator walks the namespace of the thread that opens it),
 //! then empties the map. A socket is destroyed when its peer is a listed backend over the
-//! listed protocol *and* `KP_SOCK_REVNAT` says kproxy translated this very socket to that
-//! backend for that service: sockets that talk to a pod address directly are left alone.
+//! listed protocol *and* kproxy translated this very socket to that backend for that service,
+//! as the socket's own storage (`KP_SOCK_LOCAL`) or, failing that, `KP_SOCK_REVNAT` records:
+//! sockets that talk to a pod address directly are left alone.
 //! Each destroyed socket writes one byte to the iterator's output, so the agent can count them.
 //!
 //! aya-ebpf has no `iter` macro and no kfunc declarations: the programs are plain functions in
@@ -27,12 +28,12 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    btf_maps::{HashMap, LruHashMap},
-    helpers::{bpf_get_socket_cookie, bpf_seq_write, bpf_skc_to_tcp_sock},
+    btf_maps::{HashMap, LruHashMap, SkStorage},
+    helpers::{bpf_get_socket_cookie, bpf_seq_write, bpf_sk_storage_get, bpf_skc_to_tcp_sock},
     macros::btf_map,
 };
 use kproxy_common::{
-    sock::{SockRevNatKey, SockRevNatValue, SockTermKey},
+    sock::{SockLocal, SockRevNatKey, SockRevNatValue, SockTermKey, SOCK_LOCAL_ENTRIES},
     PROTO_TCP, PROTO_UDP,
 };
 
@@ -40,6 +41,11 @@ use kproxy_common::{
 /// kproxy translated a socket to, and for which service.
 #[btf_map]
 static KP_SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNatValue, 1024> = LruHashMap::new();
+
+/// Each socket's own translations, the main object's socket-local storage (the agent reuses
+/// its pin).
+#[btf_map]
+static KP_SOCK_LOCAL: SkStorage<SockLocal> = SkStorage::new();
 
 /// (service id, backend, protocol) pairs whose sockets must go; filled and emptied by the agent.
 #[btf_map]
@@ -90,9 +96,10 @@ struct SockCommonHead {
 const AF_INET: u16 = 2;
 
 /// Destroys `sk` if kproxy translated it to a backend listed in `KP_SOCK_TERM` for `protocol`;
-/// writes one byte to the iterator output per socket destroyed.
+/// writes one byte to the iterator output per socket destroyed. `full` is the same socket as a
+/// full-socket pointer, for its storage.
 #[inline(always)]
-fn terminate(meta: *mut BpfIterMeta, sk: *mut c_void, protocol: u8) -> i32 {
+fn terminate(meta: *mut BpfIterMeta, sk: *mut c_void, full: *mut c_void, protocol: u8) -> i32 {
     let head = sk as *const SockCommonHead;
     // SAFETY: `sk` is a non-null socket pointer from the iterator context (a PTR_TO_BTF_ID the
     // verifier checks every load against); the fields read are within `struct sock_common`.
@@ -108,12 +115,8 @@ fn terminate(meta: *mut BpfIterMeta, sk: *mut c_void, protocol: u8) -> i32 {
     }
     let address = daddr.to_ne_bytes();
     let port = dport.to_ne_bytes();
-    // SAFETY: the helper takes any socket pointer (ARG_PTR_TO_BTF_ID_SOCK_COMMON).
-    let cookie = unsafe { bpf_get_socket_cookie(sk) };
-    let revnat_key = SockRevNatKey { cookie, address, port, _pad: [0; 2] };
-    // SAFETY: the value is only read, within this program run.
-    let Some(revnat) = (unsafe { KP_SOCK_REVNAT.get(&revnat_key) }) else { return 0 };
-    let term_key = SockTermKey { service_id: revnat.service_id, address, port, protocol, _pad: 0 };
+    let Some(service_id) = translated_for(sk, full, address, port) else { return 0 };
+    let term_key = SockTermKey { service_id, address, port, protocol, _pad: 0 };
     // SAFETY: as above.
     if unsafe { KP_SOCK_TERM.get(&term_key) }.is_none() {
         return 0;
@@ -132,6 +135,31 @@ fn terminate(meta: *mut BpfIterMeta, sk: *mut c_void, protocol: u8) -> i32 {
     0
 }
 
+/// The service id kproxy translated `sk` (`full`, as a full socket) to `address:port` (its
+/// peer) for: from the socket's own storage, else from the LRU map.
+#[inline(always)]
+fn translated_for(sk: *mut c_void, full: *mut c_void, address: [u8; 4], port: [u8; 2]) -> Option<u32> {
+    let map = core::ptr::from_ref(&KP_SOCK_LOCAL).cast_mut().cast::<c_void>();
+    // SAFETY: `map` is the socket-storage map; `full` a full socket (`struct udp_sock` or
+    // `struct tcp_sock`, both starting with `struct sock`); no value, no flags: only an
+    // existing storage is returned.
+    let local = unsafe { bpf_sk_storage_get(map, full, core::ptr::null_mut(), 0) }.cast::<SockLocal>();
+    if !local.is_null() {
+        for i in 0..SOCK_LOCAL_ENTRIES {
+            // SAFETY: a non-null storage value from the helper, valid for this program run.
+            let e = unsafe { &(*local).entries[i] };
+            if e.protocol != 0 && e.backend_address == address && e.backend_port == port {
+                return Some(e.service_id);
+            }
+        }
+    }
+    // SAFETY: the helper takes any socket pointer (ARG_PTR_TO_BTF_ID_SOCK_COMMON).
+    let cookie = unsafe { bpf_get_socket_cookie(sk) };
+    let revnat_key = SockRevNatKey { cookie, address, port, _pad: [0; 2] };
+    // SAFETY: the value is only read, within this program run.
+    unsafe { KP_SOCK_REVNAT.get(&revnat_key) }.map(|v| v.service_id)
+}
+
 /// `iter/udp`: every UDP socket of the network namespace that opened the iterator.
 ///
 /// # Safety
@@ -144,7 +172,7 @@ pub unsafe extern "C" fn kp_sockterm_udp(ctx: *mut BpfIterUdp) -> i32 {
     if sk.is_null() || meta.is_null() {
         return 0;
     }
-    terminate(meta, sk, PROTO_UDP)
+    terminate(meta, sk, sk, PROTO_UDP)
 }
 
 /// `iter/tcp`: every TCP socket of the network namespace that opened the iterator (listening,
@@ -162,10 +190,13 @@ pub unsafe extern "C" fn kp_sockterm_tcp(ctx: *mut BpfIterTcp) -> i32 {
     }
     // Timewait and request socks have no `sk_prot`, which `bpf_sock_destroy` dereferences.
     // SAFETY: the helper takes any socket pointer and returns NULL for non-full TCP sockets.
-    if unsafe { bpf_skc_to_tcp_sock(sk) }.is_null() {
+    let tcp = unsafe { bpf_skc_to_tcp_sock(sk) };
+    if tcp.is_null() {
         return 0;
     }
-    terminate(meta, sk, PROTO_TCP)
+    // The socket storage helper takes a full socket, not the `sock_common` of the context;
+    // `bpf_sock_destroy` wants the context's own (trusted) pointer.
+    terminate(meta, sk, tcp.cast(), PROTO_TCP)
 }
 
 /// `bpf_sock_destroy` and `bpf_seq_write` are GPL-only in the kernel; the object must declare

@@ -10,18 +10,21 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use kproxy_common::lb::{BACKENDS_MAP, SERVICES_MAP, SERVICE_META_MAP};
+use kproxy_common::{
+    lb::{BACKENDS_MAP, MEMBERS_MAP, SERVICES_MAP, SERVICE_META_MAP},
+    sock::{SOCK_AFFINITY_MAP, SOCK_REVNAT_MAP, SOCK_STAT_AFFINITY_NEW, SOCK_STAT_LOCAL, SOCK_STAT_LOCAL_FULL, SOCK_STAT_REVNAT_NEW},
+};
 use tokio::sync::Notify;
 
 use crate::{
     dataplane::{
-        bpf::BpfMaps,
+        bpf::{BpfMaps, SocketMaps},
         plan::{Limits, RefuseReason, Refused},
     },
     health::{self, ProxyHealth},
     http,
     loader::{self, Capacities, PinLayout},
-    metrics::{unix_seconds, InvalidLabels, MapLabel, Metrics, RefusedLabel},
+    metrics::{follow, unix_seconds, InvalidLabels, MapLabel, Metrics, RefusedLabel},
     model::{DesiredState, Frontend, InvalidObject},
     runner::{self, RunKind, RunnerConfig},
     sockterm::SockTerm,
@@ -63,6 +66,9 @@ pub struct AgentConfig {
     /// Destroy sockets still connected to removed backends where the kernel allows it
     /// (`crate::sockterm`, Linux >= 6.5).
     pub terminate_sockets: bool,
+    /// Keep socket translations in socket-local storage where the kernel allows it (see
+    /// `kproxy_common::sock`); false: in the shared LRU maps only.
+    pub socket_storage: bool,
 }
 
 /// Logs each problem once, when it first appears, and counts each newly invalid object.
@@ -134,7 +140,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         tracing::info!(%addr, "serving /metrics");
     }
     // The pinned maps are adopted before the source is read, so the datapath keeps serving.
-    loader::load_and_attach(&cfg.layout, &cfg.cgroup, &cfg.devices, cfg.tc_attach, cfg.capacities)?;
+    loader::load_and_attach(&cfg.layout, &cfg.cgroup, &cfg.devices, cfg.tc_attach, cfg.capacities, cfg.socket_storage)?;
     let maps = BpfMaps::open(&cfg.layout.maps_dir()).context("open the pinned maps")?;
     // Optional: never a reason not to start.
     let mut sockterm = if cfg.terminate_sockets {
@@ -158,6 +164,14 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     release_free_memory();
     for usage in maps.usage()? {
         metrics.set_map(usage.name, usage.entries, usage.capacity);
+    }
+    // Only metrics come from these: never a reason not to start.
+    let mut socket_metrics = SocketMaps::open(&cfg.layout.maps_dir())
+        .inspect_err(|e| tracing::warn!("socket map metrics unavailable: {e:#}"))
+        .ok()
+        .map(|maps| SocketMetrics { maps, counted: None });
+    if let Some(m) = &mut socket_metrics {
+        m.update(&metrics, true);
     }
     let limits = Limits {
         max_services: cfg.capacities.max_services,
@@ -248,10 +262,15 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 for t in &changes.trigger_times {
                     metrics.network_programming_duration.observe(now.duration_since(*t).unwrap_or_default().as_secs_f64());
                 }
-                if let Some((services, backends, meta)) = syncer.entries() {
-                    for (name, entries) in [(SERVICES_MAP, services), (BACKENDS_MAP, backends), (SERVICE_META_MAP, meta)] {
+                if let (Some((services, backends, meta)), Some(members)) = (syncer.entries(), syncer.member_entries()) {
+                    for (name, entries) in
+                        [(SERVICES_MAP, services), (BACKENDS_MAP, backends), (SERVICE_META_MAP, meta), (MEMBERS_MAP, members)]
+                    {
                         metrics.map_entries.get_or_create(&MapLabel { map: name.into() }).set(entries as i64);
                     }
+                }
+                if let Some(m) = &mut socket_metrics {
+                    m.update(&metrics, stats.full);
                 }
                 tracing::info!(
                     full = stats.full,
@@ -320,6 +339,46 @@ fn raise_open_file_limit() {
         return;
     }
     tracing::info!(from = soft, to = hard, "raised the open-file limit (RLIMIT_NOFILE) to its hard limit");
+}
+
+/// The socket programs' counters and the use of the shared socket LRU maps, as metrics.
+struct SocketMetrics {
+    maps: SocketMaps,
+    /// The new-key counters of the LRU maps when their entries were last counted, and when.
+    counted: Option<([u64; 2], Instant)>,
+}
+
+/// How long an entry count of the socket LRU maps is reused while no new key was written.
+const RECOUNT_AFTER: std::time::Duration = std::time::Duration::from_secs(300);
+
+impl SocketMetrics {
+    /// Follows the counters, and on full syncs (`full`) counts the entries of the LRU maps (a
+    /// batched read of every entry, some 200 ms for a full map of 262,144): only when new keys
+    /// were written since the last count or that count is old, since entries come and go only
+    /// by inserts (and the evictions they cause).
+    fn update(&mut self, metrics: &Metrics, full: bool) {
+        let stats = match self.maps.stats() {
+            Ok(stats) => stats,
+            Err(e) => return tracing::debug!("socket counters: {e:#}"),
+        };
+        follow(&metrics.sock_storage_entries_total, stats[SOCK_STAT_LOCAL as usize]);
+        follow(&metrics.sock_storage_overflow_total, stats[SOCK_STAT_LOCAL_FULL as usize]);
+        for (map, index) in [(SOCK_REVNAT_MAP, SOCK_STAT_REVNAT_NEW), (SOCK_AFFINITY_MAP, SOCK_STAT_AFFINITY_NEW)] {
+            follow(&metrics.sock_lru_inserts_total.get_or_create(&MapLabel { map: map.into() }), stats[index as usize]);
+        }
+        let inserts = [stats[SOCK_STAT_REVNAT_NEW as usize], stats[SOCK_STAT_AFFINITY_NEW as usize]];
+        let fresh = self.counted.is_some_and(|(at, when)| at == inserts && when.elapsed() < RECOUNT_AFTER);
+        if !full || fresh {
+            return;
+        }
+        match self.maps.usage() {
+            Ok(usage) => {
+                usage.iter().for_each(|u| metrics.set_map(u.name, u.entries, u.capacity));
+                self.counted = Some((inserts, Instant::now()));
+            }
+            Err(e) => tracing::debug!("socket map use: {e:#}"),
+        }
+    }
 }
 
 /// After a sync this large (the first one, typically), the memory freed by planning and by

@@ -2,7 +2,9 @@
 //!
 //! Layout under the bpffs directory (`--bpffs-dir`, default `/sys/fs/bpf/kproxy`):
 //! ```text
-//! maps/KP_SERVICES  maps/KP_BACKENDS  maps/KP_SVC_META  maps/KP_SOCK_REVNAT  maps/KP_SOCK_AFFIN
+//! maps/KP_SERVICES  maps/KP_BACKENDS  maps/KP_SVC_META  maps/KP_SVC_MEMBERS  maps/KP_SOCK_LOCAL
+//! maps/KP_SOCK_REVNAT  maps/KP_SOCK_AFFIN  maps/KP_SOCK_STATS  maps/KP_CT  maps/KP_SRC_RANGES
+//! maps/KP_AFFINITY
 //! links/kp_connect4 links/kp_sendmsg4 links/kp_recvmsg4 links/kp_getpeername4
 //! ```
 //! Pinned links keep the programs attached after the agent exits, and pinned maps keep their
@@ -11,7 +13,8 @@
 //! programs next to the old ones, and swaps the link pins by rename: the old link is released
 //! only once the new one is attached, so no connection ever misses translation. While both are
 //! attached, the old program translates first and the new one sees a backend address, which is
-//! not a frontend, and leaves it alone.
+//! not a frontend, and leaves it alone. A map this binary has and the pins lack (added by an
+//! upgrade) is created and pinned; the others are adopted after a check of their layout.
 
 use std::{
     fs,
@@ -26,8 +29,9 @@ use aya::{
     programs::{
         links::{FdLink, Link as _, LinkOrder, PinnedLink},
         tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
-        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType,
+        CgroupAttachMode, CgroupSockAddr, ProgramType, SchedClassifier, TcAttachType,
     },
+    sys::{is_helper_supported, BpfHelper},
     util::KernelVersion,
     Ebpf, EbpfLoader,
 };
@@ -35,14 +39,14 @@ use aya_obj::generated::bpf_attach_type;
 use kproxy_common::{
     ct::{CtKey, CtValue, CT_MAP},
     lb::{
-        AffinityKey, AffinityValue, Backend, ServiceKey, ServiceMeta, ServiceValue, SourceRangeKey, AFFINITY_MAP,
-        BACKENDS_MAP, DEFAULT_MAX_AFFINITY_ENTRIES, DEFAULT_MAX_SOURCE_RANGES, SERVICES_MAP, SERVICE_META_MAP,
-        SOURCE_RANGES_MAP,
+        AffinityKey, AffinityValue, Backend, MemberKey, MemberValue, ServiceKey, ServiceMeta, ServiceValue,
+        SourceRangeKey, AFFINITY_MAP, BACKENDS_MAP, DEFAULT_MAX_AFFINITY_ENTRIES, DEFAULT_MAX_SOURCE_RANGES,
+        MEMBERS_MAP, SERVICES_MAP, SERVICE_META_MAP, SOURCE_RANGES_MAP,
     },
     nat::{Device, DEVICES_MAP},
     sock::{
-        SockAffinityKey, SockAffinityValue, SockRevNatKey, SockRevNatValue, SOCK_AFFINITY_MAP,
-        SOCK_REVNAT_MAP,
+        SockAffinityKey, SockAffinityValue, SockLocal, SockRevNatKey, SockRevNatValue, SOCK_AFFINITY_MAP,
+        SOCK_LOCAL_MAP, SOCK_REVNAT_MAP, SOCK_STATS, SOCK_STATS_MAP,
     },
 };
 
@@ -217,6 +221,19 @@ fn has_set_retval() -> bool {
     KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(5, 18, 0))
 }
 
+/// Whether cgroup sock_addr programs may call `bpf_sk_storage_get` (Linux >= 5.3, "bpf: export
+/// bpf_sock for BPF_PROG_TYPE_CGROUP_SOCK_ADDR prog type"): probed by loading a program that
+/// calls it, as libbpf does, rather than guessed from the version (distributions backport).
+pub fn has_socket_storage() -> bool {
+    match is_helper_supported(ProgramType::CgroupSockAddr, BpfHelper::BPF_FUNC_sk_storage_get) {
+        Ok(supported) => supported,
+        Err(e) => {
+            tracing::warn!("probing socket storage for sock_addr programs failed ({e}); using the shared LRU maps");
+            false
+        }
+    }
+}
+
 /// Whether `bpf_ktime_get_coarse_ns` exists (Linux 5.11): the tc programs then read the
 /// clock without a TSC read per packet.
 fn has_coarse_clock() -> bool {
@@ -225,23 +242,36 @@ fn has_coarse_clock() -> bool {
 
 /// Loads the eBPF object with every map sized from `caps`: pinned under `maps_dir` (reusing
 /// maps already pinned there, after checking their layout), or private to this object when
-/// `maps_dir` is `None` (tests). Programs are not loaded into the kernel yet.
+/// `maps_dir` is `None` (tests). Programs are not loaded into the kernel yet. Socket storage is
+/// used where the kernel has it.
 pub fn load_object(maps_dir: Option<&Path>, caps: Capacities) -> Result<Ebpf> {
-    let specs: [(&str, usize, usize, u32); 8] = [
+    load_object_with(maps_dir, caps, has_socket_storage())
+}
+
+/// As [`load_object`]; the socket programs keep translations in socket storage if
+/// `socket_storage` (which needs [`has_socket_storage`]), else in the shared LRU maps only.
+pub fn load_object_with(maps_dir: Option<&Path>, caps: Capacities, socket_storage: bool) -> Result<Ebpf> {
+    // Capacity 0: socket storage has none (every socket carries its own).
+    let specs: [(&str, usize, usize, u32); 11] = [
         (SERVICES_MAP, size_of::<ServiceKey>(), size_of::<ServiceValue>(), caps.service_entries()),
         (BACKENDS_MAP, size_of::<u32>(), size_of::<Backend>(), caps.max_backends),
         (SERVICE_META_MAP, size_of::<u32>(), size_of::<ServiceMeta>(), caps.max_services),
+        (MEMBERS_MAP, size_of::<MemberKey>(), size_of::<MemberValue>(), caps.service_entries()),
+        (SOCK_LOCAL_MAP, size_of::<i32>(), size_of::<SockLocal>(), 0),
         (SOCK_REVNAT_MAP, size_of::<SockRevNatKey>(), size_of::<SockRevNatValue>(), caps.max_sock_entries),
         (SOCK_AFFINITY_MAP, size_of::<SockAffinityKey>(), size_of::<SockAffinityValue>(), caps.max_sock_entries),
+        (SOCK_STATS_MAP, size_of::<u32>(), size_of::<u64>(), SOCK_STATS),
         (CT_MAP, size_of::<CtKey>(), size_of::<CtValue>(), caps.max_ct_entries),
         (SOURCE_RANGES_MAP, size_of::<aya::maps::lpm_trie::Key<SourceRangeKey>>(), size_of::<u8>(), DEFAULT_MAX_SOURCE_RANGES),
         (AFFINITY_MAP, size_of::<AffinityKey>(), size_of::<AffinityValue>(), DEFAULT_MAX_AFFINITY_ENTRIES),
     ];
     let set_retval = u8::from(has_set_retval());
     let coarse_clock = u8::from(has_coarse_clock());
+    let sk_storage = u8::from(socket_storage);
     let mut loader = EbpfLoader::new();
     loader.override_global("KP_HAS_SET_RETVAL", &set_retval, true);
     loader.override_global("KP_HAS_COARSE_CLOCK", &coarse_clock, true);
+    loader.override_global("KP_HAS_SK_STORAGE", &sk_storage, true);
     let pins: Vec<(&str, PathBuf)> = match maps_dir {
         Some(dir) => specs.iter().map(|(name, ..)| (*name, dir.join(name))).collect(),
         None => Vec::new(),
@@ -251,10 +281,12 @@ pub fn load_object(maps_dir: Option<&Path>, caps: Capacities) -> Result<Ebpf> {
             check_pinned_map(path, key_size, value_size, capacity)?;
             loader.map_pin_path(name, path.as_path());
         }
-        loader.map_max_entries(name, capacity);
+        if capacity > 0 {
+            loader.map_max_entries(name, capacity);
+        }
     }
     let ebpf = loader.load(EBPF_OBJECT).context("load the eBPF object")?;
-    tracing::debug!(set_retval, "eBPF object loaded");
+    tracing::debug!(set_retval, sk_storage, "eBPF object loaded");
     Ok(ebpf)
 }
 
@@ -290,20 +322,23 @@ fn pin_link_atomically(layout: &PinLayout, name: &str, link: FdLink) -> Result<(
 
 /// Loads the programs with the pinned maps (creating and pinning maps that do not exist yet),
 /// attaches the socket programs to `cgroup` and the tc programs to `devices`, and pins the
-/// links, replacing those of a previous agent without a gap.
+/// links, replacing those of a previous agent without a gap. Socket translations go to socket
+/// storage if `socket_storage` and the kernel has it, else to the shared LRU maps.
 pub fn load_and_attach(
     layout: &PinLayout,
     cgroup: &Path,
     devices: &[String],
     tc_attach: TcAttach,
     caps: Capacities,
+    socket_storage: bool,
 ) -> Result<()> {
     ensure_bpffs(&layout.root)?;
     create_private_dirs(layout)?;
     if fs_type(cgroup)? != CGROUP2_SUPER_MAGIC {
         bail!("{} is not a cgroup v2 directory", cgroup.display());
     }
-    let mut ebpf = load_object(Some(&layout.maps_dir()), caps)?;
+    let socket_storage = socket_storage && has_socket_storage();
+    let mut ebpf = load_object_with(Some(&layout.maps_dir()), caps, socket_storage)?;
 
     let cgroup_dir = fs::File::open(cgroup).with_context(|| format!("open cgroup {}", cgroup.display()))?;
     for name in PROGRAMS {
@@ -352,6 +387,7 @@ pub fn load_and_attach(
         devices = ?devices,
         tc = if tcx { "tcx" } else { "netlink" },
         set_retval = has_set_retval(),
+        socket_storage,
         "programs attached"
     );
     Ok(())

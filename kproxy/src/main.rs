@@ -173,6 +173,11 @@ struct RunArgs {
     /// to endpoints no longer listed), where the kernel has `bpf_sock_destroy` (Linux >= 6.5).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     terminate_stale_sockets: bool,
+    /// Keep each socket's translation (for getpeername, UDP replies, UDP socket affinity) in the
+    /// socket's own storage where the kernel allows it (Linux >= 5.3), so that no process can
+    /// evict another's; false keeps them all in the shared LRU maps (`--max-sock-entries`).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    socket_storage: bool,
 }
 
 /// The node name: the override, or the hostname, lowercased as kube-proxy does.
@@ -296,6 +301,7 @@ fn main() -> Result<()> {
                 cgroup,
                 capacities: args.capacities.capacities(),
                 terminate_sockets: args.terminate_stale_sockets,
+                socket_storage: args.socket_storage,
                 runner: RunnerConfig {
                     min_interval: args.min_sync_period,
                     sync_period: args.sync_period,

@@ -92,6 +92,9 @@ pub struct Metrics {
     pub rest_request_duration: Family<RestDurationLabels, Histogram, fn() -> Histogram>,
     pub frontends_refused: Family<RefusedLabel, Gauge>,
     pub frontend_refusals_total: Family<RefusedLabel, Counter>,
+    pub sock_storage_entries_total: Counter,
+    pub sock_storage_overflow_total: Counter,
+    pub sock_lru_inserts_total: Family<MapLabel, Counter>,
 }
 
 /// Sync durations: 1 ms to ~16 s, as kube-proxy's `sync_proxy_rules_duration_seconds`.
@@ -132,6 +135,9 @@ impl Metrics {
             rest_request_duration: Family::new_with_constructor(rest_duration_buckets),
             frontends_refused: Family::default(),
             frontend_refusals_total: Family::default(),
+            sock_storage_entries_total: Counter::default(),
+            sock_storage_overflow_total: Counter::default(),
+            sock_lru_inserts_total: Family::default(),
         };
         let r = &mut m.registry;
         r.register("kubeproxy_sync_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds", m.sync_duration.clone());
@@ -176,6 +182,21 @@ impl Metrics {
             "kproxy_frontend_refusals",
             "Refusals of frontends that do not fit, counted once per frontend and reason, by reason",
             m.frontend_refusals_total.clone(),
+        );
+        r.register(
+            "kproxy_sock_storage_entries",
+            "Socket translations stored in the socket's own storage (where no other socket can evict them)",
+            m.sock_storage_entries_total.clone(),
+        );
+        r.register(
+            "kproxy_sock_storage_overflow",
+            "Socket translations that went to the shared LRU maps although socket storage is in use (a socket talking to more services than its storage holds, or storage the kernel could not allocate)",
+            m.sock_storage_overflow_total.clone(),
+        );
+        r.register(
+            "kproxy_sock_lru_inserts",
+            "New entries written to a shared socket LRU map; nothing else removes entries, so this minus kproxy_bpf_map_entries of the map is how many it evicted",
+            m.sock_lru_inserts_total.clone(),
         );
         m
     }
@@ -229,6 +250,16 @@ impl Metrics {
         let label = MapLabel { map: name.to_string() };
         self.map_entries.get_or_create(&label).set(entries as i64);
         self.map_capacity.get_or_create(&label).set(i64::from(capacity));
+    }
+}
+
+/// Brings a counter that mirrors a kernel counter up to `now`: the kernel counts, the
+/// exposition only follows (a kernel counter that went backwards, e.g. after `kproxy cleanup`,
+/// is not followed down).
+pub fn follow(counter: &Counter, now: u64) {
+    let shown = counter.get();
+    if now > shown {
+        counter.inc_by(now - shown);
     }
 }
 

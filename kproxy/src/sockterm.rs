@@ -8,8 +8,9 @@
 //! the agent lists the (service id, backend, protocol) pairs in `KP_SOCK_TERM`, runs the two
 //! iterators in every network namespace that may hold translated sockets, and empties the map.
 //! The programs (`kproxy-ebpf/src/sockterm.rs`) destroy a socket only when its peer is a listed
-//! backend *and* `KP_SOCK_REVNAT` records that kproxy translated this socket to that backend
-//! for that service; the application then gets `ECONNABORTED` and reconnects.
+//! backend *and* the socket's own storage (`KP_SOCK_LOCAL`), or failing that `KP_SOCK_REVNAT`,
+//! records that kproxy translated this socket to that backend for that service; the
+//! application then gets `ECONNABORTED` and reconnects.
 //!
 //! Which sockets go is decided by the sync ([`crate::sync::SyncStats::removed`]): for UDP every
 //! backend that left a frontend (kube-proxy's stale-UDP cleanup); for TCP only endpoints that
@@ -53,7 +54,7 @@ use aya::{
 };
 use aya_obj::btf::BtfKind;
 use kproxy_common::{
-    sock::{SockTermKey, SOCK_REVNAT_MAP, SOCK_TERM_ENTRIES, SOCK_TERM_MAP},
+    sock::{SockTermKey, SOCK_LOCAL_MAP, SOCK_REVNAT_MAP, SOCK_TERM_ENTRIES, SOCK_TERM_MAP},
     PROTO_TCP, PROTO_UDP,
 };
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _, RelocationTarget};
@@ -132,8 +133,9 @@ const BPF_PSEUDO_KFUNC_CALL: u8 = 2;
 static SETNS_DENIED_REPORTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 impl SockTerm {
-    /// Loads and attaches the iterators, reusing the pinned `KP_SOCK_REVNAT` under `maps_dir`
-    /// (created by the main object first). Fails on kernels without the kfunc or iterators.
+    /// Loads and attaches the iterators, reusing the pinned `KP_SOCK_LOCAL` and `KP_SOCK_REVNAT`
+    /// under `maps_dir` (created by the main object first). Fails on kernels without the kfunc
+    /// or iterators.
     pub fn load(maps_dir: &Path, max_sock_entries: u32) -> Result<SockTerm> {
         let btf = Btf::from_sys_fs().context("read the kernel's BTF")?;
         for kfunc in KFUNCS {
@@ -141,12 +143,15 @@ impl SockTerm {
                 .with_context(|| format!("kernel function {kfunc} not found (Linux >= 6.5 needed)"))?;
         }
         let object = resolve_kfuncs(SOCKTERM_OBJECT, &|name| btf.id_by_type_name_kind(name, BtfKind::Func).ok())?;
-        let revnat = maps_dir.join(SOCK_REVNAT_MAP);
-        if !revnat.exists() {
-            bail!("{} is not pinned", revnat.display());
+        let (revnat, local) = (maps_dir.join(SOCK_REVNAT_MAP), maps_dir.join(SOCK_LOCAL_MAP));
+        for pin in [&revnat, &local] {
+            if !pin.exists() {
+                bail!("{} is not pinned", pin.display());
+            }
         }
         let mut ebpf = EbpfLoader::new()
             .map_pin_path(SOCK_REVNAT_MAP, revnat.as_path())
+            .map_pin_path(SOCK_LOCAL_MAP, local.as_path())
             .map_max_entries(SOCK_REVNAT_MAP, max_sock_entries)
             .map_max_entries(SOCK_TERM_MAP, SOCK_TERM_ENTRIES)
             .load(&bytemuck::cast_slice::<u64, u8>(&object)[..SOCKTERM_OBJECT.len()])

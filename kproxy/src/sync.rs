@@ -78,6 +78,11 @@ impl<D: Dataplane> Syncer<D> {
         self.mirror.as_ref().map(Mirror::entries)
     }
 
+    /// Entries of the membership map, as last synced.
+    pub fn member_entries(&self) -> Option<usize> {
+        self.mirror.as_ref().map(Mirror::member_entries)
+    }
+
     /// Socket-termination keys for TCP endpoints that stopped being listed while draining
     /// ([`crate::tracker::Changes::unlisted`]), with their frontend's service id as programmed.
     pub fn unlisted_keys(&self, unlisted: &[(Frontend, SocketAddrV4)]) -> Vec<SockTermKey> {

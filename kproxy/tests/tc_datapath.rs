@@ -423,6 +423,126 @@ fn a_udp_flow_moves_when_its_backend_leaves_and_a_tcp_flow_does_not() {
     assert_eq!(check(&out).1, old);
 }
 
+/// Ten backends, then the third leaves: the planner moves the last backend into its slot.
+fn ten_backends(port: u16) -> Vec<String> {
+    (10..20).map(|i| format!("10.244.1.{i}:{port}")).collect()
+}
+
+/// The backend each UDP flow from `clients` (one datagram each) to `front` goes to.
+fn udp_backends(dp: &Datapath, clients: &[SocketAddrV4], front: SocketAddrV4) -> Vec<SocketAddrV4> {
+    clients.iter().map(|c| check(&dp.run("kp_tc_ingress", &udp_frame(*c, front, b"q")).1).1).collect()
+}
+
+/// Which flows changed backend between `before` and `after`, as (old backend, count).
+fn moved(before: &[SocketAddrV4], after: &[SocketAddrV4]) -> BTreeMap<SocketAddrV4, usize> {
+    let mut out = BTreeMap::new();
+    for (b, a) in before.iter().zip(after) {
+        if b != a {
+            *out.entry(*b).or_default() += 1;
+        }
+    }
+    out
+}
+
+#[test]
+fn a_backend_that_leaves_moves_only_its_own_udp_flows() {
+    if skip_unless_root("a_backend_that_leaves_moves_only_its_own_udp_flows") {
+        return;
+    }
+    let all = ten_backends(5353);
+    let udp = |backends: &[String]| -> DesiredState {
+        let refs: Vec<&str> = backends.iter().map(String::as_str).collect();
+        [service(frontend(NODE, NODE_PORT, Protocol::Udp), &refs)].into_iter().collect()
+    };
+    let mut dp = Datapath::new(&udp(&all));
+    let front = SocketAddrV4::new(NODE, NODE_PORT);
+    let clients: Vec<SocketAddrV4> = (0..400u16).map(|i| SocketAddrV4::new(CLIENT, 20_000 + i)).collect();
+    let before = udp_backends(&dp, &clients, front);
+    assert_eq!(udp_backends(&dp, &clients, front), before, "tracked flows keep their backend");
+    let leaving: SocketAddrV4 = all[2].parse().unwrap();
+    let last: SocketAddrV4 = all[9].parse().unwrap();
+    let rest: Vec<String> = all.iter().filter(|b| **b != all[2]).cloned().collect();
+    dp.sync(&udp(&rest));
+    let after = udp_backends(&dp, &clients, front);
+    let moved = moved(&before, &after);
+    let of_leaving = before.iter().filter(|b| **b == leaving).count();
+    eprintln!(
+        "a_backend_that_leaves_moves_only_its_own_udp_flows: {} of {} flows moved ({moved:?}); {of_leaving} were on {leaving}, {} on {last} (moved into its slot)",
+        moved.values().sum::<usize>(),
+        clients.len(),
+        before.iter().filter(|b| **b == last).count()
+    );
+    assert!(of_leaving > 10, "{of_leaving} flows on the leaving backend: {before:?}");
+    assert_eq!(moved, BTreeMap::from([(leaving, of_leaving)]), "only the flows of {leaving} may move");
+    assert!(after.iter().all(|a| *a != leaving));
+    // And they stay where they went: the moved backend's flows now remember its new slot.
+    assert_eq!(udp_backends(&dp, &clients, front), after);
+}
+
+#[test]
+fn a_backend_that_leaves_ends_only_its_own_session_affinities() {
+    if skip_unless_root("a_backend_that_leaves_ends_only_its_own_session_affinities") {
+        return;
+    }
+    let all = ten_backends(8080);
+    let sticky = |backends: &[String]| -> DesiredState {
+        let refs: Vec<&str> = backends.iter().map(String::as_str).collect();
+        let (f, mut d) = service(frontend(NODE, NODE_PORT, Protocol::Tcp), &refs);
+        d.affinity_timeout = 10_800;
+        [(f, d)].into_iter().collect()
+    };
+    let mut dp = Datapath::new(&sticky(&all));
+    let front = SocketAddrV4::new(NODE, NODE_PORT);
+    // 300 clients, each a new connection (new source port) per round: affinity keeps each on
+    // its first backend.
+    let round = |dp: &Datapath, port: u16| -> Vec<SocketAddrV4> {
+        (0..300u32)
+            .map(|i| {
+                let client = SocketAddrV4::new(Ipv4Addr::from(0xc612_0000 + i), port);
+                check(&dp.run("kp_tc_ingress", &tcp_frame(client, front, true, b"")).1).1
+            })
+            .collect()
+    };
+    let before = round(&dp, 41_000);
+    assert_eq!(round(&dp, 41_001), before, "affinity keeps every client on its backend");
+    let leaving: SocketAddrV4 = all[2].parse().unwrap();
+    let rest: Vec<String> = all.iter().filter(|b| **b != all[2]).cloned().collect();
+    dp.sync(&sticky(&rest));
+    let after = round(&dp, 41_002);
+    let moved = moved(&before, &after);
+    let of_leaving = before.iter().filter(|b| **b == leaving).count();
+    eprintln!("a_backend_that_leaves_ends_only_its_own_session_affinities: {moved:?} moved of 300 clients");
+    assert!(of_leaving > 5, "{of_leaving} clients on the leaving backend");
+    assert_eq!(moved, BTreeMap::from([(leaving, of_leaving)]), "only the clients of {leaving} may move");
+    assert_eq!(round(&dp, 41_003), after, "the moved clients stick to their new backends");
+}
+
+/// The socket LRU maps' fill level is read with `BPF_MAP_LOOKUP_BATCH`: it must agree with a
+/// walk of the keys, across the batch size (8,192) and on a full map.
+#[test]
+fn batched_entry_counts_agree_with_a_walk_of_the_keys() {
+    if skip_unless_root("batched_entry_counts_agree_with_a_walk_of_the_keys") {
+        return;
+    }
+    use aya::maps::{HashMap, IterableMap as _};
+    use kproxy_common::sock::{SockRevNatKey, SockRevNatValue, SOCK_REVNAT_MAP};
+    let caps = Capacities { max_services: 1024, max_backends: 1024, max_sock_entries: 20_000, max_ct_entries: 1024 };
+    let mut ebpf = loader::load_object(None, caps).expect("load the eBPF object");
+    let mut map: HashMap<_, SockRevNatKey, SockRevNatValue> =
+        HashMap::try_from(ebpf.map_mut(SOCK_REVNAT_MAP).expect("map")).expect("an LRU hash map");
+    let mut written = 0u64;
+    for n in [0u64, 1, 8191, 8192, 8193, 30_000] {
+        for cookie in written..n {
+            map.insert(SockRevNatKey { cookie, ..Default::default() }, SockRevNatValue::default(), 0).expect("insert");
+        }
+        written = n;
+        let counted = kproxy::sys::map_count(&map).expect("count");
+        let walked = map.keys().count();
+        assert_eq!(counted, walked, "after {n} inserts");
+        assert!(counted as u64 <= n.min(20_000), "{counted} entries after {n} inserts");
+    }
+}
+
 /// Offset of `ifindex` in `struct __sk_buff` (the test run's context).
 const SKB_IFINDEX_OFF: usize = 40;
 /// `sizeof(struct __sk_buff)`.

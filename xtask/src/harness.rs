@@ -356,9 +356,11 @@ impl Harness {
         http::get_in(&self.topology.node.path(), addr, path, SCRAPE_TIMEOUT)
     }
 
-    /// `GET path` on the agent's metrics address, from inside the node namespace.
+    /// `GET path` on the agent's metrics address, from inside the node namespace: that of
+    /// [`Harness::with_apiserver`], else kube-proxy's default ([`METRICS_PORT`] of 127.0.0.1,
+    /// the agent's default too).
     pub fn get_metrics_path(&self, path: &str) -> Result<http::Response> {
-        let addr = self.apiserver_source()?.metrics;
+        let addr = self.apiserver.as_ref().map_or((Ipv4Addr::LOCALHOST, METRICS_PORT).into(), |api| api.metrics);
         http::get_in(&self.topology.node.path(), addr, path, SCRAPE_TIMEOUT)
     }
 

@@ -13,6 +13,8 @@
 //! - `peers`: what `getpeername()` returned, per connection (HTTP, and UDP with `--connected`).
 //! - `sources`: UDP only, the source address each reply came from (`recvfrom`).
 //! - `seen_as`: the client's address as the backends saw it (their answers say), per request.
+//! - `moved`: `udp-flows` only, the sockets whose backend changed between its two rounds, by
+//!   `"old->new"` backend names.
 //! - `connect_ms`: duration of successful connects; `request_ms`: of successful requests, from
 //!   connect (or send) to the last byte of the answer; `failure_ms`: how long failed requests
 //!   took to fail. Each is `{"p50","p99","max"}` in milliseconds, absent without samples.
@@ -71,6 +73,7 @@ pub struct Report {
     pub peers: BTreeMap<String, u64>,
     pub sources: BTreeMap<String, u64>,
     pub seen_as: BTreeMap<String, u64>,
+    pub moved: BTreeMap<String, u64>,
     pub connect_ms: Option<Latency>,
     pub request_ms: Option<Latency>,
     pub failure_ms: Option<Latency>,
@@ -95,7 +98,9 @@ impl Report {
         m.insert("ok".into(), json!(self.ok));
         m.insert("errors".into(), json!(self.errors));
         m.insert("by_backend".into(), json!(self.by_backend));
-        for (key, map) in [("peers", &self.peers), ("sources", &self.sources), ("seen_as", &self.seen_as)] {
+        for (key, map) in
+            [("peers", &self.peers), ("sources", &self.sources), ("seen_as", &self.seen_as), ("moved", &self.moved)]
+        {
             if !map.is_empty() {
                 m.insert(key.into(), json!(map));
             }
@@ -162,6 +167,7 @@ impl Report {
             peers: counts("peers")?,
             sources: counts("sources")?,
             seen_as: counts("seen_as")?,
+            moved: counts("moved")?,
             connect_ms: latency("connect_ms")?,
             request_ms: latency("request_ms")?,
             failure_ms: latency("failure_ms")?,
@@ -197,6 +203,7 @@ mod tests {
         r.by_backend.insert("pod-a".into(), 3);
         r.peers.insert("10.96.0.10:80".into(), 3);
         r.seen_as.insert("10.244.1.1".into(), 3);
+        r.moved.insert("pod-a->pod-b".into(), 1);
         let text = format!("some log line\n{}\n", r.to_json());
         assert_eq!(Report::parse(&text).unwrap(), r);
         assert_eq!(r.failed(), 1);

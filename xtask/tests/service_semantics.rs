@@ -181,6 +181,46 @@ fn should_be_able_to_preserve_udp_traffic_when_server_pod_cycles_for_a_cluster_i
     ));
 }
 
+// kube-proxy deletes the conntrack entries of UDP flows to an endpoint that goes away, and only
+// those: every other flow keeps its backend. kproxy's slots are dense (the last backend moves
+// into the slot of one that leaves), and a flow remembers its slot: the membership map keeps
+// the moved backend's flows where they are.
+#[test]
+fn should_only_move_the_udp_flows_of_a_removed_endpoint_for_a_cluster_ip_service() {
+    let test = "should_only_move_the_udp_flows_of_a_removed_endpoint_for_a_cluster_ip_service";
+    let pods: Vec<String> = (0..10).map(|i| format!("pod-{i}")).collect();
+    let pod_refs: Vec<&str> = pods.iter().map(String::as_str).collect();
+    let Some(mut h) = harness(test, &pod_refs) else { return };
+    let all: Vec<String> = pod_refs.iter().map(|p| endpoint(&h, p, "")).collect();
+    program(&mut h, &manifest("", &[DNS], &all), 10);
+    // 300 unconnected sockets, one datagram each (sendmsg, the per-socket affinity), then one
+    // more each after pod-2 left.
+    let (ready, go) = (h.workdir().join("flows-ready"), h.workdir().join("flows-go"));
+    let (ready_arg, go_arg) = (ready.display().to_string(), go.display().to_string());
+    let client = h
+        .spawn_client(&[
+            "udp-flows", "--addr", "10.96.0.7:53", "--count", "300", "--ready-file", &ready_arg, "--go-file", &go_arg,
+            "--max-ms", "60000",
+        ])
+        .expect("start the client");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !ready.exists() {
+        assert!(std::time::Instant::now() < deadline, "the first round did not finish within 30 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let rest: Vec<String> = pod_refs.iter().filter(|p| **p != "pod-2").map(|p| endpoint(&h, p, "")).collect();
+    program(&mut h, &manifest("", &[DNS], &rest), 9);
+    std::fs::write(&go, b"").expect("write the go file");
+    let report = Harness::client_report(client, CLIENT_WAIT).expect("client report");
+    assert_eq!((report.ok, report.failed()), (300, 0), "every datagram of the second round answered: {report:?}");
+    assert_eq!(report.backend("pod-2"), 0, "every socket of the removed pod-2 moved: {report:?}");
+    let moved: u64 = report.moved.values().sum();
+    let others: Vec<&String> = report.moved.keys().filter(|k| !k.starts_with("pod-2->")).collect();
+    say(&format!("{test}: {moved} of 300 sockets moved after pod-2 left: {:?}", report.moved));
+    assert!(moved >= 5, "some sockets were on pod-2: {report:?}");
+    assert!(others.is_empty(), "only sockets of the removed pod-2 may move, these moved too: {others:?} ({report:?})");
+}
+
 /// The one backend that answered every request of `report`, or a panic saying otherwise.
 fn single_backend(report: &Report, what: &str) -> String {
     assert_eq!(report.failed(), 0, "{what}: {report:?}");

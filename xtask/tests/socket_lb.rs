@@ -249,6 +249,82 @@ fn udp_reply_comes_from_service_address() {
     );
 }
 
+/// A process in the attached cgroup opens thousands of sockets through a service, 16 times as
+/// many as the shared LRU maps hold (`--max-sock-entries 256`), while another socket is in
+/// use: that socket's `getpeername()` and the source of its UDP replies keep showing the
+/// service, because its translation lives in its own storage. The metrics show where the
+/// translations went: all into socket storage, none into the LRU map.
+#[test]
+fn a_process_opening_many_sockets_cannot_evict_another_sockets_translation() {
+    let test = "a_process_opening_many_sockets_cannot_evict_another_sockets_translation";
+    if skip_unless_root(test) {
+        return;
+    }
+    const FLOOD: u32 = 4096;
+    let mut h = Harness::new(binaries(), &["pod-a", "pod-b"], unique_bpffs_dir("kproxy-test"))
+        .unwrap_or_else(|e| panic!("{test}: setting up the harness: {e:#}"))
+        .with_agent_args(&["--max-sock-entries", "256", "--sync-period", "2s"]);
+    let dns = dns(&h, &[("pod-a", true), ("pod-b", true)]);
+    start(&mut h, &[dns]);
+
+    // The victim: one connected socket, a datagram every second for 8 s, getpeername() after
+    // each. The flood comes between its first and second datagram (it takes well under a
+    // second), while the victim is idle, as most sockets are most of the time.
+    let victim = h
+        .spawn_client(&[
+            "udp", "--addr", DNS, "--connected", "--peer-each-datagram", "--count", "8", "--interval-ms", "1000",
+        ])
+        .expect("starting the victim");
+    std::thread::sleep(Duration::from_millis(300));
+    let flood = client(&h, "flood", DNS, FLOOD, &[]);
+    assert_eq!(
+        (flood.ok, flood.failed()),
+        (u64::from(FLOOD), 0),
+        "the flood connected every socket: {flood:?}"
+    );
+    assert_eq!(flood.peers, counts(&[(DNS, u64::from(FLOOD))]), "getpeername() of the flood's own sockets");
+    let r = Harness::client_report(victim, CLIENT_WAIT).expect("victim report");
+    assert_all_ok(&r, 8);
+    assert_eq!(
+        r.peers,
+        counts(&[(DNS, 9)]),
+        "getpeername() of the victim, at connect and after each datagram, before and after {FLOOD} other sockets"
+    );
+    assert_eq!(
+        r.sources,
+        counts(&[(DNS, 8)]),
+        "the source of every reply to the victim, before and after {FLOOD} other sockets"
+    );
+
+    // Every translation (the flood's and the victim's) went into socket storage, none into
+    // the LRU map: a scrape after the next sync (full syncs every 2 s) shows it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let metrics = loop {
+        let m = h.metrics().expect("scraping /metrics");
+        let stored = m.get("kproxy_sock_storage_entries_total", &[]).unwrap_or(0.0);
+        if stored >= f64::from(FLOOD + 1) || std::time::Instant::now() > deadline {
+            break m;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let stored = metrics.get("kproxy_sock_storage_entries_total", &[]);
+    let lru = metrics.get("kproxy_sock_lru_inserts_total", &[("map", "KP_SOCK_REVNAT")]);
+    let capacity = metrics.get("kproxy_bpf_map_capacity", &[("map", "KP_SOCK_REVNAT")]);
+    let overflow = metrics.get("kproxy_sock_storage_overflow_total", &[]);
+    let entries = metrics.get("kproxy_bpf_map_entries", &[("map", "KP_SOCK_REVNAT")]);
+    say(&format!(
+        "{test}: {FLOOD} sockets opened in {:.0} ms; the victim's 8 replies and 9 getpeername() all showed {DNS}; \
+         socket storage entries {stored:?}, overflow {overflow:?}, KP_SOCK_REVNAT inserts {lru:?} (capacity {capacity:?})",
+        flood.elapsed_ms
+    ));
+    assert!(stored >= Some(f64::from(FLOOD + 1)), "kproxy_sock_storage_entries_total: {stored:?}");
+    assert_eq!(
+        (lru, overflow, entries, capacity),
+        (Some(0.0), Some(0.0), Some(0.0), Some(256.0)),
+        "the shared LRU map saw no translation"
+    );
+}
+
 #[test]
 fn service_without_endpoints_refuses_fast() {
     let test = "service_without_endpoints_refuses_fast";
@@ -370,6 +446,48 @@ fn restart_without_disruption() {
     assert_all_ok(&r, 400);
     let after = h.dump().expect("dump after the restart");
     assert_eq!(after, before, "the restart changed the programmed state");
+}
+
+/// An agent started on the pins of a version that had no membership map, socket storage or
+/// socket counters (simulated by removing those pins) adopts the others, creates and pins the
+/// missing maps, and fills the membership map in its first sync; traffic never stops.
+#[test]
+fn restart_on_an_older_layout_creates_the_maps_it_lacks() {
+    let Some(mut h) = harness("restart_on_an_older_layout_creates_the_maps_it_lacks", &["pod-a", "pod-b", "pod-c"]) else {
+        return;
+    };
+    let web = web(&h, &[("pod-a", true), ("pod-b", true), ("pod-c", true)]);
+    start(&mut h, std::slice::from_ref(&web));
+    h.stop_agent().expect("stopping the agent");
+    let maps = h.bpffs_dir().join("maps");
+    let added = ["KP_SVC_MEMBERS", "KP_SOCK_LOCAL", "KP_SOCK_STATS"];
+    for name in added {
+        std::fs::remove_file(maps.join(name)).unwrap_or_else(|e| panic!("unpin {name}: {e}"));
+    }
+    let r = http(&h, WEB, 20, &[]);
+    assert_all_ok(&r, 20);
+    h.start_agent().expect("restarting the agent");
+    h.wait_for_services(&[web], PROGRAMMED)
+        .unwrap_or_else(|e| panic!("the restarted agent did not show the manifest: {e:#}"));
+    for name in added {
+        assert!(maps.join(name).exists(), "{name} was not pinned again");
+    }
+    // The dump matched at once (the services map was kept); the first sync follows.
+    let deadline = std::time::Instant::now() + PROGRAMMED;
+    let members = loop {
+        let mut bpftool = Command::new("bpftool");
+        bpftool.args(["map", "dump", "pinned"]).arg(maps.join("KP_SVC_MEMBERS")).arg("-j");
+        let dumped: serde_json::Value =
+            serde_json::from_str(&cmd::output(&mut bpftool).expect("bpftool map dump")).expect("JSON");
+        if dumped.as_array().map(Vec::len) == Some(3) || std::time::Instant::now() > deadline {
+            break dumped;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(members.as_array().map(Vec::len), Some(3), "one membership entry per backend: {members}");
+    let r = http(&h, WEB, 30, &[]);
+    assert_all_ok(&r, 30);
+    assert_eq!(r.peers, counts(&[(WEB, 30)]), "getpeername() through the new socket storage");
 }
 
 #[test]

@@ -6,11 +6,16 @@ use std::net::Ipv4Addr;
 
 use aya::maps::{
     lpm_trie::{Key, LpmTrie},
-    HashMap, IterableMap as _, Map, MapData, MapError,
+    HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray,
 };
 use kproxy_common::lb::{
-    source_range_prefix_len, Backend, ServiceKey, ServiceMeta, ServiceValue, SourceRangeKey, BACKENDS_MAP,
-    SERVICES_MAP, SERVICE_META_MAP, SOURCE_RANGES_MAP,
+    source_range_prefix_len, Backend, MemberKey, MemberValue, ServiceKey, ServiceMeta, ServiceValue, SourceRangeKey,
+    BACKENDS_MAP, MEMBERS_MAP, SERVICES_MAP, SERVICE_META_MAP, SOURCE_RANGES_MAP,
+};
+
+use kproxy_common::sock::{
+    SockAffinityKey, SockAffinityValue, SockRevNatKey, SockRevNatValue, SOCK_AFFINITY_MAP, SOCK_REVNAT_MAP, SOCK_STATS,
+    SOCK_STATS_MAP,
 };
 
 use super::{Dataplane, DataplaneError, MapContents, Op};
@@ -22,6 +27,7 @@ pub struct BpfMaps {
     backends: HashMap<MapData, u32, Backend>,
     meta: HashMap<MapData, u32, ServiceMeta>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
+    members: HashMap<MapData, MemberKey, MemberValue>,
 }
 
 /// The source ranges map's key for `range` of service `id`.
@@ -59,6 +65,12 @@ fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
     }
 }
 
+/// Entries (a walk of the keys, O(entries)) and capacity of `m`.
+fn usage_of<K: aya::Pod, V: aya::Pod>(m: &HashMap<MapData, K, V>, name: &'static str) -> Result<MapUsage, DataplaneError> {
+    let info = m.map().info().map_err(map_err(name, "info"))?;
+    Ok(MapUsage { name, entries: m.keys().count(), capacity: info.max_entries() })
+}
+
 fn read_all<K: aya::Pod + Eq + std::hash::Hash, V: aya::Pod>(
     map: &HashMap<MapData, K, V>,
     name: &'static str,
@@ -74,6 +86,7 @@ impl BpfMaps {
             backends: open(maps_dir, BACKENDS_MAP)?,
             meta: open(maps_dir, SERVICE_META_MAP)?,
             source_ranges: open(maps_dir, SOURCE_RANGES_MAP)?,
+            members: open(maps_dir, MEMBERS_MAP)?,
         })
     }
 
@@ -89,23 +102,59 @@ impl BpfMaps {
             backends: take(ebpf, BACKENDS_MAP)?,
             meta: take(ebpf, SERVICE_META_MAP)?,
             source_ranges: take(ebpf, SOURCE_RANGES_MAP)?,
+            members: take(ebpf, MEMBERS_MAP)?,
         })
     }
 
     /// Entries and capacity of each map, as the kernel reports them.
     pub fn usage(&self) -> Result<Vec<MapUsage>, DataplaneError> {
-        fn one<K: aya::Pod, V: aya::Pod>(
-            m: &HashMap<MapData, K, V>,
-            name: &'static str,
-        ) -> Result<MapUsage, DataplaneError> {
-            let info = m.map().info().map_err(map_err(name, "info"))?;
-            Ok(MapUsage { name, entries: m.keys().count(), capacity: info.max_entries() })
-        }
         Ok(vec![
-            one(&self.services, SERVICES_MAP)?,
-            one(&self.backends, BACKENDS_MAP)?,
-            one(&self.meta, SERVICE_META_MAP)?,
+            usage_of(&self.services, SERVICES_MAP)?,
+            usage_of(&self.backends, BACKENDS_MAP)?,
+            usage_of(&self.meta, SERVICE_META_MAP)?,
+            usage_of(&self.members, MEMBERS_MAP)?,
         ])
+    }
+}
+
+/// The socket-level maps, for metrics: the socket programs' counters and the use of the shared
+/// LRU maps (see `kproxy_common::sock`).
+pub struct SocketMaps {
+    stats: PerCpuArray<MapData, u64>,
+    revnat: HashMap<MapData, SockRevNatKey, SockRevNatValue>,
+    affinity: HashMap<MapData, SockAffinityKey, SockAffinityValue>,
+}
+
+impl SocketMaps {
+    /// Opens the maps pinned in `maps_dir`.
+    pub fn open(maps_dir: &Path) -> Result<Self, DataplaneError> {
+        Ok(Self {
+            stats: open(maps_dir, SOCK_STATS_MAP)?,
+            revnat: open(maps_dir, SOCK_REVNAT_MAP)?,
+            affinity: open(maps_dir, SOCK_AFFINITY_MAP)?,
+        })
+    }
+
+    /// The `SOCK_STAT_*` counters, summed over the CPUs.
+    pub fn stats(&self) -> Result<[u64; SOCK_STATS as usize], DataplaneError> {
+        let mut out = [0u64; SOCK_STATS as usize];
+        for (index, total) in (0u32..).zip(out.iter_mut()) {
+            let per_cpu = self.stats.get(&index, 0).map_err(map_err(SOCK_STATS_MAP, "lookup"))?;
+            *total = per_cpu.iter().sum();
+        }
+        Ok(out)
+    }
+
+    /// Entries and capacity of the shared LRU maps: read in batches, O(entries) (some 200 ms
+    /// for a full map of 262,144 entries, against a second key by key).
+    pub fn usage(&self) -> Result<Vec<MapUsage>, DataplaneError> {
+        fn one<K: aya::Pod, V: aya::Pod>(m: &HashMap<MapData, K, V>, name: &'static str) -> Result<MapUsage, DataplaneError> {
+            let info = m.map().info().map_err(map_err(name, "info"))?;
+            let entries =
+                sys::map_count(m).map_err(|source| DataplaneError::Sys { map: name, operation: "lookup batch", source })?;
+            Ok(MapUsage { name, entries, capacity: info.max_entries() })
+        }
+        Ok(vec![one(&self.revnat, SOCK_REVNAT_MAP)?, one(&self.affinity, SOCK_AFFINITY_MAP)?])
     }
 }
 
@@ -145,14 +194,22 @@ impl Dataplane for BpfMaps {
             backends: read_all(&self.backends, BACKENDS_MAP)?,
             meta: read_all(&self.meta, SERVICE_META_MAP)?,
             source_ranges: self.read_source_ranges()?,
+            members: read_all(&self.members, MEMBERS_MAP)?,
         })
     }
 
-    /// Runs of backend and service writes (most of a big sync) go to the kernel in batches;
-    /// the order of the operations is kept.
+    /// Runs of backend, service and membership writes (most of a big sync) go to the kernel in
+    /// batches; the order of the operations is kept.
     fn apply_all(&mut self, ops: &[Op]) -> Result<(), DataplaneError> {
         let mut rest = ops;
         while let Some(first) = rest.first() {
+            let members: Vec<(MemberKey, MemberValue)> = rest
+                .iter()
+                .map_while(|op| match op {
+                    Op::PutMember(k, v) => Some((*k, *v)),
+                    _ => None,
+                })
+                .collect();
             let backends: Vec<(u32, Backend)> = rest
                 .iter()
                 .map_while(|op| match op {
@@ -171,6 +228,8 @@ impl Dataplane for BpfMaps {
                 put_batch(&self.backends, BACKENDS_MAP, backends)?
             } else if services.len() > 1 {
                 put_batch(&self.services, SERVICES_MAP, services)?
+            } else if members.len() > 1 {
+                put_batch(&self.members, MEMBERS_MAP, members)?
             } else {
                 self.apply(first)?;
                 1
@@ -200,6 +259,8 @@ impl Dataplane for BpfMaps {
                 .map_err(map_err(SOURCE_RANGES_MAP, "insert")),
             Op::DeleteSourceRange(id, range) => ignore_missing(self.source_ranges.remove(&source_range_key(*id, *range)))
                 .map_err(map_err(SOURCE_RANGES_MAP, "remove")),
+            Op::PutMember(k, v) => self.members.insert(k, v, 0).map_err(map_err(MEMBERS_MAP, "insert")),
+            Op::DeleteMember(k) => ignore_missing(self.members.remove(k)).map_err(map_err(MEMBERS_MAP, "remove")),
         }
     }
 }

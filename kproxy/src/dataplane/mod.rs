@@ -16,9 +16,9 @@ use std::{
 };
 
 use kproxy_common::lb::{
-    Backend, ServiceKey, ServiceMeta, ServiceValue, NAME_LEN, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_AFFINITY,
-    SVC_FLAG_DROP_UNSERVED, SVC_FLAG_TWO_SCOPES, SVC_TYPE_CLUSTER_IP, SVC_TYPE_EXTERNAL_IP, SVC_TYPE_LOAD_BALANCER,
-    SVC_TYPE_NODE_PORT,
+    Backend, MemberKey, MemberValue, ServiceKey, ServiceMeta, ServiceValue, NAME_LEN, SCOPE_EXTERNAL, SCOPE_INTERNAL,
+    SVC_FLAG_AFFINITY, SVC_FLAG_DROP_UNSERVED, SVC_FLAG_TWO_SCOPES, SVC_TYPE_CLUSTER_IP, SVC_TYPE_EXTERNAL_IP,
+    SVC_TYPE_LOAD_BALANCER, SVC_TYPE_NODE_PORT,
 };
 
 use crate::model::{Cidr, Frontend, Protocol, ServicePortName, ServiceType};
@@ -37,6 +37,9 @@ pub enum Op {
     /// Allows clients from a range to the frontends of a service id.
     PutSourceRange(u32, Cidr),
     DeleteSourceRange(u32, Cidr),
+    /// Records which slot of a service holds a backend (the membership map).
+    PutMember(MemberKey, MemberValue),
+    DeleteMember(MemberKey),
 }
 
 // A first sync at 10,000 services plans about half a million operations: keep them small.
@@ -50,6 +53,8 @@ pub struct MapContents {
     pub meta: HashMap<u32, ServiceMeta>,
     /// Allowed client ranges by service id (the source ranges map).
     pub source_ranges: HashMap<u32, BTreeSet<Cidr>>,
+    /// (service, backend) → the slot that holds the backend (the membership map).
+    pub members: HashMap<MemberKey, MemberValue>,
 }
 
 /// Errors of a dataplane write or read, naming the map and the operation.
@@ -126,6 +131,12 @@ impl Dataplane for MapContents {
                     }
                 }
             }
+            Op::PutMember(k, v) => {
+                self.members.insert(*k, *v);
+            }
+            Op::DeleteMember(k) => {
+                self.members.remove(k);
+            }
         }
         Ok(())
     }
@@ -179,6 +190,35 @@ impl MapContents {
             Some(b) => Resolution::Backend(backend_addr(b)),
             None => Resolution::Refused,
         }
+    }
+
+    /// Where the next packet of a flow goes that remembers `(slot, backend id)` (a tracked UDP
+    /// flow, a socket's UDP affinity, a session affinity), as the kernel's `lb::lookup` and
+    /// `conntrack::stale` decide: its backend if still in the service (in its slot, or where
+    /// the membership map says it moved), else a slot chosen with `random`. Returns the
+    /// (slot, backend id) the flow remembers next, `None` if the frontend has no backend.
+    #[cfg(test)]
+    pub fn resolve_flow(&self, frontend: Frontend, remembered: Option<(u16, u32)>, random: u32) -> Option<(u16, u32)> {
+        let key0 = service_key(frontend, 0);
+        let front = self.services.get(&key0)?;
+        if front.count == 0 {
+            return None;
+        }
+        if let Some((slot, backend_id)) = remembered {
+            let holds = |slot: u16| {
+                (1..=front.count).contains(&slot)
+                    && self.services.get(&ServiceKey { slot, ..key0 }).is_some_and(|v| v.backend_id == backend_id)
+            };
+            if holds(slot) {
+                return Some((slot, backend_id));
+            }
+            let member = MemberKey { service_id: front.service_id, backend_id, scope: key0.scope, _pad: [0; 3] };
+            if let Some(m) = self.members.get(&member).filter(|m| holds(m.slot)) {
+                return Some((m.slot, backend_id));
+            }
+        }
+        let slot = kproxy_common::select_slot(random, front.count);
+        self.services.get(&ServiceKey { slot, ..key0 }).map(|v| (slot, v.backend_id))
     }
 
     /// Every frontend (slot 0) with its backends in slot order, for display.

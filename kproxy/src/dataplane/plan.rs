@@ -4,16 +4,19 @@
 //! Only differences are written, in an order that keeps every intermediate state valid for a
 //! reader in the kernel, and that never writes to a full map:
 //! 1. removed frontends (slot 0 first, so readers stop at once), then their slots and their
-//!    scope-1 entries likewise, source ranges and metadata, then the backends only they used:
-//!    the room they free is counted before anything is added, so the same plan can use it;
-//! 2. new backends, then service metadata and new source ranges;
+//!    scope-1 entries likewise with the membership entries of their slots, source ranges and
+//!    metadata, then the backends only they used: the room they free is counted before
+//!    anything is added, so the same plan can use it;
+//! 2. new backends, then service metadata, new source ranges and membership entries (which
+//!    slot holds which backend: written before the slot, see `kproxy_common::lb::MEMBERS_MAP`);
 //! 3. per frontend, those that do not grow before those that do: changed backend slots, then
 //!    the frontend entry (slot 0, with the count that makes the slots reachable), then slots
 //!    beyond the new count; a frontend with two scopes (`kproxy_common::lb::SCOPE_INTERNAL`)
 //!    gets its scope-1 entries so, before the scope-0 entries whose `SVC_FLAG_TWO_SCOPES`
 //!    makes them reachable;
 //! 4. source ranges no longer wanted, the scope-1 entries of a frontend whose flag was just
-//!    cleared, stray entries and metadata;
+//!    cleared, stray entries, the membership entries of backends no slot holds any more, and
+//!    metadata;
 //! 5. backends that no slot references any more.
 //!
 //! A frontend that does not fit in the maps ([`Limits`]), or that has more backends than a
@@ -29,7 +32,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 use kproxy_common::lb::{
-    Backend, ServiceKey, ServiceValue, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_CLUSTER_IP,
+    Backend, MemberKey, MemberValue, ServiceKey, ServiceValue, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_CLUSTER_IP,
     SVC_FLAG_DROP_UNSERVED, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES,
     SVC_FLAG_TWO_SCOPES,
 };
@@ -157,6 +160,11 @@ impl Mirror {
         (self.contents.services.len(), self.contents.backends.len(), self.contents.meta.len())
     }
 
+    /// Entries of the membership map.
+    pub fn member_entries(&self) -> usize {
+        self.contents.members.len()
+    }
+
     /// The service id programmed for a frontend.
     pub fn service_id(&self, frontend: Frontend) -> Option<u32> {
         self.contents.services.get(&service_key(frontend, 0)).map(|v| v.service_id)
@@ -219,7 +227,11 @@ impl Mirror {
                 None => {}
             },
             Op::PutMeta(id, _) => self.next_service_id = self.next_service_id.max(id.saturating_add(1)),
-            Op::DeleteMeta(_) | Op::PutSourceRange(..) | Op::DeleteSourceRange(..) => {}
+            Op::DeleteMeta(_)
+            | Op::PutSourceRange(..)
+            | Op::DeleteSourceRange(..)
+            | Op::PutMember(..)
+            | Op::DeleteMember(..) => {}
         }
         self.contents.apply(op).expect("the in-memory dataplane never fails");
     }
@@ -327,10 +339,14 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
     let mut service_ops = Vec::new();
     let mut removal_ops = Vec::new();
     let mut meta_deletes = Vec::new();
+    // Apart from the metadata, so that they reach the kernel as one batch.
+    let mut member_ops = Vec::new();
+    let mut member_deletes = Vec::new();
     let mut refused = Vec::new();
     // Full scope only: everything that must survive the sweep of stray entries.
     let mut keep_keys: HashSet<ServiceKey> = HashSet::new();
     let mut keep_meta: HashSet<u32> = HashSet::new();
+    let mut keep_members: HashSet<MemberKey> = HashSet::new();
 
     let (removed, kept): (Vec<Frontend>, Vec<Frontend>) = targets.iter().partition(|f| !desired.contains_key(f));
     // Service ids of the removed frontends: their metadata and ranges go with them.
@@ -394,7 +410,13 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
                 for (key0, v) in [(key0, Some(v)), (internal_key0, existing_internal)] {
                     if let Some(v) = v {
                         keep_keys.insert(key0);
-                        keep_keys.extend((1..=v.count).map(|slot| ServiceKey { slot, ..key0 }));
+                        for slot in 1..=v.count {
+                            let key = ServiceKey { slot, ..key0 };
+                            keep_keys.insert(key);
+                            if let Some(s) = current.services.get(&key) {
+                                keep_members.insert(member_key(&key0, v.service_id, s.backend_id));
+                            }
+                        }
                     }
                 }
                 keep_meta.insert(v.service_id);
@@ -478,7 +500,15 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
             removal_ops.push(Op::DeleteSourceRange(service_id, *range));
         }
 
-        let mut writes = ScopeWrites { current, ops: &mut service_ops, ref_delta: &mut ref_delta, keep_keys: &mut keep_keys };
+        let mut writes = ScopeWrites {
+            current,
+            ops: &mut service_ops,
+            member_ops: &mut member_ops,
+            member_deletes: &mut member_deletes,
+            ref_delta: &mut ref_delta,
+            keep_keys: &mut keep_keys,
+            keep_members: &mut keep_members,
+        };
         // The internal scope first: complete before the scope-0 flag that makes it reachable.
         let kind_and_affinity = frontend_flags(want) & (FRONTEND_KIND | SVC_FLAG_AFFINITY);
         if let Some(ids) = &internal_ids {
@@ -538,15 +568,28 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
             .collect();
         stray_ranges.sort();
         removal_ops.extend(stray_ranges.into_iter().map(|(id, r)| Op::DeleteSourceRange(id, r)));
+        let already: HashSet<MemberKey> = freeing_ops
+            .iter()
+            .chain(&removal_ops)
+            .filter_map(|op| match op {
+                Op::DeleteMember(k) => Some(*k),
+                _ => None,
+            })
+            .collect();
+        member_deletes.extend(current.members.keys().filter(|k| !keep_members.contains(k) && !already.contains(k)));
     }
     meta_deletes.sort_unstable();
     meta_deletes.dedup();
+    member_deletes.sort_unstable();
+    member_deletes.dedup();
 
     let mut ops = freeing_ops;
     ops.extend(backend_ops);
     ops.extend(meta_ops);
+    ops.extend(member_ops);
     ops.extend(service_ops);
     ops.extend(removal_ops);
+    ops.extend(member_deletes.into_iter().map(Op::DeleteMember));
     ops.extend(meta_deletes.into_iter().map(Op::DeleteMeta));
     ops.extend(stale_backends.into_iter().map(Op::DeleteBackend));
     Plan { ops, refused }
@@ -576,11 +619,16 @@ const FRONTEND_KIND: u16 = SVC_FLAG_CLUSTER_IP | SVC_FLAG_NODE_PORT | SVC_FLAG_E
 /// Where the writes of one frontend's scopes go, and the accounting they update.
 struct ScopeWrites<'a> {
     current: &'a MapContents,
+    /// Services-map writes.
     ops: &'a mut Vec<Op>,
+    /// Membership writes (before every services-map write) and deletions (after them).
+    member_ops: &'a mut Vec<Op>,
+    member_deletes: &'a mut Vec<MemberKey>,
     /// Slot references gained (+) and lost (-) per backend id.
     ref_delta: &'a mut HashMap<u32, i64>,
     /// Entries that must survive the sweep of a full plan.
     keep_keys: &'a mut HashSet<ServiceKey>,
+    keep_members: &'a mut HashSet<MemberKey>,
 }
 
 impl ScopeWrites<'_> {
@@ -611,6 +659,12 @@ impl ScopeWrites<'_> {
         for (slot, backend_id) in (1..=u16::MAX).zip(&slots) {
             let backend_id = backend_id.expect("every slot is filled: as many ids as slots");
             let key = ServiceKey { slot, ..key0 };
+            let membership = member_key(&key0, front.service_id, backend_id);
+            let where_ = MemberValue { slot, _pad: 0 };
+            self.keep_members.insert(membership);
+            if self.current.members.get(&membership) != Some(&where_) {
+                self.member_ops.push(Op::PutMember(membership, where_));
+            }
             let value = ServiceValue { backend_id, count: 0, flags: 0, service_id: front.service_id };
             self.keep_keys.insert(key);
             let old = services.get(&key);
@@ -636,24 +690,43 @@ impl ScopeWrites<'_> {
                 self.ops.push(Op::DeleteService(key));
             }
         }
+        // Backends no slot of this scope holds any more.
+        let kept: HashSet<u32> = ids.iter().copied().collect();
+        for backend_id in old_slots.iter().flatten().filter(|id| !kept.contains(id)) {
+            let key = member_key(&key0, front.service_id, *backend_id);
+            if self.current.members.contains_key(&key) {
+                self.member_deletes.push(key);
+            }
+        }
     }
 }
 
+/// The membership entry of `backend_id` in the scope of `key0` of service `service_id`.
+fn member_key(key0: &ServiceKey, service_id: u32, backend_id: u32) -> MemberKey {
+    MemberKey { service_id, backend_id, scope: key0.scope, _pad: [0; 3] }
+}
+
 /// Plans the deletion of one scope of a frontend (`key0`, its slot 0), if programmed: the
-/// frontend entry first, so readers stop at once, then its slots. Returns how many entries
-/// it deletes.
+/// frontend entry first, so readers stop at once, then its slots, then the membership entries
+/// of their backends. Returns how many services-map entries it deletes.
 fn delete_scope(current: &MapContents, key0: ServiceKey, ops: &mut Vec<Op>, ref_delta: &mut HashMap<u32, i64>) -> u64 {
     let Some(v) = current.services.get(&key0) else { return 0 };
     ops.push(Op::DeleteService(key0));
     let mut deleted = 1;
+    let mut members = Vec::new();
     for slot in 1..=v.count {
         let key = ServiceKey { slot, ..key0 };
         if let Some(s) = current.services.get(&key) {
             *ref_delta.entry(s.backend_id).or_default() -= 1;
             ops.push(Op::DeleteService(key));
             deleted += 1;
+            let member = member_key(&key0, v.service_id, s.backend_id);
+            if current.members.contains_key(&member) {
+                members.push(Op::DeleteMember(member));
+            }
         }
     }
+    ops.extend(members);
     deleted
 }
 
@@ -750,14 +823,15 @@ mod tests {
         ]);
         let p = full(&MapContents::default(), &want, &LIMITS);
         assert!(p.refused.is_empty());
-        // A backend shared by two services is written once; backends and metadata come first,
-        // and every frontend entry comes after its slots.
+        // A backend shared by two services is written once; backends, metadata and membership
+        // come first, and every frontend entry comes after its slots.
         let kinds: Vec<&str> = p
             .ops
             .iter()
             .map(|op| match op {
                 Op::PutBackend(..) => "backend",
                 Op::PutMeta(..) => "meta",
+                Op::PutMember(..) => "member",
                 Op::PutService(k, _) if k.slot == 0 => "frontend",
                 Op::PutService(..) => "slot",
                 _ => "delete",
@@ -765,7 +839,10 @@ mod tests {
             .collect();
         assert_eq!(
             kinds,
-            ["backend", "backend", "backend", "meta", "meta", "meta", "slot", "slot", "slot", "frontend", "slot", "frontend", "frontend"]
+            [
+                "backend", "backend", "backend", "meta", "meta", "meta", "member", "member", "member", "member", "slot", "slot",
+                "slot", "frontend", "slot", "frontend", "frontend"
+            ]
         );
         let mut maps = MapContents::default();
         for op in &p.ops {
@@ -789,14 +866,53 @@ mod tests {
         }
         let new = ["10.244.1.1:8080", "10.244.1.3:8080"];
         let p = full(&maps, &desired(&[("10.96.0.10:80", svc("web", &new))]), &LIMITS);
-        // Slot 2 takes the backend from slot 3, the count drops, slot 3 and the backend go.
-        assert_eq!(p.ops.len(), 4, "{:#?}", p.ops);
-        assert!(matches!(p.ops[3], Op::DeleteBackend(_)));
+        // Slot 2 takes the backend from slot 3 (its membership entry first), the count drops,
+        // slot 3, then the removed backend's membership entry and the backend go.
+        assert_eq!(p.ops.len(), 6, "{:#?}", p.ops);
+        assert!(matches!(p.ops[0], Op::PutMember(_, MemberValue { slot: 2, .. })), "{:#?}", p.ops);
+        assert!(matches!(p.ops[4], Op::DeleteMember(_)), "{:#?}", p.ops);
+        assert!(matches!(p.ops[5], Op::DeleteBackend(_)));
         let allowed: Vec<SocketAddrV4> = old.iter().map(|a| a.parse().unwrap()).collect();
         apply_checked(&mut maps, &p, &[("10.96.0.10:80", allowed)]);
         let hits = spread(&maps, "10.96.0.10:80", 100);
         assert_eq!(hits.keys().cloned().collect::<Vec<_>>(), new);
         assert_eq!(maps.backends.len(), 2);
+    }
+
+    /// Flows that remember (slot, backend), as tc conntrack and the affinities do: when one
+    /// backend of ten leaves and the last one moves into its slot, only the flows of the one
+    /// that left change backend, after every single write of the plan and at its end.
+    #[test]
+    fn a_backend_that_leaves_moves_only_its_own_flows() {
+        let all: Vec<String> = (1..=10).map(|i| format!("10.244.1.{i}:8080")).collect();
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        let mut maps = MapContents::default();
+        let p = full(&maps, &desired(&[("10.96.0.10:80", svc("web", &refs))]), &LIMITS);
+        apply_plan(&mut maps, &p);
+        let web = fe("10.96.0.10:80");
+        let mut flows: Vec<(u16, u32)> = (0..1000u32).map(|r| maps.resolve_flow(web, None, r.wrapping_mul(2_654_435_761)).unwrap()).collect();
+        let addr = |maps: &MapContents, id: u32| crate::dataplane::backend_addr(&maps.backends[&id]).to_string();
+        let before: Vec<String> = flows.iter().map(|(_, id)| addr(&maps, *id)).collect();
+        let leaving = "10.244.1.3:8080";
+        let rest: Vec<&str> = refs.iter().copied().filter(|b| *b != leaving).collect();
+        let p = full(&maps, &desired(&[("10.96.0.10:80", svc("web", &rest))]), &LIMITS);
+        for (step, op) in p.ops.iter().enumerate() {
+            maps.apply(op).unwrap();
+            for (i, flow) in flows.iter_mut().enumerate() {
+                let next = maps.resolve_flow(web, Some(*flow), 7 * i as u32 + step as u32).expect("still served");
+                if before[i] != leaving {
+                    assert_eq!(addr(&maps, next.1), before[i], "flow {i} of a staying backend moved after {op:?}");
+                }
+                *flow = next;
+            }
+        }
+        let moved = flows.iter().zip(&before).filter(|((_, id), b)| addr(&maps, *id) != **b).count();
+        let of_leaving = before.iter().filter(|b| *b == leaving).count();
+        assert_eq!(moved, of_leaving, "exactly the flows of the backend that left moved");
+        assert!(of_leaving > 50, "{of_leaving} of 1000 flows on the leaving backend");
+        assert!(flows.iter().all(|(_, id)| addr(&maps, *id) != leaving));
+        // The moved backend's flows remember its new slot.
+        assert!(flows.iter().all(|(slot, id)| maps.services[&service_key(web, *slot)].backend_id == *id));
     }
 
     #[test]
@@ -811,7 +927,7 @@ mod tests {
         apply_checked(&mut maps, &p, &[("10.96.0.10:80", vec!["10.244.1.1:80".parse().unwrap(), "10.244.1.5:80".parse().unwrap()])]);
         let slot1 = service_key(fe("10.96.0.10:80"), 1);
         assert_eq!(maps.services[&slot1], before[&slot1], "existing backend moved");
-        assert_eq!(p.ops.len(), 3, "{:#?}", p.ops); // new backend, new slot 2, count
+        assert_eq!(p.ops.len(), 4, "{:#?}", p.ops); // new backend, its membership, new slot 2, count
     }
 
     #[test]
@@ -845,17 +961,19 @@ mod tests {
                 Op::PutService(k, v) if k.slot > 0 => Op::PutService(k, ServiceValue { backend_id: v.backend_id + 40, service_id: 7, ..v }),
                 Op::PutService(k, v) => Op::PutService(k, ServiceValue { service_id: 7, ..v }),
                 Op::PutMeta(_, m) => Op::PutMeta(7, m),
+                Op::PutMember(k, v) => Op::PutMember(MemberKey { service_id: 7, backend_id: k.backend_id + 40, ..k }, v),
                 other => other,
             };
             maps.apply(&op).unwrap();
         }
         assert_eq!(full(&maps, &want, &LIMITS), Plan::default(), "adoption must not rewrite anything");
-        // Drift: a slot and the metadata deleted by hand, a stray entry added.
+        // Drift: a slot and the metadata deleted by hand, stray entries added.
         maps.services.remove(&service_key(fe("10.96.0.10:80"), 2));
         maps.meta.clear();
         maps.services.insert(service_key(fe("10.96.0.99:80"), 3), ServiceValue::default());
+        maps.members.insert(MemberKey { service_id: 99, backend_id: 41, ..Default::default() }, MemberValue { slot: 1, _pad: 0 });
         let p = full(&maps, &want, &LIMITS);
-        assert_eq!(p.ops.len(), 3, "{:#?}", p.ops);
+        assert_eq!(p.ops.len(), 4, "{:#?}", p.ops);
         for op in &p.ops {
             maps.apply(op).unwrap();
         }
@@ -1093,6 +1211,10 @@ mod two_scope_tests {
             Op::DeleteService(..) => "-slot",
             Op::DeleteBackend(..) => "-backend",
             Op::DeleteMeta(..) => "-meta",
+            Op::PutMember(k, _) if k.scope == SCOPE_INTERNAL => "internal member",
+            Op::PutMember(..) => "member",
+            Op::DeleteMember(k) if k.scope == SCOPE_INTERNAL => "-internal member",
+            Op::DeleteMember(..) => "-member",
             _ => "other",
         }
     }
@@ -1105,7 +1227,10 @@ mod two_scope_tests {
         let kinds: Vec<&str> = p.ops.iter().map(kind).collect();
         assert_eq!(
             kinds,
-            ["backend", "backend", "backend", "meta", "internal slot", "internal slot", "internal slot", "internal frontend", "slot", "frontend"]
+            [
+                "backend", "backend", "backend", "meta", "internal member", "internal member", "internal member", "member",
+                "internal slot", "internal slot", "internal slot", "internal frontend", "slot", "frontend"
+            ]
         );
         let flags = |maps: &MapContents, scope: u8| maps.services[&ServiceKey { scope, ..service_key(fe(NODE_PORT), 0) }].flags;
         apply_checked(&mut maps, &p, true, &both);
@@ -1122,7 +1247,7 @@ mod two_scope_tests {
         let fewer = ["10.244.1.1:8080", "10.244.3.1:8080"];
         let p = full(&maps, &node_port(LOCAL, Some(&fewer)), &LIMITS);
         let kinds: Vec<&str> = p.ops.iter().map(kind).collect();
-        assert_eq!(kinds, ["internal slot", "internal frontend", "-internal slot", "-backend"]);
+        assert_eq!(kinds, ["internal member", "internal slot", "internal frontend", "-internal slot", "-internal member", "-backend"]);
         apply_checked(&mut maps, &p, false, &both);
         assert_eq!(spread(&maps, Origin::InCluster, 100).keys().cloned().collect::<Vec<_>>(), fewer);
 
@@ -1130,7 +1255,10 @@ mod two_scope_tests {
         // internal scope goes.
         let p = full(&maps, &node_port(&fewer, None), &LIMITS);
         let kinds: Vec<&str> = p.ops.iter().map(kind).collect();
-        assert_eq!(kinds, ["slot", "frontend", "-internal frontend", "-internal slot", "-internal slot"]);
+        assert_eq!(
+            kinds,
+            ["member", "slot", "frontend", "-internal frontend", "-internal slot", "-internal slot", "-internal member", "-internal member"]
+        );
         apply_checked(&mut maps, &p, false, &[(Origin::InCluster, Some(addrs(&fewer))), (Origin::Outside, Some(addrs(&fewer)))]);
         assert_eq!(flags(&maps, SCOPE_EXTERNAL), SVC_FLAG_NODE_PORT);
         assert!(maps.services.keys().all(|k| k.scope == SCOPE_EXTERNAL));
@@ -1143,7 +1271,10 @@ mod two_scope_tests {
         assert_eq!(flags(&maps, SCOPE_EXTERNAL), SVC_FLAG_NODE_PORT | SVC_FLAG_TWO_SCOPES | SVC_FLAG_DROP_UNSERVED);
         let p = full(&maps, &DesiredState::new(), &LIMITS);
         let kinds: Vec<&str> = p.ops.iter().map(kind).collect();
-        assert_eq!(kinds, ["-frontend", "-internal frontend", "-internal slot", "-internal slot", "-meta", "-backend", "-backend"]);
+        assert_eq!(
+            kinds,
+            ["-frontend", "-internal frontend", "-internal slot", "-internal slot", "-internal member", "-internal member", "-meta", "-backend", "-backend"]
+        );
         apply_checked(&mut maps, &p, true, &both);
         assert_eq!(maps, MapContents::default());
     }

@@ -10,7 +10,8 @@
 //! - [`link_create_iter`]: `BPF_LINK_CREATE` of an iterator program (socket termination);
 //! - [`iter_create`]: `BPF_ITER_CREATE`, a readable iterator over that link;
 //! - [`map_update_batch`]: `BPF_MAP_UPDATE_BATCH`, many hash map entries in one call (the
-//!   dataplane's large writes);
+//!   dataplane's large writes), and [`map_count`]: `BPF_MAP_LOOKUP_BATCH`, to count a map's
+//!   entries (the socket LRU maps' fill level);
 //! - [`release_free_memory`]: glibc's `malloc_trim`, not `bpf(2)`, but the agent's one other
 //!   foreign call with a safety contract.
 //!
@@ -33,7 +34,7 @@ use aya_obj::generated::{bpf_attr, bpf_cmd};
 
 pub use iter::iter_create;
 pub use link::link_create_iter;
-pub use map_batch::map_update_batch;
+pub use map_batch::{map_count, map_update_batch};
 pub use mem::release_free_memory;
 pub use prog_query::prog_query;
 

@@ -8,6 +8,11 @@
 //! - `udp`: a client. `--count` datagrams with `sendto` on one unconnected socket (or, with
 //!   `--connected`, `connect` + `send`; with `--new-socket`, a fresh socket per datagram),
 //!   recording the backend and each reply's source address.
+//! - `udp-flows`: a client of many flows. `--count` unconnected sockets, one datagram each,
+//!   then (after `--go-file` appears) one more each, recording which sockets changed backend.
+//! - `flood`: `--count` UDP sockets `connect`ed to the address (no traffic; `getpeername()`
+//!   once each), all held open until the last is connected, as a process that opens very many
+//!   sockets does.
 //!
 //! Clients print one JSON line, see `xtask::report`. They are bounded: `--count` requests, each
 //! socket operation limited by `--timeout-ms`, and the whole run by `--max-ms` (requests not
@@ -53,6 +58,26 @@ enum Cli {
         #[command(flatten)]
         mode: UdpMode,
     },
+    /// Many UDP flows, two rounds: one datagram on each of `--count` unconnected sockets,
+    /// then, once `--go-file` exists, one more on each. The report's `by_backend` counts the
+    /// second round's answers, `moved` the sockets whose backend changed ("old->new").
+    UdpFlows {
+        #[command(flatten)]
+        run: RunArgs,
+        /// Created (empty) once the first round is done.
+        #[arg(long)]
+        ready_file: std::path::PathBuf,
+        /// The second round starts when this file exists (or at `--max-ms`).
+        #[arg(long)]
+        go_file: std::path::PathBuf,
+    },
+    /// Open `--count` UDP sockets connected to `--addr` (no datagram sent), call
+    /// `getpeername()` on each, and hold them all until the last is connected. `ok` counts the
+    /// sockets connected, `peers` what getpeername() said.
+    Flood {
+        #[command(flatten)]
+        run: RunArgs,
+    },
 }
 
 #[derive(Args, Clone, Copy)]
@@ -68,6 +93,9 @@ struct UdpMode {
     /// when its connected socket reports an error).
     #[arg(long)]
     reconnect_on_error: bool,
+    /// With `--connected`: record `getpeername()` after every datagram, not only at connect.
+    #[arg(long)]
+    peer_each_datagram: bool,
 }
 
 #[derive(Args, Clone, Copy)]
@@ -104,6 +132,14 @@ fn main() -> Result<()> {
         }
         Cli::Udp { run, mode } => {
             print_report(udp_client(run, mode));
+            Ok(())
+        }
+        Cli::UdpFlows { run, ready_file, go_file } => {
+            print_report(udp_flows(run, &ready_file, &go_file));
+            Ok(())
+        }
+        Cli::Flood { run } => {
+            print_report(flood(run));
             Ok(())
         }
     }
@@ -511,6 +547,9 @@ fn udp_client(run: RunArgs, mode: UdpMode) -> Report {
                 .recv_from(&mut buf)
                 .map_err(|e| Failure::io("receive", e))?;
             rec.source(from);
+            if mode.connected && mode.peer_each_datagram {
+                rec.peer(socket.peer_addr());
+            }
             Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
         })();
         match result {
@@ -541,4 +580,81 @@ fn udp_socket(run: RunArgs, connected: bool, rec: &mut Recorder) -> Result<UdpSo
         rec.peer(socket.peer_addr());
     }
     Ok(socket)
+}
+
+/// One datagram on `socket` to `addr` and its answer: the backend's name, or why not.
+fn udp_exchange(socket: &UdpSocket, addr: SocketAddr, payload: &str) -> Result<String, Failure> {
+    socket.send_to(payload.as_bytes(), addr).map_err(|e| Failure::io("send", e))?;
+    let mut buf = [0u8; 2048];
+    let (n, _) = socket.recv_from(&mut buf).map_err(|e| Failure::io("receive", e))?;
+    let answer = String::from_utf8_lossy(&buf[..n]);
+    Ok(answer.lines().next().unwrap_or_default().trim().to_string())
+}
+
+fn udp_flows(run: RunArgs, ready_file: &std::path::Path, go_file: &std::path::Path) -> Report {
+    let mut rec = Recorder::new();
+    let deadline = rec.start + Duration::from_millis(run.max_ms);
+    let mut flows: Vec<(UdpSocket, Option<String>)> = Vec::new();
+    for i in 0..run.count {
+        match udp_socket(run, false, &mut rec) {
+            Ok(socket) => {
+                let first = match udp_exchange(&socket, run.addr, &format!("flow {i} round 1\n")) {
+                    Ok(backend) => Some(backend),
+                    Err(failure) => {
+                        rec.failure(failure, Duration::ZERO);
+                        None
+                    }
+                };
+                flows.push((socket, first));
+            }
+            Err(failure) => rec.failure(failure, Duration::ZERO),
+        }
+    }
+    if let Err(e) = std::fs::write(ready_file, b"") {
+        rec.failure(Failure::io("write the ready file", e), Duration::ZERO);
+        return rec.finish();
+    }
+    while !go_file.exists() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
+    }
+    for (i, (socket, first)) in flows.iter().enumerate() {
+        let started = Instant::now();
+        match udp_exchange(socket, run.addr, &format!("flow {i} round 2\n")) {
+            Ok(backend) => {
+                if let Some(first) = first.as_ref().filter(|f| **f != backend) {
+                    *rec.report.moved.entry(format!("{first}->{backend}")).or_default() += 1;
+                }
+                rec.success(&backend, started.elapsed());
+            }
+            Err(failure) => rec.failure(failure, started.elapsed()),
+        }
+    }
+    rec.finish()
+}
+
+fn flood(run: RunArgs) -> Report {
+    let mut rec = Recorder::new();
+    let deadline = rec.start + Duration::from_millis(run.max_ms);
+    let mut held = Vec::with_capacity(run.count as usize);
+    for _ in 0..run.count {
+        if Instant::now() >= deadline {
+            *rec.report.errors.entry("NotAttempted".into()).or_default() += 1;
+            continue;
+        }
+        let started = Instant::now();
+        let socket = UdpSocket::bind("0.0.0.0:0")
+            .map_err(|e| Failure::io("bind", e))
+            .and_then(|s| s.connect(run.addr).map(|()| s).map_err(|e| Failure::io("connect", e)));
+        match socket {
+            Ok(socket) => {
+                rec.report.ok += 1;
+                rec.connect_ms.push(ms(started.elapsed()));
+                rec.peer(socket.peer_addr());
+                held.push(socket);
+            }
+            Err(failure) => rec.failure(failure, started.elapsed()),
+        }
+    }
+    drop(held);
+    rec.finish()
 }
