@@ -1,9 +1,9 @@
 //! The kproxy agent under benchmark: started in the kproxy mode's node namespace on a manifest
-//! directory, followed through its `synced` log lines, measured through `/proc`.
+//! directory, followed through its `synced` events (`kproxy run --event-file`), measured through
+//! `/proc`.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -13,6 +13,7 @@ use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 
 use super::env::ModeEnv;
+use kproxy_e2e::events::{Event, EventReader, EVENT_FILE_FLAG};
 use kproxy_e2e::harness::Dump;
 use kproxy_e2e::topology::{spawn_in, ChildGuard};
 use kproxy_e2e::{cmd, interrupt};
@@ -20,55 +21,8 @@ use kproxy_e2e::{cmd, interrupt};
 const POLL: Duration = Duration::from_millis(1);
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
-/// One `synced` line of the agent's log.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Synced {
-    pub full: bool,
-    pub frontends: usize,
-    pub changed: usize,
-    pub writes: usize,
-    /// Time spent writing the maps (planning included), as the agent reports it.
-    pub sync_ms: f64,
-    /// The whole sync: reading and parsing the manifests, then `sync_ms`.
-    pub total_ms: f64,
-}
-
-/// Parses a `synced` log line (ANSI colours and quotes tolerated); `None` for other lines.
-pub fn parse_synced(line: &str) -> Option<Synced> {
-    let line = strip_ansi(line);
-    let mut words = line.split_whitespace();
-    words.find(|w| *w == "synced")?;
-    let fields: BTreeMap<&str, &str> = words
-        .filter_map(|w| w.split_once('='))
-        .map(|(k, v)| (k, v.trim_matches('"')))
-        .collect();
-    let num = |k: &str| fields.get(k).and_then(|v| v.parse::<f64>().ok());
-    Some(Synced {
-        full: fields.get("full") == Some(&"true"),
-        frontends: num("frontends")? as usize,
-        changed: num("changed_frontends").unwrap_or(0.0) as usize,
-        writes: num("writes").unwrap_or(0.0) as usize,
-        sync_ms: num("sync_ms")?,
-        total_ms: num("total_ms")?,
-    })
-}
-
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
+/// One sync of the agent (its `synced` event).
+pub use kproxy_e2e::events::Synced;
 
 /// Resident memory of a process, from `/proc/PID/status`.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
@@ -158,17 +112,20 @@ pub struct Agent {
     bpffs_dir: PathBuf,
     cgroup: PathBuf,
     log: PathBuf,
-    offset: u64,
-    pending: String,
+    events: EventReader,
     process: Option<ChildGuard>,
 }
 
 impl Agent {
     /// Starts the agent on `source` with its socket programs on `cgroup`, and its tc programs
     /// on the node's uplink if `tc`. The sync period is long so that no periodic full sync lands
-    /// inside a measurement.
+    /// inside a measurement. Its output goes to `log`, its events next to it
+    /// (`<log>.events.jsonl`).
     pub fn start(kproxy: &Path, env: &ModeEnv, source: Source<'_>, attach: Attach<'_>, log: PathBuf) -> Result<Agent> {
         let file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let events = log.with_extension("events.jsonl");
+        // A fresh file: the reader starts at its beginning.
+        File::create(&events).with_context(|| format!("creating {}", events.display()))?;
         let mut cmd = Command::new(kproxy);
         cmd.arg("run");
         match source {
@@ -190,6 +147,8 @@ impl Agent {
             .arg(attach.capacities.0.to_string())
             .arg("--max-backends")
             .arg(attach.capacities.1.to_string())
+            .arg(EVENT_FILE_FLAG)
+            .arg(&events)
             .env("NO_COLOR", "1")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -201,8 +160,7 @@ impl Agent {
             bpffs_dir: attach.bpffs_dir,
             cgroup: attach.cgroup.to_path_buf(),
             log,
-            offset: 0,
-            pending: String::new(),
+            events: EventReader::new(&events),
             process: Some(process),
         })
     }
@@ -211,7 +169,7 @@ impl Agent {
         self.process.as_ref().map_or(0, ChildGuard::pid)
     }
 
-    /// Waits for the next `synced` line that satisfies `done`; returns it and when it was seen.
+    /// Waits for the next `synced` event that satisfies `done`; returns it and when it was seen.
     pub fn wait_synced(
         &mut self,
         timeout: Duration,
@@ -220,16 +178,10 @@ impl Agent {
         let deadline = Instant::now() + timeout;
         loop {
             interrupt::check()?;
-            let mut file = File::open(&self.log)?;
-            file.seek(SeekFrom::Start(self.offset))?;
-            let mut new = String::new();
-            let read = file.read_to_string(&mut new)?;
+            let events = self.events.read_new()?;
             let seen = Instant::now();
-            self.offset += read as u64;
-            self.pending.push_str(&new);
-            while let Some(end) = self.pending.find('\n') {
-                let line: String = self.pending.drain(..=end).collect();
-                if let Some(synced) = parse_synced(&line) {
+            for event in events {
+                if let Event::Synced(synced) = event {
                     if done(&synced) {
                         return Ok((synced, seen));
                     }
@@ -242,7 +194,7 @@ impl Agent {
             }
             if Instant::now() > deadline {
                 bail!(
-                    "no matching `synced` line within {timeout:?}; agent log:\n{}",
+                    "no matching `synced` event within {timeout:?}; agent log:\n{}",
                     self.log_tail()
                 );
             }
@@ -292,25 +244,5 @@ impl Drop for Agent {
         if self.bpffs_dir.exists() {
             let _ = fs::remove_dir_all(&self.bpffs_dir);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_synced_lines() {
-        let line = "2026-01-01T00:00:00.000001Z  INFO kproxy::agent: synced full=true \
-                    frontends=3 changed_frontends=3 writes=12 sync_ms=\"0.250\" total_ms=1.500";
-        let s = parse_synced(line).unwrap();
-        assert!(s.full);
-        assert_eq!((s.frontends, s.changed, s.writes), (3, 3, 12));
-        assert!((s.sync_ms - 0.25).abs() < 1e-9 && (s.total_ms - 1.5).abs() < 1e-9);
-        let colored = "\x1b[32m INFO\x1b[0m \x1b[2mkproxy::agent\x1b[0m\x1b[2m:\x1b[0m synced \
-                       \x1b[3mfull\x1b[0m\x1b[2m=\x1b[0mfalse \x1b[3mfrontends\x1b[0m\x1b[2m=\x1b[0m1 \
-                       sync_ms=0.1 total_ms=0.2";
-        assert_eq!(parse_synced(colored).unwrap().frontends, 1);
-        assert!(parse_synced("INFO kproxy: watching manifests").is_none());
     }
 }

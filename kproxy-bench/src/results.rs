@@ -221,21 +221,8 @@ pub struct Footprint {
 }
 
 /// One round of `kproxy tc-cost`: nanoseconds per packet of each case, with `repeat` (hot,
-/// tracked flows on a self-mapped service) and single runs (median). The JSON of
-/// `kproxy::tc_cost::Round`, whose fields it mirrors (xtask does not depend on kproxy).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(default)]
-pub struct TcRound {
-    pub empty_ns: f64,
-    pub ingress_tracked_ns: f64,
-    pub ingress_not_frontend_ns: f64,
-    pub egress_reply_ns: f64,
-    pub egress_untracked_ns: f64,
-    pub empty_single_ns: f64,
-    pub ingress_new_flow_single_ns: f64,
-    pub ingress_tracked_single_ns: f64,
-    pub ingress_tracked_self_single_ns: f64,
-}
+/// tracked flows on a self-mapped service) and single runs (median), as kproxy-api defines it.
+pub use kproxy_api::tc_cost::Round as TcRound;
 
 /// The per-packet cost of the tc programs at one N (`kproxy tc-cost`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

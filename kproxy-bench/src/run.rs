@@ -765,13 +765,6 @@ fn targets(access: Access, services: &[Svc], envs: &BTreeMap<Mode, ModeEnv>) -> 
 /// `kproxy tc-cost` in the kproxy mode's node namespace, on the manifests the agent reads, with
 /// the agent's capacities: flows from the external client to the last service's NodePort.
 fn tc_cost(cfg: &Config, env: &ModeEnv, manifests: &Path, services: &[Svc], capacities: (u32, u32)) -> Result<TcCost> {
-    #[derive(serde::Deserialize)]
-    struct Report {
-        frontends: usize,
-        backends: usize,
-        runs: u32,
-        rounds: Vec<super::results::TcRound>,
-    }
     let frontend = format!("{NODE_ADDRESS}:{}", services[services.len() - 1].node_port);
     let manifests = manifests.display().to_string();
     let (max_services, max_backends) = (capacities.0.to_string(), capacities.1.to_string());
@@ -782,7 +775,7 @@ fn tc_cost(cfg: &Config, env: &ModeEnv, manifests: &Path, services: &[Svc], capa
         "--max-services", &max_services, "--max-backends", &max_backends, "--rounds", &rounds, "--runs", &runs,
     ];
     let out = env.node_command(&cfg.kproxy.display().to_string(), &args, None)?;
-    let r: Report = serde_json::from_str(out.trim()).with_context(|| format!("kproxy tc-cost printed {out:?}"))?;
+    let r: kproxy_api::tc_cost::Report = serde_json::from_str(out.trim()).with_context(|| format!("kproxy tc-cost printed {out:?}"))?;
     Ok(TcCost { frontend, frontends: r.frontends, backends: r.backends, runs: r.runs, rounds: r.rounds })
 }
 

@@ -24,10 +24,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use nix::sys::signal::Signal;
-use serde_json::Value;
 
+use crate::events::{self, Attached, Event, SocketTermination, EVENT_FILE_FLAG};
 use crate::fake_apiserver::FakeApiServer;
 use crate::manifest::{self, ServiceSpec};
 use crate::prometheus::Metrics;
@@ -109,17 +109,11 @@ pub struct Dump {
 }
 
 impl Dump {
+    /// Parses `kproxy dump --json` ([`kproxy_api::dump`]).
     pub fn parse(json: &str) -> Result<Dump> {
-        let v: Value = serde_json::from_str(json.trim())
+        let dump: kproxy_api::dump::Dump = serde_json::from_str(json.trim())
             .with_context(|| format!("kproxy dump printed invalid JSON: {json:?}"))?;
-        let services = v
-            .get("services")
-            .and_then(Value::as_array)
-            .ok_or_else(|| anyhow!("kproxy dump has no \"services\" array: {json}"))?;
-        let mut services = services
-            .iter()
-            .map(|s| parse_service(s).with_context(|| format!("in dump entry {s}")))
-            .collect::<Result<Vec<_>>>()?;
+        let mut services: Vec<ServiceDump> = dump.services.into_iter().map(ServiceDump::from).collect();
         services.sort_by(|a, b| {
             (&a.namespace, &a.name, &a.port_name).cmp(&(&b.namespace, &b.name, &b.port_name))
         });
@@ -139,31 +133,20 @@ impl Dump {
     }
 }
 
-fn parse_service(v: &Value) -> Result<ServiceDump> {
-    let text = |key: &str| v.get(key).and_then(Value::as_str).map(str::to_string);
-    let required = |key: &str| text(key).ok_or_else(|| anyhow!("no string field {key:?}"));
-    let mut backends = match v.get("backends") {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|b| {
-                b.as_str()
-                    .map(str::to_string)
-                    .ok_or_else(|| anyhow!("backend {b}"))
-            })
-            .collect::<Result<_>>()?,
-        Some(other) => bail!("backends is not an array: {other}"),
-    };
-    backends.sort();
-    Ok(ServiceDump {
-        namespace: text("namespace").unwrap_or_default(),
-        name: required("name")?,
-        port_name: text("port_name").unwrap_or_default(),
-        kind: text("type").unwrap_or_default(),
-        frontend: required("frontend")?,
-        protocol: text("protocol").unwrap_or_default(),
-        backends,
-    })
+impl From<kproxy_api::dump::DumpService> for ServiceDump {
+    fn from(s: kproxy_api::dump::DumpService) -> ServiceDump {
+        let mut backends = s.backends;
+        backends.sort();
+        ServiceDump {
+            namespace: s.namespace,
+            name: s.name,
+            port_name: s.port_name,
+            kind: s.svc_type,
+            frontend: s.frontend,
+            protocol: s.protocol,
+            backends,
+        }
+    }
 }
 
 /// A directory removed (recursively) on drop.
@@ -388,6 +371,33 @@ impl Harness {
         self.workdir.0.join("agent.log")
     }
 
+    /// The agent's event file (`kproxy run --event-file`; all runs, appended).
+    pub fn event_file(&self) -> PathBuf {
+        self.workdir.0.join("events.jsonl")
+    }
+
+    /// Every event the agent wrote so far (all runs), oldest first.
+    pub fn events(&self) -> Result<Vec<Event>> {
+        events::read(&self.event_file())
+    }
+
+    /// The latest [`Attached`] event: where and how the programs were attached.
+    pub fn attached(&self) -> Result<Option<Attached>> {
+        Ok(self.events()?.into_iter().rev().find_map(|e| match e {
+            Event::Attached(a) => Some(a),
+            _ => None,
+        }))
+    }
+
+    /// The latest [`SocketTermination`] event: whether the agent could load stale-socket
+    /// termination.
+    pub fn socket_termination(&self) -> Result<Option<SocketTermination>> {
+        Ok(self.events()?.into_iter().rev().find_map(|e| match e {
+            Event::SocketTermination(t) => Some(t),
+            _ => None,
+        }))
+    }
+
     /// The agent's whole stdout and stderr (all runs, appended).
     pub fn agent_log_full(&self) -> String {
         fs::read_to_string(self.agent_log_path()).unwrap_or_default()
@@ -404,8 +414,8 @@ impl Harness {
     }
 
     /// Starts `kproxy run` in the node namespace (not in the client cgroup); its output goes to
-    /// the agent log. It reads the manifests, or watches the apiserver given to
-    /// [`Harness::with_apiserver`].
+    /// the agent log, its events to [`Harness::event_file`]. It reads the manifests, or watches
+    /// the apiserver given to [`Harness::with_apiserver`].
     pub fn start_agent(&mut self) -> Result<()> {
         if let Some(agent) = &mut self.agent {
             if agent.is_running() {
@@ -438,6 +448,8 @@ impl Harness {
             .arg(&self.bpffs_dir)
             .arg("--cgroup")
             .arg(self.cgroup.path())
+            .arg(EVENT_FILE_FLAG)
+            .arg(self.event_file())
             .args(&self.extra_agent_args)
             // Plain text in the log file, so that failures quote it readably.
             .env("NO_COLOR", "1")

@@ -13,6 +13,7 @@
 //! - [`fake_apiserver`]: a fake Kubernetes apiserver (real HTTP list/watch) with fault
 //!   injection, for end-to-end tests of the agent's apiserver source.
 //! - [`dump_poller`]: `kproxy dump` in a loop, checking that nothing flaps.
+//! - [`events`]: the agent's event file (`kproxy run --event-file`), as typed in kproxy-api.
 //! - [`vm_checks`]: the checks of `cargo xtask vm-test` that the test suites do not make.
 //! - [`cmd`], [`interrupt`]: xtask's, re-exported: running host commands with errors that name
 //!   the command; Ctrl-C turned into an orderly teardown.
@@ -20,6 +21,7 @@
 pub use xtask::{cmd, interrupt};
 
 pub mod dump_poller;
+pub mod events;
 pub mod fake_apiserver;
 pub mod harness;
 pub mod http;

@@ -4,14 +4,15 @@
 //! - `programs_attached`: the agent loads every program (the tc classifiers are verified at load
 //!   even when no device is configured) and attaches one kproxy program at each cgroup hook
 //!   (connect4, sendmsg4, recvmsg4, getpeername4); `kproxy dump` shows the service; traffic
-//!   flows; `kproxy cleanup` leaves no program and no pin; the agent's log says whether
-//!   stale-socket termination loaded (Linux >= 6.5) or is unavailable (older kernels).
+//!   flows; `kproxy cleanup` leaves no program and no pin; the agent's `socket_termination`
+//!   event says whether stale-socket termination loaded (Linux >= 6.5) or is unavailable (older
+//!   kernels).
 //! - `refused_connect`: a service without endpoints refuses at once; with `ECONNREFUSED` where
 //!   the kernel has `bpf_set_retval` (5.18), else with the documented `EPERM` fallback, and the
-//!   agent's log says which one it chose.
+//!   agent's `attached` event says which one it chose.
 //! - `tc_attach`: the tc programs attach to a veth with the mechanism the kernel has (netlink
-//!   clsact filters below 6.6, TCX links from 6.6, and netlink forced there too), and
-//!   `kproxy cleanup` removes them. Runs in a private network and mount namespace with its own
+//!   clsact filters below 6.6, TCX links from 6.6, and netlink forced there too; the `attached`
+//!   event agrees), and `kproxy cleanup` removes them. Runs in a private network and mount namespace with its own
 //!   sysfs, cgroup2 and bpffs mounts: kproxy finds devices through `/sys/class/net`, which
 //!   shows the devices of the namespace sysfs was mounted in, not of the caller's.
 //!
@@ -29,6 +30,7 @@ use serde_json::Value;
 
 use xtask::vm::{has_set_retval, kernel_release, release_version, CHECKS, MARK};
 use crate::cmd;
+use crate::events::{self, Event, SocketTerminationStatus, TcAttachment, EVENT_FILE_FLAG};
 use crate::harness::{unique_bpffs_dir, Binaries, Dump, Harness, HTTP_PORT};
 use crate::manifest::{self, Protocol, ServiceSpec};
 use crate::topology::unique_name;
@@ -68,39 +70,6 @@ pub fn run(name: &str) -> Result<()> {
         "tc_attach" => tc_attach(bins),
         other => bail!("no check {other:?}; the checks are {CHECKS:?}"),
     }
-}
-
-/// The text without ANSI escape sequences (the agent's log may be coloured).
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // CSI: ESC [ parameters final-byte
-            if chars.next() == Some('[') {
-                for c in chars.by_ref() {
-                    if c.is_ascii_alphabetic() {
-                        break;
-                    }
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// The value of `field=` on the agent's "programs attached" log line.
-fn attach_log_field(log: &str, field: &str) -> Option<String> {
-    let log = strip_ansi(log);
-    let line = log.lines().rev().find(|l| l.contains("programs attached"))?;
-    let start = line.find(&format!("{field}="))? + field.len() + 1;
-    let value: String = line[start..]
-        .chars()
-        .take_while(|c| !c.is_whitespace())
-        .collect();
-    Some(value.trim_matches('"').to_string())
 }
 
 /// `bpftool <args> -j`, parsed; empty output (bpftool prints nothing for "none") is `[]`.
@@ -199,17 +168,26 @@ fn programs_attached(bins: Binaries) -> Result<()> {
     // Stale-socket termination (bpf_sock_destroy, Linux 6.5) is optional: below 6.5 the agent
     // says once that it is unavailable and serves everything else.
     let release = kernel_release()?;
-    let log = strip_ansi(&h.agent_log_full());
+    let termination = h
+        .socket_termination()?
+        .with_context(|| format!("the agent wrote no socket_termination event:\n{}", h.agent_log()))?;
     if release_version(&release).is_some_and(|v| v >= (6, 5)) {
         ensure!(
-            log.contains("stale-socket termination available"),
-            "on {release} the agent must load the socket iterators:\n{log}"
+            termination.status == SocketTerminationStatus::Available,
+            "on {release} the agent must load the socket iterators: {termination:?}\n{}",
+            h.agent_log_full()
         );
         note("stale-socket termination: iter/udp and iter/tcp loaded (bpf_sock_destroy)");
     } else {
-        let line = log.lines().find(|l| l.contains("stale-socket termination unavailable"));
-        ensure!(line.is_some(), "on {release} the agent must say stale-socket termination is unavailable:\n{log}");
-        fallback(&format!("stale-socket termination unavailable below 6.5: {}", line.unwrap_or_default().trim()));
+        ensure!(
+            termination.status == SocketTerminationStatus::Unavailable,
+            "on {release} the agent must say stale-socket termination is unavailable: {termination:?}\n{}",
+            h.agent_log_full()
+        );
+        fallback(&format!(
+            "stale-socket termination unavailable below 6.5: {}",
+            termination.error.unwrap_or_default()
+        ));
     }
 
     let table = h.dump_table()?;
@@ -249,7 +227,7 @@ fn refused_connect(bins: Binaries) -> Result<()> {
 
     let report = h.run_client(&["http", "--addr", EMPTY, "--count", "5"], CLIENT_WAIT)?;
     let log = h.agent_log();
-    let chosen = attach_log_field(&log, "set_retval");
+    let chosen = h.attached()?.map(|a| a.set_retval);
 
     let expected = if new_kernel {
         "ConnectionRefused"
@@ -269,15 +247,11 @@ fn refused_connect(bins: Binaries) -> Result<()> {
         slowest < 100.0,
         "refusal took {slowest} ms, expected < 100 ms"
     );
-    let agrees = match chosen.as_deref() {
-        Some("true" | "1") => new_kernel,
-        Some("false" | "0") => !new_kernel,
-        _ => false,
-    };
     ensure!(
-        agrees,
-        "the agent's log says set_retval={chosen:?} on {release} (expected {new_kernel}):\n{log}"
+        chosen == Some(new_kernel),
+        "the agent's attached event says set_retval={chosen:?} on {release} (expected {new_kernel}):\n{log}"
     );
+    let chosen = chosen.map(|c| c.to_string());
     if new_kernel {
         note(&format!(
             "refused connect: ECONNREFUSED in {slowest:.2} ms (bpf_set_retval, agent set_retval={})",
@@ -286,7 +260,7 @@ fn refused_connect(bins: Binaries) -> Result<()> {
     } else {
         fallback(&format!(
             "refused connect: EPERM instead of ECONNREFUSED in {slowest:.2} ms; no bpf_set_retval \
-             below 5.18, the agent detected {release} and logged set_retval={}",
+             below 5.18, the agent detected {release} and reported set_retval={}",
             chosen.unwrap_or_default()
         ));
     }
@@ -296,19 +270,11 @@ fn refused_connect(bins: Binaries) -> Result<()> {
     Ok(())
 }
 
-/// How tc programs are attached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum TcMode {
-    Tcx,
-    Netlink,
-}
-
-impl TcMode {
-    fn as_str(self) -> &'static str {
-        match self {
-            TcMode::Tcx => "tcx",
-            TcMode::Netlink => "netlink",
-        }
+/// `tcx` or `netlink`, as `--tc-attach` spells them.
+fn tc_name(mode: TcAttachment) -> &'static str {
+    match mode {
+        TcAttachment::Tcx => "tcx",
+        TcAttachment::Netlink => "netlink",
     }
 }
 
@@ -397,10 +363,10 @@ fn tc_attach_modes(bins: &Binaries, cgroup: &Path, device: &str, has_tcx: bool) 
     );
     fs::write(manifests.join("services.yaml"), manifest::to_yaml(std::slice::from_ref(&web)))?;
     // Auto picks TCX from 6.6; netlink is forced there too, to keep the older path working.
-    let modes: &[(&str, TcMode)] = if has_tcx {
-        &[("auto", TcMode::Tcx), ("netlink", TcMode::Netlink)]
+    let modes: &[(&str, TcAttachment)] = if has_tcx {
+        &[("auto", TcAttachment::Tcx), ("netlink", TcAttachment::Netlink)]
     } else {
-        &[("auto", TcMode::Netlink)]
+        &[("auto", TcAttachment::Netlink)]
     };
     let result = modes.iter().try_for_each(|&(flag, mode)| {
         tc_attach_once(bins, cgroup, device, &manifests, &web, flag, mode)
@@ -416,11 +382,12 @@ fn tc_attach_once(
     manifests: &Path,
     web: &ServiceSpec,
     flag: &str,
-    mode: TcMode,
+    mode: TcAttachment,
 ) -> Result<()> {
     let bpffs = unique_bpffs_dir("kproxy-vm-tc");
     let bpffs_arg = bpffs.to_string_lossy().to_string();
     let log_path = manifests.with_file_name(format!("agent-{flag}.log"));
+    let events_path = manifests.with_file_name(format!("agent-{flag}.events.jsonl"));
     let log = File::create(&log_path)?;
     let agent = Command::new(&bins.kproxy)
         .arg("run")
@@ -429,6 +396,8 @@ fn tc_attach_once(
         .args(["--bpffs-dir", &bpffs_arg, "--devices", device, "--tc-attach", flag])
         .arg("--cgroup")
         .arg(cgroup)
+        .arg(EVENT_FILE_FLAG)
+        .arg(&events_path)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -452,16 +421,19 @@ fn tc_attach_once(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let logged = attach_log_field(&read_log(), "tc");
+    let attached = events::read(&events_path)?.into_iter().rev().find_map(|e| match e {
+        Event::Attached(a) => Some(a.tc),
+        _ => None,
+    });
     ensure!(
-        logged.as_deref() == Some(mode.as_str()),
-        "--tc-attach {flag}: expected tc={} in the agent's log, found {logged:?}:\n{}",
-        mode.as_str(),
+        attached == Some(mode),
+        "--tc-attach {flag}: expected tc={} in the agent's attached event, found {attached:?}:\n{}",
+        tc_name(mode),
         read_log()
     );
     let shown = device_programs(device)?;
     match mode {
-        TcMode::Netlink => {
+        TcAttachment::Netlink => {
             for (program, direction) in TC_PROGRAMS.iter().zip(["ingress", "egress"]) {
                 ensure!(
                     shown.iter().any(|s| s.contains(direction) && s.ends_with(&format!("={program}"))),
@@ -469,7 +441,7 @@ fn tc_attach_once(
                 );
             }
         }
-        TcMode::Tcx => {
+        TcAttachment::Tcx => {
             for program in TC_PROGRAMS {
                 let pin = bpffs.join("links").join(format!("{program}_{device}"));
                 let link = bpftool_json(&["link", "show", "pinned", &pin.to_string_lossy()])
@@ -486,7 +458,7 @@ fn tc_attach_once(
     }
     note(&format!(
         "tc --tc-attach {flag}: {} on {device} ({})",
-        mode.as_str(),
+        tc_name(mode),
         if shown.is_empty() {
             "bpftool net lists no kp_ program here; TCX links checked through their pins".to_string()
         } else {
@@ -517,18 +489,4 @@ fn tc_attach_once(
     ensure!(cgroup_left.is_empty(), "still attached to the cgroup after kproxy cleanup: {cgroup_left:?}");
     note(&format!("tc --tc-attach {flag}: kproxy cleanup: {}", said.trim()));
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reads_fields_of_the_attach_line() {
-        let log = "2025 INFO kproxy::loader: \u{1b}[3mprograms attached\u{1b}[0m \
-                   \u{1b}[3mtc\u{1b}[0m\u{1b}[2m=\u{1b}[0m\"netlink\" \u{1b}[3mset_retval\u{1b}[0m\u{1b}[2m=\u{1b}[0mfalse\n";
-        assert_eq!(attach_log_field(log, "set_retval").as_deref(), Some("false"));
-        assert_eq!(attach_log_field(log, "tc").as_deref(), Some("netlink"));
-        assert_eq!(attach_log_field("nothing", "tc"), None);
-    }
 }

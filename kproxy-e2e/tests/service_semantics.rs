@@ -11,6 +11,7 @@ use std::time::Duration;
 mod common;
 
 use common::{binaries, say, skip_unless_root};
+use kproxy_e2e::events::SocketTerminationStatus;
 use kproxy_e2e::harness::{unique_bpffs_dir, Harness, HTTP_PORT, UDP_PORT};
 use kproxy_e2e::report::Report;
 use kproxy_e2e::topology::spawn_in_cgroup;
@@ -231,8 +232,8 @@ fn should_have_session_affinity_timeout_work_for_service_with_type_cluster_ip() 
 
 /// Whether the agent could load socket termination (Linux >= 6.5); says so when it could not.
 fn socket_termination_available(h: &Harness, test: &str) -> bool {
-    let log = h.agent_log_full();
-    if log.contains("stale-socket termination available") {
+    let termination = h.socket_termination().expect("reading the agent's events");
+    if termination.is_some_and(|t| t.status == SocketTerminationStatus::Available) {
         return true;
     }
     say(&format!("SKIPPED (no stale-socket termination on this kernel): {test}\n{}", h.agent_log()));

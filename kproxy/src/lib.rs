@@ -8,11 +8,13 @@
 //! - [`loader`]: loading, attaching, pinning and removing the kernel objects;
 //! - [`sockterm`]: destroying sockets still connected to removed backends (Linux >= 6.5);
 //! - [`agent`]: `kproxy run`; [`dump`]: `kproxy dump`; [`tc_cost`]: the benchmark's per-packet
-//!   cost of the tc programs (`kproxy tc-cost`, hidden).
+//!   cost of the tc programs (`kproxy tc-cost`, hidden); [`events`]: the agent's machine-readable
+//!   events (`kproxy run --event-file`, hidden). Their JSON is defined in kproxy-api.
 
 pub mod agent;
 pub mod dataplane;
 pub mod dump;
+pub mod events;
 pub mod health;
 pub mod loader;
 pub mod metrics;

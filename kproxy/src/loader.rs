@@ -31,6 +31,7 @@ use aya::{
     util::KernelVersion,
     Ebpf, EbpfLoader,
 };
+use kproxy_api::event::{Attached, TcAttachment};
 use kproxy_common::{
     ct::{CtKey, CtValue, CT_MAP},
     lb::{
@@ -244,14 +245,15 @@ fn pin_link_atomically(layout: &PinLayout, name: &str, link: FdLink) -> Result<(
 
 /// Loads the programs with the pinned maps (creating and pinning maps that do not exist yet),
 /// attaches the socket programs to `cgroup` and the tc programs to `devices`, and pins the
-/// links, replacing those of a previous agent without a gap.
+/// links, replacing those of a previous agent without a gap. Returns what it did (the agent
+/// reports it as an [`Attached`] event).
 pub fn load_and_attach(
     layout: &PinLayout,
     cgroup: &Path,
     devices: &[String],
     tc_attach: TcAttach,
     caps: Capacities,
-) -> Result<()> {
+) -> Result<Attached> {
     ensure_bpffs(&layout.root)?;
     for dir in [layout.maps_dir(), layout.links_dir()] {
         fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
@@ -302,15 +304,22 @@ pub fn load_and_attach(
             }
         }
     }
+    let set_retval = has_set_retval();
     tracing::info!(
         cgroup = %cgroup.display(),
         bpffs = %layout.root.display(),
         devices = ?devices,
         tc = if tcx { "tcx" } else { "netlink" },
-        set_retval = has_set_retval(),
+        set_retval,
         "programs attached"
     );
-    Ok(())
+    Ok(Attached {
+        cgroup: cgroup.display().to_string(),
+        bpffs: layout.root.display().to_string(),
+        devices: devices.to_vec(),
+        tc: if tcx { TcAttachment::Tcx } else { TcAttachment::Netlink },
+        set_retval,
+    })
 }
 
 /// Fills the (unpinned, per-load) devices map: each tc device's ifindex → its first IPv4

@@ -36,7 +36,7 @@ struct PinArgs {
 #[derive(Subcommand)]
 enum Command {
     /// Attach the datapath and keep it in sync with the Services and EndpointSlices.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print every programmed service and its backends, from the pinned maps.
     Dump {
         #[command(flatten)]
@@ -158,6 +158,10 @@ struct RunArgs {
     /// to endpoints no longer listed), where the kernel has `bpf_sock_destroy` (Linux >= 6.5).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     terminate_stale_sockets: bool,
+    /// Append machine-readable events (programs attached, each sync) to this file, one JSON
+    /// line each (kproxy-api's `event`), for kproxy's test and benchmark tools.
+    #[arg(long, hide = true)]
+    event_file: Option<PathBuf>,
 }
 
 /// The node name: the override, or the hostname, lowercased as kube-proxy does.
@@ -189,6 +193,7 @@ fn main() -> Result<()> {
         .init();
     match Cli::parse().command {
         Command::Run(args) => {
+            let args = *args;
             let cgroup = match args.cgroup {
                 Some(c) => c,
                 None => loader::cgroup2_root()?,
@@ -214,6 +219,10 @@ fn main() -> Result<()> {
                 cgroup,
                 capacities: args.capacities.capacities(),
                 terminate_sockets: args.terminate_stale_sockets,
+                events: match &args.event_file {
+                    Some(path) => kproxy::events::Events::open(path)?,
+                    None => kproxy::events::Events::none(),
+                },
                 runner: RunnerConfig {
                     min_interval: args.min_sync_period,
                     sync_period: args.sync_period,
