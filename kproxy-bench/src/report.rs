@@ -226,17 +226,17 @@ fn render_method(md: &mut String, r: &Results) {
         md,
         "- **Control plane**: programming N services from nothing — kproxy from agent start \
          (manifest in place) and from the manifest written while the agent runs, until its \
-         `synced` log line reports N frontends (then `kproxy dump` is checked); kproxy as it runs \
-         in a cluster, on an apiserver: a fake apiserver (`xtask::fake_apiserver`: real HTTP \
+         `synced` event (`kproxy run --event-file`) reports N frontends (then `kproxy dump` is checked); kproxy as it runs \
+         in a cluster, on an apiserver: a fake apiserver (`kproxy_e2e::fake_apiserver`: real HTTP \
          list and watch with pages, in the node namespace) holds the N Services and EndpointSlices, \
          and a second agent (socket programs on a cgroup of its own, no tc programs, its own maps) \
-         is timed from start to the `synced` line with every frontend, then stopped; kube-proxy's full \
+         is timed from start to the `synced` event with every frontend, then stopped; kube-proxy's full \
          ruleset with `iptables-legacy-restore --noflush --counters` into empty tables (also \
          with `iptables-nft-restore`, capped at {} s and not run again for a larger N once over \
          the cap), and its first transaction with `nft -f`. Endpoint change ({} repetitions for \
          kproxy; for kube-proxy's modes as many while one takes under 10 s, else one, and the \
          iptables full restore once): one endpoint of the last service is replaced; kproxy from \
-         the manifest's rename to the `synced` line; iptables as kube-proxy ≥ 1.27 syncs it (a \
+         the manifest's rename to the `synced` event; iptables as kube-proxy ≥ 1.27 syncs it (a \
          partial restore: all of `KUBE-SERVICES` and `KUBE-NODEPORTS` plus the changed service's \
          chains) and as a full restore; nftables as kube-proxy's partial transaction (`nft -f`), alone and with \
          the `nft --json list chains ip` and `list sets ip` it runs before every sync. kube-proxy's own \
@@ -508,7 +508,7 @@ fn render_targets(md: &mut String, r: &Results) {
     if prog > 1000.0 {
         let parse = c.kproxy_write_total_ms - c.kproxy_write_sync_ms;
         notes.push(format!(
-            "Programming {} services takes {} ms from the manifests written to the `synced` line \
+            "Programming {} services takes {} ms from the manifests written to the `synced` event \
              ({} ms from agent start). The agent's sync is {} ms of it, of which the map writes \
              (plan and BPF updates) are {} ms and reading and parsing the {} manifest files {} ms \
              ({} µs per service and its EndpointSlice, in the YAML parser of the `--manifests` \
@@ -539,8 +539,8 @@ fn render_targets(md: &mut String, r: &Results) {
     if e2e > 10.0 {
         notes.push(format!(
             "An endpoint change at {at} takes {} ms from the manifest's rename to the `synced` \
-             line: the agent's sync is {} ms of it (reading and parsing the changed file, then \
-             {} ms of map writes); the rest is the file watcher's event and the agent's log line \
+             event: the agent's sync is {} ms of it (reading and parsing the changed file, then \
+             {} ms of map writes); the rest is the file watcher's event and the agent's event line \
              being read.",
             f1(e2e),
             f1(total),

@@ -148,7 +148,7 @@ pub struct Summary {
 /// How long programming took, in milliseconds.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ControlPlane {
-    /// kproxy: agent started with the manifest in place → `synced frontends=N` seen.
+    /// kproxy: agent started with the manifest in place → `synced` event with N frontends seen.
     pub kproxy_start_ms: f64,
     /// ... of which the agent's own sync (reading the manifest + writing the maps).
     pub kproxy_start_total_ms: f64,
@@ -156,12 +156,12 @@ pub struct ControlPlane {
     /// ... and its map writes (one planned op each).
     #[serde(default)]
     pub kproxy_start_writes: usize,
-    /// kproxy: manifest renamed into place (agent running, nothing programmed) → synced line.
+    /// kproxy: manifest renamed into place (agent running, nothing programmed) → `synced` event.
     pub kproxy_write_ms: f64,
     pub kproxy_write_total_ms: f64,
     pub kproxy_write_sync_ms: f64,
     pub kproxy_dump_ms: f64,
-    /// kproxy on a (fake) apiserver holding the N services: agent started → synced line, and
+    /// kproxy on a (fake) apiserver holding the N services: agent started → `synced` event, and
     /// the agent's whole sync (list, decode, validate, map writes) and map writes.
     #[serde(default)]
     pub kproxy_api_start_ms: Option<f64>,
@@ -183,7 +183,7 @@ pub struct ControlPlane {
 /// One endpoint change with N services programmed, each repetition in milliseconds.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ChangeTimes {
-    /// Manifest renamed into place → `synced` line seen.
+    /// Manifest renamed into place → `synced` event seen.
     pub kproxy_e2e_ms: Vec<f64>,
     /// The agent's sync: reading + parsing every manifest, then writing the maps.
     pub kproxy_total_ms: Vec<f64>,
