@@ -4,9 +4,10 @@
 //! the verified programs run on crafted frames with BPF_PROG_TEST_RUN, next to the empty
 //! `kp_tc_baseline` classifier.
 //!
-//! A subcommand of the agent's binary rather than code in xtask: xtask must build without the
-//! eBPF toolchain (it is what installs it), and this way the benchmark measures the very binary
-//! it runs as the agent, with the agent's own loader, model and sync code.
+//! A subcommand of the agent's binary rather than code in the benchmark (kproxy-bench): the
+//! tools do not link the agent, and this way the benchmark measures the very binary it runs as
+//! the agent, with the agent's own loader, model and sync code. Its JSON ([`Report`]) is
+//! kproxy-api's.
 //!
 //! Two ways of timing, both reported:
 //!

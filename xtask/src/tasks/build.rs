@@ -43,7 +43,7 @@ pub fn test() -> Result<()> {
     };
     let suites = [
         (
-            "kproxy and kproxy-common tests",
+            "kproxy, kproxy-common and kproxy-api tests",
             cargo_with("test --workspace --exclude kproxy-ebpf --exclude xtask --exclude kproxy-e2e --exclude kproxy-bench"),
         ),
         (
