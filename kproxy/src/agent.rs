@@ -10,6 +10,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
+use kproxy_api::event::{Event, SocketTermination, SocketTerminationStatus, Synced};
 use kproxy_common::{
     lb::{BACKENDS_MAP, MEMBERS_MAP, SERVICES_MAP, SERVICE_META_MAP},
     sock::{SOCK_AFFINITY_MAP, SOCK_REVNAT_MAP, SOCK_STAT_AFFINITY_NEW, SOCK_STAT_LOCAL, SOCK_STAT_LOCAL_FULL, SOCK_STAT_REVNAT_NEW},
@@ -21,6 +22,7 @@ use crate::{
         bpf::{BpfMaps, SocketMaps},
         plan::{Limits, RefuseReason, Refused},
     },
+    events::Events,
     health::{self, ProxyHealth},
     http,
     loader::{self, Capacities, PinLayout},
@@ -69,6 +71,8 @@ pub struct AgentConfig {
     /// Keep socket translations in socket-local storage where the kernel allows it (see
     /// `kproxy_common::sock`); false: in the shared LRU maps only.
     pub socket_storage: bool,
+    /// Where the machine-readable events go (`--event-file`, [`crate::events`]).
+    pub events: Events,
 }
 
 /// Logs each problem once, when it first appears, and counts each newly invalid object.
@@ -139,27 +143,31 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         servers.push(http::serve(http::bind(addr).await?, format!("metrics {addr}"), http::LIMITS, answer));
         tracing::info!(%addr, "serving /metrics");
     }
+    let mut events = cfg.events;
     // The pinned maps are adopted before the source is read, so the datapath keeps serving.
-    loader::load_and_attach(&cfg.layout, &cfg.cgroup, &cfg.devices, cfg.tc_attach, cfg.capacities, cfg.socket_storage)?;
+    let attached =
+        loader::load_and_attach(&cfg.layout, &cfg.cgroup, &cfg.devices, cfg.tc_attach, cfg.capacities, cfg.socket_storage)?;
+    events.emit(&Event::Attached(attached));
     let maps = BpfMaps::open(&cfg.layout.maps_dir()).context("open the pinned maps")?;
     // Optional: never a reason not to start.
-    let mut sockterm = if cfg.terminate_sockets {
+    let (mut sockterm, status, error) = if cfg.terminate_sockets {
         match SockTerm::load(&cfg.layout.maps_dir(), cfg.capacities.max_sock_entries) {
             Ok(t) => {
                 tracing::info!("stale-socket termination available: sockets connected to removed backends are destroyed");
-                Some(t)
+                (Some(t), SocketTerminationStatus::Available, None)
             }
             Err(e) => {
                 tracing::warn!(
                     "stale-socket termination unavailable ({e:#}); connected UDP sockets and TCP connections keep a removed backend until the application reconnects"
                 );
-                None
+                (None, SocketTerminationStatus::Unavailable, Some(format!("{e:#}")))
             }
         }
     } else {
         tracing::info!("stale-socket termination switched off (--terminate-stale-sockets=false)");
-        None
+        (None, SocketTerminationStatus::Off, None)
     };
+    events.emit(&Event::SocketTermination(SocketTermination { status, error }));
     // Loading parsed the kernel's BTF (some 20 MB, twice with socket termination): hand it back.
     release_free_memory();
     for usage in maps.usage()? {
@@ -272,15 +280,24 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 if let Some(m) = &mut socket_metrics {
                     m.update(&metrics, stats.full);
                 }
+                let synced = Synced {
+                    full: stats.full,
+                    frontends: store.desired().len(),
+                    changed_frontends: changes.frontends.len(),
+                    writes: stats.ops,
+                    sync_ms: seconds * 1e3,
+                    total_ms: started.elapsed().as_secs_f64() * 1e3,
+                };
                 tracing::info!(
-                    full = stats.full,
-                    frontends = store.desired().len(),
-                    changed_frontends = changes.frontends.len(),
-                    writes = stats.ops,
-                    sync_ms = format!("{:.3}", seconds * 1e3),
-                    total_ms = format!("{:.3}", started.elapsed().as_secs_f64() * 1e3),
+                    full = synced.full,
+                    frontends = synced.frontends,
+                    changed_frontends = synced.changed_frontends,
+                    writes = synced.writes,
+                    sync_ms = format!("{:.3}", synced.sync_ms),
+                    total_ms = format!("{:.3}", synced.total_ms),
                     "synced"
                 );
+                events.emit(&Event::Synced(synced));
                 let mut removed = stats.removed;
                 removed.extend(syncer.unlisted_keys(&changes.unlisted));
                 if let (Some(term), false) = (sockterm.as_mut(), removed.is_empty()) {

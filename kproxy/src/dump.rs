@@ -2,58 +2,22 @@
 
 use std::io::Write;
 
-use serde::Serialize;
-
 use crate::dataplane::{bpf::MapUsage, ProgrammedService};
 
-/// One frontend in the JSON output. The field names and formats are a stable contract.
-#[derive(Debug, Serialize, PartialEq, Eq)]
-pub struct DumpService {
-    pub namespace: String,
-    pub name: String,
-    pub port_name: String,
-    #[serde(rename = "type")]
-    pub svc_type: String,
-    /// `address:port`.
-    pub frontend: String,
-    /// `TCP` or `UDP`.
-    pub protocol: String,
-    /// `address:port`, in slot order. For a frontend with `in_cluster_backends`, what clients
-    /// from outside the node get.
-    pub backends: Vec<String>,
-    /// `address:port`, in slot order: the backends clients in the cluster (the node's
-    /// processes and its pods) get instead, for an external frontend of an
-    /// `externalTrafficPolicy: Local` Service whose local endpoints are not all of its
-    /// endpoints. Absent: every client gets `backends`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub in_cluster_backends: Option<Vec<String>>,
-    /// Without backends: `"refuse"` (TCP RST / ICMP port unreachable) or `"drop"` (endpoints
-    /// exist, none on this node, `externalTrafficPolicy: Local`). Absent with backends.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub no_backends: Option<&'static str>,
-    /// CIDRs allowed to reach this frontend (`loadBalancerSourceRanges`); absent: everyone.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub source_ranges: Vec<String>,
-    /// `sessionAffinity: ClientIP` timeout in seconds; absent without session affinity.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub session_affinity_seconds: Option<u32>,
-}
+pub use kproxy_api::dump::{DumpService, NoBackends};
 
-#[derive(Debug, Serialize)]
+/// What is programmed: the frontends (what `--json` prints, [`kproxy_api::dump`]) and the maps'
+/// fill.
+#[derive(Debug)]
 pub struct Dump {
-    pub services: Vec<DumpService>,
+    pub programmed: kproxy_api::dump::Dump,
     pub maps: Vec<MapUsage>,
 }
 
-/// The JSON form: `{"services":[…]}`.
-#[derive(Debug, Serialize)]
-pub struct JsonDump<'a> {
-    pub services: &'a [DumpService],
-}
-
 impl Dump {
-    pub fn json(&self) -> JsonDump<'_> {
-        JsonDump { services: &self.services }
+    /// The JSON form: `{"services":[…]}`.
+    pub fn json(&self) -> &kproxy_api::dump::Dump {
+        &self.programmed
     }
 
     pub fn new(programmed: Vec<ProgrammedService>, maps: Vec<MapUsage>) -> Self {
@@ -72,19 +36,20 @@ impl Dump {
                     in_cluster_backends: p.internal_backends.map(|list| list.iter().map(ToString::to_string).collect()),
                     no_backends: match (p.backends.is_empty(), p.drop_unserved) {
                         (false, _) => None,
-                        (true, false) => Some("refuse"),
-                        (true, true) => Some("drop"),
+                        (true, false) => Some(NoBackends::Refuse),
+                        (true, true) => Some(NoBackends::Drop),
                     },
                     source_ranges: p.source_ranges.iter().map(ToString::to_string).collect(),
                     session_affinity_seconds: (p.affinity_timeout > 0).then_some(p.affinity_timeout),
                 }
             })
             .collect();
-        Self { services, maps }
+        Self { programmed: kproxy_api::dump::Dump { services }, maps }
     }
 
     pub fn write_table(&self, out: &mut impl Write) -> std::io::Result<()> {
         let rows: Vec<[String; 5]> = self
+            .programmed
             .services
             .iter()
             .map(|s| {
@@ -94,8 +59,8 @@ impl Dump {
                 }
                 let mut backends = match s.no_backends {
                     None => s.backends.join(", "),
-                    Some("drop") => "(none here: dropped, externalTrafficPolicy Local)".to_string(),
-                    Some(_) => "(none: refused)".to_string(),
+                    Some(NoBackends::Drop) => "(none here: dropped, externalTrafficPolicy Local)".to_string(),
+                    Some(NoBackends::Refuse) => "(none: refused)".to_string(),
                 };
                 if let Some(list) = &s.in_cluster_backends {
                     backends = format!("{backends}  [in-cluster clients: {}]", list.join(", "));

@@ -12,7 +12,8 @@
 //! - [`sys`]: the `bpf(2)` calls aya does not make, behind safe functions: the only `unsafe`
 //!   code of the library (denied everywhere else);
 //! - [`agent`]: `kproxy run`; [`dump`]: `kproxy dump`; [`tc_cost`]: the benchmark's per-packet
-//!   cost of the tc programs (`kproxy tc-cost`, hidden).
+//!   cost of the tc programs (`kproxy tc-cost`, hidden); [`events`]: the agent's machine-readable
+//!   events (`kproxy run --event-file`, hidden). Their JSON is defined in kproxy-api.
 
 #![deny(unsafe_code)]
 
@@ -20,6 +21,7 @@ pub mod agent;
 pub mod config;
 pub mod dataplane;
 pub mod dump;
+pub mod events;
 pub mod health;
 pub mod http;
 pub mod loader;

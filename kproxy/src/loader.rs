@@ -36,6 +36,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use aya_obj::generated::bpf_attach_type;
+use kproxy_api::event::{Attached, TcAttachment};
 use kproxy_common::{
     ct::{CtKey, CtValue, CT_MAP},
     lb::{
@@ -323,7 +324,8 @@ fn pin_link_atomically(layout: &PinLayout, name: &str, link: FdLink) -> Result<(
 /// Loads the programs with the pinned maps (creating and pinning maps that do not exist yet),
 /// attaches the socket programs to `cgroup` and the tc programs to `devices`, and pins the
 /// links, replacing those of a previous agent without a gap. Socket translations go to socket
-/// storage if `socket_storage` and the kernel has it, else to the shared LRU maps.
+/// storage if `socket_storage` and the kernel has it, else to the shared LRU maps. Returns what
+/// it did (the agent reports it as an [`Attached`] event).
 pub fn load_and_attach(
     layout: &PinLayout,
     cgroup: &Path,
@@ -331,7 +333,7 @@ pub fn load_and_attach(
     tc_attach: TcAttach,
     caps: Capacities,
     socket_storage: bool,
-) -> Result<()> {
+) -> Result<Attached> {
     ensure_bpffs(&layout.root)?;
     create_private_dirs(layout)?;
     if fs_type(cgroup)? != CGROUP2_SUPER_MAGIC {
@@ -381,16 +383,23 @@ pub fn load_and_attach(
             }
         }
     }
+    let set_retval = has_set_retval();
     tracing::info!(
         cgroup = %cgroup.display(),
         bpffs = %layout.root.display(),
         devices = ?devices,
         tc = if tcx { "tcx" } else { "netlink" },
-        set_retval = has_set_retval(),
+        set_retval,
         socket_storage,
         "programs attached"
     );
-    Ok(())
+    Ok(Attached {
+        cgroup: cgroup.display().to_string(),
+        bpffs: layout.root.display().to_string(),
+        devices: devices.to_vec(),
+        tc: if tcx { TcAttachment::Tcx } else { TcAttachment::Netlink },
+        set_retval,
+    })
 }
 
 /// Fills the (unpinned, per-load) devices map: each tc device's ifindex → its first IPv4

@@ -178,6 +178,10 @@ struct RunArgs {
     /// evict another's; false keeps them all in the shared LRU maps (`--max-sock-entries`).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     socket_storage: bool,
+    /// Append machine-readable events (programs attached, each sync) to this file, one JSON
+    /// line each (kproxy-api's `event`), for kproxy's test and benchmark tools.
+    #[arg(long, hide = true)]
+    event_file: Option<PathBuf>,
 }
 
 /// The node name: the override, or the hostname, lowercased as kube-proxy does.
@@ -302,6 +306,10 @@ fn main() -> Result<()> {
                 capacities: args.capacities.capacities(),
                 terminate_sockets: args.terminate_stale_sockets,
                 socket_storage: args.socket_storage,
+                events: match &args.event_file {
+                    Some(path) => kproxy::events::Events::open(path)?,
+                    None => kproxy::events::Events::none(),
+                },
                 runner: RunnerConfig {
                     min_interval: args.min_sync_period,
                     sync_period: args.sync_period,

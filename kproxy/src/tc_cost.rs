@@ -4,9 +4,10 @@
 //! the verified programs run on crafted frames with BPF_PROG_TEST_RUN, next to the empty
 //! `kp_tc_baseline` classifier.
 //!
-//! A subcommand of the agent's binary rather than code in xtask: xtask must build without the
-//! eBPF toolchain (it is what installs it), and this way the benchmark measures the very binary
-//! it runs as the agent, with the agent's own loader, model and sync code.
+//! A subcommand of the agent's binary rather than code in the benchmark (kproxy-bench): the
+//! tools do not link the agent, and this way the benchmark measures the very binary it runs as
+//! the agent, with the agent's own loader, model and sync code. Its JSON ([`Report`]) is
+//! kproxy-api's.
 //!
 //! Two ways of timing, both reported:
 //!
@@ -31,7 +32,6 @@ use std::{
 
 use anyhow::{bail, ensure, Context as _, Result};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
-use serde::Serialize;
 
 use crate::{
     dataplane::{bpf::BpfMaps, plan::Limits},
@@ -62,38 +62,7 @@ pub struct Config {
     pub runs: u32,
 }
 
-/// Nanoseconds per packet of each case, in one round.
-#[derive(Debug, Default, Clone, Serialize)]
-pub struct Round {
-    /// `kp_tc_baseline`, `repeat` = runs.
-    pub empty_ns: f64,
-    /// `kp_tc_ingress`, `repeat`: a packet of a tracked flow (the self-mapped service).
-    pub ingress_tracked_ns: f64,
-    /// `kp_tc_ingress`, `repeat`: a packet to a node port no service uses (passed on).
-    pub ingress_not_frontend_ns: f64,
-    /// `kp_tc_egress`, `repeat`: the backend's reply in a tracked flow (the self-mapped service).
-    pub egress_reply_ns: f64,
-    /// `kp_tc_egress`, `repeat`: a packet of no tracked flow (passed on).
-    pub egress_untracked_ns: f64,
-    /// `kp_tc_baseline`, one run per test run (median).
-    pub empty_single_ns: f64,
-    /// `kp_tc_ingress`, one run per test run: the SYN of a new flow to the frontend (backend
-    /// chosen, two conntrack entries written, translated), a new client port every run.
-    pub ingress_new_flow_single_ns: f64,
-    /// `kp_tc_ingress`, one run per test run: a packet of the tracked flow to the frontend's
-    /// real backend.
-    pub ingress_tracked_single_ns: f64,
-    /// The same for the self-mapped flow that the `repeat` figure uses.
-    pub ingress_tracked_self_single_ns: f64,
-}
-
-#[derive(Debug, Serialize)]
-pub struct Report {
-    pub frontends: usize,
-    pub backends: usize,
-    pub runs: u32,
-    pub rounds: Vec<Round>,
-}
+pub use kproxy_api::tc_cost::{Report, Round};
 
 /// The self-mapped service's frontend (and backend), outside every range the benchmark uses.
 const SELF_MAPPED: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 19, 255, 1), 9);

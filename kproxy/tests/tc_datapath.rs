@@ -524,7 +524,7 @@ fn batched_entry_counts_agree_with_a_walk_of_the_keys() {
     if skip_unless_root("batched_entry_counts_agree_with_a_walk_of_the_keys") {
         return;
     }
-    use aya::maps::{HashMap, IterableMap as _};
+    use aya::maps::HashMap;
     use kproxy_common::sock::{SockRevNatKey, SockRevNatValue, SOCK_REVNAT_MAP};
     let caps = Capacities { max_services: 1024, max_backends: 1024, max_sock_entries: 20_000, max_ct_entries: 1024 };
     let mut ebpf = loader::load_object(None, caps).expect("load the eBPF object");

@@ -1,5 +1,5 @@
 //! Running host commands (`ip`, `apt-get`, `cargo`, ...) with errors that say which command
-//! failed and what it printed.
+//! failed and what it printed; whether we are root to run them.
 
 use std::process::{Command, Output, Stdio};
 
@@ -43,6 +43,12 @@ pub fn succeeds(cmd: &mut Command) -> bool {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
+}
+
+/// Whether this process runs as root, which namespaces, cgroups and BPF need.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
 }
 
 /// Fails, quoting the captured stderr and stdout, unless `out` (of the command line `what`) is a

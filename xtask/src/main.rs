@@ -17,8 +17,13 @@ enum Cli {
     /// Install what building and testing need (Debian packages, nightly + rust-src,
     /// bpf-linker); fast when nothing is missing.
     Setup,
-    /// Setup, then build kproxy (with its eBPF programs) and the xtask binaries.
-    Build,
+    /// Setup, then build kproxy (with its eBPF programs) and the kproxy-e2e binaries
+    /// (kproxy-testpod, kproxy-demo, kproxy-vm-check).
+    Build {
+        /// Build the release profile instead of debug.
+        #[arg(long)]
+        release: bool,
+    },
     /// Build, then run the unit tests and the privileged end-to-end tests.
     Test,
     /// Build, then show kproxy balancing real traffic between three pods.
@@ -31,7 +36,12 @@ enum Cli {
         no_build: bool,
     },
     /// Benchmark kproxy against kube-proxy's iptables and nftables modes and no proxy (root).
-    Bench(tasks::bench::BenchArgs),
+    /// The arguments go to kproxy-bench: `cargo xtask bench --help` lists them.
+    #[command(disable_help_flag = true)]
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Run the datapath tests on Linux 5.10, 6.1 and 6.12 under qemu, and on the host (root).
     VmTest(tasks::vm_test::Args),
 }
@@ -39,13 +49,13 @@ enum Cli {
 fn main() -> Result<()> {
     match Cli::parse() {
         Cli::Setup => tasks::setup::run(),
-        Cli::Build => tasks::build::build().map(drop),
+        Cli::Build { release } => tasks::build::build(release).map(drop),
         Cli::Test => tasks::build::test(),
         Cli::Demo {
             manifests,
             no_build,
-        } => tasks::demo::run(manifests, no_build),
-        Cli::Bench(args) => tasks::bench::run(args),
+        } => tasks::launch::demo(manifests, no_build),
+        Cli::Bench { args } => tasks::launch::bench(&args),
         Cli::VmTest(args) => tasks::vm_test::run(args),
     }
 }

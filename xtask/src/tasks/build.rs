@@ -4,7 +4,7 @@ use std::process::Command;
 
 use anyhow::{bail, Result};
 use xtask::cmd;
-use xtask::harness::Binaries;
+use xtask::workspace::Binaries;
 
 use super::{cargo, setup, target_dir};
 
@@ -15,24 +15,26 @@ fn cargo_with(args: &str) -> Command {
     command
 }
 
-/// Setup, then builds kproxy (its build script builds the eBPF programs) and the xtask binaries
-/// (`kproxy-testpod`). Returns where they are.
-pub fn build() -> Result<Binaries> {
+/// Setup, then builds kproxy (its build script builds the eBPF programs) and the kproxy-e2e
+/// binaries (`kproxy-testpod`, `kproxy-demo`, `kproxy-vm-check`), in the release profile if
+/// `release`. Returns where kproxy and kproxy-testpod are.
+pub fn build(release: bool) -> Result<Binaries> {
     setup::run()?;
-    cmd::run(&mut cargo_with("build --package kproxy"))?;
-    cmd::run(&mut cargo_with("build --package xtask --bins"))?;
-    let bins = Binaries::in_target_dir(&target_dir()?);
+    let profile = if release { " --release" } else { "" };
+    cmd::run(&mut cargo_with(&format!("build{profile} --package kproxy")))?;
+    cmd::run(&mut cargo_with(&format!("build{profile} --package kproxy-e2e --bins")))?;
+    let bins = Binaries::in_profile(&target_dir()?, if release { "release" } else { "debug" });
     bins.check()?;
     Ok(bins)
 }
 
 /// Builds, then runs every test suite (all of them, even after a failure) and fails if any did.
 pub fn test() -> Result<()> {
-    let bins = build()?;
+    let bins = build(false)?;
     // The privileged suites build their own topologies and agents: one test at a time.
     let e2e = |test: &str| {
         let mut command = cargo_with(&format!(
-            "test --package xtask --test {test} -- --test-threads=1"
+            "test --package kproxy-e2e --test {test} -- --test-threads=1"
         ));
         command
             .env("KPROXY_BIN", &bins.kproxy)
@@ -41,14 +43,14 @@ pub fn test() -> Result<()> {
     };
     let suites = [
         (
-            "kproxy and kproxy-common tests",
-            cargo_with("test --workspace --exclude kproxy-ebpf --exclude xtask"),
+            "kproxy, kproxy-common and kproxy-api tests",
+            cargo_with("test --workspace --exclude kproxy-ebpf --exclude xtask --exclude kproxy-e2e --exclude kproxy-bench"),
         ),
         (
-            "xtask unit tests, topology and fake apiserver tests",
-            cargo_with("test --package xtask --lib --bins --test topology --test fake_apiserver"),
+            "xtask, kproxy-e2e and kproxy-bench unit tests, topology and fake apiserver tests",
+            cargo_with("test --package xtask --package kproxy-e2e --package kproxy-bench --lib --bins --test topology --test fake_apiserver"),
         ),
-        ("xtask doc tests", cargo_with("test --package xtask --doc")),
+        ("xtask, kproxy-e2e and kproxy-bench doc tests", cargo_with("test --package xtask --package kproxy-e2e --package kproxy-bench --doc")),
         ("end-to-end tests (socket_lb)", e2e("socket_lb")),
         ("end-to-end tests (apiserver)", e2e("apiserver")),
         ("end-to-end tests (service semantics)", e2e("service_semantics")),

@@ -8,12 +8,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
-use xtask::harness::Binaries;
-use xtask::topology::is_root;
 use xtask::vm::{
     self, debian, initramfs, modules::ModuleTree, qemu, Collector, LegResult, Plan, ScriptMode,
     ScriptPaths, Suite,
 };
+use xtask::workspace::Binaries;
 use xtask::{cmd, interrupt};
 
 use super::{build, cargo, target_dir};
@@ -57,9 +56,6 @@ pub struct Args {
     /// candidate fix, or a release artifact).
     #[arg(long)]
     kproxy: Option<PathBuf>,
-    /// Inside a VM (or on the host): run one check of xtask::vm::checks and exit.
-    #[arg(long, hide = true)]
-    guest_check: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,12 +88,9 @@ fn legs(requested: &[String]) -> Result<Vec<Leg>> {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    if let Some(check) = &args.guest_check {
-        return vm::checks::run(check);
-    }
     let legs = legs(&args.kernel)?;
     interrupt::install()?;
-    let debug_bins = build::build()?;
+    let debug_bins = build::build(false)?;
     // The agent under test is a release build, as shipped: under emulation a debug agent needs
     // about 10 s to start, longer than the socket_lb tests wait for it. The test workload
     // (kproxy-testpod) is the debug build that `build` just made.
@@ -112,13 +105,12 @@ pub fn run(args: Args) -> Result<()> {
         bins.kproxy = fs::canonicalize(kproxy).with_context(|| format!("--kproxy {}", kproxy.display()))?;
     }
     println!("vm: building the test binaries");
-    let socket_lb = test_binary("xtask", "socket_lb")?;
+    let socket_lb = test_binary("kproxy-e2e", "socket_lb")?;
     let tc_datapath = test_binary("kproxy", "tc_datapath")?;
-    let nodeport = test_binary("xtask", "nodeport")?;
-    // Not current_exe(): `build` may just have replaced this very binary (with the same code).
-    let xtask = target_dir()?.join("debug/xtask");
-    if !xtask.is_file() {
-        bail!("{} does not exist after the build", xtask.display());
+    let nodeport = test_binary("kproxy-e2e", "nodeport")?;
+    let checks = target_dir()?.join("debug/kproxy-vm-check");
+    if !checks.is_file() {
+        bail!("{} does not exist after the build", checks.display());
     }
 
     let mut tests: Vec<(Suite, String)> = Vec::new();
@@ -155,7 +147,7 @@ pub fn run(args: Args) -> Result<()> {
     let logs = cache.join("logs");
     fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
     let host = Programs {
-        xtask,
+        checks,
         socket_lb,
         tc_datapath,
         nodeport,
@@ -188,7 +180,8 @@ pub fn run(args: Args) -> Result<()> {
 
 /// The host's copies of everything a run executes.
 struct Programs {
-    xtask: PathBuf,
+    /// kproxy-e2e's `kproxy-vm-check`.
+    checks: PathBuf,
     socket_lb: PathBuf,
     tc_datapath: PathBuf,
     nodeport: PathBuf,
@@ -236,19 +229,19 @@ fn which(name: &str) -> Result<PathBuf> {
 
 fn run_host(plan: &Plan, host: &Programs, logs: &Path, args: &Args) -> Result<LegResult> {
     let start = Instant::now();
-    let version = vm::checks::kernel_release()
+    let version = vm::kernel_release()
         .ok()
         .and_then(|r| vm::release_version(&r))
         .context("reading the host's kernel version")?;
     let plan = &plan.for_kernel(version);
     let mut collector = Collector::new("host", plan, start);
-    if !is_root() {
+    if !cmd::is_root() {
         let mut result = collector.finish(Instant::now(), Some("needs root".into()));
         result.problems.push("the host leg needs root".into());
         return Ok(result);
     }
     let paths = ScriptPaths {
-        xtask: path_str(&host.xtask),
+        checks: path_str(&host.checks),
         socket_lb: path_str(&host.socket_lb),
         tc_datapath: path_str(&host.tc_datapath),
         nodeport: path_str(&host.nodeport),
@@ -303,7 +296,7 @@ fn run_vm(
 
     let guest = |name: &str| format!("{GUEST_DIR}/{name}");
     let paths = ScriptPaths {
-        xtask: guest("xtask"),
+        checks: guest("kproxy-vm-check"),
         socket_lb: guest("socket_lb"),
         tc_datapath: guest("tc_datapath"),
         nodeport: guest("nodeport"),
@@ -317,7 +310,7 @@ fn run_vm(
             .collect(),
     };
     let mut programs = vec![
-        (host.xtask.clone(), paths.xtask.clone()),
+        (host.checks.clone(), paths.checks.clone()),
         (host.socket_lb.clone(), paths.socket_lb.clone()),
         (host.tc_datapath.clone(), paths.tc_datapath.clone()),
         (host.nodeport.clone(), paths.nodeport.clone()),

@@ -9,17 +9,16 @@
 //!   `ip`, `bpftool`, `curl`, the modules, and `/init` (the [`script`] of the [`Plan`]).
 //! - [`qemu`]: installing qemu if missing, booting with a hard timeout, streaming the serial
 //!   console.
-//! - [`checks`]: checks that the socket_lb tests do not make (every program attached at its
-//!   hook, `kproxy dump`, the refused-connect fallback), run inside the VM by
-//!   `xtask vm-test --guest-check NAME`.
+//! - the checks ([`CHECKS`]) that the socket_lb tests do not make (every program attached at its
+//!   hook, `kproxy dump`, the refused-connect fallback) are kproxy-e2e's (`src/vm_checks.rs`),
+//!   run inside the VM as `kproxy-vm-check NAME`.
 //!
-//! The NodePort end-to-end tests (xtask/tests/nodeport.rs) carry the tc path through a veth pair:
+//! The NodePort end-to-end tests (kproxy-e2e/tests/nodeport.rs) carry the tc path through a veth pair:
 //! an external client namespace reaches pods through the node's device.
 //!
 //! Every run, in a VM or on the host, is the same shell [`script`]: it prints `VMTEST-*` marker
 //! lines around each step, and a [`Collector`] turns the output into a [`LegResult`].
 
-pub mod checks;
 pub mod cpio;
 pub mod debian;
 pub mod initramfs;
@@ -27,7 +26,10 @@ pub mod modules;
 pub mod qemu;
 
 use std::fmt::Write as _;
+use std::fs;
 use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
 
 /// The kernel series a VM leg can boot, oldest first.
 pub const SERIES: [&str; 3] = ["5.10", "6.1", "6.12"];
@@ -77,17 +79,20 @@ pub const KERNEL_REQUIREMENTS: [(&str, (u32, u32), &str); 1] = [(
     "n/a below 6.6: TCX links (BPF_TCX_INGRESS/EGRESS) arrive in Linux 6.6; older kernels use netlink tc filters",
 )];
 
+/// The checks (kproxy-e2e's `kproxy-vm-check NAME`), in the order a run makes them.
+pub const CHECKS: [&str; 3] = ["programs_attached", "refused_connect", "tc_attach"];
+
 /// Marker prefix of every line the script and the checks print for the collector.
 pub const MARK: &str = "VMTEST-";
 
 /// A test binary built by cargo.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Suite {
-    /// xtask/tests/socket_lb.rs: the agent, real traffic in namespaces.
+    /// kproxy-e2e/tests/socket_lb.rs: the agent, real traffic in namespaces.
     SocketLb,
     /// kproxy/tests/tc_datapath.rs: the tc programs on crafted frames (BPF_PROG_TEST_RUN).
     TcDatapath,
-    /// xtask/tests/nodeport.rs: an external client through the node's device (tc programs).
+    /// kproxy-e2e/tests/nodeport.rs: an external client through the node's device (tc programs).
     NodePort,
 }
 
@@ -104,7 +109,7 @@ impl Suite {
 /// One step of a run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
-    /// `xtask vm-test --guest-check NAME` ([`checks`]).
+    /// `kproxy-vm-check NAME` (one of [`CHECKS`]).
     Check(String),
     /// `<suite binary> --exact NAME`.
     Test(Suite, String),
@@ -136,7 +141,7 @@ pub struct Plan {
 impl Plan {
     /// The checks, then `tests` (suite and name).
     pub fn new(tests: &[(Suite, String)], step_timeout: Duration) -> Plan {
-        let mut steps: Vec<Step> = checks::CHECKS
+        let mut steps: Vec<Step> = CHECKS
             .iter()
             .map(|c| Step::Check(c.to_string()))
             .collect();
@@ -177,7 +182,8 @@ impl Plan {
 /// Where the script finds its programs.
 #[derive(Debug, Clone)]
 pub struct ScriptPaths {
-    pub xtask: String,
+    /// kproxy-e2e's `kproxy-vm-check`.
+    pub checks: String,
     pub socket_lb: String,
     pub tc_datapath: String,
     pub nodeport: String,
@@ -241,8 +247,8 @@ hostname kproxy-vm
         let id = step.id();
         let argv = match step {
             Step::Check(name) => format!(
-                "{} vm-test --guest-check {}",
-                shell_quote(&paths.xtask),
+                "{} {}",
+                shell_quote(&paths.checks),
                 shell_quote(name)
             ),
             Step::Test(suite, name) => format!(
@@ -324,6 +330,14 @@ impl LegResult {
 pub fn release_version(release: &str) -> Option<(u32, u32)> {
     let mut parts = release.split(|c: char| !c.is_ascii_digit());
     Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// `uname -r`.
+pub fn kernel_release() -> Result<String> {
+    Ok(fs::read_to_string("/proc/sys/kernel/osrelease")
+        .context("reading /proc/sys/kernel/osrelease")?
+        .trim()
+        .to_string())
 }
 
 /// Whether a kernel has `bpf_set_retval` for cgroup sock_addr programs (Linux 5.18).
@@ -619,7 +633,7 @@ mod tests {
     #[test]
     fn script_marks_every_step() {
         let paths = ScriptPaths {
-            xtask: "/x".into(),
+            checks: "/x".into(),
             socket_lb: "/t".into(),
             tc_datapath: "/c".into(),
             nodeport: "/n".into(),

@@ -1,0 +1,187 @@
+//! `cargo xtask bench` (`cargo run --package kproxy-bench`): builds, then benchmarks kproxy
+//! against kube-proxy's iptables and nftables modes and no proxy (see the library), and writes
+//! `results.json`, the report and its plots.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, ValueEnum};
+use kproxy_bench::{self as bench, load::WrkSettings, results::Results, run::Config};
+use kproxy_e2e::{cmd, topology};
+use xtask::workspace::{cargo, target_dir, workspace_root};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Profile {
+    Release,
+    Debug,
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kproxy-bench",
+    bin_name = "cargo xtask bench",
+    about = "Benchmark kproxy against kube-proxy's iptables and nftables modes and no proxy (root)"
+)]
+pub struct BenchArgs {
+    /// Smoke run (CI): N in {1, 1000}, one round, 1 s per load run, debug binaries (those of
+    /// `cargo xtask test`). Checks that every mode works; no thresholds.
+    #[arg(long)]
+    quick: bool,
+    /// Numbers of services, comma separated [default: 1,1000,5000,10000; quick: 1,1000].
+    #[arg(long, value_delimiter = ',')]
+    services: Option<Vec<usize>>,
+    /// Endpoints per service.
+    #[arg(long, default_value_t = 10)]
+    endpoints: usize,
+    /// Pods per mode (the endpoints are spread over them).
+    #[arg(long, default_value_t = 4)]
+    pods: usize,
+    /// Interleaved rounds per N [default: 3; quick: 1].
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Seconds per wrk run [default: 2; quick: 1].
+    #[arg(long)]
+    duration: Option<u32>,
+    /// wrk connections [default: 4].
+    #[arg(long, default_value_t = 4)]
+    connections: u32,
+    /// Sequential requests per latency run [default: 1000; quick: 300].
+    #[arg(long)]
+    requests: Option<u32>,
+    /// Endpoint changes timed per N [default: 3; quick: 2].
+    #[arg(long)]
+    changes: Option<usize>,
+    /// Build profile of kproxy and kproxy-testpod [default: release; quick: debug].
+    #[arg(long, value_enum)]
+    profile: Option<Profile>,
+    /// Use the binaries already built instead of building.
+    #[arg(long)]
+    no_build: bool,
+    /// Where results.json, benchmarks.md and the plots go [default: <workspace>/target/bench].
+    #[arg(long)]
+    out_dir: Option<PathBuf>,
+    /// Do not update docs/benchmarks.md and docs/img/ (a full run does by default; --quick
+    /// never does).
+    #[arg(long)]
+    no_docs: bool,
+    /// Render the report and plots from an earlier results.json instead of measuring.
+    #[arg(long)]
+    from_json: Option<PathBuf>,
+}
+
+fn main() -> Result<()> {
+    let args = BenchArgs::parse();
+    let out_dir = args
+        .out_dir
+        .clone()
+        .unwrap_or_else(|| workspace_root().join("target/bench"));
+    let docs = !args.quick && !args.no_docs;
+    if let Some(json) = &args.from_json {
+        let text = fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
+        let results: Results = serde_json::from_str(&text).context("parsing results.json")?;
+        bench::setup::ensure_packages()?;
+        return write_outputs(&results, &out_dir, docs && !results.settings.quick);
+    }
+    if !topology::is_root() {
+        bail!("cargo xtask bench needs root (network namespaces, cgroups, BPF, iptables)");
+    }
+    let started = Instant::now();
+    let quick = args.quick;
+    let profile = args
+        .profile
+        .unwrap_or(if quick { Profile::Debug } else { Profile::Release });
+    let bins = if args.no_build {
+        binaries(profile)?
+    } else {
+        build_binaries(profile)?
+    };
+    bench::setup::ensure_packages()?;
+    let command = std::iter::once("cargo xtask".to_string())
+        .chain(std::env::args().skip(1))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let cfg = Config {
+        quick,
+        services: args
+            .services
+            .clone()
+            .unwrap_or_else(|| if quick { vec![1, 1000] } else { vec![1, 1000, 5000, 10_000] }),
+        endpoints_per_service: args.endpoints,
+        pods: args.pods,
+        rounds: args.rounds.unwrap_or(if quick { 1 } else { 3 }),
+        wrk: WrkSettings {
+            threads: 1,
+            connections: args.connections,
+            seconds: args.duration.unwrap_or(if quick { 1 } else { 2 }),
+        },
+        sequential: args.requests.unwrap_or(if quick { 300 } else { 1000 }),
+        changes: args.changes.unwrap_or(if quick { 2 } else { 3 }),
+        kproxy: bins.0,
+        testpod: bins.1,
+        profile: match profile {
+            Profile::Release => "release".into(),
+            Profile::Debug => "debug".into(),
+        },
+        command,
+        iptables_nft_cap: std::time::Duration::from_secs(if quick { 10 } else { 60 }),
+        tc_rounds: 2,
+        tc_runs: if quick { 2_000 } else { 10_000 },
+    };
+    if cfg.services.is_empty() || cfg.services.contains(&0) || cfg.rounds == 0 {
+        bail!("--services needs positive numbers and --rounds at least 1");
+    }
+    kproxy_e2e::interrupt::install()?;
+    let results = bench::run::run(&cfg)?;
+    write_outputs(&results, &out_dir, docs)?;
+    println!(
+        "\nbench finished in {:.0} s (measuring {:.0} s)",
+        started.elapsed().as_secs_f64(),
+        results.elapsed_s
+    );
+    Ok(())
+}
+
+/// results.json, benchmarks.md and the plots into `out_dir`; with `docs`, also the report and
+/// plots into docs/.
+fn write_outputs(results: &Results, out_dir: &Path, docs: bool) -> Result<()> {
+    fs::create_dir_all(out_dir)?;
+    let json = out_dir.join("results.json");
+    fs::write(&json, serde_json::to_string_pretty(results)?)?;
+    bench::plot::render(results, &out_dir.join("img"))?;
+    fs::write(out_dir.join("benchmarks.md"), bench::report::render(results, "img"))?;
+    println!("wrote {} and {}", json.display(), out_dir.join("benchmarks.md").display());
+    if docs {
+        let dir = workspace_root().join("docs");
+        bench::plot::render(results, &dir.join("img"))?;
+        fs::write(dir.join("benchmarks.md"), bench::report::render(results, "img"))?;
+        println!("wrote docs/benchmarks.md and docs/img/bench-*.png");
+    }
+    Ok(())
+}
+
+fn binaries(profile: Profile) -> Result<(PathBuf, PathBuf)> {
+    let dir = target_dir()?.join(match profile {
+        Profile::Release => "release",
+        Profile::Debug => "debug",
+    });
+    let bins = (dir.join("kproxy"), dir.join("kproxy-testpod"));
+    for path in [&bins.0, &bins.1] {
+        if !path.is_file() {
+            bail!("{} does not exist: build it first (drop --no-build)", path.display());
+        }
+    }
+    Ok(bins)
+}
+
+/// `cargo xtask build` (setup, then kproxy and kproxy-testpod) in `profile`.
+fn build_binaries(profile: Profile) -> Result<(PathBuf, PathBuf)> {
+    let mut build = cargo();
+    build.args(["xtask", "build"]);
+    if profile == Profile::Release {
+        build.arg("--release");
+    }
+    cmd::run(&mut build)?;
+    binaries(profile)
+}
