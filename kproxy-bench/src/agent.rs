@@ -130,7 +130,10 @@ impl Agent {
         cmd.arg("run");
         match source {
             Source::Manifests(path) => {
-                cmd.arg("--manifests").arg(path);
+                // The benchmark renames every file into place (complete by construction), and
+                // times programming, not the file source's settle time (500 ms by default, a
+                // guard against files read half-written; see kproxy/src/sources/settle.rs).
+                cmd.arg("--manifests").arg(path).args(["--manifests-settle-time", "0s"]);
             }
             Source::Apiserver { kubeconfig, node } => {
                 cmd.arg("--kubeconfig").arg(kubeconfig).args(["--hostname-override", node]);
