@@ -11,8 +11,8 @@
 //! - `udp-flows`: a client of many flows. `--count` unconnected sockets, one datagram each,
 //!   then (after `--go-file` appears) one more each, recording which sockets changed backend.
 //! - `flood`: `--count` UDP sockets `connect`ed to the address (no traffic; `getpeername()`
-//!   once each), all held open until the last is connected, as a process that opens very many
-//!   sockets does.
+//!   once each), held open until the last is connected (as many as the limit of open files
+//!   allows), as a process that opens very many sockets does.
 //!
 //! Clients print one JSON line, see `kproxy_e2e::report`. They are bounded: `--count` requests, each
 //! socket operation limited by `--timeout-ms`, and the whole run by `--max-ms` (requests not
@@ -72,8 +72,9 @@ enum Cli {
         go_file: std::path::PathBuf,
     },
     /// Open `--count` UDP sockets connected to `--addr` (no datagram sent), call
-    /// `getpeername()` on each, and hold them all until the last is connected. `ok` counts the
-    /// sockets connected, `peers` what getpeername() said.
+    /// `getpeername()` on each, and hold them until the last is connected (beyond the limit of
+    /// open files, raised to its hard limit, the oldest are closed). `ok` counts the sockets
+    /// connected, `peers` what getpeername() said.
     Flood {
         #[command(flatten)]
         run: RunArgs,
@@ -632,11 +633,34 @@ fn udp_flows(run: RunArgs, ready_file: &std::path::Path, go_file: &std::path::Pa
     rec.finish()
 }
 
+/// Raises the soft limit of open files to the hard one (as Go programs do at start) and
+/// returns it.
+fn raise_nofile_limit() -> u64 {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 1024;
+        }
+        let raised = libc::rlimit { rlim_cur: limit.rlim_max, ..limit };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+            limit = raised;
+        }
+    }
+    limit.rlim_cur as u64
+}
+
 fn flood(run: RunArgs) -> Report {
     let mut rec = Recorder::new();
     let deadline = rec.start + Duration::from_millis(run.max_ms);
-    let mut held = Vec::with_capacity(run.count as usize);
+    // Beyond what the limit of open files allows, the oldest sockets are closed as new ones
+    // open (as a process cycling through short-lived sockets does).
+    let room = (raise_nofile_limit().saturating_sub(64) as usize).max(1);
+    let mut held = std::collections::VecDeque::with_capacity((run.count as usize).min(room));
     for _ in 0..run.count {
+        if held.len() >= room {
+            held.pop_front();
+        }
         if Instant::now() >= deadline {
             *rec.report.errors.entry("NotAttempted".into()).or_default() += 1;
             continue;
@@ -650,7 +674,7 @@ fn flood(run: RunArgs) -> Report {
                 rec.report.ok += 1;
                 rec.connect_ms.push(ms(started.elapsed()));
                 rec.peer(socket.peer_addr());
-                held.push(socket);
+                held.push_back(socket);
             }
             Err(failure) => rec.failure(failure, started.elapsed()),
         }
