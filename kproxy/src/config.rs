@@ -37,6 +37,10 @@ pub struct KubeProxyConfig {
     pub min_sync_period: Option<Duration>,
     /// `oomScoreAdj` → `--oom-score-adj`.
     pub oom_score_adj: Option<i32>,
+    /// `logging.format` (`text` or `json`) → `--logging-format`.
+    pub logging_format: Option<String>,
+    /// `logging.verbosity` → `-v`.
+    pub verbosity: Option<u32>,
     /// `field=value` for every field set to a non-default value that kproxy does not use.
     pub ignored: Vec<String>,
     /// Dotted paths of fields that KubeProxyConfiguration does not have.
@@ -107,7 +111,7 @@ const TOP: &[(&str, Field)] = &[
     ),
     (
         "logging",
-        Object(&[("format", Ignore), ("flushFrequency", Ignore), ("verbosity", Ignore), ("vmodule", Opaque), ("options", Opaque)]),
+        Object(&[("format", Use), ("flushFrequency", Ignore), ("verbosity", Use), ("vmodule", Opaque), ("options", Opaque)]),
     ),
     ("hostnameOverride", Use),
     ("bindAddress", Use),
@@ -282,6 +286,20 @@ pub fn parse(text: &str) -> Result<KubeProxyConfig, String> {
         }
         Some(other) => return Err(format!("nodePortAddresses: want a list, got {other}")),
     };
+    let logging = section("logging");
+    out.logging_format = match string(logging.and_then(|l| l.get("format")), "logging.format")? {
+        None => None,
+        Some(f) if f == "text" || f == "json" => Some(f),
+        Some(f) => return Err(format!("logging.format: {f:?} is not text or json")),
+    };
+    out.verbosity = match logging.and_then(|l| l.get("verbosity")) {
+        None | Some(Value::Null) => None,
+        Some(v) => match v.as_u64() {
+            Some(0) => None,
+            Some(n) => Some(u32::try_from(n).map_err(|_| format!("logging.verbosity: {n} is too large"))?),
+            None => return Err(format!("logging.verbosity: want a non-negative integer, got {v}")),
+        },
+    };
     out.oom_score_adj = match top.get("oomScoreAdj") {
         None | Some(Value::Null) => None,
         Some(v) => match v.as_i64() {
@@ -349,7 +367,8 @@ mod tests {
              hostnameOverride: node-a\nhealthzBindAddress: 10.0.0.5\nmetricsBindAddress: 0.0.0.0:9999\n\
              mode: nftables\nnftables: {syncPeriod: 1m0s, minSyncPeriod: 1.5s}\niptables: {syncPeriod: 10s}\n\
              nodePortAddresses: [10.0.0.0/8, all, primary]\noomScoreAdj: -999\n\
-             conntrack: {maxPerCore: 32768, min: null}\nenableProfiling: true\nnotAField: 1\n",
+             conntrack: {maxPerCore: 32768, min: null}\nenableProfiling: true\nnotAField: 1\n\
+             logging: {format: json, verbosity: 4}\n",
         )
         .expect("parses");
         assert_eq!(c.hostname_override.as_deref(), Some("node-a"));
@@ -359,6 +378,7 @@ mod tests {
         assert_eq!(c.min_sync_period, Some(Duration::from_millis(1500)));
         assert_eq!(c.nodeport_addresses, Some(vec!["10.0.0.0/8".to_string(), "0.0.0.0/0".to_string()]));
         assert_eq!(c.oom_score_adj, Some(-999));
+        assert_eq!((c.logging_format.as_deref(), c.verbosity), (Some("json"), Some(4)));
         assert_eq!(
             c.ignored,
             [
@@ -385,6 +405,8 @@ mod tests {
             (&format!("{head}oomScoreAdj: -5000\n"), "oomScoreAdj: want an integer"),
             (&format!("{head}mode: userspace\n"), "mode: \"userspace\""),
             (&format!("{head}hostnameOverride: [a]\n"), "hostnameOverride: want a string"),
+            (&format!("{head}logging: {{format: xml}}\n"), "logging.format: \"xml\" is not text or json"),
+            (&format!("{head}logging: {{verbosity: -1}}\n"), "logging.verbosity: want a non-negative integer"),
         ] {
             let err = parse(body).expect_err(body);
             assert!(err.contains(want), "{body:?}: {err}");

@@ -26,6 +26,46 @@ use kproxy::{
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log format (kube-proxy's flag): `text`, or `json` (one object per line). Text has colour
+    /// only when stderr is a terminal and NO_COLOR is unset.
+    #[arg(long, value_enum, global = true)]
+    logging_format: Option<LoggingFormat>,
+    /// Log verbosity, kube-proxy's `-v`: 0–3 info, 4 debug, 5 and up trace. `RUST_LOG`, when
+    /// set, overrides it.
+    #[arg(short = 'v', long = "v", global = true, value_name = "LEVEL")]
+    verbosity: Option<u32>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LoggingFormat {
+    Text,
+    Json,
+}
+
+/// kube-proxy's klog verbosity on kproxy's log levels: kube-proxy logs its routine messages at
+/// V(2) and its per-change details at V(4) and above.
+fn level_for_verbosity(verbosity: u32) -> &'static str {
+    match verbosity {
+        0..=3 => "info",
+        4 => "debug",
+        _ => "trace",
+    }
+}
+
+/// Logs to stderr in `format` at `verbosity` (or `RUST_LOG`). No ANSI escapes unless stderr is
+/// a terminal: a container runtime or a file gets plain text.
+fn init_logging(format: LoggingFormat, verbosity: u32) {
+    use std::io::IsTerminal as _;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| level_for_verbosity(verbosity).into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LoggingFormat::Text => {
+            let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+            builder.with_ansi(ansi).init();
+        }
+        LoggingFormat::Json => builder.json().init(),
+    }
 }
 
 #[derive(Args, Clone)]
@@ -212,9 +252,8 @@ fn explicit(matches: &clap::ArgMatches, id: &str) -> bool {
 
 /// Fills the flags the command line left at their defaults from `--config`, as kube-proxy
 /// does, and warns once about the file's fields kproxy does not use.
-fn apply_config(args: &mut RunArgs, matches: &clap::ArgMatches) -> Result<()> {
-    let Some(path) = args.config.clone() else { return Ok(()) };
-    let file = config::load(&path)?;
+fn apply_config(args: &mut RunArgs, matches: &clap::ArgMatches, path: &std::path::Path, file: config::KubeProxyConfig) -> Result<()> {
+    tracing::debug!(config = %path.display(), parsed = ?file, "KubeProxyConfiguration as read");
     let set = |id: &str| !explicit(matches, id);
     if set("kubeconfig") && args.manifests.is_none() {
         args.kubeconfig = file.kubeconfig.or(args.kubeconfig.take());
@@ -263,18 +302,28 @@ fn set_oom_score_adj(value: i32) {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // `--config` is read before logging starts: it may set the format and the verbosity.
+    let file = match &cli.command {
+        Command::Run(args) => match &args.config {
+            Some(path) => Some((path.clone(), config::load(path)?)),
+            None => None,
+        },
+        _ => None,
+    };
+    let in_file = file.as_ref().map(|(_, f)| f);
+    let file_format = in_file.and_then(|f| f.logging_format.as_deref()).map(|f| match f {
+        "json" => LoggingFormat::Json,
+        _ => LoggingFormat::Text,
+    });
+    let format = cli.logging_format.or(file_format).unwrap_or(LoggingFormat::Text);
+    let verbosity = cli.verbosity.or(in_file.and_then(|f| f.verbosity)).unwrap_or(0);
+    init_logging(format, verbosity);
     match cli.command {
         Command::Run(mut args) => {
-            if let Some((_, run)) = matches.subcommand() {
-                apply_config(&mut args, run)?;
+            if let (Some((_, run)), Some((path, file))) = (matches.subcommand(), file) {
+                apply_config(&mut args, run, &path, file)?;
             }
             if let Some(value) = args.oom_score_adj {
                 set_oom_score_adj(value);
