@@ -139,6 +139,11 @@ impl Metrics {
             sock_storage_overflow_total: Counter::default(),
             sock_lru_inserts_total: Family::default(),
         };
+        // A closed set of reasons starts at 0, so that `rate()` and `increase()` see the first
+        // refusal (a series that appears at 1 has no earlier sample to differ from).
+        for reason in RefuseReason::ALL {
+            let _ = m.frontend_refusals_total.get_or_create(&RefusedLabel { reason: reason.as_str().into() });
+        }
         let r = &mut m.registry;
         r.register("kubeproxy_sync_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds", m.sync_duration.clone());
         r.register("kubeproxy_sync_full_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds for full resyncs", m.sync_full_duration.clone());
