@@ -57,10 +57,12 @@ pub struct MapContents {
     pub members: HashMap<MemberKey, MemberValue>,
 }
 
-/// Errors of a dataplane write or read, naming the map and the operation.
+/// Errors of a dataplane write or read, naming the map and the operation. The cause is the
+/// error's `source()`, not part of its message: print it with `anyhow`'s `{:#}` (as the agent
+/// does), which shows each cause once.
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
-    #[error("{map}: {operation}: {source}")]
+    #[error("{map}: {operation}")]
     Map {
         map: &'static str,
         operation: &'static str,
@@ -68,14 +70,14 @@ pub enum DataplaneError {
         source: aya::maps::MapError,
     },
     /// A batched write (`crate::sys::map_update_batch`) failed.
-    #[error("{map}: {operation}: {source}")]
+    #[error("{map}: {operation}")]
     Sys {
         map: &'static str,
         operation: &'static str,
         #[source]
         source: crate::sys::SysError,
     },
-    #[error("open pinned map {path}: {source}")]
+    #[error("open pinned map {path}")]
     Open {
         path: String,
         #[source]
