@@ -659,7 +659,7 @@ fn trace_reports_source_range_drops_and_external_traffic_policy_local_per_origin
     assert_eq!(allowed.verdict, Verdict::Backend, "{test}: {allowed:?}");
     let f = allowed.frontend.as_ref().expect("frontend");
     assert_eq!((f.source_allowed, f.source_ranges.clone()), (Some(true), vec![format!("{EXT_IP}/32")]), "{test}: {allowed:?}");
-    assert_eq!(f.backends.iter().map(|b| b.address.clone()).collect::<Vec<_>>(), [pod_a.clone()], "{test}: {allowed:?}");
+    assert_eq!(f.backends.iter().map(|b| b.address.clone()).collect::<Vec<_>>(), [pod_a], "{test}: {allowed:?}");
     let denied = setup.trace(&["--from", EXT_IP_2, "--to", &to]);
     assert_eq!(denied.verdict, Verdict::DropSourceRange, "{test}: {denied:?}");
     assert_eq!(denied.frontend.as_ref().and_then(|f| f.source_allowed), Some(false), "{test}: {denied:?}");

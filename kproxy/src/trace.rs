@@ -217,7 +217,7 @@ pub fn conntrack(lb: &MapContents, flows: &FlowContents) -> ConntrackDump {
     });
     let mut unpaired: Vec<ConntrackEntry> =
         flows.ct.iter().filter(|(k, _)| !used.contains(k)).map(|(k, v)| entry(k, v, "unpaired", now)).collect();
-    unpaired.sort_by(|a, b| (sort_key(&a.src), sort_key(&a.dst)).cmp(&(sort_key(&b.src), sort_key(&b.dst))));
+    unpaired.sort_by_key(|e| (sort_key(&e.src), sort_key(&e.dst)));
     ConntrackDump { flows: out, unpaired }
 }
 
