@@ -77,6 +77,9 @@ pub enum DataplaneError {
         #[source]
         source: crate::sys::SysError,
     },
+    /// `CLOCK_MONOTONIC`, the clock of conntrack and affinity entries, could not be read.
+    #[error("read CLOCK_MONOTONIC")]
+    Clock(#[source] nix::errno::Errno),
     #[error("open pinned map {path}")]
     Open {
         path: String,
@@ -154,7 +157,6 @@ pub enum Resolution {
 }
 
 /// Where a client is, as the kernel's `lb::Origin`.
-#[cfg(test)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Origin {
     /// The node's processes and its pods (the socket path).
@@ -255,10 +257,15 @@ impl MapContents {
 
     /// The backends in slots `1..=count` of the frontend entry `key0` (`front`), in slot order.
     fn slot_backends(&self, key0: &ServiceKey, front: &ServiceValue) -> Vec<SocketAddrV4> {
+        self.slots(key0, front).into_iter().filter_map(|(_, _, b)| b).collect()
+    }
+
+    /// (slot, backend id, backend address if the backends map has it) for every slot
+    /// `1..=count` of the frontend entry `key0` (`front`) that exists, in slot order.
+    pub fn slots(&self, key0: &ServiceKey, front: &ServiceValue) -> Vec<(u16, u32, Option<SocketAddrV4>)> {
         (1..=front.count)
-            .filter_map(|slot| self.services.get(&ServiceKey { slot, ..*key0 }))
-            .filter_map(|s| self.backends.get(&s.backend_id))
-            .map(backend_addr)
+            .filter_map(|slot| self.services.get(&ServiceKey { slot, ..*key0 }).map(|s| (slot, s)))
+            .map(|(slot, s)| (slot, s.backend_id, self.backends.get(&s.backend_id).map(backend_addr)))
             .collect()
     }
 }
@@ -321,7 +328,7 @@ fn svc_type_code(t: ServiceType) -> u8 {
     }
 }
 
-fn svc_type_name(code: u8) -> &'static str {
+pub fn svc_type_name(code: u8) -> &'static str {
     match code {
         SVC_TYPE_CLUSTER_IP => "ClusterIP",
         SVC_TYPE_NODE_PORT => "NodePort",
