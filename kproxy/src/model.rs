@@ -84,14 +84,70 @@ fn parse_protocol(value: Option<&str>) -> Result<ParsedProtocol, String> {
     }
 }
 
-/// Service types, and the kinds of frontend a Service has (a ClusterIP frontend is
-/// `ClusterIp` whatever the Service's type; `ExternalIp` is only a frontend kind).
+/// The kind of a frontend, the one type for it in the agent: the model builds frontends of each
+/// kind, the plan writes its `SVC_FLAG_*` bit and its `SVC_TYPE_*` metadata code, and `dump`
+/// prints its name. A ClusterIP frontend is `ClusterIp` whatever the Service's type, and
+/// `ExternalIp` is a kind of frontend only; a Service's own `spec.type` is one of the other
+/// three ([`ServiceInfo::svc_type`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum ServiceType {
+pub enum FrontendKind {
     ClusterIp,
     NodePort,
     ExternalIp,
     LoadBalancer,
+}
+
+impl FrontendKind {
+    pub const ALL: [FrontendKind; 4] =
+        [FrontendKind::ClusterIp, FrontendKind::NodePort, FrontendKind::ExternalIp, FrontendKind::LoadBalancer];
+
+    /// The name `kproxy dump` prints (the `type` of [`kproxy_api::dump::DumpService`]).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FrontendKind::ClusterIp => "ClusterIP",
+            FrontendKind::NodePort => "NodePort",
+            FrontendKind::ExternalIp => "ExternalIP",
+            FrontendKind::LoadBalancer => "LoadBalancer",
+        }
+    }
+
+    /// The `SVC_FLAG_*` bit of a frontend entry of this kind (`kproxy_common::lb`).
+    pub fn flag(self) -> u16 {
+        use kproxy_common::lb::{SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT};
+        match self {
+            FrontendKind::ClusterIp => SVC_FLAG_CLUSTER_IP,
+            FrontendKind::NodePort => SVC_FLAG_NODE_PORT,
+            FrontendKind::ExternalIp => SVC_FLAG_EXTERNAL_IP,
+            FrontendKind::LoadBalancer => SVC_FLAG_LOAD_BALANCER,
+        }
+    }
+
+    /// Every kind's bit: the `SVC_FLAG_*` bits that say which kind of frontend an entry is.
+    pub fn all_flags() -> u16 {
+        Self::ALL.iter().fold(0, |bits, kind| bits | kind.flag())
+    }
+
+    /// The `SVC_TYPE_*` code of the metadata map (`kproxy_common::lb::ServiceMeta::svc_type`).
+    pub fn meta_code(self) -> u8 {
+        use kproxy_common::lb::{SVC_TYPE_CLUSTER_IP, SVC_TYPE_EXTERNAL_IP, SVC_TYPE_LOAD_BALANCER, SVC_TYPE_NODE_PORT};
+        match self {
+            FrontendKind::ClusterIp => SVC_TYPE_CLUSTER_IP,
+            FrontendKind::NodePort => SVC_TYPE_NODE_PORT,
+            FrontendKind::ExternalIp => SVC_TYPE_EXTERNAL_IP,
+            FrontendKind::LoadBalancer => SVC_TYPE_LOAD_BALANCER,
+        }
+    }
+
+    /// The kind a metadata code names; `None` for a code the agent never writes.
+    pub fn from_meta_code(code: u8) -> Option<Self> {
+        Self::ALL.into_iter().find(|kind| kind.meta_code() == code)
+    }
+}
+
+impl fmt::Display for FrontendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// `namespace/name:port_name`, kube-proxy's `ServicePortName` (protocol included, since the
@@ -185,7 +241,9 @@ pub struct ServicePortInfo {
 pub struct ServiceInfo {
     pub namespace: String,
     pub name: String,
-    pub svc_type: ServiceType,
+    /// `spec.type`: `ClusterIp`, `NodePort` or `LoadBalancer` (never `ExternalIp`, a kind of
+    /// frontend only; `ExternalName` Services are ignored).
+    pub svc_type: FrontendKind,
     pub cluster_ip: Ipv4Addr,
     pub ports: Vec<ServicePortInfo>,
     /// `spec.externalIPs` (IPv4 ones).
@@ -262,9 +320,9 @@ impl ServiceInfo {
         }
         let spec = svc.spec.as_ref().ok_or_else(|| invalid(InvalidCode::MissingField, "spec", "missing".into()))?;
         let svc_type = match spec.type_.as_deref().unwrap_or("ClusterIP") {
-            "ClusterIP" => ServiceType::ClusterIp,
-            "NodePort" => ServiceType::NodePort,
-            "LoadBalancer" => ServiceType::LoadBalancer,
+            "ClusterIP" => FrontendKind::ClusterIp,
+            "NodePort" => FrontendKind::NodePort,
+            "LoadBalancer" => FrontendKind::LoadBalancer,
             "ExternalName" => return Ok(ServiceOutcome::Ignored(Ignored::ExternalName)),
             other => return Err(invalid(InvalidCode::UnknownType, "spec.type", format!("unknown service type {other:?}"))),
         };
@@ -322,7 +380,7 @@ impl ServiceInfo {
                 return Err(invalid(InvalidCode::DuplicatePort, &format!("spec.ports[{i}]"), "duplicate port".into()));
             }
             let node_port = match (svc_type, p.node_port) {
-                (ServiceType::NodePort | ServiceType::LoadBalancer, Some(np)) => Some(
+                (FrontendKind::NodePort | FrontendKind::LoadBalancer, Some(np)) => Some(
                     parse_port(np).map_err(|r| invalid(InvalidCode::InvalidPort, &format!("spec.ports[{i}].nodePort"), r))?,
                 ),
                 _ => None,
@@ -355,7 +413,7 @@ impl ServiceInfo {
             .filter(|ing| ing.ip_mode.as_deref().is_none_or(|mode| mode == "VIP"))
             .filter_map(|ing| ing.ip.clone())
             .collect();
-        let load_balancer_ips = if svc_type == ServiceType::LoadBalancer {
+        let load_balancer_ips = if svc_type == FrontendKind::LoadBalancer {
             parse_ipv4s(&ingress_ips, &|i| format!("status.loadBalancer.ingress[{i}].ip"))?
         } else {
             Vec::new()
@@ -565,7 +623,7 @@ impl fmt::Display for Frontend {
 pub struct DesiredService {
     pub name: ServicePortName,
     /// Kind of frontend: a ClusterIP frontend is `ClusterIp` whatever the Service's type.
-    pub frontend_type: ServiceType,
+    pub frontend_type: FrontendKind,
     /// Backends that receive new connections (ready endpoints), sorted and de-duplicated.
     /// For an external frontend, these are what clients from outside the node get.
     pub backends: Vec<SocketAddrV4>,
@@ -728,12 +786,12 @@ pub fn service_frontends<'a>(
         }
         let usable = usable(&candidates, node);
         let protocol = port.name.protocol;
-        let mut add = |address: Ipv4Addr, port_number: u16, frontend_type: ServiceType| {
+        let mut add = |address: Ipv4Addr, port_number: u16, frontend_type: FrontendKind| {
             let local_only =
-                if frontend_type == ServiceType::ClusterIp { svc.internal_policy_local } else { svc.external_policy_local };
+                if frontend_type == FrontendKind::ClusterIp { svc.internal_policy_local } else { svc.external_policy_local };
             let backends = if local_only { usable.local.clone() } else { usable.cluster.clone() };
             let drop_unserved = backends.is_empty() && usable.any;
-            let internal_backends = (frontend_type != ServiceType::ClusterIp
+            let internal_backends = (frontend_type != FrontendKind::ClusterIp
                 && local_only
                 && usable.cluster != backends
                 && !usable.cluster.is_empty())
@@ -749,7 +807,7 @@ pub fn service_frontends<'a>(
                 .into_iter()
                 .collect();
             let source_ranges =
-                if frontend_type == ServiceType::LoadBalancer { svc.source_ranges.clone() } else { Vec::new() };
+                if frontend_type == FrontendKind::LoadBalancer { svc.source_ranges.clone() } else { Vec::new() };
             let desired = DesiredService {
                 name: port.name.clone(),
                 frontend_type,
@@ -762,16 +820,16 @@ pub fn service_frontends<'a>(
             };
             out.push((Frontend { address, port: port_number, protocol }, desired));
         };
-        add(svc.cluster_ip, port.port, ServiceType::ClusterIp);
+        add(svc.cluster_ip, port.port, FrontendKind::ClusterIp);
         for ip in &svc.external_ips {
-            add(*ip, port.port, ServiceType::ExternalIp);
+            add(*ip, port.port, FrontendKind::ExternalIp);
         }
         for ip in &svc.load_balancer_ips {
-            add(*ip, port.port, ServiceType::LoadBalancer);
+            add(*ip, port.port, FrontendKind::LoadBalancer);
         }
         if let Some(node_port) = port.node_port {
             for ip in node_addresses {
-                add(*ip, node_port, ServiceType::NodePort);
+                add(*ip, node_port, FrontendKind::NodePort);
             }
         }
     }
@@ -1105,7 +1163,7 @@ spec:
     /// backends, drop_unserved), addresses' last octets only. `s` is a LoadBalancer Service
     /// with `spec` lines, ClusterIP 10.96.0.9, external IP 198.51.100.9, load-balancer IP
     /// 203.0.113.9 and NodePort 30009 on 192.168.50.2, with one slice of `endpoints`.
-    fn by_kind(spec: &str, endpoints: &[String], node: &str) -> BTreeMap<ServiceType, Serving> {
+    fn by_kind(spec: &str, endpoints: &[String], node: &str) -> BTreeMap<FrontendKind, Serving> {
         let eps: String = endpoints.iter().map(|e| format!("- {e}\n")).collect();
         let yaml = format!(
             "apiVersion: v1\nkind: Service\nmetadata: {{name: s}}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.9\n  \
@@ -1122,7 +1180,7 @@ spec:
         store.take_changes();
         assert!(store.invalid().next().is_none(), "{:?}", store.invalid().collect::<Vec<_>>());
         let octets = |list: &[SocketAddrV4]| list.iter().map(|b| b.ip().octets()[3]).collect::<Vec<u8>>();
-        let out: BTreeMap<ServiceType, Serving> = store
+        let out: BTreeMap<FrontendKind, Serving> = store
             .desired()
             .values()
             .map(|d| (d.frontend_type, (octets(&d.backends), d.internal_backends.as_deref().map(octets), d.drop_unserved)))
@@ -1133,13 +1191,13 @@ spec:
 
     #[test]
     fn external_traffic_policy_local_gives_clients_in_the_cluster_the_cluster_endpoints() {
-        use ServiceType::*;
+        use FrontendKind::*;
         let ep = |last: u8, node: &str, extra: &str| format!("{{addresses: [10.0.0.{last}], nodeName: {node}{extra}}}");
         let spread = [ep(1, "n1", ""), ep(2, "n2", "")];
         let etp = "  externalTrafficPolicy: Local";
         let both = "  externalTrafficPolicy: Local\n  internalTrafficPolicy: Local";
         let itp = "  internalTrafficPolicy: Local";
-        let external = |got: &BTreeMap<ServiceType, Serving>| {
+        let external = |got: &BTreeMap<FrontendKind, Serving>| {
             let e = got[&NodePort].clone();
             assert!([ExternalIp, LoadBalancer].iter().all(|k| got[k] == e), "every external frontend alike: {got:?}");
             e

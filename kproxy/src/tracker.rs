@@ -14,8 +14,8 @@ use std::{
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 use crate::model::{
-    service_frontends, DesiredService, DesiredState, Frontend, Ignored, InvalidCode, InvalidObject, NodeTopology,
-    Protocol, ServiceInfo, ServiceOutcome, ServicePortName, ServiceType, SliceInfo,
+    service_frontends, DesiredService, DesiredState, Frontend, FrontendKind, Ignored, InvalidCode, InvalidObject,
+    NodeTopology, Protocol, ServiceInfo, ServiceOutcome, ServicePortName, SliceInfo,
 };
 
 /// `(namespace, name)` of an object.
@@ -401,7 +401,7 @@ impl ModelStore {
     /// Counts `d` in or out of [`Self::unserved`].
     fn count_unserved(&mut self, d: Option<&DesiredService>, delta: isize) {
         let Some(d) = d.filter(|d| d.drop_unserved) else { return };
-        let key = (d.name.clone(), d.frontend_type != ServiceType::ClusterIp);
+        let key = (d.name.clone(), d.frontend_type != FrontendKind::ClusterIp);
         let count = self.unserved.entry(key.clone()).or_default();
         *count = count.saturating_add_signed(delta);
         if *count == 0 {
@@ -540,7 +540,7 @@ mod tests {
 #[cfg(test)]
 mod frontend_kind_tests {
     use super::*;
-    use crate::model::{Protocol, ServiceType};
+    use crate::model::{FrontendKind, Protocol};
 
     #[test]
     fn node_ports_external_and_load_balancer_ips_are_frontends_too() {
@@ -566,16 +566,16 @@ spec: {type: NodePort, clusterIP: 10.96.0.8, ports: [{port: 80, nodePort: 70000}
         store.set_node_addresses(vec!["192.168.50.2".parse().unwrap(), "192.168.60.2".parse().unwrap()]);
         store.replace_all(&services, &slices);
         store.take_changes();
-        let kinds: Vec<(String, ServiceType)> =
+        let kinds: Vec<(String, FrontendKind)> =
             store.desired().iter().map(|(f, d)| (format!("{}:{}", f.address, f.port), d.frontend_type)).collect();
         assert_eq!(
             kinds,
             [
-                ("10.96.0.7:80".to_string(), ServiceType::ClusterIp),
-                ("192.168.50.2:30080".to_string(), ServiceType::NodePort),
-                ("192.168.60.2:30080".to_string(), ServiceType::NodePort),
-                ("198.51.100.7:80".to_string(), ServiceType::ExternalIp),
-                ("203.0.113.7:80".to_string(), ServiceType::LoadBalancer),
+                ("10.96.0.7:80".to_string(), FrontendKind::ClusterIp),
+                ("192.168.50.2:30080".to_string(), FrontendKind::NodePort),
+                ("192.168.60.2:30080".to_string(), FrontendKind::NodePort),
+                ("198.51.100.7:80".to_string(), FrontendKind::ExternalIp),
+                ("203.0.113.7:80".to_string(), FrontendKind::LoadBalancer),
             ]
         );
         let errors: Vec<String> = store.invalid().map(ToString::to_string).collect();

@@ -32,13 +32,12 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 use kproxy_common::lb::{
-    Backend, MemberKey, MemberValue, ServiceKey, ServiceValue, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_CLUSTER_IP,
-    SVC_FLAG_DROP_UNSERVED, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES,
-    SVC_FLAG_TWO_SCOPES,
+    Backend, MemberKey, MemberValue, ServiceKey, ServiceValue, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_AFFINITY,
+    SVC_FLAG_DROP_UNSERVED, SVC_FLAG_SOURCE_RANGES, SVC_FLAG_TWO_SCOPES,
 };
 
 use super::{backend_value, frontend_of, service_key, service_meta, Dataplane as _, MapContents, Op};
-use crate::model::{Cidr, DesiredService, DesiredState, Frontend, ServicePortName, ServiceType};
+use crate::model::{Cidr, DesiredService, DesiredState, Frontend, FrontendKind, ServicePortName};
 
 /// Map capacities the plan must respect.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -510,7 +509,7 @@ pub fn plan(mirror: &Mirror, desired: &DesiredState, scope: Scope<'_>, limits: &
             keep_members: &mut keep_members,
         };
         // The internal scope first: complete before the scope-0 flag that makes it reachable.
-        let kind_and_affinity = frontend_flags(want) & (FRONTEND_KIND | SVC_FLAG_AFFINITY);
+        let kind_and_affinity = frontend_flags(want) & (FrontendKind::all_flags() | SVC_FLAG_AFFINITY);
         if let Some(ids) = &internal_ids {
             let front = ServiceValue { backend_id: want.affinity_timeout, count: 0, flags: kind_and_affinity, service_id };
             writes.scope(internal_key0, ids, front);
@@ -612,9 +611,6 @@ fn scope_entry_changes(current: &MapContents, key0: ServiceKey, wanted: Option<u
     let deleted = (wanted + 1..=old_count).filter(|s| slot_present(*s)).count();
     (added as u64, deleted as u64)
 }
-
-/// The `SVC_FLAG_*` bits that say which kind of frontend an entry is.
-const FRONTEND_KIND: u16 = SVC_FLAG_CLUSTER_IP | SVC_FLAG_NODE_PORT | SVC_FLAG_EXTERNAL_IP | SVC_FLAG_LOAD_BALANCER;
 
 /// Where the writes of one frontend's scopes go, and the accounting they update.
 struct ScopeWrites<'a> {
@@ -731,12 +727,7 @@ fn delete_scope(current: &MapContents, key0: ServiceKey, ops: &mut Vec<Op>, ref_
 }
 
 fn frontend_flags(want: &DesiredService) -> u16 {
-    let kind = match want.frontend_type {
-        ServiceType::ClusterIp => SVC_FLAG_CLUSTER_IP,
-        ServiceType::NodePort => SVC_FLAG_NODE_PORT,
-        ServiceType::ExternalIp => SVC_FLAG_EXTERNAL_IP,
-        ServiceType::LoadBalancer => SVC_FLAG_LOAD_BALANCER,
-    };
+    let kind = want.frontend_type.flag();
     let drop_unserved = if want.drop_unserved { SVC_FLAG_DROP_UNSERVED } else { 0 };
     let source_ranges = if want.source_ranges.is_empty() { 0 } else { SVC_FLAG_SOURCE_RANGES };
     let affinity = if want.affinity_timeout > 0 { SVC_FLAG_AFFINITY } else { 0 };
@@ -768,7 +759,7 @@ mod tests {
     fn svc(name: &str, backends: &[&str]) -> DesiredService {
         DesiredService {
             name: ServicePortName { namespace: "default".into(), name: name.into(), port_name: "http".into(), protocol: Protocol::Tcp },
-            frontend_type: ServiceType::ClusterIp,
+            frontend_type: FrontendKind::ClusterIp,
             backends: backends.iter().map(|b| b.parse().unwrap()).collect(),
             internal_backends: None,
             draining: Vec::new(),
@@ -1011,7 +1002,7 @@ mod tests {
     fn source_ranges_are_in_place_before_the_flag_that_enforces_them_and_go_after_it() {
         let range = |s: &str| -> Cidr { s.parse().unwrap() };
         let mut lb = svc("lb", &["10.244.1.10:8080"]);
-        lb.frontend_type = ServiceType::LoadBalancer;
+        lb.frontend_type = FrontendKind::LoadBalancer;
         lb.source_ranges = vec![range("192.168.0.0/16"), range("10.0.0.0/8")];
         let mut maps = MapContents::default();
         let p = full(&maps, &desired(&[("203.0.113.10:80", lb.clone())]), &LIMITS);
@@ -1063,7 +1054,7 @@ mod scope_tests {
         let f = Frontend { address: Ipv4Addr::from(0x0a60_0000 + i), port: 80, protocol: Protocol::Tcp };
         let name = ServicePortName { namespace: "ns".into(), name: format!("s{i}"), port_name: String::new(), protocol: Protocol::Tcp };
         let backends = backends.into_iter().map(|b| SocketAddrV4::new(Ipv4Addr::from(0x0af4_0000 + b), 8080)).collect();
-        (f, DesiredService { name, frontend_type: ServiceType::ClusterIp, backends, internal_backends: None, draining: Vec::new(), drop_unserved: false, source_ranges: Vec::new(), affinity_timeout: 0 })
+        (f, DesiredService { name, frontend_type: FrontendKind::ClusterIp, backends, internal_backends: None, draining: Vec::new(), drop_unserved: false, source_ranges: Vec::new(), affinity_timeout: 0 })
     }
 
     /// Applies a plan to a mirror and returns it.
@@ -1121,6 +1112,8 @@ mod scope_tests {
 mod two_scope_tests {
     use std::net::SocketAddrV4;
 
+    use kproxy_common::lb::SVC_FLAG_NODE_PORT;
+
     use super::*;
     use crate::{
         dataplane::{Origin, Resolution},
@@ -1145,7 +1138,7 @@ mod two_scope_tests {
     fn node_port(backends: &[&str], internal: Option<&[&str]>) -> DesiredState {
         let svc = DesiredService {
             name: ServicePortName { namespace: "default".into(), name: "np".into(), port_name: String::new(), protocol: Protocol::Tcp },
-            frontend_type: ServiceType::NodePort,
+            frontend_type: FrontendKind::NodePort,
             backends: addrs(backends),
             internal_backends: internal.map(addrs),
             draining: Vec::new(),
@@ -1355,7 +1348,7 @@ mod capacity_tests {
         let f = Frontend { address: Ipv4Addr::new(10, 96, 0, i), port: 80, protocol: Protocol::Tcp };
         let name = ServicePortName { namespace: "ns".into(), name: format!("s{i}"), port_name: "http".into(), protocol: Protocol::Tcp };
         let backends = backends.into_iter().map(|b| SocketAddrV4::new(Ipv4Addr::from(0x0af4_0000 + b), 8080)).collect();
-        (f, DesiredService { name, frontend_type: ServiceType::ClusterIp, backends, internal_backends: None, draining: Vec::new(), drop_unserved: false, source_ranges: Vec::new(), affinity_timeout: 0 })
+        (f, DesiredService { name, frontend_type: FrontendKind::ClusterIp, backends, internal_backends: None, draining: Vec::new(), drop_unserved: false, source_ranges: Vec::new(), affinity_timeout: 0 })
     }
 
     /// Applies a plan op by op, checking after each that no map holds more than its limit
