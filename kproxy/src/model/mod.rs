@@ -1,7 +1,7 @@
 //! The model: Services and EndpointSlices reduced to what the dataplane serves, validated,
 //! along the seams of kube-proxy's `pkg/proxy`.
 //!
-//! - [`types`](self::types): what the other parts share: [`Protocol`], [`FrontendKind`], [`Frontend`],
+//! - `types`: what the other parts share: [`Protocol`], [`FrontendKind`], [`Frontend`],
 //!   [`ServicePortName`], and the [`InvalidObject`] errors that name the object and the field.
 //! - `service`: a Service's validation into a [`ServiceInfo`] and its ports (kube-proxy's
 //!   `serviceport.go` and what its `ServiceChangeTracker` keeps).

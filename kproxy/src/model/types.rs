@@ -45,7 +45,7 @@ impl fmt::Display for Protocol {
 /// kind, the plan writes its `SVC_FLAG_*` bit and its `SVC_TYPE_*` metadata code, and `dump`
 /// prints its name. A ClusterIP frontend is `ClusterIp` whatever the Service's type, and
 /// `ExternalIp` is a kind of frontend only; a Service's own `spec.type` is one of the other
-/// three ([`ServiceInfo::svc_type`]).
+/// three ([`ServiceInfo::svc_type`](super::ServiceInfo::svc_type)).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum FrontendKind {
     ClusterIp,
