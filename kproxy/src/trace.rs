@@ -26,8 +26,8 @@ use kproxy_common::{
 };
 
 use crate::{
-    dataplane::{bpf::FlowContents, meta_names, service_key, svc_type_name, MapContents, Origin},
-    model::{Frontend, Protocol},
+    dataplane::{bpf::FlowContents, meta_names, service_key, MapContents, Origin},
+    model::{Frontend, FrontendKind, Protocol},
 };
 
 /// What to trace: a client and a frontend, and where the client is.
@@ -441,7 +441,7 @@ fn describe(lb: &MapContents, key0: &ServiceKey, front0: &ServiceValue, key: &Se
         namespace,
         name,
         port_name,
-        svc_type: meta.map_or("Unknown", |m| svc_type_name(m.svc_type)).to_string(),
+        svc_type: meta.and_then(|m| FrontendKind::from_meta_code(m.svc_type)).map_or("Unknown", FrontendKind::as_str).to_string(),
         frontend: addr(key0.address, key0.port),
         scope: if key.scope == SCOPE_EXTERNAL { "external" } else { "in_cluster" }.to_string(),
         flags: flag_names(flags),
@@ -593,7 +593,7 @@ mod tests {
     };
 
     use super::*;
-    use crate::{dataplane::service_meta, model::{Cidr, ServicePortName, ServiceType}};
+    use crate::{dataplane::service_meta, model::{Cidr, FrontendKind, ServicePortName}};
 
     const NOW: u64 = 1_000 * 1_000_000_000;
     const NODE_PORT: &str = "192.168.50.2:30080/tcp";
@@ -618,7 +618,7 @@ mod tests {
             lb.services.insert(ServiceKey { slot, ..key0 }, ServiceValue { backend_id: *bid, count: 0, flags: 0, service_id: id });
             lb.members.insert(MemberKey { service_id: id, backend_id: *bid, scope, _pad: [0; 3] }, MemberValue { slot, _pad: 0 });
         }
-        let kind = if flags & SVC_FLAG_LOAD_BALANCER != 0 { ServiceType::LoadBalancer } else { ServiceType::NodePort };
+        let kind = if flags & SVC_FLAG_LOAD_BALANCER != 0 { FrontendKind::LoadBalancer } else { FrontendKind::NodePort };
         let name = ServicePortName { namespace: "default".into(), name: "web".into(), port_name: "http".into(), protocol: f.protocol };
         lb.meta.insert(id, service_meta(f, &name, kind));
     }

@@ -17,11 +17,10 @@ use std::{
 
 use kproxy_common::lb::{
     Backend, MemberKey, MemberValue, ServiceKey, ServiceMeta, ServiceValue, NAME_LEN, SCOPE_EXTERNAL, SCOPE_INTERNAL,
-    SVC_FLAG_AFFINITY, SVC_FLAG_DROP_UNSERVED, SVC_FLAG_TWO_SCOPES, SVC_TYPE_CLUSTER_IP, SVC_TYPE_EXTERNAL_IP,
-    SVC_TYPE_LOAD_BALANCER, SVC_TYPE_NODE_PORT,
+    SVC_FLAG_AFFINITY, SVC_FLAG_DROP_UNSERVED, SVC_FLAG_TWO_SCOPES,
 };
 
-use crate::model::{Cidr, Frontend, Protocol, ServicePortName, ServiceType};
+use crate::model::{Cidr, Frontend, FrontendKind, Protocol, ServicePortName};
 
 /// One write to the maps.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -242,7 +241,7 @@ impl MapContents {
                     frontend: frontend_of(k),
                     service_id: v.service_id,
                     name: meta.map(meta_names),
-                    frontend_type: meta.map_or("Unknown", |m| svc_type_name(m.svc_type)),
+                    frontend_type: meta.and_then(|m| FrontendKind::from_meta_code(m.svc_type)),
                     backends,
                     internal_backends,
                     drop_unserved: v.flags & SVC_FLAG_DROP_UNSERVED != 0,
@@ -277,7 +276,9 @@ pub struct ProgrammedService {
     pub service_id: u32,
     /// (namespace, name, port name) from the metadata map, if present.
     pub name: Option<(String, String, String)>,
-    pub frontend_type: &'static str,
+    /// The kind the metadata names; `None` without metadata or with a code the agent never
+    /// writes (`dump` prints `Unknown`).
+    pub frontend_type: Option<FrontendKind>,
     pub backends: Vec<SocketAddrV4>,
     /// With two scopes ([`SVC_FLAG_TWO_SCOPES`]): the backends of clients in the cluster (the
     /// socket path), in slot order; `backends` are then those of clients from outside.
@@ -319,25 +320,6 @@ pub fn backend_addr(b: &Backend) -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::from(b.address), u16::from_be_bytes(b.port))
 }
 
-fn svc_type_code(t: ServiceType) -> u8 {
-    match t {
-        ServiceType::ClusterIp => SVC_TYPE_CLUSTER_IP,
-        ServiceType::NodePort => SVC_TYPE_NODE_PORT,
-        ServiceType::ExternalIp => SVC_TYPE_EXTERNAL_IP,
-        ServiceType::LoadBalancer => SVC_TYPE_LOAD_BALANCER,
-    }
-}
-
-pub fn svc_type_name(code: u8) -> &'static str {
-    match code {
-        SVC_TYPE_CLUSTER_IP => "ClusterIP",
-        SVC_TYPE_NODE_PORT => "NodePort",
-        SVC_TYPE_EXTERNAL_IP => "ExternalIP",
-        SVC_TYPE_LOAD_BALANCER => "LoadBalancer",
-        _ => "Unknown",
-    }
-}
-
 fn name_field(s: &str) -> [u8; NAME_LEN] {
     let mut out = [0u8; NAME_LEN];
     // Kubernetes names are at most 63 bytes; anything longer is cut, keeping a NUL at the end.
@@ -351,12 +333,12 @@ fn name_str(field: &[u8; NAME_LEN]) -> String {
     String::from_utf8_lossy(&field[..end]).into_owned()
 }
 
-pub fn service_meta(frontend: Frontend, name: &ServicePortName, frontend_type: ServiceType) -> ServiceMeta {
+pub fn service_meta(frontend: Frontend, name: &ServicePortName, frontend_type: FrontendKind) -> ServiceMeta {
     ServiceMeta {
         address: frontend.address.octets(),
         port: frontend.port.to_be_bytes(),
         protocol: frontend.protocol.ip_proto(),
-        svc_type: svc_type_code(frontend_type),
+        svc_type: frontend_type.meta_code(),
         namespace: name_field(&name.namespace),
         name: name_field(&name.name),
         port_name: name_field(&name.port_name),
