@@ -10,6 +10,7 @@
 //! - [`agent`]: the kproxy agent under benchmark, its log, RSS and BPF map memory.
 //! - [`run`]: the measurements.
 //! - [`results`], [`report`], [`plot`]: `results.json`, `benchmarks.md` and the PNG plots.
+//! - [`stats`]: per-round ratios' medians with bootstrap intervals, and verdicts on them.
 //! - [`setup`]: what the benchmark needs beyond `cargo xtask setup`.
 
 pub mod agent;
@@ -21,3 +22,4 @@ pub mod report;
 pub mod results;
 pub mod run;
 pub mod setup;
+pub mod stats;

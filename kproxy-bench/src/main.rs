@@ -25,7 +25,7 @@ pub enum Profile {
     about = "Benchmark kproxy against kube-proxy's iptables and nftables modes and no proxy (root)"
 )]
 pub struct BenchArgs {
-    /// Smoke run (CI): N in {1, 1000}, one round, 1 s per load run, debug binaries (those of
+    /// Smoke run (CI): N in {1, 1000}, two rounds, 1 s per load run, debug binaries (those of
     /// `cargo xtask test`). Checks that every mode works; no thresholds.
     #[arg(long)]
     quick: bool,
@@ -38,16 +38,16 @@ pub struct BenchArgs {
     /// Pods per mode (the endpoints are spread over them).
     #[arg(long, default_value_t = 4)]
     pods: usize,
-    /// Interleaved rounds per N [default: 3; quick: 1].
+    /// Interleaved rounds per N [default: 10; quick: 2]. Ratios are paired within a round.
     #[arg(long)]
     rounds: Option<usize>,
-    /// Seconds per wrk run [default: 2; quick: 1].
+    /// Seconds per wrk run [default: 1; quick: 1].
     #[arg(long)]
     duration: Option<u32>,
     /// wrk connections [default: 4].
     #[arg(long, default_value_t = 4)]
     connections: u32,
-    /// Sequential requests per latency run [default: 1000; quick: 300].
+    /// Sequential requests per latency run [default: 500; quick: 300].
     #[arg(long)]
     requests: Option<u32>,
     /// Endpoint changes timed per N [default: 3; quick: 2].
@@ -110,13 +110,13 @@ fn main() -> Result<()> {
             .unwrap_or_else(|| if quick { vec![1, 1000] } else { vec![1, 1000, 5000, 10_000] }),
         endpoints_per_service: args.endpoints,
         pods: args.pods,
-        rounds: args.rounds.unwrap_or(if quick { 1 } else { 3 }),
+        rounds: args.rounds.unwrap_or(if quick { 2 } else { 10 }),
         wrk: WrkSettings {
             threads: 1,
             connections: args.connections,
-            seconds: args.duration.unwrap_or(if quick { 1 } else { 2 }),
+            seconds: args.duration.unwrap_or(1),
         },
-        sequential: args.requests.unwrap_or(if quick { 300 } else { 1000 }),
+        sequential: args.requests.unwrap_or(if quick { 300 } else { 500 }),
         changes: args.changes.unwrap_or(if quick { 2 } else { 3 }),
         kproxy: bins.0,
         testpod: bins.1,
@@ -126,7 +126,7 @@ fn main() -> Result<()> {
         },
         command,
         iptables_nft_cap: std::time::Duration::from_secs(if quick { 10 } else { 60 }),
-        tc_rounds: 2,
+        tc_rounds: 1,
         tc_runs: if quick { 2_000 } else { 10_000 },
     };
     if cfg.services.is_empty() || cfg.services.contains(&0) || cfg.rounds == 0 {

@@ -504,6 +504,7 @@ fn measure_point(
                             mode: *mode,
                             target: target.clone(),
                             workload,
+                            slot: slot_index,
                             wrk,
                             seq,
                         });
