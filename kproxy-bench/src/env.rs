@@ -42,6 +42,8 @@ pub const NODE_IP: &str = "192.0.2.10/24";
 pub const NODE_DEV: &str = "kpnode0";
 /// The external client's address.
 pub const EXT_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(192, 0, 2, 100);
+/// Sets `net.ipv4.tcp_tw_reuse=1` in the namespace it runs in.
+const TW_REUSE: &str = "echo 1 > /proc/sys/net/ipv4/tcp_tw_reuse";
 const SERVER_READY: Duration = Duration::from_secs(5);
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -168,6 +170,18 @@ impl ModeEnv {
         // The node forwards between its own links (a namespace-local setting): NodePort traffic
         // and, without a proxy, the external client's connections to pods.
         self.node_command("sh", &["-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"], None)?;
+        // Equal socket state for every mode (issue 19): short connections leave their client
+        // ports in TIME_WAIT, per namespace; without reuse a client to a single address (no
+        // proxy) runs out of ephemeral ports within a few runs while the proxies spread over
+        // many backends. Both client namespaces (made here) reuse TIME_WAIT ports for new
+        // outgoing connections.
+        for netns in [node, ext] {
+            run_in(netns, "sh", &["-c", TW_REUSE], None)?;
+            let set = run_in(netns, "cat", &["/proc/sys/net/ipv4/tcp_tw_reuse"], None)?;
+            if set.trim() != "1" {
+                bail!("net.ipv4.tcp_tw_reuse is {:?} in {} after setting it to 1", set.trim(), netns.name());
+            }
+        }
         for (p, pod) in self.topology.pods.iter().enumerate() {
             let (block, len) = pod_block(p);
             let block = format!("{block}/{len}");

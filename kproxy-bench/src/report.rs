@@ -256,6 +256,14 @@ fn render_method(md: &mut String, r: &Results) {
         s.endpoint_changes
     );
     md.push_str(
+        "- **Equal socket state**: every client namespace (the node's, for ClusterIP, and the \
+         external client's) has `net.ipv4.tcp_tw_reuse=1`, set in the namespaces the benchmark \
+         makes, so that the ports short connections leave in TIME_WAIT do not exhaust a client \
+         that goes to a single address (no proxy) sooner than one that a proxy spreads over many. \
+         wrk's connect errors are recorded per run, and a run with any error is not a valid \
+         sample: it is left out of the medians and ratios, and counted.\n",
+    );
+    md.push_str(
         "- **iptables back end**: the iptables mode's data path and its syncs use \
          `iptables-legacy` (x_tables), kube-proxy's classic set-up. This machine's default \
          `iptables` is the nf_tables back end, whose `iptables-nft-restore` needed about 25 s \
@@ -749,11 +757,27 @@ fn render_datapath(md: &mut String, r: &Results, img: &str, access: Access) {
         .filter(|s| s.access == access)
         .map(|s| s.errors)
         .sum();
-    let _ = writeln!(md, "Errors over all these runs (socket errors, non-2xx, failed requests): {errors}.\n");
+    let of = |f: fn(&super::results::Summary) -> u64| -> u64 {
+        r.points.iter().flat_map(|p| &p.summaries).filter(|s| s.access == access).map(f).sum()
+    };
+    let (connect, excluded, runs) = (of(|s| s.connect_errors), of(|s| s.excluded as u64), of(|s| (s.rounds + s.excluded) as u64));
+    let _ = writeln!(
+        md,
+        "Errors over all these runs (socket errors, non-2xx, failed requests): {errors}, of which wrk's \
+         connect errors: {connect}. Rate runs with errors, left out of the medians and ratios: \
+         {excluded} of {runs}. Every client namespace has `net.ipv4.tcp_tw_reuse=1` (see Method).\n"
+    );
 }
 
 fn cell_rate(p: &Point, access: Access, mode: Mode, target: &str, workload: Workload) -> String {
     match p.summary(access, mode, effective(p, target), workload) {
+        Some(s) if s.excluded > 0 => format!(
+            "{} ({}–{}; {} run(s) with errors left out)",
+            f0(s.rate),
+            f0(s.rate_min),
+            f0(s.rate_max),
+            s.excluded
+        ),
         Some(s) if s.rounds > 1 => format!("{} ({}–{})", f0(s.rate), f0(s.rate_min), f0(s.rate_max)),
         Some(s) => f0(s.rate),
         None => "–".into(),

@@ -497,6 +497,16 @@ fn measure_point(
                     for (mode, target, addr) in order {
                         let env = &envs[mode];
                         let wrk = load::wrk(env, *access, addr, workload, cfg.wrk)?;
+                        if wrk.errors > 0 {
+                            print!(
+                                " [{} {} {}: {} errors, {} connect: run excluded]",
+                                access.name(),
+                                mode.name(),
+                                workload.name(),
+                                wrk.errors,
+                                wrk.connect_errors
+                            );
+                        }
                         let seq = load::sequential(env, *access, &cfg.testpod, addr, workload, cfg.sequential)?;
                         samples.push(Sample {
                             round,
