@@ -30,7 +30,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use kproxy_e2e::cmd;
-use kproxy_e2e::topology::{output_in, pod_ip, spawn_in, Cgroup, ChildGuard, Netns, Topology};
+use kproxy_e2e::topology::{output_in, pod_ip, spawn_in_cgroup, Cgroup, ChildGuard, Netns, Topology};
 
 /// The port every pod serves HTTP on.
 pub const POD_PORT: u16 = 8080;
@@ -128,6 +128,10 @@ pub struct ModeEnv {
     servers: Vec<ChildGuard>,
     /// Clients run in this cgroup (kproxy attaches its programs to the kproxy mode's).
     pub cgroup: Cgroup,
+    /// The external client runs in this cgroup (no program is attached to it): its CPU time.
+    pub ext_cgroup: Cgroup,
+    /// The pods' servers run in this cgroup: their CPU time.
+    pub server_cgroup: Cgroup,
     /// The external client's namespace.
     pub ext: Netns,
     pub topology: Topology,
@@ -139,11 +143,15 @@ impl ModeEnv {
         let names: Vec<String> = (0..pods).map(|p| format!("pod-{p}")).collect();
         let topology = Topology::builder().pods(names).build()?;
         let cgroup = Cgroup::new(&format!("bench-{}", mode.name()))?;
+        let ext_cgroup = Cgroup::new(&format!("bench-ext-{}", mode.name()))?;
+        let server_cgroup = Cgroup::new(&format!("bench-srv-{}", mode.name()))?;
         let ext = Netns::new(&format!("bench-ext-{}", mode.name()))?;
         let mut env = ModeEnv {
             mode,
             servers: Vec::new(),
             cgroup,
+            ext_cgroup,
+            server_cgroup,
             ext,
             topology,
         };
@@ -200,7 +208,7 @@ impl ModeEnv {
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::null());
-            let mut server = spawn_in(&pod.netns, cmd)?;
+            let mut server = spawn_in_cgroup(&pod.netns, &self.server_cgroup, cmd)?;
             let line = server.read_line(SERVER_READY)?;
             if !line.starts_with("ready") {
                 bail!("`{}` printed {line:?} instead of ready", server.what());
@@ -220,7 +228,7 @@ impl ModeEnv {
         kproxy_e2e::interrupt::check()?;
         match access {
             Access::ClusterIp => output_in(&self.topology.node, Some(&self.cgroup), cmd, timeout),
-            Access::NodePort => output_in(&self.ext, None, cmd, timeout),
+            Access::NodePort => output_in(&self.ext, Some(&self.ext_cgroup), cmd, timeout),
         }
     }
 
@@ -238,6 +246,14 @@ impl ModeEnv {
         let out = output_in(&self.topology.node, None, cmd, COMMAND_TIMEOUT)?;
         cmd::check_output(&what, &out)?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The client cgroup of `access`.
+    pub fn client_cgroup(&self, access: Access) -> &Cgroup {
+        match access {
+            Access::ClusterIp => &self.cgroup,
+            Access::NodePort => &self.ext_cgroup,
+        }
     }
 
     /// The node's IPv4 addresses other than loopback ones (those kproxy serves NodePorts on).

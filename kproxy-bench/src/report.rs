@@ -3,6 +3,7 @@
 
 use std::fmt::Write as _;
 
+use super::cost::Cost;
 use super::env::{Access, Mode};
 use super::load::Workload;
 use super::results::{median, paired, Point, Results, TcCost, TcRound, TC_CASES, TC_NEW_FLOW};
@@ -256,6 +257,19 @@ fn render_method(md: &mut String, r: &Results) {
         s.endpoint_changes
     );
     md.push_str(
+        "- **CPU time per request**: around every rate run, the CPU time of the mode's client \
+         cgroup (the node's client cgroup for ClusterIP; a cgroup of its own, with no program \
+         attached, for the external client) and of its servers' cgroup (`cpu.stat` \
+         `usage_usec`: exact scheduler time of every thread), of the kproxy agent's process \
+         (`/proc/PID/stat`; kube-proxy's own process is not on the data path and not run), and \
+         the machine's softirq time (`/proc/stat`), divided by the run's requests. Kernel work \
+         of the proxies (iptables/nftables rules, NAT and conntrack, kproxy's BPF programs) is \
+         done in these tasks' system calls or in softirq, so it is in this figure; another \
+         builder's load slows the rate but adds little to it. This kernel has no IRQ time \
+         accounting: softirq work done on a task's way out of a system call is charged to that \
+         task, and `/proc/stat`'s softirq is tick-sampled and machine-wide.\n",
+    );
+    md.push_str(
         "- **Equal socket state**: every client namespace (the node's, for ClusterIP, and the \
          external client's) has `net.ipv4.tcp_tw_reuse=1`, set in the namespaces the benchmark \
          makes, so that the ports short connections leave in TIME_WAIT do not exhaust a client \
@@ -317,6 +331,19 @@ pub fn paired_rate(p: &Point, access: Access, workload: Workload, a: Mode, b: Mo
     let tb = if b == Mode::None { "pod" } else { t };
     let pr = paired(&p.samples, access, workload, (a, t), (b, tb), |s| s.wrk.rate);
     (median_interval(&pr.ratios, SEED), pr.excluded)
+}
+
+/// The median CPU time per request of (access, mode, target, workload) at `p`.
+fn cpu(p: &Point, access: Access, mode: Mode, target: &str, workload: Workload) -> Option<Cost> {
+    let target = if mode == Mode::None { "pod" } else { effective(p, target) };
+    p.summary(access, mode, target, workload)?.cpu_per_request
+}
+
+/// The per-round ratios of `mode`'s CPU time per request to no proxy's, with their interval.
+fn paired_cpu(p: &Point, access: Access, workload: Workload, mode: Mode, target: &str) -> Interval {
+    let t = effective(p, target);
+    let pr = paired(&p.samples, access, workload, (mode, t), (Mode::None, "pod"), |s| s.cpu_per_request());
+    median_interval(&pr.ratios, SEED)
 }
 
 /// The per-round kproxy / no proxy short-connection rate ratios at `p`.
@@ -725,6 +752,43 @@ fn render_datapath(md: &mut String, r: &Results, img: &str, access: Access) {
                     let _ = write!(row, " {} |", i.show(digits));
                 }
                 let _ = writeln!(md, "{row} {excluded} |");
+            }
+        }
+        let _ = writeln!(
+            md,
+            "\n### {} — CPU time per request, µs (median over rounds), and its paired ratio to no proxy\n",
+            capital(workload.label())
+        );
+        md.push_str(
+            "Client + servers + agent + softirq during the rate run, divided by its requests (see \
+             Method); the parts of kproxy's figure are given as client / servers / agent / softirq.\n\n",
+        );
+        md.push_str("| N | service | no proxy | kproxy | iptables | nftables | kproxy (parts) | kproxy / no proxy | iptables / no proxy | nftables / no proxy |\n");
+        md.push_str("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+        for p in &r.points {
+            for t in ["first", "last"] {
+                if p.services == 1 && t == "last" {
+                    continue;
+                }
+                let mut row = format!("| {} | {t} |", p.services);
+                for mode in Mode::ALL {
+                    let _ = write!(row, " {} |", f1(cpu(p, access, mode, t, workload).map_or(f64::NAN, |c| c.total_us())));
+                }
+                let _ = write!(
+                    row,
+                    " {} |",
+                    cpu(p, access, Mode::Kproxy, t, workload).map_or("–".into(), |c| format!(
+                        "{} / {} / {} / {}",
+                        f1(c.client_us),
+                        f1(c.server_us),
+                        f2(c.agent_us),
+                        f1(c.softirq_us)
+                    ))
+                );
+                for mode in PROXIES {
+                    let _ = write!(row, " {} |", paired_cpu(p, access, workload, mode, t).show(3));
+                }
+                let _ = writeln!(md, "{row}");
             }
         }
         let _ = writeln!(md, "\n### {} — latency, ms (p50 / p99)\n", capital(workload.label()));

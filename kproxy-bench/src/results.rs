@@ -6,6 +6,7 @@ use std::process::Command;
 use serde::{Deserialize, Serialize};
 
 use super::agent::{MapMemory, Rss};
+use super::cost::Cost;
 use super::env::{Access, Mode};
 use super::kubeproxy::{IptablesCounts, NftCounts};
 use super::load::{SeqResult, WrkResult, WrkSettings, Workload};
@@ -127,9 +128,17 @@ pub struct Sample {
     pub slot: usize,
     pub wrk: WrkResult,
     pub seq: SeqResult,
+    /// CPU time used during the wrk run (totals, µs).
+    #[serde(default)]
+    pub cpu: Option<Cost>,
 }
 
 impl Sample {
+    /// CPU µs per request of the wrk run (NaN if not measured).
+    pub fn cpu_per_request(&self) -> f64 {
+        self.cpu.map_or(f64::NAN, |c| c.per_request(self.wrk.requests).total_us())
+    }
+
     /// A run with errors (connect, read, write, timeout, non-2xx) is not a valid sample of the
     /// rate: it is excluded from the medians and ratios, and counted.
     pub fn valid(&self) -> bool {
@@ -200,6 +209,9 @@ pub struct Summary {
     /// Runs with errors, left out of the medians (`rounds` counts the others).
     #[serde(default)]
     pub excluded: usize,
+    /// Median CPU time per request, µs: client, servers, agent, softirq (NaN if not measured).
+    #[serde(default)]
+    pub cpu_per_request: Option<Cost>,
 }
 
 /// How long programming took, in milliseconds.
@@ -389,6 +401,12 @@ pub fn summarize(samples: &[Sample]) -> Vec<Summary> {
                 errors: all.iter().map(|s| s.wrk.errors + s.seq.errors).sum(),
                 connect_errors: all.iter().map(|s| s.wrk.connect_errors).sum(),
                 excluded: all.len() - group.len(),
+                cpu_per_request: group.iter().all(|s| s.cpu.is_some()).then(|| Cost {
+                    client_us: m(&|s| s.cpu.unwrap_or_default().per_request(s.wrk.requests).client_us),
+                    server_us: m(&|s| s.cpu.unwrap_or_default().per_request(s.wrk.requests).server_us),
+                    agent_us: m(&|s| s.cpu.unwrap_or_default().per_request(s.wrk.requests).agent_us),
+                    softirq_us: m(&|s| s.cpu.unwrap_or_default().per_request(s.wrk.requests).softirq_us),
+                }),
             }
         })
         .collect()

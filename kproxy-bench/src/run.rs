@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 
 use super::agent::{self, Agent};
+use super::cost::Meter;
 use super::env::{self, Access, Mode, ModeEnv, BLOCK_SIZE, EXT_IP, POD_PORT, SERVICE_PORT};
 use super::kubeproxy::{self, Scope, Svc, NODE_ADDRESS};
 use super::load::{self, Workload, WrkSettings};
@@ -496,7 +497,12 @@ fn measure_point(
                     order.rotate_left(shift);
                     for (mode, target, addr) in order {
                         let env = &envs[mode];
-                        let wrk = load::wrk(env, *access, addr, workload, cfg.wrk)?;
+                        let meter = Meter {
+                            client: env.client_cgroup(*access).path(),
+                            server: env.server_cgroup.path(),
+                            agent: (*mode == Mode::Kproxy).then(|| agent.pid()),
+                        };
+                        let (wrk, cpu) = meter.measure(|| load::wrk(env, *access, addr, workload, cfg.wrk))?;
                         if wrk.errors > 0 {
                             print!(
                                 " [{} {} {}: {} errors, {} connect: run excluded]",
@@ -517,6 +523,7 @@ fn measure_point(
                             slot: slot_index,
                             wrk,
                             seq,
+                            cpu: Some(cpu),
                         });
                     }
                 }
