@@ -25,7 +25,7 @@ pub enum Profile {
     about = "Benchmark kproxy against kube-proxy's iptables and nftables modes and no proxy (root)"
 )]
 pub struct BenchArgs {
-    /// Smoke run (CI): N in {1, 1000}, two rounds, 1 s per load run, debug binaries (those of
+    /// Smoke run (CI): N in {1, 1000}, one round, 1 s per load run, debug binaries (those of
     /// `cargo xtask test`). Checks that every mode works; no thresholds.
     #[arg(long)]
     quick: bool,
@@ -38,7 +38,7 @@ pub struct BenchArgs {
     /// Pods per mode (the endpoints are spread over them).
     #[arg(long, default_value_t = 4)]
     pods: usize,
-    /// Interleaved rounds per N [default: 10; quick: 2]. Ratios are paired within a round.
+    /// Interleaved rounds per N [default: 10; quick: 1]. Ratios are paired within a round.
     #[arg(long)]
     rounds: Option<usize>,
     /// Seconds per wrk run [default: 1; quick: 1].
@@ -110,7 +110,7 @@ fn main() -> Result<()> {
             .unwrap_or_else(|| if quick { vec![1, 1000] } else { vec![1, 1000, 5000, 10_000] }),
         endpoints_per_service: args.endpoints,
         pods: args.pods,
-        rounds: args.rounds.unwrap_or(if quick { 2 } else { 10 }),
+        rounds: args.rounds.unwrap_or(if quick { 1 } else { 10 }),
         wrk: WrkSettings {
             threads: 1,
             connections: args.connections,

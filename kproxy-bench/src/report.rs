@@ -89,7 +89,7 @@ pub fn render(r: &Results, img: &str) -> String {
         s.command, m.date, r.elapsed_s
     );
     if s.quick {
-        let _ = writeln!(md, "> **Smoke run (`--quick`)**: two rounds, short durations. The figures only show that every mode works.\n");
+        let _ = writeln!(md, "> **Smoke run (`--quick`)**: one round, short durations. The figures only show that every mode works.\n");
     }
 
     md.push_str("## Machine\n\n| | |\n| --- | --- |\n");
