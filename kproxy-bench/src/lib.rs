@@ -12,9 +12,11 @@
 //! - [`cost`]: CPU time per request of each mode's processes, plus softirq time.
 //! - [`results`], [`report`], [`plot`]: `results.json`, `benchmarks.md` and the PNG plots.
 //! - [`stats`]: per-round ratios' medians with bootstrap intervals, and verdicts on them.
+//! - [`compare`]: `--compare REV`, this build against another commit's, side by side.
 //! - [`setup`]: what the benchmark needs beyond `cargo xtask setup`.
 
 pub mod agent;
+pub mod compare;
 pub mod cost;
 pub mod env;
 pub mod kubeproxy;
