@@ -121,6 +121,10 @@ pub fn render(r: &Results, img: &str) -> String {
 
     render_method(&mut md, r);
     render_targets(&mut md, r);
+    let _ = writeln!(
+        md,
+        "![paired ratios to no proxy with their 95 % intervals]({img}/bench-paired.png)\n"
+    );
     for access in Access::ALL {
         render_datapath(&mut md, r, img, access);
     }
