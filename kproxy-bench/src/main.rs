@@ -75,6 +75,10 @@ pub struct BenchArgs {
     /// agent to take the options the benchmark passes.
     #[arg(long, value_name = "REV")]
     compare: Option<String>,
+    /// A note for the report on the machine's state (e.g. "other builds were running");
+    /// with --from-json it replaces the recorded one.
+    #[arg(long)]
+    note: Option<String>,
     /// With --from-json: the other run's results.json, to render compare.md again.
     #[arg(long, requires = "from_json")]
     compare_json: Option<PathBuf>,
@@ -89,7 +93,10 @@ fn main() -> Result<()> {
     let docs = !args.quick && !args.no_docs;
     if let Some(json) = &args.from_json {
         let text = fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
-        let results: Results = serde_json::from_str(&text).context("parsing results.json")?;
+        let mut results: Results = serde_json::from_str(&text).context("parsing results.json")?;
+        if args.note.is_some() {
+            results.settings.note = args.note.clone();
+        }
         bench::setup::ensure_packages()?;
         if let Some(other) = &args.compare_json {
             let text = fs::read_to_string(other).with_context(|| format!("reading {}", other.display()))?;
@@ -145,6 +152,7 @@ fn main() -> Result<()> {
         iptables_nft_cap: std::time::Duration::from_secs(if quick { 10 } else { 60 }),
         tc_rounds: 1,
         tc_runs: if quick { 2_000 } else { 10_000 },
+        note: args.note.clone(),
     };
     if cfg.services.is_empty() || cfg.services.contains(&0) || cfg.rounds == 0 {
         bail!("--services needs positive numbers and --rounds at least 1");

@@ -108,6 +108,9 @@ pub struct Settings {
     pub tc_rounds: usize,
     #[serde(default)]
     pub tc_runs: u32,
+    /// `--note`: what else ran on the machine, printed under the load averages.
+    #[serde(default)]
+    pub note: Option<String>,
 }
 
 /// One measurement of the data path.

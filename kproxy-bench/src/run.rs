@@ -46,6 +46,8 @@ pub struct Config {
     /// `kproxy tc-cost`: rounds after each data-path round, and runs per case and round.
     pub tc_rounds: usize,
     pub tc_runs: u32,
+    /// `--note`, recorded in the results.
+    pub note: Option<String>,
 }
 
 /// Requests of the correctness probe before and after measuring.
@@ -236,6 +238,7 @@ pub fn run(cfg: &Config) -> Result<Results> {
             iptables_nft_cap_s: cfg.iptables_nft_cap.as_secs(),
             tc_rounds: cfg.tc_rounds,
             tc_runs: cfg.tc_runs,
+            note: cfg.note.clone(),
         },
         kube_proxy_commit: kubeproxy::KUBE_PROXY_COMMIT.to_string(),
         points,
