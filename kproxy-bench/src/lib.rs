@@ -9,10 +9,15 @@
 //! - [`load`]: `wrk` and `kproxy-testpod http` as clients, and their parsing.
 //! - [`agent`]: the kproxy agent under benchmark, its log, RSS and BPF map memory.
 //! - [`run`]: the measurements.
+//! - [`cost`]: CPU time per request of each mode's processes, plus softirq time.
 //! - [`results`], [`report`], [`plot`]: `results.json`, `benchmarks.md` and the PNG plots.
+//! - [`stats`]: per-round ratios' medians with bootstrap intervals, and verdicts on them.
+//! - [`compare`]: `--compare REV`, this build against another commit's, side by side.
 //! - [`setup`]: what the benchmark needs beyond `cargo xtask setup`.
 
 pub mod agent;
+pub mod compare;
+pub mod cost;
 pub mod env;
 pub mod kubeproxy;
 pub mod load;
@@ -21,3 +26,4 @@ pub mod report;
 pub mod results;
 pub mod run;
 pub mod setup;
+pub mod stats;

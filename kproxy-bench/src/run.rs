@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 
 use super::agent::{self, Agent};
+use super::cost::Meter;
 use super::env::{self, Access, Mode, ModeEnv, BLOCK_SIZE, EXT_IP, POD_PORT, SERVICE_PORT};
 use super::kubeproxy::{self, Scope, Svc, NODE_ADDRESS};
 use super::load::{self, Workload, WrkSettings};
@@ -45,6 +46,8 @@ pub struct Config {
     /// `kproxy tc-cost`: rounds after each data-path round, and runs per case and round.
     pub tc_rounds: usize,
     pub tc_runs: u32,
+    /// `--note`, recorded in the results.
+    pub note: Option<String>,
 }
 
 /// Requests of the correctness probe before and after measuring.
@@ -235,6 +238,7 @@ pub fn run(cfg: &Config) -> Result<Results> {
             iptables_nft_cap_s: cfg.iptables_nft_cap.as_secs(),
             tc_rounds: cfg.tc_rounds,
             tc_runs: cfg.tc_runs,
+            note: cfg.note.clone(),
         },
         kube_proxy_commit: kubeproxy::KUBE_PROXY_COMMIT.to_string(),
         points,
@@ -496,7 +500,22 @@ fn measure_point(
                     order.rotate_left(shift);
                     for (mode, target, addr) in order {
                         let env = &envs[mode];
-                        let wrk = load::wrk(env, *access, addr, workload, cfg.wrk)?;
+                        let meter = Meter {
+                            client: env.client_cgroup(*access).path(),
+                            server: env.server_cgroup.path(),
+                            agent: (*mode == Mode::Kproxy).then(|| agent.pid()),
+                        };
+                        let (wrk, cpu) = meter.measure(|| load::wrk(env, *access, addr, workload, cfg.wrk))?;
+                        if wrk.errors > 0 {
+                            print!(
+                                " [{} {} {}: {} errors, {} connect: run excluded]",
+                                access.name(),
+                                mode.name(),
+                                workload.name(),
+                                wrk.errors,
+                                wrk.connect_errors
+                            );
+                        }
                         let seq = load::sequential(env, *access, &cfg.testpod, addr, workload, cfg.sequential)?;
                         samples.push(Sample {
                             round,
@@ -504,8 +523,10 @@ fn measure_point(
                             mode: *mode,
                             target: target.clone(),
                             workload,
+                            slot: slot_index,
                             wrk,
                             seq,
+                            cpu: Some(cpu),
                         });
                     }
                 }
