@@ -5,6 +5,8 @@
 //!
 //! - [`dump`]: `kproxy dump --json`, what is programmed.
 //! - [`tc_cost`]: `kproxy tc-cost` (hidden), the per-packet cost of the tc programs.
+//! - [`trace`]: `kproxy trace --json`, where a connection would go and why, and
+//!   `kproxy dump --conntrack --json`, the tracked flows.
 //! - [`event`]: `kproxy run --event-file PATH` (hidden), one JSON line per event: programs
 //!   attached, stale-socket termination available or not, each sync.
 //!
@@ -16,3 +18,4 @@
 pub mod dump;
 pub mod event;
 pub mod tc_cost;
+pub mod trace;

@@ -28,6 +28,7 @@ pub mod http;
 pub mod k8s;
 pub mod manifest;
 pub mod prometheus;
+pub mod promql;
 pub mod report;
 pub mod topology;
 pub mod vm_checks;

@@ -83,6 +83,19 @@ impl Metrics {
     /// sample with that name, or a histogram's `_bucket`/`_sum`/`_count` samples. A counter
     /// `x_total` also counts as present from its OpenMetrics `# TYPE x counter` line alone (a
     /// labelled family without samples yet).
+    /// Whether a query naming the series `name` (as PromQL spells it: `x_total`, `h_bucket`)
+    /// finds it on this scrape: a sample of that name, or a family whose type makes that series
+    /// (a labelled family without samples yet still prints its `# TYPE` line).
+    pub fn serves(&self, name: &str) -> bool {
+        let family_is = |suffix: &str, ty: &str| {
+            name.strip_suffix(suffix).is_some_and(|family| self.types.get(family).is_some_and(|t| t == ty))
+        };
+        self.samples.iter().any(|s| s.name == name)
+            || self.types.get(name).is_some_and(|t| t == "gauge" || t == "unknown")
+            || family_is("_total", "counter")
+            || ["_bucket", "_sum", "_count"].iter().any(|suffix| family_is(suffix, "histogram"))
+    }
+
     pub fn has(&self, name: &str) -> bool {
         let family = name.strip_suffix("_total").unwrap_or(name);
         self.types.contains_key(name)

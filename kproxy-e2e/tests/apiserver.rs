@@ -32,6 +32,7 @@ use kproxy_e2e::dump_poller::{DumpPoller, Invariant};
 use kproxy_e2e::fake_apiserver::{FakeApiServer, Kind, LabelSelector, RequestRecord};
 use kproxy_e2e::harness::{unique_bpffs_dir, Dump, Harness, HTTP_PORT, UDP_PORT};
 use kproxy_e2e::k8s;
+use kproxy_e2e::promql;
 use kproxy_e2e::manifest::{Endpoint, Protocol, ServiceSpec};
 use kproxy_e2e::report::Report;
 
@@ -1501,6 +1502,55 @@ fn kube_proxy_dashboard_and_alert_metrics_are_served() {
         rss / 1048576.0,
         rss_now / 1048576.0
     ));
+}
+
+/// kproxy's own Grafana dashboard (`deploy/grafana/kproxy-dashboard.json`): every series its
+/// panels and variables query is one a live agent serves, so no panel is empty for a name that
+/// does not exist. The agent runs with a Service programmed and its watches open.
+#[test]
+fn grafana_dashboard_queries_only_metrics_a_live_agent_serves() {
+    let test = "grafana_dashboard_queries_only_metrics_a_live_agent_serves";
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/grafana/kproxy-dashboard.json");
+    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(path).expect("reading the dashboard"))
+        .unwrap_or_else(|e| panic!("{path} is not JSON: {e}"));
+    // Every query, named by where it sits.
+    let mut queries: Vec<(String, BTreeSet<String>)> = Vec::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().expect("a target's expr");
+            queries.push((format!("panel {:?} target {}", panel["title"], target["refId"]), promql::metric_names(expr)));
+        }
+    }
+    for var in dashboard["templating"]["list"].as_array().expect("templating") {
+        if let Some(query) = var["query"]["query"].as_str() {
+            queries.push((format!("variable {}", var["name"]), promql::templating_metric_names(query)));
+        }
+    }
+    let panels_with_queries = dashboard["panels"].as_array().unwrap().iter().filter(|p| p["targets"].is_array()).count();
+    assert!(panels_with_queries >= 15 && queries.iter().all(|(_, names)| !names.is_empty()), "every query names a metric: {queries:?}");
+
+    let Some(mut e) = env(test, &["pod-a"], &[]) else {
+        return;
+    };
+    let web = e.http_service("web", [10, 96, 0, 10], &[("pod-a", true)]);
+    e.publish(&web, 1);
+    // What a real node has seen by the time anyone opens the dashboard: an invalid object
+    // (the invalid-objects panel) and the kubelet's probes (the health panel).
+    let bad_proto = e.http_service("bad-proto", [10, 96, 0, 43], &[("pod-a", true)]);
+    e.api.apply_json(service_json(&bad_proto, |v| v["spec"]["ports"][0]["protocol"] = json!("TPC"))).unwrap();
+    e.start_agent();
+    e.wait_exact(std::slice::from_ref(&web), CONVERGE);
+    e.wait_for_watches();
+    e.h.wait_for_healthz(200, CONVERGE).expect("healthz");
+    e.h.get_healthz("/livez").expect("livez");
+    let m = e.h.metrics().expect("metrics");
+    let missing: Vec<String> = queries
+        .iter()
+        .flat_map(|(place, names)| names.iter().filter(|n| !m.serves(n)).map(move |n| format!("{place}: {n}")))
+        .collect();
+    assert!(missing.is_empty(), "the dashboard queries series the agent does not serve:\n{}\nserved families: {:?}", missing.join("\n"), m.types.keys().collect::<Vec<_>>());
+    let names: BTreeSet<&String> = queries.iter().flat_map(|(_, n)| n).collect();
+    say(&format!("{test}: {} queries in {panels_with_queries} panels name {} series, all served", queries.len(), names.len()));
 }
 
 /// `--config` with kubeadm's KubeProxyConfiguration: the fields the command line does not give

@@ -507,3 +507,212 @@ fn a_load_balancer_ip_with_ip_mode_proxy_reaches_the_load_balancer_not_a_pod() {
     assert!(!frontends.iter().any(|f| f.starts_with(PROXY_MODE_IP)), "{test}: Proxy-mode IP programmed: {frontends:?}");
     say(&format!("{test}: {VIP_MODE_IP} (VIP) 10/10 to pod-a; {PROXY_MODE_IP} (Proxy) not in the dump, 10/10 to the load balancer from the node and a pod"));
 }
+
+use kproxy_api::trace::{ConntrackDump, Selection, Trace, TracePath, Verdict};
+
+impl NodePortSetup {
+    /// `kproxy trace --json <args>` in the node namespace, against the live agent's maps.
+    fn trace(&self, args: &[&str]) -> Trace {
+        let out = self.kproxy_on_maps("trace", args, true).unwrap_or_else(|e| panic!("kproxy trace {args:?}: {e:#}"));
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("kproxy trace {args:?} printed {out:?}: {e}"))
+    }
+
+    /// `kproxy trace <args>`, the report for people.
+    fn trace_text(&self, args: &[&str]) -> String {
+        self.kproxy_on_maps("trace", args, false).unwrap_or_else(|e| panic!("kproxy trace {args:?}: {e:#}"))
+    }
+
+    /// `kproxy dump --conntrack --json <filters>`.
+    fn conntrack(&self, filters: &[&str]) -> ConntrackDump {
+        let mut args = vec!["--conntrack"];
+        args.extend(filters);
+        let out = self.kproxy_on_maps("dump", &args, true).unwrap_or_else(|e| panic!("kproxy dump {args:?}: {e:#}"));
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("kproxy dump {args:?} printed {out:?}: {e}"))
+    }
+
+    fn kproxy_on_maps(&self, command: &str, args: &[&str], json: bool) -> anyhow::Result<String> {
+        let dir = self.h.bpffs_dir().display().to_string();
+        let mut all = vec![command, "--bpffs-dir", &dir];
+        all.extend(args);
+        if json {
+            all.push("--json");
+        }
+        self.h.kproxy(&all)
+    }
+
+    /// curl `http://{to}/` from the external namespace with extra curl `args`; the exit code
+    /// and the first line of the body (the pod's name).
+    fn curl(&self, to: &str, args: &[&str]) -> (Option<i32>, String) {
+        let mut curl = Command::new("curl");
+        curl.args(["-sS", "--max-time", "3"]).args(args).arg(format!("http://{to}/"));
+        let out = output_in(&self.ext, None, curl, Duration::from_secs(20)).expect("run curl");
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or_default().trim().to_string())
+    }
+}
+
+/// A real request through a NodePort from outside, from a known port: `kproxy trace` with that
+/// source finds its conntrack entry, whose backend is the pod that answered; and a ClusterIP
+/// reached from the node is reported on the socket path, among the backends that answer.
+#[test]
+fn trace_reports_the_backend_a_real_node_port_flow_got_and_the_socket_path_of_a_cluster_ip() {
+    let test = "trace_reports_the_backend_a_real_node_port_flow_got_and_the_socket_path_of_a_cluster_ip";
+    let Some(setup) = NodePortSetup::new(test, "auto") else { return };
+    let node_port = format!("{NODE_IP}:30080");
+    let (code, answered) = setup.curl(&node_port, &["--local-port", "40123"]);
+    assert_eq!(code, Some(0), "{test}: curl through the NodePort");
+    assert!(["pod-a", "pod-b"].contains(&answered.as_str()), "{test}: answered by {answered:?}");
+    let other = if answered == "pod-a" { "pod-b" } else { "pod-a" };
+    let at = |pod: &str| format!("{}:{HTTP_PORT}", setup.h.topology.pod(pod).ip);
+
+    let args = ["--from", &format!("{EXT_IP}:40123"), "--to", &format!("{node_port}/tcp")];
+    let t = setup.trace(&args);
+    assert_eq!((t.path, t.verdict), (TracePath::Tc, Verdict::Backend), "{test}: {t:?}");
+    match &t.selection {
+        Some(Selection::Conntrack { backend, .. }) => assert_eq!(backend, &at(&answered), "{test}: {t:?}"),
+        other => panic!("{test}: the flow's conntrack entry should decide: {other:?}"),
+    }
+    let frontend = t.frontend.as_ref().expect("the NodePort frontend");
+    assert_eq!((frontend.name.as_str(), frontend.svc_type.as_str()), ("web", "NodePort"), "{test}: {t:?}");
+    let mut backends: Vec<&str> = frontend.backends.iter().map(|b| b.address.as_str()).collect();
+    backends.sort();
+    let mut want = [at("pod-a"), at("pod-b")];
+    want.sort();
+    assert_eq!(backends, want, "{test}: {t:?}");
+    assert_eq!(t.conntrack.len(), 1, "{test}: one tracked flow from that port: {t:?}");
+    let flow = &t.conntrack[0];
+    assert_eq!((flow.backend.as_str(), flow.entries.len(), flow.snat.as_deref()), (at(&answered).as_str(), 2, None), "{test}: {flow:?}");
+    assert!(flow.seen.iter().any(|s| s == "established"), "{test}: {flow:?}");
+    say(&format!("{test}: kproxy trace {}\n{}", args.join(" "), setup.trace_text(&args)));
+
+    // dump --conntrack finds it by client, and not under the other backend.
+    let src = format!("{EXT_IP}:40123");
+    let found = setup.conntrack(&["--src", &src, "--proto", "tcp"]);
+    assert_eq!(found.flows.iter().map(|f| f.backend.clone()).collect::<Vec<_>>(), [at(&answered)], "{test}: {found:?}");
+    let none = setup.conntrack(&["--src", &src, "--backend", &setup.h.topology.pod(other).ip.to_string()]);
+    assert!(none.flows.is_empty(), "{test}: {none:?}");
+    assert!(setup.conntrack(&["--dst", &node_port, "--proto", "udp"]).flows.is_empty(), "{test}: no UDP flow");
+
+    // A ClusterIP from the node: the socket path, random among both pods, which both answer.
+    let t = setup.trace(&["--from", "127.0.0.1", "--to", "10.96.0.10:80/tcp"]);
+    assert_eq!((t.path, t.verdict, &t.selection), (TracePath::Socket, Verdict::Backend, &Some(Selection::Random { among: 2 })), "{test}: {t:?}");
+    assert_eq!(t.frontend.as_ref().map(|f| f.svc_type.as_str()), Some("ClusterIP"), "{test}: {t:?}");
+    let report = setup.in_cluster_client(None, &["http", "--addr", "10.96.0.10:80", "--count", "20"]);
+    assert_eq!(report.ok, 20, "{test}: {report:?}");
+    assert!(report.by_backend.keys().all(|p| p == "pod-a" || p == "pod-b"), "{test}: {report:?}");
+    say(&format!(
+        "{test}: the NodePort flow from {src} was answered by {answered}; kproxy trace found its conntrack entry to {}; \
+         the ClusterIP traced on the socket path",
+        at(&answered)
+    ));
+}
+
+const RANGED_IP: &str = "203.0.113.32";
+const EXT_IP_2: &str = "192.168.50.101";
+
+/// [`local_policy_remote_endpoints_manifest`] and a LoadBalancer Service that only `EXT_IP`
+/// may reach (`loadBalancerSourceRanges`), with a local endpoint (pod-a).
+fn trace_policies_manifest(h: &Harness) -> String {
+    let a = h.topology.pod("pod-a").ip;
+    format!(
+        r#"{}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: ranged, namespace: default}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.32
+  loadBalancerSourceRanges: [{EXT_IP}/32]
+  ports: [{{name: http, port: 80, nodePort: 30094, protocol: TCP}}]
+status: {{loadBalancer: {{ingress: [{{ip: {RANGED_IP}}}]}}}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: ranged-1, namespace: default, labels: {{kubernetes.io/service-name: ranged}}}}
+addressType: IPv4
+ports: [{{name: http, port: {HTTP_PORT}, protocol: TCP}}]
+endpoints:
+- {{addresses: [{a}], nodeName: kproxy-node}}
+"#,
+        local_policy_remote_endpoints_manifest(h)
+    )
+}
+
+/// `kproxy trace` against what real clients get: a source outside `loadBalancerSourceRanges` is
+/// reported dropped (and its curl times out) while the allowed one is translated (and
+/// answered); an `externalTrafficPolicy: Local` NodePort on a node without local endpoints is
+/// reported dropped from outside and translated to the cluster's endpoint from the node and
+/// from a pod named through the apiserver (`--pod`), as the clients see.
+#[test]
+fn trace_reports_source_range_drops_and_external_traffic_policy_local_per_origin() {
+    let test = "trace_reports_source_range_drops_and_external_traffic_policy_local_per_origin";
+    let Some(mut setup) = NodePortSetup::with_manifest(test, "auto", trace_policies_manifest) else { return };
+    setup.ext.ip(&["addr", "add", &format!("{EXT_IP_2}/24"), "dev", "eth0"]).expect("a second outside address");
+    setup.ext.ip(&["route", "add", &format!("{RANGED_IP}/32"), "via", NODE_IP]).expect("route the LB IP to the node");
+    setup
+        .h
+        .wait_for_dump(Duration::from_secs(30), |d| d.services.iter().any(|s| s.frontend == format!("{RANGED_IP}:80")))
+        .unwrap_or_else(|e| panic!("{test}: LB IP not programmed: {e:#}\n{}", setup.h.agent_log()));
+    let ranged = format!("{RANGED_IP}:80");
+    let pod_a = format!("{}:{HTTP_PORT}", setup.h.topology.pod("pod-a").ip);
+    let pod_b = format!("{}:{HTTP_PORT}", setup.h.topology.pod("pod-b").ip);
+
+    // Source ranges: the allowed client is answered, the other dropped; trace says the same.
+    assert_eq!(setup.curl(&ranged, &["--interface", EXT_IP]), (Some(0), "pod-a".to_string()), "{test}: allowed client");
+    let (code, _) = setup.curl(&ranged, &["--interface", EXT_IP_2, "--max-time", "1"]);
+    assert_eq!(code, Some(28), "{test}: a client outside the ranges times out (dropped)");
+    let to = format!("{ranged}/tcp");
+    let allowed = setup.trace(&["--from", EXT_IP, "--to", &to]);
+    assert_eq!(allowed.verdict, Verdict::Backend, "{test}: {allowed:?}");
+    let f = allowed.frontend.as_ref().expect("frontend");
+    assert_eq!((f.source_allowed, f.source_ranges.clone()), (Some(true), vec![format!("{EXT_IP}/32")]), "{test}: {allowed:?}");
+    assert_eq!(f.backends.iter().map(|b| b.address.clone()).collect::<Vec<_>>(), [pod_a], "{test}: {allowed:?}");
+    let denied = setup.trace(&["--from", EXT_IP_2, "--to", &to]);
+    assert_eq!(denied.verdict, Verdict::DropSourceRange, "{test}: {denied:?}");
+    assert_eq!(denied.frontend.as_ref().and_then(|f| f.source_allowed), Some(false), "{test}: {denied:?}");
+    say(&format!("{test}: kproxy trace --from {EXT_IP_2} --to {to}\n{}", setup.trace_text(&["--from", EXT_IP_2, "--to", &to])));
+
+    // externalTrafficPolicy: Local, no local endpoint: dropped from outside ...
+    let node_port = format!("{NODE_IP}:30091");
+    let (code, _) = setup.curl(&node_port, &["--max-time", "1"]);
+    assert_eq!(code, Some(28), "{test}: outside client of the ETP=Local NodePort times out (dropped)");
+    let outside = setup.trace(&["--from", EXT_IP, "--to", &format!("{node_port}/tcp")]);
+    assert_eq!((outside.path, outside.verdict), (TracePath::Tc, Verdict::DropUnserved), "{test}: {outside:?}");
+    let f = outside.frontend.as_ref().expect("frontend");
+    assert!(f.backends.is_empty() && f.flags.contains(&"DropUnserved".to_string()), "{test}: {outside:?}");
+    assert!(f.flags.contains(&"TwoScopes".to_string()), "{test}: {outside:?}");
+    // ... and the cluster's endpoint from the node, on the socket path.
+    let node = setup.trace(&["--from", "127.0.0.1", "--to", &format!("{node_port}/tcp")]);
+    assert_eq!((node.path, node.verdict), (TracePath::Socket, Verdict::Backend), "{test}: {node:?}");
+    let f = node.frontend.as_ref().expect("frontend");
+    assert_eq!((f.scope.as_str(), f.backends.iter().map(|b| b.address.clone()).collect::<Vec<_>>()), ("in_cluster", vec![pod_b.clone()]), "{test}: {node:?}");
+    let report = setup.in_cluster_client(None, &["http", "--addr", &node_port, "--count", "5"]);
+    assert_eq!((report.ok, report.backend("pod-b")), (5, 5), "{test}: {report:?}");
+
+    // A pod by name: its address from the apiserver (a fake one in the node's namespace).
+    let api = kproxy_e2e::fake_apiserver::FakeApiServer::start_in(&setup.h.topology.node.path(), "127.0.0.1:0".parse().unwrap())
+        .expect("start the fake apiserver");
+    let kubeconfig = setup.h.workdir().join("trace-kubeconfig");
+    api.kubeconfig(&kubeconfig).expect("write the kubeconfig");
+    let pod_ip = setup.h.topology.pod("pod-a").ip.to_string();
+    api.apply_json(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "pod-a", "namespace": "default"},
+        "status": {"podIP": pod_ip},
+    }))
+    .expect("store the pod");
+    let kc = kubeconfig.display().to_string();
+    let from_pod = setup.trace(&["--pod", "default/pod-a", "--kubeconfig", &kc, "--to", &format!("{node_port}/tcp")]);
+    assert_eq!((from_pod.source.as_str(), from_pod.source_pod.as_deref()), (pod_ip.as_str(), Some("default/pod-a")), "{test}: {from_pod:?}");
+    assert_eq!((from_pod.path, from_pod.verdict), (TracePath::Socket, Verdict::Backend), "{test}: {from_pod:?}");
+    assert_eq!(from_pod.frontend.as_ref().map(|f| f.backends[0].address.clone()), Some(pod_b.clone()), "{test}: {from_pod:?}");
+    let report = setup.in_cluster_client(Some("pod-a"), &["http", "--addr", &node_port, "--count", "5"]);
+    assert_eq!((report.ok, report.backend("pod-b")), (5, 5), "{test}: {report:?}");
+    let missing = setup.kproxy_on_maps("trace", &["--pod", "default/nope", "--kubeconfig", &kc, "--to", "10.96.0.10:80"], false);
+    let err = format!("{:#}", missing.expect_err("an unknown pod is an error"));
+    assert!(err.contains("pod default/nope: not found"), "{test}: {err}");
+    say(&format!(
+        "{test}: {EXT_IP_2} outside the source ranges dropped (curl timed out) and traced drop_source_range; ETP=Local \
+         NodePort dropped from outside, traced to {pod_b} from the node and from pod default/pod-a (both answered by pod-b)"
+    ));
+}

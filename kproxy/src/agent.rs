@@ -325,7 +325,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             }
             Err(e) => {
                 metrics.sync_failures_total.inc();
-                tracing::error!("sync failed, will retry: {e:#}");
+                tracing::error!("sync failed, will retry: {:#}", anyhow::Error::from(e));
                 false
             }
         }

@@ -2,7 +2,10 @@
 
 use std::io::Write;
 
-use crate::dataplane::{bpf::MapUsage, ProgrammedService};
+use crate::{
+    dataplane::{bpf::MapUsage, ProgrammedService},
+    model::FrontendKind,
+};
 
 pub use kproxy_api::dump::{DumpService, NoBackends};
 
@@ -29,7 +32,7 @@ impl Dump {
                     namespace,
                     name,
                     port_name,
-                    svc_type: p.frontend_type.to_string(),
+                    svc_type: p.frontend_type.map_or("Unknown", FrontendKind::as_str).to_string(),
                     frontend: format!("{}:{}", p.frontend.address, p.frontend.port),
                     protocol: p.frontend.protocol.to_string(),
                     backends: p.backends.iter().map(ToString::to_string).collect(),

@@ -36,4 +36,5 @@ pub mod sync;
 #[allow(unsafe_code)]
 pub mod sys;
 pub mod tc_cost;
+pub mod trace;
 pub mod tracker;

@@ -3,7 +3,7 @@
 
 #![forbid(unsafe_code)]
 
-use std::{path::PathBuf, time::Duration};
+use std::{io::Write as _, path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, Result};
 use clap::{parser::ValueSource, Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
@@ -83,10 +83,20 @@ enum Command {
     Dump {
         #[command(flatten)]
         pin: PinArgs,
-        /// Print JSON: {"services":[{"namespace","name","port_name","type","frontend","protocol","backends"}]}.
+        /// Print JSON: {"services":[{"namespace","name","port_name","type","frontend","protocol","backends"}]}
+        /// ({"flows":[…]} with --conntrack).
         #[arg(long)]
         json: bool,
+        /// List the tc path's tracked flows (the conntrack map) instead.
+        #[arg(long)]
+        conntrack: bool,
+        #[command(flatten)]
+        filter: ConntrackFilterArgs,
     },
+    /// Where a connection from a source to a frontend would go, and why, from the live maps:
+    /// the path (socket or tc), the frontend and its policies, the backends and how one is
+    /// chosen, and the tracked flows.
+    Trace(TraceArgs),
     /// Detach and remove everything kproxy pinned. Stop the agent first.
     Cleanup {
         #[command(flatten)]
@@ -100,6 +110,100 @@ enum Command {
     /// process programmed from manifests (`cargo xtask bench` runs it); prints JSON.
     #[command(hide = true)]
     TcCost(TcCostArgs),
+}
+
+/// Filters of `kproxy dump --conntrack`; every one given must match.
+#[derive(Args)]
+struct ConntrackFilterArgs {
+    /// Only flows from this client, ADDRESS[:PORT].
+    #[arg(long, requires = "conntrack", value_parser = kproxy::trace::parse_address)]
+    src: Option<(std::net::Ipv4Addr, Option<u16>)>,
+    /// Only flows to this frontend, ADDRESS[:PORT].
+    #[arg(long, requires = "conntrack", value_parser = kproxy::trace::parse_address)]
+    dst: Option<(std::net::Ipv4Addr, Option<u16>)>,
+    /// Only flows of this protocol, tcp or udp.
+    #[arg(long, requires = "conntrack", value_parser = kproxy::trace::parse_protocol)]
+    proto: Option<kproxy::model::Protocol>,
+    /// Only flows translated to this backend, ADDRESS[:PORT].
+    #[arg(long, requires = "conntrack", value_parser = kproxy::trace::parse_address)]
+    backend: Option<(std::net::Ipv4Addr, Option<u16>)>,
+}
+
+#[derive(Args)]
+struct TraceArgs {
+    #[command(flatten)]
+    pin: PinArgs,
+    /// The client, ADDRESS[:PORT]; with a port, that flow's conntrack entry decides at tc.
+    #[arg(long, required_unless_present = "pod", conflicts_with = "pod", value_parser = kproxy::trace::parse_address)]
+    from: Option<(std::net::Ipv4Addr, Option<u16>)>,
+    /// The client as a pod, NAMESPACE/NAME: its status.podIP, from the apiserver.
+    #[arg(long)]
+    pod: Option<String>,
+    /// The client's port, with --pod.
+    #[arg(long, requires = "pod")]
+    source_port: Option<u16>,
+    /// Kubeconfig for --pod (default: the in-cluster configuration), as `kproxy run`'s.
+    #[arg(long, requires = "pod")]
+    kubeconfig: Option<PathBuf>,
+    /// Where the client is, when its address does not tell: `cluster` (the node's processes
+    /// and its pods: the socket path) or `outside` (the tc path). Default: `cluster` for
+    /// --pod and the node's own addresses, `outside` for any other address.
+    #[arg(long, value_enum)]
+    origin: Option<OriginArg>,
+    /// The destination, ADDRESS:PORT/PROTO (tcp or udp; default tcp).
+    #[arg(long, value_parser = kproxy::trace::parse_destination)]
+    to: kproxy::model::Frontend,
+    /// Print JSON (kproxy-api's `trace::Trace`).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum OriginArg {
+    Cluster,
+    Outside,
+}
+
+/// Opens the maps pinned under `pin`, or says which directory it looked in.
+fn open_maps(pin: &PinArgs) -> Result<(BpfMaps, PinLayout)> {
+    let layout = PinLayout::new(pin.bpffs_dir.clone());
+    let maps = BpfMaps::open(&layout.maps_dir())
+        .with_context(|| format!("is kproxy running with --bpffs-dir {}?", layout.root.display()))?;
+    Ok((maps, layout))
+}
+
+fn trace(args: TraceArgs) -> Result<()> {
+    use kproxy::dataplane::Origin;
+    let (maps, layout) = open_maps(&args.pin)?;
+    let flows = kproxy::dataplane::bpf::FlowMaps::open(&layout.maps_dir())?;
+    let (source, source_port) = match (&args.from, &args.pod) {
+        (Some(from), _) => *from,
+        (None, Some(pod)) => {
+            let ip = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("start the tokio runtime")?
+                .block_on(kproxy::trace::pod_address(args.kubeconfig.as_deref(), pod))?;
+            (ip, args.source_port)
+        }
+        (None, None) => anyhow::bail!("give the source: --from ADDRESS[:PORT] or --pod NAMESPACE/NAME"),
+    };
+    let forced = args.origin.map(|o| match o {
+        OriginArg::Cluster => Origin::InCluster,
+        OriginArg::Outside => Origin::Outside,
+    });
+    let (origin, origin_reason) =
+        kproxy::trace::origin_of(source, args.pod.as_deref(), &kproxy::node::ipv4_addresses()?, forced);
+    let query = kproxy::trace::Query { source, source_port, source_pod: args.pod, frontend: args.to, origin, origin_reason };
+    let t = kproxy::trace::trace(&maps.read()?, &flows.read()?, &query);
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        serde_json::to_writer(&mut out, &t)?;
+        writeln!(out)?;
+    } else {
+        kproxy::trace::write_trace(&t, &mut out)?;
+    }
+    Ok(())
 }
 
 #[derive(Args)]
@@ -371,10 +475,23 @@ fn main() -> Result<()> {
                 .context("start the tokio runtime")?
                 .block_on(agent::run(cfg))
         }
-        Command::Dump { pin, json } => {
-            let layout = PinLayout::new(pin.bpffs_dir);
-            let maps = BpfMaps::open(&layout.maps_dir())
-                .with_context(|| format!("is kproxy running with --bpffs-dir {}?", layout.root.display()))?;
+        Command::Trace(args) => trace(args),
+        Command::Dump { pin, json, conntrack: true, filter } => {
+            let (maps, layout) = open_maps(&pin)?;
+            let flows = kproxy::dataplane::bpf::FlowMaps::open(&layout.maps_dir())?.read()?;
+            let filter = kproxy::trace::ConntrackFilter { src: filter.src, dst: filter.dst, protocol: filter.proto, backend: filter.backend };
+            let dump = filter.apply(kproxy::trace::conntrack(&maps.read()?, &flows));
+            let mut out = std::io::stdout().lock();
+            if json {
+                serde_json::to_writer(&mut out, &dump)?;
+                writeln!(out)?;
+            } else {
+                kproxy::trace::write_conntrack(&dump, &mut out)?;
+            }
+            Ok(())
+        }
+        Command::Dump { pin, json, .. } => {
+            let (maps, _) = open_maps(&pin)?;
             let dump = dump::Dump::new(maps.read()?.frontends(), maps.usage()?);
             let mut out = std::io::stdout().lock();
             if json {

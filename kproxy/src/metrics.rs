@@ -155,6 +155,11 @@ impl Metrics {
             datapath_drops_total: Family::default(),
             drop_counters: OnceLock::new(),
         };
+        // A closed set of reasons starts at 0, so that `rate()` and `increase()` see the first
+        // refusal (a series that appears at 1 has no earlier sample to differ from).
+        for reason in RefuseReason::ALL {
+            let _ = m.frontend_refusals_total.get_or_create(&RefusedLabel { reason: reason.as_str().into() });
+        }
         for reason in DropReason::ALL {
             let _ = m.datapath_drops_total.get_or_create(&DropLabel { reason: reason.as_str().into() });
         }

@@ -179,7 +179,7 @@ mod tests {
     use super::*;
     use crate::{
         dataplane::MapContents,
-        model::{DesiredService, Protocol, ServicePortName, ServiceType},
+        model::{DesiredService, FrontendKind, Protocol, ServicePortName},
     };
 
     const LIMITS: Limits = Limits { max_services: 100, max_backends: 100, max_service_entries: 1000 };
@@ -196,7 +196,7 @@ mod tests {
         let name = ServicePortName { namespace: "default".into(), name: "s".into(), port_name: "p".into(), protocol };
         let svc = DesiredService {
             name,
-            frontend_type: ServiceType::ClusterIp,
+            frontend_type: FrontendKind::ClusterIp,
             backends: backends.iter().map(|b| addr(*b)).collect(),
             internal_backends: None,
             draining: draining.iter().map(|b| addr(*b)).collect(),
@@ -240,7 +240,7 @@ mod tests {
         let state = |outside: &[u8], inside: &[u8]| {
             let mut d = desired(Protocol::Udp, outside, &[]);
             for s in d.values_mut() {
-                s.frontend_type = ServiceType::NodePort;
+                s.frontend_type = FrontendKind::NodePort;
                 s.internal_backends = Some(inside.iter().map(|b| addr(*b)).collect());
             }
             d
@@ -257,7 +257,7 @@ mod tests {
         let tcp = |outside: &[u8], inside: &[u8]| {
             let mut d = desired(Protocol::Tcp, outside, &[]);
             for s in d.values_mut() {
-                s.frontend_type = ServiceType::NodePort;
+                s.frontend_type = FrontendKind::NodePort;
                 s.internal_backends = Some(inside.iter().map(|b| addr(*b)).collect());
             }
             d
@@ -285,7 +285,7 @@ mod tests {
         let f = Frontend { address: Ipv4Addr::new(10, 96, 1, i), port: 80, protocol: Protocol::Tcp };
         let name = ServicePortName { namespace: "default".into(), name: format!("web{i}"), port_name: String::new(), protocol: Protocol::Tcp };
         let backends = backends.iter().map(|b| SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, *b), 8080)).collect();
-        (f, DesiredService { name, frontend_type: ServiceType::ClusterIp, backends, internal_backends: None, draining: Vec::new(), drop_unserved: false, source_ranges: Vec::new(), affinity_timeout: 0 })
+        (f, DesiredService { name, frontend_type: FrontendKind::ClusterIp, backends, internal_backends: None, draining: Vec::new(), drop_unserved: false, source_ranges: Vec::new(), affinity_timeout: 0 })
     }
 
     fn refused(stats: &SyncStats) -> Vec<(Frontend, RefuseReason)> {

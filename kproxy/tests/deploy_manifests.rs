@@ -123,15 +123,16 @@ fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// Every manifest file under deploy/ except deploy/examples/, as kubectl would pick them up
-/// (`.yaml`, `.yml`, `.json`), sorted.
+/// Every manifest file under deploy/ except deploy/examples/ and deploy/grafana/ (a dashboard
+/// for Grafana's import, not a Kubernetes object), as kubectl would pick them up (`.yaml`,
+/// `.yml`, `.json`), sorted.
 fn manifest_files() -> Vec<PathBuf> {
-    fn walk(dir: &Path, skip: &Path, out: &mut Vec<PathBuf>) {
+    fn walk(dir: &Path, skip: &[PathBuf], out: &mut Vec<PathBuf>) {
         let entries =
             std::fs::read_dir(dir).unwrap_or_else(|e| panic!("read {}: {e}", dir.display()));
         for entry in entries {
             let path = entry.unwrap_or_else(|e| panic!("read {}: {e}", dir.display())).path();
-            if path == skip {
+            if skip.contains(&path) {
                 continue;
             }
             if path.is_dir() {
@@ -146,7 +147,7 @@ fn manifest_files() -> Vec<PathBuf> {
     }
     let deploy = workspace_root().join("deploy");
     let mut files = Vec::new();
-    walk(&deploy, &deploy.join("examples"), &mut files);
+    walk(&deploy, &[deploy.join("examples"), deploy.join("grafana")], &mut files);
     files.sort();
     assert!(!files.is_empty(), "no manifests under {}", deploy.display());
     files

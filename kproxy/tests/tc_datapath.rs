@@ -16,7 +16,7 @@ use etherparse::{NetHeaders, PacketBuilder, PacketHeaders, TransportHeader};
 use kproxy::{
     dataplane::{bpf::BpfMaps, plan::Limits},
     loader::{self, Capacities},
-    model::{DesiredService, DesiredState, Frontend, Protocol, ServicePortName, ServiceType},
+    model::{DesiredService, DesiredState, Frontend, FrontendKind, Protocol, ServicePortName},
     sync::{SyncScope, Syncer},
 };
 
@@ -55,7 +55,7 @@ fn service(frontend: Frontend, backends: &[&str]) -> (Frontend, DesiredService) 
     let backends = backends.iter().map(|b| b.parse().expect("backend address")).collect();
     let desired = DesiredService {
         name,
-        frontend_type: ServiceType::ClusterIp,
+        frontend_type: FrontendKind::ClusterIp,
         backends,
         internal_backends: None,
         draining: Vec::new(),
@@ -337,7 +337,7 @@ fn source_ranges_and_frontends_without_local_endpoints_drop_what_they_must_not_s
     let lb_ip = Ipv4Addr::new(198, 51, 100, 10);
     let limited = |port: u16, backends: &[&str]| {
         let (f, mut d) = service(frontend(lb_ip, port, Protocol::Tcp), backends);
-        d.frontend_type = ServiceType::LoadBalancer;
+        d.frontend_type = FrontendKind::LoadBalancer;
         d.source_ranges = vec!["203.0.113.0/28".parse().unwrap(), "192.0.2.128/25".parse().unwrap()];
         (f, d)
     };
@@ -644,7 +644,7 @@ fn every_drop_is_counted_once_by_its_reason() {
     }
     let lb_ip = Ipv4Addr::new(198, 51, 100, 10);
     let (limited, mut limited_desired) = service(frontend(lb_ip, 80, Protocol::Tcp), &["10.244.1.10:8080"]);
-    limited_desired.frontend_type = ServiceType::LoadBalancer;
+    limited_desired.frontend_type = FrontendKind::LoadBalancer;
     limited_desired.source_ranges = vec!["203.0.113.0/28".parse().unwrap()];
     let (unserved, mut unserved_desired) = service(frontend(NODE, 30091, Protocol::Tcp), &[]);
     unserved_desired.drop_unserved = true;

@@ -2,7 +2,7 @@
 //! of the agent's kube-rs watchers, plus fault injection.
 //!
 //! What it serves (plain HTTP/1.1, no authentication):
-//! - `GET /api/v1/services`, `/apis/discovery.k8s.io/v1/endpointslices`, `/api/v1/nodes` (and
+//! - `GET /api/v1/services`, `/apis/discovery.k8s.io/v1/endpointslices`, `/api/v1/nodes`, `/api/v1/pods` (and
 //!   the `/namespaces/NS/` forms): lists with `labelSelector` (`!k`, `k`, `k=v`, `k!=v`,
 //!   `k in (..)`, `k notin (..)`), `fieldSelector` (`metadata.name`, `metadata.namespace`),
 //!   `limit` and `continue` (pages of a consistent snapshot; an unknown or expired token is 410).

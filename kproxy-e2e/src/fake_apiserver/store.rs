@@ -23,23 +23,26 @@ pub enum Kind {
     Service,
     EndpointSlice,
     Node,
+    /// Served for `kproxy trace --pod` (a pod's `status.podIP`); the agent does not watch pods.
+    Pod,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 3] = [Kind::Service, Kind::EndpointSlice, Kind::Node];
+    pub const ALL: [Kind; 4] = [Kind::Service, Kind::EndpointSlice, Kind::Node, Kind::Pod];
 
     pub fn kind(self) -> &'static str {
         match self {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Node => "Node",
+            Kind::Pod => "Pod",
         }
     }
 
     pub fn api_version(self) -> &'static str {
         match self {
             Kind::EndpointSlice => "discovery.k8s.io/v1",
-            Kind::Service | Kind::Node => "v1",
+            Kind::Service | Kind::Node | Kind::Pod => "v1",
         }
     }
 
@@ -47,7 +50,7 @@ impl Kind {
     pub fn group_version(self) -> (&'static str, &'static str) {
         match self {
             Kind::EndpointSlice => ("discovery.k8s.io", "v1"),
-            Kind::Service | Kind::Node => ("", "v1"),
+            Kind::Service | Kind::Node | Kind::Pod => ("", "v1"),
         }
     }
 
@@ -56,6 +59,7 @@ impl Kind {
             Kind::Service => "services",
             Kind::EndpointSlice => "endpointslices",
             Kind::Node => "nodes",
+            Kind::Pod => "pods",
         }
     }
 

@@ -8,8 +8,9 @@ use aya::maps::{
     lpm_trie::{Key, LpmTrie},
     HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray,
 };
+use kproxy_common::ct::{CtKey, CtValue, CT_MAP};
 use kproxy_common::lb::{
-    source_range_prefix_len, Backend, MemberKey, MemberValue, ServiceKey, ServiceMeta, ServiceValue, SourceRangeKey,
+    source_range_prefix_len, AffinityKey, AffinityValue, AFFINITY_MAP, Backend, MemberKey, MemberValue, ServiceKey, ServiceMeta, ServiceValue, SourceRangeKey,
     BACKENDS_MAP, MEMBERS_MAP, SERVICES_MAP, SERVICE_META_MAP, SOURCE_RANGES_MAP,
 };
 
@@ -151,6 +152,41 @@ impl SocketMaps {
             Ok(MapUsage { name, entries, capacity: info.max_entries() })
         }
         Ok(vec![one(&self.revnat, SOCK_REVNAT_MAP)?, one(&self.affinity, SOCK_AFFINITY_MAP)?])
+    }
+}
+
+/// The flow state the kernel keeps, for `kproxy trace` and `kproxy dump --conntrack`: the tc
+/// path's conntrack map and the session affinity map. Read only.
+pub struct FlowMaps {
+    ct: HashMap<MapData, CtKey, CtValue>,
+    affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+}
+
+/// What [`FlowMaps`] hold, read at one instant.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FlowContents {
+    pub ct: std::collections::HashMap<CtKey, CtValue>,
+    pub affinity: std::collections::HashMap<AffinityKey, AffinityValue>,
+    /// CLOCK_MONOTONIC in ns when they were read: the clock of `CtValue::expires_ns` and
+    /// `AffinityValue::last_used_ns`.
+    pub now_ns: u64,
+}
+
+impl FlowMaps {
+    /// Opens the maps pinned in `maps_dir`.
+    pub fn open(maps_dir: &Path) -> Result<Self, DataplaneError> {
+        Ok(Self { ct: open(maps_dir, CT_MAP)?, affinity: open(maps_dir, AFFINITY_MAP)? })
+    }
+
+    /// Every entry of both maps (entries evicted or added while they are read may be missed or
+    /// seen, as with any walk of a live map), and the time.
+    pub fn read(&self) -> Result<FlowContents, DataplaneError> {
+        let ct = read_all(&self.ct, CT_MAP)?;
+        let affinity = read_all(&self.affinity, AFFINITY_MAP)?;
+        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+            .map_err(DataplaneError::Clock)?;
+        let now_ns = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
+        Ok(FlowContents { ct, affinity, now_ns })
     }
 }
 

@@ -17,11 +17,10 @@ use std::{
 
 use kproxy_common::lb::{
     Backend, MemberKey, MemberValue, ServiceKey, ServiceMeta, ServiceValue, NAME_LEN, SCOPE_EXTERNAL, SCOPE_INTERNAL,
-    SVC_FLAG_AFFINITY, SVC_FLAG_DROP_UNSERVED, SVC_FLAG_TWO_SCOPES, SVC_TYPE_CLUSTER_IP, SVC_TYPE_EXTERNAL_IP,
-    SVC_TYPE_LOAD_BALANCER, SVC_TYPE_NODE_PORT,
+    SVC_FLAG_AFFINITY, SVC_FLAG_DROP_UNSERVED, SVC_FLAG_TWO_SCOPES,
 };
 
-use crate::model::{Cidr, Frontend, Protocol, ServicePortName, ServiceType};
+use crate::model::{Cidr, Frontend, FrontendKind, Protocol, ServicePortName};
 
 /// One write to the maps.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,10 +56,12 @@ pub struct MapContents {
     pub members: HashMap<MemberKey, MemberValue>,
 }
 
-/// Errors of a dataplane write or read, naming the map and the operation.
+/// Errors of a dataplane write or read, naming the map and the operation. The cause is the
+/// error's `source()`, not part of its message: print it with `anyhow`'s `{:#}` (as the agent
+/// does), which shows each cause once.
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
-    #[error("{map}: {operation}: {source}")]
+    #[error("{map}: {operation}")]
     Map {
         map: &'static str,
         operation: &'static str,
@@ -68,14 +69,17 @@ pub enum DataplaneError {
         source: aya::maps::MapError,
     },
     /// A batched write (`crate::sys::map_update_batch`) failed.
-    #[error("{map}: {operation}: {source}")]
+    #[error("{map}: {operation}")]
     Sys {
         map: &'static str,
         operation: &'static str,
         #[source]
         source: crate::sys::SysError,
     },
-    #[error("open pinned map {path}: {source}")]
+    /// `CLOCK_MONOTONIC`, the clock of conntrack and affinity entries, could not be read.
+    #[error("read CLOCK_MONOTONIC")]
+    Clock(#[source] nix::errno::Errno),
+    #[error("open pinned map {path}")]
     Open {
         path: String,
         #[source]
@@ -152,7 +156,6 @@ pub enum Resolution {
 }
 
 /// Where a client is, as the kernel's `lb::Origin`.
-#[cfg(test)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Origin {
     /// The node's processes and its pods (the socket path).
@@ -238,7 +241,7 @@ impl MapContents {
                     frontend: frontend_of(k),
                     service_id: v.service_id,
                     name: meta.map(meta_names),
-                    frontend_type: meta.map_or("Unknown", |m| svc_type_name(m.svc_type)),
+                    frontend_type: meta.and_then(|m| FrontendKind::from_meta_code(m.svc_type)),
                     backends,
                     internal_backends,
                     drop_unserved: v.flags & SVC_FLAG_DROP_UNSERVED != 0,
@@ -253,10 +256,15 @@ impl MapContents {
 
     /// The backends in slots `1..=count` of the frontend entry `key0` (`front`), in slot order.
     fn slot_backends(&self, key0: &ServiceKey, front: &ServiceValue) -> Vec<SocketAddrV4> {
+        self.slots(key0, front).into_iter().filter_map(|(_, _, b)| b).collect()
+    }
+
+    /// (slot, backend id, backend address if the backends map has it) for every slot
+    /// `1..=count` of the frontend entry `key0` (`front`) that exists, in slot order.
+    pub fn slots(&self, key0: &ServiceKey, front: &ServiceValue) -> Vec<(u16, u32, Option<SocketAddrV4>)> {
         (1..=front.count)
-            .filter_map(|slot| self.services.get(&ServiceKey { slot, ..*key0 }))
-            .filter_map(|s| self.backends.get(&s.backend_id))
-            .map(backend_addr)
+            .filter_map(|slot| self.services.get(&ServiceKey { slot, ..*key0 }).map(|s| (slot, s)))
+            .map(|(slot, s)| (slot, s.backend_id, self.backends.get(&s.backend_id).map(backend_addr)))
             .collect()
     }
 }
@@ -268,7 +276,9 @@ pub struct ProgrammedService {
     pub service_id: u32,
     /// (namespace, name, port name) from the metadata map, if present.
     pub name: Option<(String, String, String)>,
-    pub frontend_type: &'static str,
+    /// The kind the metadata names; `None` without metadata or with a code the agent never
+    /// writes (`dump` prints `Unknown`).
+    pub frontend_type: Option<FrontendKind>,
     pub backends: Vec<SocketAddrV4>,
     /// With two scopes ([`SVC_FLAG_TWO_SCOPES`]): the backends of clients in the cluster (the
     /// socket path), in slot order; `backends` are then those of clients from outside.
@@ -310,25 +320,6 @@ pub fn backend_addr(b: &Backend) -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::from(b.address), u16::from_be_bytes(b.port))
 }
 
-fn svc_type_code(t: ServiceType) -> u8 {
-    match t {
-        ServiceType::ClusterIp => SVC_TYPE_CLUSTER_IP,
-        ServiceType::NodePort => SVC_TYPE_NODE_PORT,
-        ServiceType::ExternalIp => SVC_TYPE_EXTERNAL_IP,
-        ServiceType::LoadBalancer => SVC_TYPE_LOAD_BALANCER,
-    }
-}
-
-fn svc_type_name(code: u8) -> &'static str {
-    match code {
-        SVC_TYPE_CLUSTER_IP => "ClusterIP",
-        SVC_TYPE_NODE_PORT => "NodePort",
-        SVC_TYPE_EXTERNAL_IP => "ExternalIP",
-        SVC_TYPE_LOAD_BALANCER => "LoadBalancer",
-        _ => "Unknown",
-    }
-}
-
 fn name_field(s: &str) -> [u8; NAME_LEN] {
     let mut out = [0u8; NAME_LEN];
     // Kubernetes names are at most 63 bytes; anything longer is cut, keeping a NUL at the end.
@@ -342,12 +333,12 @@ fn name_str(field: &[u8; NAME_LEN]) -> String {
     String::from_utf8_lossy(&field[..end]).into_owned()
 }
 
-pub fn service_meta(frontend: Frontend, name: &ServicePortName, frontend_type: ServiceType) -> ServiceMeta {
+pub fn service_meta(frontend: Frontend, name: &ServicePortName, frontend_type: FrontendKind) -> ServiceMeta {
     ServiceMeta {
         address: frontend.address.octets(),
         port: frontend.port.to_be_bytes(),
         protocol: frontend.protocol.ip_proto(),
-        svc_type: svc_type_code(frontend_type),
+        svc_type: frontend_type.meta_code(),
         namespace: name_field(&name.namespace),
         name: name_field(&name.name),
         port_name: name_field(&name.port_name),

@@ -49,7 +49,15 @@ pub const LABEL_SELECTOR: &str = "!service.kubernetes.io/service-proxy-name,!ser
 /// A client from `--kubeconfig`, or the in-cluster configuration, whose requests are counted
 /// and timed in client-go's `rest_client_*` metrics.
 pub async fn client(kubeconfig: Option<&Path>, metrics: Arc<Metrics>) -> Result<Client> {
-    let config = match kubeconfig {
+    let config = config(kubeconfig).await?;
+    let layer = super::rest_metrics::RestMetricsLayer::new(metrics, &config.cluster_url);
+    let builder = kube::client::ClientBuilder::try_from(config).context("create the Kubernetes client")?;
+    Ok(builder.with_layer(&layer).build())
+}
+
+/// The client configuration from `--kubeconfig`, or the in-cluster one.
+pub async fn config(kubeconfig: Option<&Path>) -> Result<kube::Config> {
+    Ok(match kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)
                 .with_context(|| format!("read kubeconfig {}", path.display()))?;
@@ -58,10 +66,7 @@ pub async fn client(kubeconfig: Option<&Path>, metrics: Arc<Metrics>) -> Result<
                 .with_context(|| format!("use kubeconfig {}", path.display()))?
         }
         None => kube::Config::incluster().context("in-cluster configuration (or pass --kubeconfig)")?,
-    };
-    let layer = super::rest_metrics::RestMetricsLayer::new(metrics, &config.cluster_url);
-    let builder = kube::client::ClientBuilder::try_from(config).context("create the Kubernetes client")?;
-    Ok(builder.with_layer(&layer).build())
+    })
 }
 
 /// An object kind the store tracks.
