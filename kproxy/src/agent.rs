@@ -19,7 +19,7 @@ use tokio::sync::Notify;
 
 use crate::{
     dataplane::{
-        bpf::{BpfMaps, SocketMaps},
+        bpf::{BpfMaps, DropCounters, SocketMaps},
         plan::{Limits, RefuseReason, Refused},
     },
     events::Events,
@@ -180,6 +180,10 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         .map(|maps| SocketMetrics { maps, counted: None });
     if let Some(m) = &mut socket_metrics {
         m.update(&metrics, true);
+    }
+    match DropCounters::open(&cfg.layout.maps_dir()) {
+        Ok(counters) => metrics.set_drop_counters(counters),
+        Err(e) => tracing::warn!("datapath drop metrics unavailable: {e:#}"),
     }
     let limits = Limits {
         max_services: cfg.capacities.max_services,
