@@ -13,6 +13,7 @@ pub mod drops;
 pub mod lb;
 pub mod nat;
 pub mod sock;
+pub mod svc_counters;
 pub mod wire;
 
 /// `IPPROTO_TCP`, as stored in [`lb::ServiceKey::protocol`].

@@ -62,6 +62,15 @@ pub fn lookup(key: &CtKey) -> Option<Entry> {
 }
 
 impl Entry {
+    /// The frontend's service id, if this is the (client, frontend) entry of a flow (the
+    /// packets a client sends to a frontend, as opposed to a source-translated flow's replies).
+    #[inline(always)]
+    pub fn frontend_service(&self) -> Option<u32> {
+        // SAFETY: `value` is a live map value for this program run (see [`Entry`]).
+        let (flags, service_id) = unsafe { ((*self.value).flags, (*self.value).service_id) };
+        (flags & CT_FLAG_FRONTEND != 0).then_some(service_id)
+    }
+
     /// The address and port this entry writes into its packets (network order).
     #[inline(always)]
     pub fn nat(&self) -> ([u8; 4], [u8; 2]) {

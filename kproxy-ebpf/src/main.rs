@@ -11,6 +11,7 @@ mod packet;
 mod reject;
 mod route;
 mod sock;
+mod svc_counters;
 mod tc;
 
 use aya_ebpf::{

@@ -2,7 +2,7 @@
 //! placeholders: the agent sets every capacity at load time from its flags.
 
 use aya_ebpf::{
-    btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, SkStorage},
+    btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, SkStorage},
     macros::btf_map,
 };
 use kproxy_common::{
@@ -11,6 +11,7 @@ use kproxy_common::{
     lb::{AffinityKey, AffinityValue, Backend, MemberKey, MemberValue, ServiceKey, ServiceMeta, ServiceValue, SourceRangeKey},
     nat::Device,
     sock::{SockAffinityKey, SockAffinityValue, SockLocal, SockRevNatKey, SockRevNatValue, SOCK_STATS},
+    svc_counters::ServiceCounters,
 };
 
 /// Frontends and backend slots; see `kproxy_common::lb`.
@@ -69,6 +70,11 @@ pub static KP_AFFINITY: LruHashMap<AffinityKey, AffinityValue, 1024> = LruHashMa
 /// Drops of the tc programs, per CPU, indexed by `kproxy_common::drops::DropReason`.
 #[btf_map]
 pub static KP_DROPS: PerCpuArray<u64, { DROP_SLOTS as usize }> = PerCpuArray::new();
+
+/// Per-frontend counters, per CPU, when `--service-counters` is on; see
+/// `kproxy_common::svc_counters`.
+#[btf_map]
+pub static KP_SVC_COUNTERS: PerCpuHashMap<u32, ServiceCounters, 1> = PerCpuHashMap::new();
 
 /// Adds one to counter `index` of a per-CPU counter array (this CPU's copy: no atomics needed).
 #[inline(always)]

@@ -20,6 +20,7 @@ use kproxy_common::{
 use crate::{
     lb::{self, Client, Lookup, Origin, Sticky},
     maps::{self, KP_SOCK_AFFIN, KP_SOCK_LOCAL, KP_SOCK_REVNAT, KP_SOCK_STATS},
+    svc_counters,
 };
 
 /// Verdicts of cgroup sock_addr programs.
@@ -229,6 +230,11 @@ pub fn forward(ctx: &SockAddrContext, affinity: Affinity) -> i32 {
                 protocol,
                 _pad: 0,
             };
+            // A new connection: every connect(); for an unconnected socket, its first datagram
+            // to the frontend or the first after its backend changed.
+            if sticky.is_none_or(|s| s.backend_id != backend_id) {
+                svc_counters::new_connection(service_id);
+            }
             if !store_local(ctx, local, &translation) {
                 if sk_storage() {
                     count(SOCK_STAT_LOCAL_FULL);

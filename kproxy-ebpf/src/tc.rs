@@ -4,7 +4,9 @@
 //! backend.
 //!
 //! `try_ingress` and `try_egress` say why they drop a packet with a `DropReason`; the one
-//! exit, [`verdict`], turns it into `TC_ACT_SHOT` and counts it in `KP_DROPS`.
+//! exit, [`verdict`], turns it into `TC_ACT_SHOT` and counts it in `KP_DROPS`. With
+//! `--service-counters`, each translated packet to a frontend (and each new flow) is counted
+//! for its frontend in `KP_SVC_COUNTERS`.
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
@@ -23,7 +25,7 @@ use crate::{
     maps::{self, KP_DROPS},
     nat::{self, End},
     packet::{self, Flow},
-    reject, route,
+    reject, route, svc_counters,
 };
 
 /// Ingress: a packet to a frontend goes to its flow's backend (a new flow gets one); the reply
@@ -74,7 +76,13 @@ fn try_ingress(ctx: &mut TcContext) -> Result<i32, DropReason> {
     if let Some(entry) = conntrack::lookup(&ct_key(&flow, CT_INGRESS)) {
         if !conntrack::stale(&entry, &flow) {
             conntrack::refresh(&entry, &flow);
-            return rewrite(ctx, &flow, End::Destination, entry.nat());
+            let verdict = rewrite(ctx, &flow, End::Destination, entry.nat())?;
+            if svc_counters::on() {
+                if let Some(service_id) = entry.frontend_service() {
+                    svc_counters::packet(service_id, ctx.len(), false);
+                }
+            }
+            return Ok(verdict);
         }
     }
     let mut client = Client { id: [0; 8], kind: AFFINITY_ADDRESS };
@@ -106,7 +114,9 @@ fn try_ingress(ctx: &mut TcContext) -> Result<i32, DropReason> {
                 }
                 None => conntrack::create(&flow, &chosen, now),
             }
-            rewrite(ctx, &flow, End::Destination, to)
+            let verdict = rewrite(ctx, &flow, End::Destination, to)?;
+            svc_counters::packet(service_id, ctx.len(), true);
+            Ok(verdict)
         }
     }
 }

@@ -19,7 +19,7 @@ use tokio::sync::Notify;
 
 use crate::{
     dataplane::{
-        bpf::{BpfMaps, DropCounters, SocketMaps},
+        bpf::{BpfMaps, DropCounters, ServiceCounterMaps, SocketMaps},
         plan::{Limits, RefuseReason, Refused},
     },
     events::Events,
@@ -184,6 +184,12 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     match DropCounters::open(&cfg.layout.maps_dir()) {
         Ok(counters) => metrics.set_drop_counters(counters),
         Err(e) => tracing::warn!("datapath drop metrics unavailable: {e:#}"),
+    }
+    if cfg.capacities.service_counters > 0 {
+        match ServiceCounterMaps::open(&cfg.layout.maps_dir()) {
+            Ok(maps) => metrics.set_service_counters(maps),
+            Err(e) => tracing::warn!("per-service counter metrics unavailable: {e:#}"),
+        }
     }
     let limits = Limits {
         max_services: cfg.capacities.max_services,

@@ -4,7 +4,7 @@
 //! ```text
 //! maps/KP_SERVICES  maps/KP_BACKENDS  maps/KP_SVC_META  maps/KP_SVC_MEMBERS  maps/KP_SOCK_LOCAL
 //! maps/KP_SOCK_REVNAT  maps/KP_SOCK_AFFIN  maps/KP_SOCK_STATS  maps/KP_CT  maps/KP_SRC_RANGES
-//! maps/KP_AFFINITY  maps/KP_DROPS
+//! maps/KP_AFFINITY  maps/KP_DROPS  maps/KP_SVC_COUNTERS
 //! links/kp_connect4 links/kp_sendmsg4 links/kp_recvmsg4 links/kp_getpeername4
 //! ```
 //! Pinned links keep the programs attached after the agent exits, and pinned maps keep their
@@ -14,7 +14,9 @@
 //! only once the new one is attached, so no connection ever misses translation. While both are
 //! attached, the old program translates first and the new one sees a backend address, which is
 //! not a frontend, and leaves it alone. A map this binary has and the pins lack (added by an
-//! upgrade) is created and pinned; the others are adopted after a check of their layout.
+//! upgrade) is created and pinned; the others are adopted after a check of their layout. The
+//! per-frontend counters are the exception: a pinned `KP_SVC_COUNTERS` whose size is not the
+//! `--service-counters` bound is replaced by a new, empty one (counters are not state).
 
 use std::{
     fs,
@@ -50,6 +52,7 @@ use kproxy_common::{
         SockAffinityKey, SockAffinityValue, SockLocal, SockRevNatKey, SockRevNatValue, SOCK_AFFINITY_MAP,
         SOCK_LOCAL_MAP, SOCK_REVNAT_MAP, SOCK_STATS, SOCK_STATS_MAP,
     },
+    svc_counters::{ServiceCounters, SVC_COUNTERS_MAP},
 };
 
 use crate::sys;
@@ -73,6 +76,8 @@ pub struct Capacities {
     pub max_sock_entries: u32,
     /// Capacity of the tc connection-tracking map (LRU, two entries per flow).
     pub max_ct_entries: u32,
+    /// Per-frontend counters: the most frontends counted (`--service-counters`), 0 for none.
+    pub service_counters: u32,
 }
 
 impl Default for Capacities {
@@ -82,6 +87,7 @@ impl Default for Capacities {
             max_backends: kproxy_common::lb::DEFAULT_MAX_BACKENDS,
             max_sock_entries: kproxy_common::sock::DEFAULT_MAX_SOCK_ENTRIES,
             max_ct_entries: kproxy_common::ct::DEFAULT_MAX_CT_ENTRIES,
+            service_counters: 0,
         }
     }
 }
@@ -89,6 +95,11 @@ impl Default for Capacities {
 impl Capacities {
     pub fn service_entries(&self) -> u32 {
         kproxy_common::lb::services_map_capacity(self.max_services, self.max_backends)
+    }
+
+    /// `max_entries` of `KP_SVC_COUNTERS`: the bound, or 1 when off (a map cannot have 0).
+    pub fn service_counter_entries(&self) -> u32 {
+        self.service_counters.max(1)
     }
 }
 
@@ -218,6 +229,30 @@ fn check_pinned_map(path: &Path, key_size: usize, value_size: usize, capacity: u
     Ok(())
 }
 
+/// Removes a pinned `KP_SVC_COUNTERS` that is not what this agent asks for (another bound,
+/// or another layout), so that the load creates and pins a new, empty one. Its counts are
+/// lost, which is all it holds: the datapath never reads it. Programs of the previous agent
+/// still attached count into the old map until their links are replaced.
+fn replace_mismatched_counters(path: &Path, key_size: usize, value_size: usize, capacity: u32) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let map = MapData::from_pin(path).with_context(|| format!("open pinned map {}", path.display()))?;
+    let info = map.info().with_context(|| format!("info of pinned map {}", path.display()))?;
+    let wanted = (key_size as u32, value_size as u32, capacity);
+    let pinned = (info.key_size(), info.value_size(), info.max_entries());
+    if pinned != wanted {
+        fs::remove_file(path).with_context(|| format!("unpin {}", path.display()))?;
+        tracing::info!(
+            map = %path.display(),
+            pinned = pinned.2,
+            requested = capacity,
+            "per-service counters start afresh: the pinned map had another size"
+        );
+    }
+    Ok(())
+}
+
 /// Whether `bpf_set_retval` exists for cgroup sock_addr programs (Linux 5.18).
 fn has_set_retval() -> bool {
     KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(5, 18, 0))
@@ -254,7 +289,7 @@ pub fn load_object(maps_dir: Option<&Path>, caps: Capacities) -> Result<Ebpf> {
 /// `socket_storage` (which needs [`has_socket_storage`]), else in the shared LRU maps only.
 pub fn load_object_with(maps_dir: Option<&Path>, caps: Capacities, socket_storage: bool) -> Result<Ebpf> {
     // Capacity 0: socket storage has none (every socket carries its own).
-    let specs: [(&str, usize, usize, u32); 12] = [
+    let specs: [(&str, usize, usize, u32); 13] = [
         (SERVICES_MAP, size_of::<ServiceKey>(), size_of::<ServiceValue>(), caps.service_entries()),
         (BACKENDS_MAP, size_of::<u32>(), size_of::<Backend>(), caps.max_backends),
         (SERVICE_META_MAP, size_of::<u32>(), size_of::<ServiceMeta>(), caps.max_services),
@@ -267,6 +302,7 @@ pub fn load_object_with(maps_dir: Option<&Path>, caps: Capacities, socket_storag
         (SOURCE_RANGES_MAP, size_of::<aya::maps::lpm_trie::Key<SourceRangeKey>>(), size_of::<u8>(), DEFAULT_MAX_SOURCE_RANGES),
         (AFFINITY_MAP, size_of::<AffinityKey>(), size_of::<AffinityValue>(), DEFAULT_MAX_AFFINITY_ENTRIES),
         (DROPS_MAP, size_of::<u32>(), size_of::<u64>(), DROP_SLOTS),
+        (SVC_COUNTERS_MAP, size_of::<u32>(), size_of::<ServiceCounters>(), caps.service_counter_entries()),
     ];
     let set_retval = u8::from(has_set_retval());
     let coarse_clock = u8::from(has_coarse_clock());
@@ -275,12 +311,17 @@ pub fn load_object_with(maps_dir: Option<&Path>, caps: Capacities, socket_storag
     loader.override_global("KP_HAS_SET_RETVAL", &set_retval, true);
     loader.override_global("KP_HAS_COARSE_CLOCK", &coarse_clock, true);
     loader.override_global("KP_HAS_SK_STORAGE", &sk_storage, true);
+    let svc_counters_on = u8::from(caps.service_counters > 0);
+    loader.override_global("KP_SVC_COUNTERS_ON", &svc_counters_on, true);
     let pins: Vec<(&str, PathBuf)> = match maps_dir {
         Some(dir) => specs.iter().map(|(name, ..)| (*name, dir.join(name))).collect(),
         None => Vec::new(),
     };
     for (name, key_size, value_size, capacity) in specs {
         if let Some((_, path)) = pins.iter().find(|(n, _)| *n == name) {
+            if name == SVC_COUNTERS_MAP {
+                replace_mismatched_counters(path, key_size, value_size, capacity)?;
+            }
             check_pinned_map(path, key_size, value_size, capacity)?;
             loader.map_pin_path(name, path.as_path());
         }

@@ -245,6 +245,11 @@ struct CapacityArgs {
     /// Capacity of the tc connection-tracking map (LRU; two entries per flow).
     #[arg(long, default_value_t = DEFAULT_MAX_CT_ENTRIES)]
     max_ct_entries: u32,
+    /// Count new connections, and tc packets and bytes, per frontend, for at most this many
+    /// frontends (the bound on the metric series, three per frontend; those beyond it are not
+    /// counted); 0 switches the counters off.
+    #[arg(long, default_value_t = 0)]
+    service_counters: u32,
 }
 
 impl CapacityArgs {
@@ -254,6 +259,7 @@ impl CapacityArgs {
             max_backends: self.max_backends,
             max_sock_entries: self.max_sock_entries,
             max_ct_entries: self.max_ct_entries,
+            service_counters: self.service_counters,
         }
     }
 }

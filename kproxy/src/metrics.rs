@@ -11,12 +11,12 @@ use prometheus_client::{
     },
     registry::Registry,
 };
-use std::sync::{atomic::AtomicU64, OnceLock};
+use std::sync::{atomic::AtomicU64, Arc, OnceLock};
 
 use kproxy_common::drops::DropReason;
 
 use crate::dataplane::{
-    bpf::DropCounters,
+    bpf::{DropCounters, ServiceCounterMaps},
     plan::{RefuseReason, Refused},
 };
 
@@ -109,6 +109,8 @@ pub struct Metrics {
     pub datapath_drops_total: Family<DropLabel, Counter>,
     /// Where `datapath_drops_total` is read from at each scrape, once the maps are loaded.
     drop_counters: OnceLock<DropCounters>,
+    /// Where the per-service counters are read from at each scrape, with `--service-counters`.
+    service_counters: Arc<OnceLock<ServiceCounterMaps>>,
 }
 
 /// Sync durations: 1 ms to ~16 s, as kube-proxy's `sync_proxy_rules_duration_seconds`.
@@ -154,6 +156,7 @@ impl Metrics {
             sock_lru_inserts_total: Family::default(),
             datapath_drops_total: Family::default(),
             drop_counters: OnceLock::new(),
+            service_counters: Arc::new(OnceLock::new()),
         };
         // A closed set of reasons starts at 0, so that `rate()` and `increase()` see the first
         // refusal (a series that appears at 1 has no earlier sample to differ from).
@@ -197,6 +200,7 @@ impl Metrics {
             m.rest_request_duration.clone(),
         );
         r.register_collector(Box::new(crate::process_metrics::ProcessCollector::new()));
+        r.register_collector(Box::new(ServiceCountersCollector(m.service_counters.clone())));
         r.register(
             "kproxy_frontends_refused",
             "Frontends (service ports) not programmed as desired because they do not fit, by reason",
@@ -234,6 +238,14 @@ impl Metrics {
     pub fn set_drop_counters(&self, counters: DropCounters) {
         if self.drop_counters.set(counters).is_err() {
             tracing::debug!("drop counters already set");
+        }
+    }
+
+    /// Serves the per-service counters from `maps` from now on (at each scrape); without this
+    /// call (`--service-counters 0`) none of their series is served.
+    pub fn set_service_counters(&self, maps: ServiceCounterMaps) {
+        if self.service_counters.set(maps).is_err() {
+            tracing::debug!("service counters already set");
         }
     }
 
@@ -302,6 +314,89 @@ impl Metrics {
         let label = MapLabel { map: name.to_string() };
         self.map_entries.get_or_create(&label).set(entries as i64);
         self.map_capacity.get_or_create(&label).set(i64::from(capacity));
+    }
+}
+
+/// Labels of the per-service counters: the frontend's Service port and the frontend itself.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub namespace: String,
+    pub name: String,
+    pub port_name: String,
+    /// `ClusterIP`, `NodePort`, `ExternalIP` or `LoadBalancer` (`Unknown` for a code the agent
+    /// never writes).
+    pub kind: String,
+    /// `10.96.0.10:80/TCP`.
+    pub frontend: String,
+}
+
+/// Serves `kproxy_service_{new_connections,packets,bytes}_total` for each frontend in
+/// `KP_SVC_COUNTERS`, labelled from its metadata, and the gauges of how many are counted and
+/// may be, read from the maps at each scrape. The map's bound is the bound on the series; a
+/// frontend deleted (with its counters) is no longer served. Nothing before the maps are set.
+struct ServiceCountersCollector(Arc<OnceLock<ServiceCounterMaps>>);
+
+impl std::fmt::Debug for ServiceCountersCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ServiceCountersCollector")
+    }
+}
+
+impl prometheus_client::collector::Collector for ServiceCountersCollector {
+    fn encode(&self, mut encoder: prometheus_client::encoding::DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use prometheus_client::{
+            encoding::EncodeMetric as _,
+            metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
+        };
+        let Some(maps) = self.0.get() else { return Ok(()) };
+        let (capacity, counted) = match (maps.capacity(), maps.read()) {
+            (Ok(capacity), Ok(counted)) => (capacity, counted),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::debug!("service counters: {e:#}");
+                return Ok(());
+            }
+        };
+        let labelled: Vec<(ServiceLabels, kproxy_common::svc_counters::ServiceCounters)> = counted
+            .iter()
+            .filter_map(|f| {
+                let meta = f.meta.as_ref()?;
+                let (namespace, name, port_name) = crate::dataplane::meta_names(meta);
+                let key = kproxy_common::lb::ServiceKey {
+                    address: meta.address,
+                    port: meta.port,
+                    protocol: meta.protocol,
+                    ..Default::default()
+                };
+                let kind = crate::model::FrontendKind::from_meta_code(meta.svc_type).map_or("Unknown", |k| k.as_str());
+                let frontend = crate::dataplane::frontend_of(&key).to_string();
+                Some((ServiceLabels { namespace, name, port_name, kind: kind.into(), frontend }, f.counters))
+            })
+            .collect();
+        ConstGauge::new(counted.len() as i64).encode(encoder.encode_descriptor(
+            "kproxy_service_counters_frontends",
+            "Frontends counted in KP_SVC_COUNTERS now (at most kproxy_service_counters_max_frontends)",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        ConstGauge::new(i64::from(capacity)).encode(encoder.encode_descriptor(
+            "kproxy_service_counters_max_frontends",
+            "The most frontends counted (--service-counters): frontends beyond it are not counted",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        type Field = fn(&kproxy_common::svc_counters::ServiceCounters) -> u64;
+        let families: [(&str, &str, Field); 3] = [
+            ("kproxy_service_new_connections", "New connections to a frontend: socket-path translations and new tc flows", |c| c.new_connections),
+            ("kproxy_service_packets", "Packets to a frontend translated at tc ingress", |c| c.packets),
+            ("kproxy_service_bytes", "Bytes (whole frames) of the packets to a frontend translated at tc ingress", |c| c.bytes),
+        ];
+        for (name, help, field) in families {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (labels, counters) in &labelled {
+                ConstCounter::new(field(counters)).encode(family.encode_family(labels)?)?;
+            }
+        }
+        Ok(())
     }
 }
 

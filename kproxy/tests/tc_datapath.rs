@@ -14,7 +14,10 @@ use aya::{
 };
 use etherparse::{NetHeaders, PacketBuilder, PacketHeaders, TransportHeader};
 use kproxy::{
-    dataplane::{bpf::BpfMaps, plan::Limits},
+    dataplane::{
+        bpf::{BpfMaps, FrontendCounters, ServiceCounterMaps},
+        plan::Limits,
+    },
     loader::{self, Capacities},
     model::{DesiredService, DesiredState, Frontend, FrontendKind, Protocol, ServicePortName},
     sync::{SyncScope, Syncer},
@@ -43,6 +46,8 @@ struct Datapath {
     ebpf: Ebpf,
     /// Owns the map fds the programs use; also reprograms them ([`Datapath::sync`]).
     syncer: Syncer<BpfMaps>,
+    /// Ids of `KP_SVC_COUNTERS` and `KP_SVC_META` (the syncer holds the object's handles).
+    counter_map_ids: (u32, u32),
 }
 
 fn service(frontend: Frontend, backends: &[&str]) -> (Frontend, DesiredService) {
@@ -72,13 +77,24 @@ fn frontend(address: Ipv4Addr, port: u16, protocol: Protocol) -> Frontend {
 
 impl Datapath {
     fn new(desired: &DesiredState) -> Self {
+        Self::with_service_counters(desired, 0)
+    }
+
+    /// As [`Datapath::new`], with `--service-counters service_counters`.
+    fn with_service_counters(desired: &DesiredState, service_counters: u32) -> Self {
         let caps = Capacities {
             max_services: 32_768,
             max_backends: 65_536,
             max_sock_entries: 1024,
             max_ct_entries: 65_536,
+            service_counters,
         };
         let mut ebpf = loader::load_object(None, caps).expect("load the eBPF object");
+        let map_id = |name: &str| match ebpf.map(name).unwrap_or_else(|| panic!("{name} in the object")) {
+            aya::maps::Map::HashMap(d) | aya::maps::Map::PerCpuHashMap(d) => d.info().expect("map info").id(),
+            _ => panic!("{name}: not a hash map"),
+        };
+        let counter_map_ids = (map_id("KP_SVC_COUNTERS"), map_id("KP_SVC_META"));
         let maps = BpfMaps::from_ebpf(&mut ebpf).expect("take the maps");
         let limits = Limits {
             max_services: caps.max_services,
@@ -92,7 +108,7 @@ impl Datapath {
                 ebpf.program_mut(name).expect("program in object").try_into().expect("classifier");
             program.load().unwrap_or_else(|e| panic!("verifier rejected {name}: {e:?}"));
         }
-        Datapath { ebpf, syncer }
+        Datapath { ebpf, syncer, counter_map_ids }
     }
 
     /// Programs `desired` in place of what is programmed.
@@ -132,6 +148,14 @@ impl Datapath {
             .iter()
             .map(|r| (r.as_str(), map.get(&r.index(), 0).expect("a counter").iter().sum()))
             .collect()
+    }
+
+    /// The per-frontend counters and the metadata map, as the agent's metrics read them (opened
+    /// by id: the syncer holds the object's own handles).
+    fn service_counters(&self) -> ServiceCounterMaps {
+        let by_id = |id| aya::maps::MapData::from_id(id).expect("open the map by id");
+        let (counters, meta) = self.counter_map_ids;
+        ServiceCounterMaps::from_map_data(by_id(counters), by_id(meta)).expect("service counter maps")
     }
 
     /// Average ns per run over `repeat` runs.
@@ -538,7 +562,7 @@ fn batched_entry_counts_agree_with_a_walk_of_the_keys() {
     }
     use aya::maps::HashMap;
     use kproxy_common::sock::{SockRevNatKey, SockRevNatValue, SOCK_REVNAT_MAP};
-    let caps = Capacities { max_services: 1024, max_backends: 1024, max_sock_entries: 20_000, max_ct_entries: 1024 };
+    let caps = Capacities { max_services: 1024, max_backends: 1024, max_sock_entries: 20_000, max_ct_entries: 1024, service_counters: 0 };
     let mut ebpf = loader::load_object(None, caps).expect("load the eBPF object");
     let mut map: HashMap<_, SockRevNatKey, SockRevNatValue> =
         HashMap::try_from(ebpf.map_mut(SOCK_REVNAT_MAP).expect("map")).expect("an LRU hash map");
@@ -874,4 +898,101 @@ fn per_packet_cost_next_to_an_empty_program() {
             "per-packet cost round {round}: empty {empty:.1} ns, ingress tracked flow {tracked:.1} ns, ingress not-a-frontend {foreign:.1} ns, egress untracked {egress:.1} ns"
         );
     }
+}
+
+/// (frontend, kind, new connections, packets, bytes) of every counted frontend.
+fn counted(maps: &ServiceCounterMaps) -> Vec<(String, Option<FrontendKind>, u64, u64, u64)> {
+    maps.read()
+        .expect("read the counters")
+        .into_iter()
+        .map(|FrontendCounters { meta, counters: c, .. }| {
+            let meta = meta.expect("a counted frontend has metadata");
+            let front = SocketAddrV4::new(meta.address.into(), u16::from_be_bytes(meta.port));
+            let protocol = if meta.protocol == 6 { "TCP" } else { "UDP" };
+            (format!("{front}/{protocol}"), FrontendKind::from_meta_code(meta.svc_type), c.new_connections, c.packets, c.bytes)
+        })
+        .collect()
+}
+
+/// `--service-counters 2`: each frontend's new flows, packets and bytes at tc ingress,
+/// exactly; replies, refusals and other traffic are not counted; a third frontend finds the
+/// map full and is not counted until a counted one is deleted (its counters with it).
+/// Without the flag nothing is counted.
+#[test]
+fn service_counters_count_new_flows_packets_and_bytes_per_frontend_up_to_the_bound() {
+    if skip_unless_root("service_counters_count_new_flows_packets_and_bytes_per_frontend_up_to_the_bound") {
+        return;
+    }
+    let node_port = |port, protocol, backends: &[&str]| {
+        let (f, mut d) = service(frontend(NODE, port, protocol), backends);
+        d.frontend_type = FrontendKind::NodePort;
+        (f, d)
+    };
+    let all: Vec<(Frontend, DesiredService)> = vec![
+        node_port(NODE_PORT, Protocol::Tcp, &["10.244.1.10:8080", "10.244.1.11:8080"]),
+        node_port(NODE_PORT, Protocol::Udp, &["10.244.1.10:5353"]),
+        node_port(30081, Protocol::Tcp, &["10.244.1.12:8080"]),
+        node_port(30099, Protocol::Tcp, &[]),
+    ];
+    let state: DesiredState = all.iter().cloned().collect();
+    let tcp_front = SocketAddrV4::new(NODE, NODE_PORT);
+    let third = SocketAddrV4::new(NODE, 30081);
+    // 3 TCP flows of a SYN and 4 data packets, 2 UDP flows of 3 datagrams; returns the bytes
+    // sent to each of the two frontends. Replies, a refused SYN, a foreign packet and a flow to
+    // the third frontend go along.
+    let traffic = |dp: &Datapath, first_port: u16| -> (u64, u64) {
+        let (mut tcp_bytes, mut udp_bytes) = (0u64, 0u64);
+        for flow in 0..3u16 {
+            let client = SocketAddrV4::new(CLIENT, first_port + flow);
+            for i in 0..5 {
+                let frame = tcp_frame(client, tcp_front, i == 0, &vec![b'x'; 10 * i]);
+                let (verdict, out) = dp.run("kp_tc_ingress", &frame);
+                assert_eq!(verdict, TC_ACT_OK);
+                tcp_bytes += frame.len() as u64;
+                let backend = check(&out).1;
+                assert_eq!(dp.run("kp_tc_egress", &tcp_frame(backend, client, false, b"reply")).0, TC_ACT_OK);
+            }
+        }
+        for flow in 0..2u16 {
+            let client = SocketAddrV4::new(CLIENT, first_port + 100 + flow);
+            for i in 0..3 {
+                let frame = udp_frame(client, SocketAddrV4::new(NODE, NODE_PORT), &vec![b'u'; 1 + i]);
+                assert_eq!(dp.run("kp_tc_ingress", &frame).0, TC_ACT_OK);
+                udp_bytes += frame.len() as u64;
+            }
+        }
+        let refused = tcp_frame(SocketAddrV4::new(CLIENT, first_port + 200), SocketAddrV4::new(NODE, 30099), true, b"");
+        assert_ne!(dp.run("kp_tc_ingress", &refused).0, TC_ACT_OK);
+        let foreign = tcp_frame(SocketAddrV4::new(CLIENT, first_port + 201), SocketAddrV4::new(NODE, 22), true, b"");
+        assert_eq!(dp.run("kp_tc_ingress", &foreign), (TC_ACT_OK, foreign.clone()));
+        (tcp_bytes, udp_bytes)
+    };
+
+    let off = Datapath::new(&state);
+    traffic(&off, 40_000);
+    let maps = off.service_counters();
+    assert_eq!((maps.capacity().expect("capacity"), counted(&maps)), (1, vec![]), "off: nothing counted");
+    drop(off);
+
+    let mut dp = Datapath::with_service_counters(&state, 2);
+    let maps = dp.service_counters();
+    assert_eq!((maps.capacity().expect("capacity"), counted(&maps)), (2, vec![]), "nothing counted yet");
+    let (tcp_bytes, udp_bytes) = traffic(&dp, 40_000);
+    let nodeport = Some(FrontendKind::NodePort);
+    let want_tcp = (format!("{tcp_front}/TCP"), nodeport, 3, 15, tcp_bytes);
+    let want_udp = (format!("{tcp_front}/UDP"), nodeport, 2, 6, udp_bytes);
+    let mut got = counted(&maps);
+    got.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(got, vec![want_tcp.clone(), want_udp.clone()], "two frontends, counted exactly");
+    // The map is full: a third frontend serves but is not counted.
+    let frame = tcp_frame(SocketAddrV4::new(CLIENT, 45_000), third, true, b"");
+    assert_eq!(dp.run("kp_tc_ingress", &frame).0, TC_ACT_OK);
+    assert_eq!(counted(&maps).len(), 2, "the bound holds: {:?}", counted(&maps));
+    // The UDP frontend is deleted: its counters with it, which makes room for the third one.
+    dp.sync(&all.iter().filter(|(f, _)| f.protocol == Protocol::Tcp).cloned().collect());
+    let (_, out) = dp.run("kp_tc_ingress", &frame);
+    assert_eq!(check(&out).1, "10.244.1.12:8080".parse().unwrap());
+    let mut got = counted(&maps);
+    got.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(got, vec![want_tcp, (format!("{third}/TCP"), nodeport, 0, 1, frame.len() as u64)], "UDP gone, third counted");
 }

@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 
 use aya::maps::{
     lpm_trie::{Key, LpmTrie},
-    HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray,
+    HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray, PerCpuHashMap,
 };
 use kproxy_common::ct::{CtKey, CtValue, CT_MAP};
 use kproxy_common::lb::{
@@ -15,6 +15,7 @@ use kproxy_common::lb::{
 };
 
 use kproxy_common::drops::{DROPS_MAP, DROP_REASONS};
+use kproxy_common::svc_counters::{ServiceCounters, SVC_COUNTERS_MAP};
 use kproxy_common::sock::{
     SockAffinityKey, SockAffinityValue, SockRevNatKey, SockRevNatValue, SOCK_AFFINITY_MAP, SOCK_REVNAT_MAP, SOCK_STATS,
     SOCK_STATS_MAP,
@@ -30,6 +31,9 @@ pub struct BpfMaps {
     meta: HashMap<MapData, u32, ServiceMeta>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     members: HashMap<MapData, MemberKey, MemberValue>,
+    /// The per-frontend counters, whose entry goes with the frontend's metadata; absent from
+    /// pins made by an agent older than the map (then nothing counts into it either).
+    counters: Option<PerCpuHashMap<MapData, u32, ServiceCounters>>,
 }
 
 /// The source ranges map's key for `range` of service `id`.
@@ -48,10 +52,14 @@ pub struct MapUsage {
 
 fn open<M: TryFrom<Map, Error = MapError>>(maps_dir: &Path, name: &'static str) -> Result<M, DataplaneError> {
     let path = maps_dir.join(name);
-    let open_err = |source| DataplaneError::Open { path: path.display().to_string(), source };
-    let data = MapData::from_pin(&path).map_err(open_err)?;
-    let map = Map::from_map_data(data).map_err(open_err)?;
-    M::try_from(map).map_err(open_err)
+    let data = MapData::from_pin(&path).map_err(|source| DataplaneError::Open { path: path.display().to_string(), source })?;
+    typed(data, &path.display().to_string())
+}
+
+/// `data` as the map type `M`; errors name the map `what`.
+fn typed<M: TryFrom<Map, Error = MapError>>(data: MapData, what: &str) -> Result<M, DataplaneError> {
+    let open_err = |source| DataplaneError::Open { path: what.to_string(), source };
+    M::try_from(Map::from_map_data(data).map_err(open_err)?).map_err(open_err)
 }
 
 fn map_err(map: &'static str, operation: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
@@ -89,6 +97,10 @@ impl BpfMaps {
             meta: open(maps_dir, SERVICE_META_MAP)?,
             source_ranges: open(maps_dir, SOURCE_RANGES_MAP)?,
             members: open(maps_dir, MEMBERS_MAP)?,
+            counters: match maps_dir.join(SVC_COUNTERS_MAP).exists() {
+                true => Some(open(maps_dir, SVC_COUNTERS_MAP)?),
+                false => None,
+            },
         })
     }
 
@@ -105,6 +117,7 @@ impl BpfMaps {
             meta: take(ebpf, SERVICE_META_MAP)?,
             source_ranges: take(ebpf, SOURCE_RANGES_MAP)?,
             members: take(ebpf, MEMBERS_MAP)?,
+            counters: Some(take(ebpf, SVC_COUNTERS_MAP)?),
         })
     }
 
@@ -217,6 +230,61 @@ impl DropCounters {
     }
 }
 
+/// One frontend's counters, summed over the CPUs, with its metadata (for the labels).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendCounters {
+    pub service_id: u32,
+    /// `None` for an entry whose metadata is gone (deleted between the two reads).
+    pub meta: Option<ServiceMeta>,
+    pub counters: ServiceCounters,
+}
+
+/// The per-frontend counters (`kproxy_common::svc_counters`) and the metadata that names
+/// them, read for metrics when `--service-counters` is on.
+pub struct ServiceCounterMaps {
+    counters: PerCpuHashMap<MapData, u32, ServiceCounters>,
+    meta: HashMap<MapData, u32, ServiceMeta>,
+}
+
+impl ServiceCounterMaps {
+    /// Opens the maps pinned in `maps_dir`.
+    pub fn open(maps_dir: &Path) -> Result<Self, DataplaneError> {
+        Ok(Self { counters: open(maps_dir, SVC_COUNTERS_MAP)?, meta: open(maps_dir, SERVICE_META_MAP)? })
+    }
+
+    /// Wraps maps opened otherwise (tests open those of a loaded object by id).
+    pub fn from_map_data(counters: MapData, meta: MapData) -> Result<Self, DataplaneError> {
+        Ok(Self { counters: typed(counters, SVC_COUNTERS_MAP)?, meta: typed(meta, SERVICE_META_MAP)? })
+    }
+
+    /// `max_entries` of the counters map: the most frontends counted.
+    pub fn capacity(&self) -> Result<u32, DataplaneError> {
+        Ok(self.counters.map().info().map_err(map_err(SVC_COUNTERS_MAP, "info"))?.max_entries())
+    }
+
+    /// Every counted frontend, by service id: O(frontends counted), bounded by the capacity.
+    pub fn read(&self) -> Result<Vec<FrontendCounters>, DataplaneError> {
+        let mut out = Vec::new();
+        for entry in self.counters.iter() {
+            let (service_id, per_cpu) = entry.map_err(map_err(SVC_COUNTERS_MAP, "iterate"))?;
+            let mut counters = ServiceCounters::default();
+            for c in per_cpu.iter() {
+                counters.new_connections += c.new_connections;
+                counters.packets += c.packets;
+                counters.bytes += c.bytes;
+            }
+            let meta = match self.meta.get(&service_id, 0) {
+                Ok(m) => Some(m),
+                Err(MapError::KeyNotFound) => None,
+                Err(e) => return Err(map_err(SERVICE_META_MAP, "lookup")(e)),
+            };
+            out.push(FrontendCounters { service_id, meta, counters });
+        }
+        out.sort_by_key(|f| f.service_id);
+        Ok(out)
+    }
+}
+
 /// Writes `entries` to `map` in batches; returns how many.
 fn put_batch<K: aya::Pod, V: aya::Pod>(
     map: &HashMap<MapData, K, V>,
@@ -310,7 +378,13 @@ impl Dataplane for BpfMaps {
             }
             Op::PutMeta(id, m) => self.meta.insert(id, **m, 0).map_err(map_err(SERVICE_META_MAP, "insert")),
             Op::DeleteMeta(id) => {
-                ignore_missing(self.meta.remove(id)).map_err(map_err(SERVICE_META_MAP, "remove"))
+                ignore_missing(self.meta.remove(id)).map_err(map_err(SERVICE_META_MAP, "remove"))?;
+                // The frontend is gone: its counters go too, so that a service given this id
+                // later starts from zero (and a series of a deleted frontend is not served).
+                match &mut self.counters {
+                    Some(counters) => ignore_missing(counters.remove(id)).map_err(map_err(SVC_COUNTERS_MAP, "remove")),
+                    None => Ok(()),
+                }
             }
             Op::PutSourceRange(id, range) => self
                 .source_ranges

@@ -118,6 +118,7 @@ fn load_small_object() -> aya::Ebpf {
         max_backends: 16_384,
         max_sock_entries: 1024,
         max_ct_entries: 1024,
+        service_counters: 0,
     };
     crate::loader::load_object(None, caps).expect("load the eBPF object")
 }
