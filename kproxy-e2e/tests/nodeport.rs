@@ -10,6 +10,7 @@
 //! kpext0 translated back. The ext namespace has no route anywhere else, and the node forwards
 //! only between its own links; everything is torn down by the harness and guards.
 
+use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -92,12 +93,22 @@ impl NodePortSetup {
     /// As [`NodePortSetup::new`], with the manifest `make_manifest` writes for the harness;
     /// the agent runs as node `kproxy-node`.
     fn with_manifest(test: &str, tc_attach: &str, make_manifest: fn(&Harness) -> String) -> Option<NodePortSetup> {
+        Self::with_manifest_and_args(test, tc_attach, make_manifest, &[])
+    }
+
+    /// As [`NodePortSetup::with_manifest`], with `extra` agent arguments.
+    fn with_manifest_and_args(
+        test: &str,
+        tc_attach: &str,
+        make_manifest: fn(&Harness) -> String,
+        extra: &[&str],
+    ) -> Option<NodePortSetup> {
         if skip_unless_root(test) {
             return None;
         }
         let h = Harness::new(binaries(), &["pod-a", "pod-b"], unique_bpffs_dir("kproxy-np"))
             .unwrap_or_else(|e| panic!("{test}: harness: {e:#}"))
-            .with_agent_args(&[
+            .with_agent_args(&[&[
                 "--devices",
                 NODE_DEVICE,
                 "--tc-attach",
@@ -107,7 +118,8 @@ impl NodePortSetup {
                 // /metrics on the node's 127.0.0.1:10249 (the default), for the drop counters.
                 "--hostname-override",
                 "kproxy-node",
-            ]);
+            ][..], extra]
+            .concat());
         let ext = Netns::new("ext").unwrap_or_else(|e| panic!("{test}: ext netns: {e:#}"));
         let node = &h.topology.node;
         let link = format!("ip link add {NODE_DEVICE} type veth peer name eth0 netns {}", ext.name());
@@ -715,4 +727,126 @@ fn trace_reports_source_range_drops_and_external_traffic_policy_local_per_origin
         "{test}: {EXT_IP_2} outside the source ranges dropped (curl timed out) and traced drop_source_range; ETP=Local \
          NodePort dropped from outside, traced to {pod_b} from the node and from pod default/pod-a (both answered by pod-b)"
     ));
+}
+
+/// Three NodePort Services (alpha, beta, gamma: ClusterIPs 10.96.0.21-23, NodePorts
+/// 30081-30083), each served by pod-a and pod-b.
+fn three_services_manifest(h: &Harness) -> String {
+    let endpoints: String = ["pod-a", "pod-b"].iter().map(|p| format!("- addresses: [{}]\n", h.topology.pod(p).ip)).collect();
+    ["alpha", "beta", "gamma"]
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            format!(
+                r#"apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: default}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.2{n}
+  ports: [{{name: http, port: 80, nodePort: 3008{n}, protocol: TCP}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}
+addressType: IPv4
+ports: [{{name: http, port: {HTTP_PORT}, protocol: TCP}}]
+endpoints:
+{endpoints}"#,
+                n = i + 1
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+impl NodePortSetup {
+    /// `n` curls of `http://{to}/` from the node (the socket path), each answered.
+    fn curls_from_node(&self, to: &str, n: usize) {
+        for _ in 0..n {
+            let mut curl = Command::new("curl");
+            curl.args(["-sS", "--max-time", "3", &format!("http://{to}/")]);
+            let out = self.h.run_in_client_cgroup(curl, Duration::from_secs(20)).expect("run curl");
+            assert!(out.status.success(), "curl {to} from the node: {out:?}");
+        }
+    }
+
+    /// `n` curls of `http://{to}/` from outside (the tc path), each answered.
+    fn curls_from_outside(&self, to: &str, n: usize) {
+        for _ in 0..n {
+            let (code, answered) = self.curl(to, &[]);
+            assert_eq!(code, Some(0), "curl {to} from outside");
+            assert!(["pod-a", "pod-b"].contains(&answered.as_str()), "curl {to}: answered by {answered:?}");
+        }
+    }
+
+    /// `kproxy_service_*_total` by (name, kind, frontend): (new connections, packets, bytes).
+    fn service_counters(&self) -> BTreeMap<(String, String, String), (u64, u64, u64)> {
+        let metrics = self.h.metrics().unwrap_or_else(|e| panic!("scrape /metrics: {e:#}\n{}", self.h.agent_log()));
+        let mut out: BTreeMap<(String, String, String), (u64, u64, u64)> = BTreeMap::new();
+        for (i, name) in ["kproxy_service_new_connections_total", "kproxy_service_packets_total", "kproxy_service_bytes_total"].iter().enumerate() {
+            for sample in metrics.matching(name, &[]) {
+                let label = |k: &str| sample.labels.get(k).cloned().unwrap_or_default();
+                assert_eq!((label("namespace"), label("port_name")), ("default".into(), "http".into()), "{sample:?}");
+                let entry = out.entry((label("name"), label("kind"), label("frontend"))).or_default();
+                let value = sample.value as u64;
+                match i {
+                    0 => entry.0 = value,
+                    1 => entry.1 = value,
+                    _ => entry.2 = value,
+                }
+            }
+        }
+        out
+    }
+}
+
+/// `--service-counters 2`: real connections from outside (tc) and from the node (socket path)
+/// are counted per frontend, exactly in new connections; the first two frontends used fill the
+/// map, and the third one, used after, is never counted (the bound on the series).
+#[test]
+fn service_counters_count_real_connections_per_frontend_up_to_the_bound() {
+    let test = "service_counters_count_real_connections_per_frontend_up_to_the_bound";
+    let Some(setup) = NodePortSetup::with_manifest_and_args(test, "auto", three_services_manifest, &["--service-counters", "2"]) else {
+        return;
+    };
+    assert!(setup.service_counters().is_empty(), "{test}: nothing counted before any traffic");
+    let metrics = setup.h.metrics().expect("scrape");
+    assert_eq!(metrics.get("kproxy_service_counters_frontends", &[]), Some(0.0), "{test}");
+    assert_eq!(metrics.get("kproxy_service_counters_max_frontends", &[]), Some(2.0), "{test}");
+    let alpha_node_port = format!("{NODE_IP}:30081");
+    setup.curls_from_outside(&alpha_node_port, 3);
+    setup.curls_from_node("10.96.0.22:80", 2);
+    // The map is full: gamma's NodePort and alpha's ClusterIP (another frontend) are served
+    // but not counted.
+    setup.curls_from_outside(&format!("{NODE_IP}:30083"), 2);
+    setup.curls_from_node("10.96.0.21:80", 2);
+    let counted = setup.service_counters();
+    let key = |name: &str, kind: &str, frontend: &str| (name.to_string(), kind.to_string(), frontend.to_string());
+    let alpha = counted.get(&key("alpha", "NodePort", &format!("{alpha_node_port}/TCP"))).copied();
+    let beta = counted.get(&key("beta", "ClusterIP", "10.96.0.22:80/TCP")).copied();
+    assert_eq!(counted.len(), 2, "{test}: two frontends counted: {counted:?}");
+    let (connections, packets, bytes) = alpha.unwrap_or_else(|| panic!("{test}: alpha's NodePort counted: {counted:?}"));
+    assert_eq!(connections, 3, "{test}: three connections through alpha's NodePort: {counted:?}");
+    // Each HTTP exchange is at least a SYN, the request, an ACK and a FIN, of at least an
+    // Ethernet, IPv4 and TCP header each.
+    assert!(packets >= 3 * 4 && bytes >= packets * 54, "{test}: alpha's packets and bytes: {counted:?}");
+    // The socket path sees connections, not packets.
+    assert_eq!(beta, Some((2, 0, 0)), "{test}: two connections from the node to beta's ClusterIP: {counted:?}");
+    let metrics = setup.h.metrics().expect("scrape");
+    assert_eq!(metrics.get("kproxy_service_counters_frontends", &[]), Some(2.0), "{test}");
+    say(&format!("{test}: counted {counted:?}; gamma and alpha's ClusterIP served but not counted (the bound of 2)"));
+}
+
+/// Without `--service-counters`, no per-service series is served, whatever the traffic.
+#[test]
+fn service_counters_are_not_served_without_the_flag() {
+    let test = "service_counters_are_not_served_without_the_flag";
+    let Some(setup) = NodePortSetup::with_manifest(test, "auto", three_services_manifest) else { return };
+    setup.curls_from_outside(&format!("{NODE_IP}:30081"), 2);
+    setup.curls_from_node("10.96.0.22:80", 2);
+    let metrics = setup.h.metrics().expect("scrape");
+    let served: Vec<&str> = metrics.samples.iter().map(|s| s.name.as_str()).filter(|n| n.starts_with("kproxy_service_")).collect();
+    assert!(served.is_empty(), "{test}: per-service series served without the flag: {served:?}");
+    assert!(metrics.get("kproxy_datapath_drops_total", &[]).is_some(), "{test}: the scrape has the agent's metrics");
 }
