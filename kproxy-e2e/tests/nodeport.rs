@@ -807,7 +807,7 @@ impl NodePortSetup {
 #[test]
 fn service_counters_count_real_connections_per_frontend_up_to_the_bound() {
     let test = "service_counters_count_real_connections_per_frontend_up_to_the_bound";
-    let Some(setup) = NodePortSetup::with_manifest_and_args(test, "auto", three_services_manifest, &["--service-counters", "2"]) else {
+    let Some(mut setup) = NodePortSetup::with_manifest_and_args(test, "auto", three_services_manifest, &["--service-counters", "2"]) else {
         return;
     };
     assert!(setup.service_counters().is_empty(), "{test}: nothing counted before any traffic");
@@ -835,6 +835,18 @@ fn service_counters_count_real_connections_per_frontend_up_to_the_bound() {
     assert_eq!(beta, Some((2, 0, 0)), "{test}: two connections from the node to beta's ClusterIP: {counted:?}");
     let metrics = setup.h.metrics().expect("scrape");
     assert_eq!(metrics.get("kproxy_service_counters_frontends", &[]), Some(2.0), "{test}");
+    // The map is pinned: an agent restarted with the same bound adopts it and counts on.
+    setup.h.kill_agent().expect("kill -9 the agent");
+    setup.h.start_agent().expect("restart the agent");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while setup.h.metrics().ok().and_then(|m| m.get("kproxy_service_counters_frontends", &[])).is_none() {
+        assert!(std::time::Instant::now() < deadline, "{test}: the restarted agent serves no counters\n{}", setup.h.agent_log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    setup.curls_from_node("10.96.0.22:80", 1);
+    let after = setup.service_counters();
+    assert_eq!(after.get(&key("beta", "ClusterIP", "10.96.0.22:80/TCP")).map(|c| c.0), Some(3), "{test}: beta counts on: {after:?}");
+    assert_eq!(after.get(&key("alpha", "NodePort", &format!("{alpha_node_port}/TCP"))), alpha.as_ref(), "{test}: {after:?}");
     say(&format!("{test}: counted {counted:?}; gamma and alpha's ClusterIP served but not counted (the bound of 2)"));
 }
 
