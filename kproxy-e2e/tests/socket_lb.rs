@@ -449,7 +449,7 @@ fn restart_without_disruption() {
 }
 
 /// An agent started on the pins of a version that had no membership map, socket storage,
-/// socket counters or drop counters (simulated by removing those pins) adopts the others,
+/// socket counters, drop counters or per-service counters (simulated by removing those pins) adopts the others,
 /// creates and pins the missing maps, and fills the membership map in its first sync; traffic
 /// never stops.
 #[test]
@@ -461,7 +461,7 @@ fn restart_on_an_older_layout_creates_the_maps_it_lacks() {
     start(&mut h, std::slice::from_ref(&web));
     h.stop_agent().expect("stopping the agent");
     let maps = h.bpffs_dir().join("maps");
-    let added = ["KP_SVC_MEMBERS", "KP_SOCK_LOCAL", "KP_SOCK_STATS", "KP_DROPS"];
+    let added = ["KP_SVC_MEMBERS", "KP_SOCK_LOCAL", "KP_SOCK_STATS", "KP_DROPS", "KP_SVC_COUNTERS"];
     for name in added {
         std::fs::remove_file(maps.join(name)).unwrap_or_else(|e| panic!("unpin {name}: {e}"));
     }
