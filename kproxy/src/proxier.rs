@@ -34,6 +34,7 @@ use crate::{
     dataplane::{
         bpf::{BpfMaps, SocketMaps},
         plan::{RefuseReason, Refused},
+        Dataplane,
     },
     events::Events,
     health::{ProxyHealth, ServiceHealthServers},
@@ -49,9 +50,10 @@ use crate::{
 
 /// The store, the syncer and what the syncs report to. Built with [`Proxier::new`] and the
 /// `with_*` methods, then run with [`Proxier::spawn`] (the agent) or [`Proxier::sync`] (once).
-pub struct Proxier {
+/// `D` is the dataplane: the pinned maps, or in tests maps in memory.
+pub struct Proxier<D = BpfMaps> {
     store: ModelStore,
-    syncer: Syncer<BpfMaps>,
+    syncer: Syncer<D>,
     /// The apiserver watches' updates.
     updates: Option<UpdateReceiver>,
     /// The manifest source, read on this thread: it pushes into the store directly.
@@ -70,8 +72,8 @@ pub struct Proxier {
     again: bool,
 }
 
-impl Proxier {
-    pub fn new(store: ModelStore, syncer: Syncer<BpfMaps>, health: Arc<ProxyHealth>, metrics: Arc<Metrics>) -> Self {
+impl<D: Dataplane> Proxier<D> {
+    pub fn new(store: ModelStore, syncer: Syncer<D>, health: Arc<ProxyHealth>, metrics: Arc<Metrics>) -> Self {
         Self {
             store,
             syncer,
@@ -146,7 +148,10 @@ impl Proxier {
     /// Runs the proxier on its own thread, `kproxy-proxier`, under the bounded-frequency
     /// runner: a full sync at once, then a sync for each change `wake` announces (paced by
     /// `cfg`) and a full one every sync period, until [`ProxierThread::stop`].
-    pub fn spawn(mut self, cfg: RunnerConfig, wake: Arc<Notify>) -> Result<ProxierThread> {
+    pub fn spawn(mut self, cfg: RunnerConfig, wake: Arc<Notify>) -> Result<ProxierThread>
+    where
+        D: Send + 'static,
+    {
         let (stop, stopped) = oneshot::channel::<()>();
         let (ended, finished) = oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
@@ -163,7 +168,9 @@ impl Proxier {
                 };
                 let again = wake.clone();
                 runtime.block_on(runner::run_steps(cfg, wake, stopped, |step| match step {
-                    Step::Intake => self.intake(false) && self.wants_sync(),
+                    // A failed read asks for a run too: it fails again, and the runner retries it
+                    // (as a full run, after --retry-interval) until the manifest path is back.
+                    Step::Intake => !self.intake(false) || self.wants_sync(),
                     Step::Run(kind) => {
                         let ok = self.sync(kind);
                         if self.again {
@@ -465,3 +472,110 @@ impl SocketMetrics {
 /// After a sync this large (the first one, typically), the memory freed by planning and by
 /// reading the sources is handed back to the system.
 const TRIM_AFTER_WRITES: usize = 10_000;
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use hyper::StatusCode;
+
+    use super::*;
+    use crate::{
+        dataplane::{plan::Limits, MapContents},
+        sources::update::{self, Update, UpdateSender},
+    };
+
+    const LIMITS: Limits = Limits { max_services: 100, max_backends: 100, max_service_entries: 1000 };
+    const TIMEOUT: Duration = Duration::from_secs(60);
+
+    fn objects(backend: &str) -> (Service, EndpointSlice) {
+        let (services, slices) = crate::sources::manifests::parse_objects(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec: {{clusterIP: 10.96.0.1, ports: [{{port: 80}}]}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-1, labels: {{kubernetes.io/service-name: web}}}}\n\
+             addressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{{addresses: [{backend}]}}]\n"
+        ));
+        (services[0].clone(), slices[0].clone())
+    }
+
+    use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+    /// A proxier on maps in memory, fed by a channel.
+    fn proxier() -> (Proxier<MapContents>, UpdateSender, Arc<Notify>, Arc<ProxyHealth>, Arc<Metrics>) {
+        let wake = Arc::new(Notify::new());
+        let (tx, rx) = update::channel(wake.clone());
+        let (health, metrics) = (Arc::new(ProxyHealth::new(TIMEOUT)), Arc::new(Metrics::new()));
+        let syncer = Syncer::new(MapContents::default(), LIMITS);
+        let p = Proxier::new(ModelStore::default(), syncer, health.clone(), metrics.clone()).with_updates(rx);
+        (p, tx, wake, health, metrics)
+    }
+
+    /// Whether an update is queued and not synced (unhealthy once the timeout has passed).
+    fn queued(health: &ProxyHealth) -> bool {
+        health.respond(SystemTime::now() + TIMEOUT, false).0 == StatusCode::SERVICE_UNAVAILABLE
+    }
+
+    #[test]
+    fn updates_are_taken_in_between_syncs_and_only_real_changes_queue_one() {
+        let (mut p, tx, _, health, metrics) = proxier();
+        let (svc, slice) = objects("10.244.0.1");
+        tx.send(Update::ApplyService(Box::new(svc.clone())));
+        tx.send(Update::ApplySlice(Box::new(slice.clone())));
+        assert!(p.intake(false));
+        assert_eq!((metrics.service_changes_pending.get(), metrics.endpoint_changes_pending.get()), (1, 1));
+        assert!(queued(&health), "a change queues an update");
+        assert!(metrics.last_queued_timestamp.get() > 0.0);
+        assert!(p.wants_sync());
+        assert!(p.sync(RunKind::Changed));
+        assert_eq!((metrics.service_changes_pending.get(), metrics.endpoint_changes_pending.get()), (0, 0));
+        assert!(!queued(&health), "the sync applied it");
+        assert_eq!(p.desired().len(), 1);
+        assert!(metrics.map_writes_total.get() > 0, "the frontend was written");
+
+        // The same objects again (a resync): nothing changes, nothing is queued, no sync wanted.
+        tx.send(Update::ApplyService(Box::new(svc)));
+        tx.send(Update::ApplySlice(Box::new(slice)));
+        assert!(p.intake(false));
+        assert!(!queued(&health) && !p.wants_sync());
+
+        // An endpoint change, then its Service deleted: each as the store counts it.
+        let (_, moved) = objects("10.244.0.2");
+        tx.send(Update::ApplySlice(Box::new(moved)));
+        assert!(p.intake(false));
+        assert_eq!((metrics.service_changes_pending.get(), metrics.endpoint_changes_pending.get()), (0, 1));
+        tx.send(Update::DeleteService { namespace: "default".into(), name: "web".into() });
+        assert!(p.intake(false));
+        assert_eq!((metrics.service_changes_pending.get(), metrics.endpoint_changes_pending.get()), (1, 1));
+        assert!(p.sync(RunKind::Full));
+        assert!(p.desired().is_empty());
+        // An invalid object is listed and counted by the store, as from any source.
+        let (mut bad, _) = objects("10.244.0.3");
+        bad.spec.as_mut().unwrap().cluster_ip = Some("10.96.0.999".into());
+        tx.send(Update::ApplyService(Box::new(bad)));
+        assert!(p.sync(RunKind::Changed));
+        assert_eq!(p.problems.invalid.len(), 1);
+    }
+
+    #[test]
+    fn the_proxier_thread_syncs_what_arrives_and_stops() {
+        let (p, tx, wake, health, metrics) = proxier();
+        let cfg = RunnerConfig {
+            min_interval: Duration::from_millis(10),
+            sync_period: Duration::from_secs(600),
+            retry_interval: Duration::from_secs(1),
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let thread = p.spawn(cfg, wake).unwrap();
+        let (svc, slice) = objects("10.244.0.1");
+        tx.send(Update::ApplyService(Box::new(svc)));
+        tx.send(Update::ApplySlice(Box::new(slice)));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while metrics.map_writes_total.get() == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(metrics.map_writes_total.get() > 0, "the proxier thread programmed the Service");
+        assert!(!queued(&health));
+        runtime.block_on(thread.stop());
+        // Sends after the stop are dropped, not an error.
+        tx.send(Update::NodeZone(None));
+    }
+}
