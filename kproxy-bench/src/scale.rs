@@ -334,7 +334,7 @@ impl Prober {
                 let mut listening = false;
                 let mut k = 0usize;
                 while !flag.load(Ordering::Relaxed) {
-                    let path = if k % 2 == 0 { "/healthz" } else { "/livez" };
+                    let path = if k.is_multiple_of(2) { "/healthz" } else { "/livez" };
                     k += 1;
                     let at = Instant::now();
                     match probe(addr, path) {
