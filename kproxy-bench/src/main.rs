@@ -79,6 +79,15 @@ pub struct BenchArgs {
     /// with --from-json it replaces the recorded one.
     #[arg(long)]
     note: Option<String>,
+    /// Instead of the comparison: kproxy's control plane at these numbers of ClusterIP
+    /// Services (e.g. 10000,30000,100000) on the fake apiserver, next to kube-proxy's full
+    /// ruleset loads (capped at --scale-cap); writes scale.json and scale.md (and docs/scale.md
+    /// unless --no-docs). See kproxy-bench/src/scale.rs.
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["compare", "from_json", "quick"])]
+    scale: Option<Vec<usize>>,
+    /// With --scale: kube-proxy's loads are stopped after this many seconds.
+    #[arg(long, default_value_t = 60)]
+    scale_cap: u64,
     /// With --from-json: the other run's results.json, to render compare.md again.
     #[arg(long, requires = "from_json")]
     compare_json: Option<PathBuf>,
@@ -154,6 +163,35 @@ fn main() -> Result<()> {
         tc_runs: if quick { 2_000 } else { 10_000 },
         note: args.note.clone(),
     };
+    if let Some(services) = &args.scale {
+        if services.is_empty() || services.contains(&0) || services.iter().any(|&n| n > 100_000) {
+            bail!("--scale needs numbers of services from 1 to 100000");
+        }
+        kproxy_e2e::interrupt::install()?;
+        let scale = bench::scale::ScaleConfig {
+            kproxy: cfg.kproxy.clone(),
+            testpod: cfg.testpod.clone(),
+            services: services.clone(),
+            endpoints_per_service: cfg.endpoints_per_service,
+            changes: cfg.changes,
+            cap: std::time::Duration::from_secs(args.scale_cap),
+            profile: cfg.profile.clone(),
+            command: cfg.command.clone(),
+            note: cfg.note.clone(),
+        };
+        let results = bench::scale::run(&scale)?;
+        fs::create_dir_all(&out_dir)?;
+        fs::write(out_dir.join("scale.json"), serde_json::to_string_pretty(&results)?)?;
+        let md = bench::scale::render(&results);
+        fs::write(out_dir.join("scale.md"), &md)?;
+        println!("wrote {}", out_dir.join("scale.md").display());
+        if !args.no_docs {
+            fs::write(workspace_root().join("docs/scale.md"), &md)?;
+            println!("wrote docs/scale.md");
+        }
+        println!("\nbench --scale finished in {:.0} s", started.elapsed().as_secs_f64());
+        return Ok(());
+    }
     if cfg.services.is_empty() || cfg.services.contains(&0) || cfg.rounds == 0 {
         bail!("--services needs positive numbers and --rounds at least 1");
     }

@@ -142,7 +142,14 @@ fn kproxy_from_apiserver(
     let kubeconfig = work.join("kubeconfig");
     api.kubeconfig(&kubeconfig)?;
     let cgroup = Cgroup::new("bench-api")?;
-    let attach = agent::Attach { bpffs_dir: unique_bpffs_dir("kproxy-bench-api"), cgroup: cgroup.path(), tc: false, capacities };
+    let attach = agent::Attach {
+        bpffs_dir: unique_bpffs_dir("kproxy-bench-api"),
+        cgroup: cgroup.path(),
+        tc: false,
+        capacities,
+        healthz: None,
+        sync_period: agent::LONG_SYNC_PERIOD,
+    };
     let source = agent::Source::Apiserver { kubeconfig: &kubeconfig, node: API_NODE };
     let log = work.join(format!("agent-api-{}.log", services.len()));
     let t0 = Instant::now();
@@ -250,13 +257,13 @@ const EMPTY_TABLES: &str = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\
 *nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\nCOMMIT\n";
 
 /// iptables commands of one back end.
-struct Ipt {
+pub(crate) struct Ipt {
     restore: &'static str,
     save: &'static str,
 }
 
 /// The back end of the iptables mode's data path.
-const IPT: Ipt = Ipt {
+pub(crate) const IPT: Ipt = Ipt {
     restore: "iptables-legacy-restore",
     save: "iptables-legacy-save",
 };
@@ -279,7 +286,7 @@ impl Ipt {
     }
 
     /// [`Ipt::load_full`] into a fresh namespace, given up (`None`) after `cap`.
-    fn load_full_capped(&self, netns: &Netns, work: &Path, full: &Path, cap: Duration) -> Result<Option<f64>> {
+    pub(crate) fn load_full_capped(&self, netns: &Netns, work: &Path, full: &Path, cap: Duration) -> Result<Option<f64>> {
         self.reset(netns, work)?;
         let jumps = work.join("jumps.rules");
         fs::write(&jumps, kubeproxy::iptables_jumps().text)?;
@@ -423,6 +430,8 @@ fn measure_point(
         cgroup: kp_env.cgroup.path(),
         tc: true,
         capacities,
+        healthz: None,
+        sync_period: agent::LONG_SYNC_PERIOD,
     };
     let source = agent::Source::Manifests(&manifests);
     let mut agent = Agent::start(&cfg.kproxy, kp_env, source, attach, work.join(format!("agent-{n}.log")))?;

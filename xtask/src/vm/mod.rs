@@ -62,12 +62,14 @@ pub const TC_DATAPATH_SKIPPED: [&str; 1] = ["per_packet_cost_next_to_an_empty_pr
 /// The NodePort end-to-end tests run by default (the tc path through a veth pair): TCP, UDP and
 /// the RST/ICMP refusal with netlink tc filters (every kernel), a kept-alive flow across a
 /// `kill -9` and restart of the agent with `--tc-attach auto` (netlink below 6.6, TCX from 6.6)
-/// followed by `kproxy cleanup`, and the same traffic with TCX links (6.6 and later, see
-/// [`KERNEL_REQUIREMENTS`]).
-pub const NODEPORT_TESTS: [&str; 3] = [
+/// followed by `kproxy cleanup`, the same traffic with TCX links (6.6 and later, see
+/// [`KERNEL_REQUIREMENTS`]), and the per-service counters switched on (`--service-counters`),
+/// whose counting paths the verifier sees only then, on both the socket and the tc programs.
+pub const NODEPORT_TESTS: [&str; 4] = [
     "node_port_reaches_local_backends_netlink",
     "a_node_port_flow_survives_an_agent_restart",
     "node_port_reaches_local_backends_tcx",
+    "service_counters_count_real_connections_per_frontend_up_to_the_bound",
 ];
 
 /// Steps that need a kernel feature newer than 5.10: (step id, first kernel with it, what the
