@@ -61,7 +61,7 @@ impl ModelStore {
             wanted.insert(key.clone(), frontends);
         }
         for f in touched {
-            self.settle(f, &wanted, &mut changes);
+            self.settle(f, &mut wanted, &mut changes);
         }
         changes
     }

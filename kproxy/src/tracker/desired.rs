@@ -29,10 +29,12 @@ impl ModelStore {
     /// the Services rebuilt by this sync, or rebuilt now for an unchanged Service that takes
     /// `f` over), the conflicts over it, and what its change means for `changes` and the
     /// no-local-endpoint counts.
-    pub(super) fn settle(&mut self, f: Frontend, wanted: &HashMap<ObjectKey, Wanted>, changes: &mut Changes) {
+    /// The owner's entry is moved out of `wanted` (each frontend is settled once per sync): a
+    /// copy would interleave the desired state with what the sync frees.
+    pub(super) fn settle(&mut self, f: Frontend, wanted: &mut HashMap<ObjectKey, Wanted>, changes: &mut Changes) {
         let owner = self.claims.owner(f).cloned();
-        let entry = owner.and_then(|o| match wanted.get(&o) {
-            Some(w) => w.get(&f).cloned(),
+        let entry = owner.and_then(|o| match wanted.get_mut(&o) {
+            Some(w) => w.remove(&f),
             // An unchanged Service takes over a frontend released by another one.
             None => self.frontends_of(&o).and_then(|list| list.into_iter().find(|(g, _)| *g == f)).map(|(_, d)| d),
         });
@@ -43,15 +45,16 @@ impl ModelStore {
                 .and_then(|s| s.ports.iter().position(|p| p.port == f.port && p.name.protocol == f.protocol))
                 .unwrap_or_default()
         });
-        let old = match &entry {
-            Some(e) => self.desired.insert(f, e.clone()),
+        let old = match entry {
+            Some(e) => self.desired.insert(f, e),
             None => self.desired.remove(&f),
         };
-        if let (Some(old), Some(new), Protocol::Tcp) = (&old, &entry, f.protocol) {
+        let new = self.desired.get(&f);
+        if let (Some(old), Some(new), Protocol::Tcp) = (&old, new, f.protocol) {
             changes.unlisted.extend(old.draining.iter().filter(|a| !new.lists(a)).map(|a| (f, *a)));
         }
-        if old != entry {
-            self.unserved.update(old.as_ref(), entry.as_ref());
+        if old.as_ref() != new {
+            self.unserved.update(old.as_ref(), new);
             changes.frontends.insert(f);
         }
     }
