@@ -104,7 +104,15 @@ pub struct Attach<'a> {
     pub tc: bool,
     /// `--max-services`, `--max-backends`.
     pub capacities: (u32, u32),
+    /// `--healthz-bind-address` (none: the server is off).
+    pub healthz: Option<&'a str>,
+    /// `--sync-period`: long by default, so that no periodic full sync lands inside a
+    /// measurement ([`LONG_SYNC_PERIOD`]).
+    pub sync_period: &'a str,
 }
+
+/// The sync period of an agent whose measurements must not meet a periodic full sync.
+pub const LONG_SYNC_PERIOD: &str = "1h";
 
 /// A running `kproxy run`, killed and cleaned up (`kproxy cleanup`) on drop.
 pub struct Agent {
@@ -118,8 +126,7 @@ pub struct Agent {
 
 impl Agent {
     /// Starts the agent on `source` with its socket programs on `cgroup`, and its tc programs
-    /// on the node's uplink if `tc`. The sync period is long so that no periodic full sync lands
-    /// inside a measurement. Its output goes to `log`, its events next to it
+    /// on the node's uplink if `tc`. Its output goes to `log`, its events next to it
     /// (`<log>.events.jsonl`).
     pub fn start(kproxy: &Path, env: &ModeEnv, source: Source<'_>, attach: Attach<'_>, log: PathBuf) -> Result<Agent> {
         let file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
@@ -144,8 +151,8 @@ impl Agent {
             .arg("--cgroup")
             .arg(attach.cgroup)
             .args(["--devices", if attach.tc { super::env::NODE_DEV } else { "" }])
-            .args(["--healthz-bind-address", "", "--metrics-bind-address", ""])
-            .args(["--sync-period", "1h"])
+            .args(["--healthz-bind-address", attach.healthz.unwrap_or(""), "--metrics-bind-address", ""])
+            .args(["--sync-period", attach.sync_period])
             .arg("--max-services")
             .arg(attach.capacities.0.to_string())
             .arg("--max-backends")

@@ -30,7 +30,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use kproxy_e2e::cmd;
-use kproxy_e2e::topology::{output_in, pod_ip, spawn_in, Cgroup, ChildGuard, Netns, Topology};
+use kproxy_e2e::topology::{output_in, pod_ip, spawn_in_cgroup, Cgroup, ChildGuard, Netns, Topology};
 
 /// The port every pod serves HTTP on.
 pub const POD_PORT: u16 = 8080;
@@ -42,6 +42,8 @@ pub const NODE_IP: &str = "192.0.2.10/24";
 pub const NODE_DEV: &str = "kpnode0";
 /// The external client's address.
 pub const EXT_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(192, 0, 2, 100);
+/// Sets `net.ipv4.tcp_tw_reuse=1` in the namespace it runs in.
+const TW_REUSE: &str = "echo 1 > /proc/sys/net/ipv4/tcp_tw_reuse";
 const SERVER_READY: Duration = Duration::from_secs(5);
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -126,6 +128,10 @@ pub struct ModeEnv {
     servers: Vec<ChildGuard>,
     /// Clients run in this cgroup (kproxy attaches its programs to the kproxy mode's).
     pub cgroup: Cgroup,
+    /// The external client runs in this cgroup (no program is attached to it): its CPU time.
+    pub ext_cgroup: Cgroup,
+    /// The pods' servers run in this cgroup: their CPU time.
+    pub server_cgroup: Cgroup,
     /// The external client's namespace.
     pub ext: Netns,
     pub topology: Topology,
@@ -137,11 +143,15 @@ impl ModeEnv {
         let names: Vec<String> = (0..pods).map(|p| format!("pod-{p}")).collect();
         let topology = Topology::builder().pods(names).build()?;
         let cgroup = Cgroup::new(&format!("bench-{}", mode.name()))?;
+        let ext_cgroup = Cgroup::new(&format!("bench-ext-{}", mode.name()))?;
+        let server_cgroup = Cgroup::new(&format!("bench-srv-{}", mode.name()))?;
         let ext = Netns::new(&format!("bench-ext-{}", mode.name()))?;
         let mut env = ModeEnv {
             mode,
             servers: Vec::new(),
             cgroup,
+            ext_cgroup,
+            server_cgroup,
             ext,
             topology,
         };
@@ -168,6 +178,18 @@ impl ModeEnv {
         // The node forwards between its own links (a namespace-local setting): NodePort traffic
         // and, without a proxy, the external client's connections to pods.
         self.node_command("sh", &["-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"], None)?;
+        // Equal socket state for every mode (issue 19): short connections leave their client
+        // ports in TIME_WAIT, per namespace; without reuse a client to a single address (no
+        // proxy) runs out of ephemeral ports within a few runs while the proxies spread over
+        // many backends. Both client namespaces (made here) reuse TIME_WAIT ports for new
+        // outgoing connections.
+        for netns in [node, ext] {
+            run_in(netns, "sh", &["-c", TW_REUSE], None)?;
+            let set = run_in(netns, "cat", &["/proc/sys/net/ipv4/tcp_tw_reuse"], None)?;
+            if set.trim() != "1" {
+                bail!("net.ipv4.tcp_tw_reuse is {:?} in {} after setting it to 1", set.trim(), netns.name());
+            }
+        }
         for (p, pod) in self.topology.pods.iter().enumerate() {
             let (block, len) = pod_block(p);
             let block = format!("{block}/{len}");
@@ -186,7 +208,7 @@ impl ModeEnv {
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::null());
-            let mut server = spawn_in(&pod.netns, cmd)?;
+            let mut server = spawn_in_cgroup(&pod.netns, &self.server_cgroup, cmd)?;
             let line = server.read_line(SERVER_READY)?;
             if !line.starts_with("ready") {
                 bail!("`{}` printed {line:?} instead of ready", server.what());
@@ -206,7 +228,7 @@ impl ModeEnv {
         kproxy_e2e::interrupt::check()?;
         match access {
             Access::ClusterIp => output_in(&self.topology.node, Some(&self.cgroup), cmd, timeout),
-            Access::NodePort => output_in(&self.ext, None, cmd, timeout),
+            Access::NodePort => output_in(&self.ext, Some(&self.ext_cgroup), cmd, timeout),
         }
     }
 
@@ -224,6 +246,14 @@ impl ModeEnv {
         let out = output_in(&self.topology.node, None, cmd, COMMAND_TIMEOUT)?;
         cmd::check_output(&what, &out)?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The client cgroup of `access`.
+    pub fn client_cgroup(&self, access: Access) -> &Cgroup {
+        match access {
+            Access::ClusterIp => &self.cgroup,
+            Access::NodePort => &self.ext_cgroup,
+        }
     }
 
     /// The node's IPv4 addresses other than loopback ones (those kproxy serves NodePorts on).

@@ -49,6 +49,9 @@ pub struct WrkResult {
     pub requests: u64,
     /// Socket errors (connect, read, write, timeout) plus non-2xx responses.
     pub errors: u64,
+    /// Of those, connect errors (e.g. no ephemeral port left).
+    #[serde(default)]
+    pub connect_errors: u64,
 }
 
 /// `wrk` settings.
@@ -110,8 +113,13 @@ pub fn parse_wrk(text: &str) -> Result<WrkResult> {
         } else if let Some(rest) = line.strip_prefix("Socket errors:") {
             // "connect 0, read 0, write 0, timeout 0"
             for part in rest.split(',') {
-                if let Some(n) = part.split_whitespace().nth(1) {
-                    r.errors += n.parse::<u64>().unwrap_or(0);
+                let mut words = part.split_whitespace();
+                if let (Some(kind), Some(n)) = (words.next(), words.next()) {
+                    let n = n.parse::<u64>().unwrap_or(0);
+                    r.errors += n;
+                    if kind == "connect" {
+                        r.connect_errors += n;
+                    }
                 }
             }
         } else if let Some(rest) = line.strip_prefix("Non-2xx or 3xx responses:") {
@@ -204,7 +212,7 @@ mod tests {
      90%  400.00us
      99%    1.20ms
   12345 requests in 2.00s, 1.23MB read
-  Socket errors: connect 0, read 3, write 0, timeout 1
+  Socket errors: connect 5, read 3, write 0, timeout 1
   Non-2xx or 3xx responses: 2
 Requests/sec:   6172.50
 Transfer/sec:    630.00KB
@@ -214,6 +222,7 @@ Transfer/sec:    630.00KB
         assert!((r.rate - 6172.5).abs() < 1e-9);
         assert!((r.p50_ms - 0.3).abs() < 1e-9);
         assert!((r.p99_ms - 1.2).abs() < 1e-9);
-        assert_eq!(r.errors, 6);
+        assert_eq!(r.errors, 11);
+        assert_eq!(r.connect_errors, 5);
     }
 }

@@ -38,16 +38,16 @@ pub struct BenchArgs {
     /// Pods per mode (the endpoints are spread over them).
     #[arg(long, default_value_t = 4)]
     pods: usize,
-    /// Interleaved rounds per N [default: 3; quick: 1].
+    /// Interleaved rounds per N [default: 10; quick: 1]. Ratios are paired within a round.
     #[arg(long)]
     rounds: Option<usize>,
-    /// Seconds per wrk run [default: 2; quick: 1].
+    /// Seconds per wrk run [default: 1; quick: 1].
     #[arg(long)]
     duration: Option<u32>,
     /// wrk connections [default: 4].
     #[arg(long, default_value_t = 4)]
     connections: u32,
-    /// Sequential requests per latency run [default: 1000; quick: 300].
+    /// Sequential requests per latency run [default: 500; quick: 300].
     #[arg(long)]
     requests: Option<u32>,
     /// Endpoint changes timed per N [default: 3; quick: 2].
@@ -69,6 +69,28 @@ pub struct BenchArgs {
     /// Render the report and plots from an earlier results.json instead of measuring.
     #[arg(long)]
     from_json: Option<PathBuf>,
+    /// Also run the whole benchmark with the kproxy of commit REV (built in a git worktree under
+    /// `<target>/bench-compare/`, with a target directory of its own kept there), first, and
+    /// write `compare.md` (this build ÷ REV's, with intervals) next to the report. Needs REV's
+    /// agent to take the options the benchmark passes.
+    #[arg(long, value_name = "REV")]
+    compare: Option<String>,
+    /// A note for the report on the machine's state (e.g. "other builds were running");
+    /// with --from-json it replaces the recorded one.
+    #[arg(long)]
+    note: Option<String>,
+    /// Instead of the comparison: kproxy's control plane at these numbers of ClusterIP
+    /// Services (e.g. 10000,30000,100000) on the fake apiserver, next to kube-proxy's full
+    /// ruleset loads (capped at --scale-cap); writes scale.json and scale.md (and docs/scale.md
+    /// unless --no-docs). See kproxy-bench/src/scale.rs.
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["compare", "from_json", "quick"])]
+    scale: Option<Vec<usize>>,
+    /// With --scale: kube-proxy's loads are stopped after this many seconds.
+    #[arg(long, default_value_t = 60)]
+    scale_cap: u64,
+    /// With --from-json: the other run's results.json, to render compare.md again.
+    #[arg(long, requires = "from_json")]
+    compare_json: Option<PathBuf>,
 }
 
 fn main() -> Result<()> {
@@ -80,8 +102,19 @@ fn main() -> Result<()> {
     let docs = !args.quick && !args.no_docs;
     if let Some(json) = &args.from_json {
         let text = fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
-        let results: Results = serde_json::from_str(&text).context("parsing results.json")?;
+        let mut results: Results = serde_json::from_str(&text).context("parsing results.json")?;
+        if args.note.is_some() {
+            results.settings.note = args.note.clone();
+        }
         bench::setup::ensure_packages()?;
+        if let Some(other) = &args.compare_json {
+            let text = fs::read_to_string(other).with_context(|| format!("reading {}", other.display()))?;
+            let other: Results = serde_json::from_str(&text).with_context(|| format!("parsing {}", other.display()))?;
+            let rev = other.machine.kproxy_commit.clone();
+            fs::create_dir_all(&out_dir)?;
+            fs::write(out_dir.join("compare.md"), bench::compare::render(&other, &results, &rev))?;
+            println!("wrote {}", out_dir.join("compare.md").display());
+        }
         return write_outputs(&results, &out_dir, docs && !results.settings.quick);
     }
     if !topology::is_root() {
@@ -110,13 +143,13 @@ fn main() -> Result<()> {
             .unwrap_or_else(|| if quick { vec![1, 1000] } else { vec![1, 1000, 5000, 10_000] }),
         endpoints_per_service: args.endpoints,
         pods: args.pods,
-        rounds: args.rounds.unwrap_or(if quick { 1 } else { 3 }),
+        rounds: args.rounds.unwrap_or(if quick { 1 } else { 10 }),
         wrk: WrkSettings {
             threads: 1,
             connections: args.connections,
-            seconds: args.duration.unwrap_or(if quick { 1 } else { 2 }),
+            seconds: args.duration.unwrap_or(1),
         },
-        sequential: args.requests.unwrap_or(if quick { 300 } else { 1000 }),
+        sequential: args.requests.unwrap_or(if quick { 300 } else { 500 }),
         changes: args.changes.unwrap_or(if quick { 2 } else { 3 }),
         kproxy: bins.0,
         testpod: bins.1,
@@ -126,13 +159,64 @@ fn main() -> Result<()> {
         },
         command,
         iptables_nft_cap: std::time::Duration::from_secs(if quick { 10 } else { 60 }),
-        tc_rounds: 2,
+        tc_rounds: 1,
         tc_runs: if quick { 2_000 } else { 10_000 },
+        note: args.note.clone(),
     };
+    if let Some(services) = &args.scale {
+        if services.is_empty() || services.contains(&0) || services.iter().any(|&n| n > 100_000) {
+            bail!("--scale needs numbers of services from 1 to 100000");
+        }
+        kproxy_e2e::interrupt::install()?;
+        let scale = bench::scale::ScaleConfig {
+            kproxy: cfg.kproxy.clone(),
+            testpod: cfg.testpod.clone(),
+            services: services.clone(),
+            endpoints_per_service: cfg.endpoints_per_service,
+            changes: cfg.changes,
+            cap: std::time::Duration::from_secs(args.scale_cap),
+            profile: cfg.profile.clone(),
+            command: cfg.command.clone(),
+            note: cfg.note.clone(),
+        };
+        let results = bench::scale::run(&scale)?;
+        fs::create_dir_all(&out_dir)?;
+        fs::write(out_dir.join("scale.json"), serde_json::to_string_pretty(&results)?)?;
+        let md = bench::scale::render(&results);
+        fs::write(out_dir.join("scale.md"), &md)?;
+        println!("wrote {}", out_dir.join("scale.md").display());
+        if !args.no_docs {
+            fs::write(workspace_root().join("docs/scale.md"), &md)?;
+            println!("wrote docs/scale.md");
+        }
+        println!("\nbench --scale finished in {:.0} s", started.elapsed().as_secs_f64());
+        return Ok(());
+    }
     if cfg.services.is_empty() || cfg.services.contains(&0) || cfg.rounds == 0 {
         bail!("--services needs positive numbers and --rounds at least 1");
     }
     kproxy_e2e::interrupt::install()?;
+    if let Some(rev) = &args.compare {
+        let (commit, kproxy) = build_other(rev, profile)?;
+        println!("\n==> run 1 of 2: the kproxy of {rev} ({commit})");
+        let mut other = bench::run::run(&Config { kproxy, ..cfg.clone() })?;
+        other.machine.kproxy_commit = commit.clone();
+        fs::create_dir_all(&out_dir)?;
+        let other_json = out_dir.join(format!("results-{commit}.json"));
+        fs::write(&other_json, serde_json::to_string_pretty(&other)?)?;
+        println!("\n==> run 2 of 2: this checkout's kproxy");
+        let results = bench::run::run(&cfg)?;
+        // A comparison is not the published report: docs/ stay as they are.
+        write_outputs(&results, &out_dir, false)?;
+        fs::write(out_dir.join("compare.md"), bench::compare::render(&other, &results, &commit))?;
+        println!(
+            "wrote {} and {}\nbench finished in {:.0} s",
+            other_json.display(),
+            out_dir.join("compare.md").display(),
+            started.elapsed().as_secs_f64()
+        );
+        return Ok(());
+    }
     let results = bench::run::run(&cfg)?;
     write_outputs(&results, &out_dir, docs)?;
     println!(
@@ -173,6 +257,55 @@ fn binaries(profile: Profile) -> Result<(PathBuf, PathBuf)> {
         }
     }
     Ok(bins)
+}
+
+/// `--compare REV`: REV's commit (12 digits) and its kproxy binary, built with `cargo xtask
+/// build` in a detached git worktree `<target>/bench-compare/src-COMMIT` (kept for the next
+/// comparison) into the target directory `<target>/bench-compare/target`, shared by every
+/// compared commit so that only what changed is rebuilt. The clients and servers stay this
+/// checkout's kproxy-testpod.
+fn build_other(rev: &str, profile: Profile) -> Result<(String, PathBuf)> {
+    let root = workspace_root();
+    let commit = cmd::output(
+        std::process::Command::new("git")
+            .arg("-C")
+            .arg(root)
+            .args(["rev-parse", "--verify", &format!("{rev}^{{commit}}")]),
+    )
+    .with_context(|| format!("--compare {rev}: not a commit of this repository"))?
+    .trim()
+    .to_string();
+    let short = commit[..12].to_string();
+    let base = target_dir()?.join("bench-compare");
+    let src = base.join(format!("src-{short}"));
+    if !src.join("Cargo.toml").is_file() {
+        fs::create_dir_all(&base)?;
+        cmd::run(
+            std::process::Command::new("git")
+                .arg("-C")
+                .arg(root)
+                .args(["worktree", "add", "--detach"])
+                .arg(&src)
+                .arg(&commit),
+        )
+        .with_context(|| format!("--compare {rev}: adding a worktree at {}", src.display()))?;
+    }
+    let target = base.join("target");
+    let mut build = cargo();
+    build.current_dir(&src).env("CARGO_TARGET_DIR", &target).args(["xtask", "build"]);
+    if profile == Profile::Release {
+        build.arg("--release");
+    }
+    println!("==> building the kproxy of {rev} ({short}) in {}", src.display());
+    cmd::run(&mut build).with_context(|| format!("--compare {rev}: building {}", src.display()))?;
+    let kproxy = target.join(match profile {
+        Profile::Release => "release",
+        Profile::Debug => "debug",
+    }).join("kproxy");
+    if !kproxy.is_file() {
+        bail!("--compare {rev}: the build made no {}", kproxy.display());
+    }
+    Ok((short, kproxy))
 }
 
 /// `cargo xtask build` (setup, then kproxy and kproxy-testpod) in `profile`.

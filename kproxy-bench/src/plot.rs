@@ -11,7 +11,8 @@ use plotters::style::FontStyle;
 
 use super::env::{Access, Mode};
 use super::load::Workload;
-use super::report::rate;
+use super::report::{paired_rate, rate};
+use super::stats::Interval;
 use super::results::{median, Point, Results, TcRound, TC_CASES};
 
 /// The font the plots use.
@@ -167,11 +168,12 @@ fn latency(p: &Point, access: Access, mode: Mode, target: &str, workload: Worklo
 }
 
 /// Writes `bench-rate[-nodeport].png`, `bench-latency[-nodeport]-{short,keepalive}.png`,
-/// `bench-tc.png` and `bench-control-plane.png` into `dir`.
+/// `bench-paired.png`, `bench-tc.png` and `bench-control-plane.png` into `dir`.
 pub fn render(r: &Results, dir: &Path) -> Result<()> {
     register_font()?;
     std::fs::create_dir_all(dir)?;
     let size = (1400, 560);
+    render_paired(r, dir)?;
 
     for access in Access::ALL {
         let (suffix, what) = match access {
@@ -272,6 +274,78 @@ pub fn render(r: &Results, dir: &Path) -> Result<()> {
         line("nftables: + listings", Mode::Nftables, true, &|p| median(&p.control.change.nft_with_list_ms)),
     ];
     chart(&halves[1], "One endpoint change, N services programmed", "ms (log, median)", &change, true)?;
+    root.present().map_err(e)?;
+    Ok(())
+}
+
+/// The paired ratios to no proxy (short connections, last service) with their 95 % intervals,
+/// one panel per access: `bench-paired.png`.
+fn render_paired(r: &Results, dir: &Path) -> Result<()> {
+    let path = dir.join("bench-paired.png");
+    let root = BitMapBackend::new(&path, (1400, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(e)?;
+    let halves = root.split_evenly((1, 2));
+    for (area, access) in halves.iter().zip(Access::ALL) {
+        let what = match access {
+            Access::ClusterIp => "ClusterIP",
+            Access::NodePort => "NodePort",
+        };
+        // (mode, x offset factor, [(N, interval)]).
+        let lines: Vec<(Mode, f64, Vec<(f64, Interval)>)> = [(Mode::Kproxy, 0.93), (Mode::Iptables, 1.0), (Mode::Nftables, 1.07)]
+            .into_iter()
+            .map(|(mode, shift)| {
+                let points = r
+                    .points
+                    .iter()
+                    .map(|p| (p.services as f64 * shift, paired_rate(p, access, Workload::Short, mode, Mode::None, "last").0))
+                    .filter(|(_, i)| i.is_finite())
+                    .collect();
+                (mode, shift, points)
+            })
+            .collect();
+        let all = lines.iter().flat_map(|l| l.2.iter());
+        let x_max = all.clone().map(|p| p.0).fold(1.0f64, f64::max) * 1.6;
+        let y_max = all.clone().map(|p| p.1.hi).fold(1.05f64, f64::max) * 1.05;
+        let y_min = all.map(|p| p.1.lo).fold(0.95f64, f64::min) * 0.95;
+        let mut c = ChartBuilder::on(area)
+            .caption(format!("{what}: rate ÷ no proxy, short connections, last service"), ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(70)
+            .build_cartesian_2d((0.6..x_max).log_scale(), y_min..y_max)
+            .map_err(e)?;
+        c.configure_mesh()
+            .x_desc("services (N)")
+            .y_desc("median of per-round ratios, 95 % interval")
+            .draw()
+            .map_err(e)?;
+        let one = ShapeStyle::from(BLACK.mix(0.5)).stroke_width(1);
+        c.draw_series(DashedLineSeries::new(vec![(0.6, 1.0), (x_max, 1.0)], 6, 4, one)).map_err(e)?;
+        for (mode, _, points) in &lines {
+            let style = ShapeStyle::from(color(*mode)).stroke_width(2);
+            c.draw_series(LineSeries::new(points.iter().map(|(x, i)| (*x, i.median)), style))
+                .map_err(e)?
+                .label(mode.label())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+            for (x, i) in points {
+                let (x, cap) = (*x, 1.025);
+                c.draw_series([
+                    PathElement::new(vec![(x, i.lo), (x, i.hi)], style),
+                    PathElement::new(vec![(x / cap, i.lo), (x * cap, i.lo)], style),
+                    PathElement::new(vec![(x / cap, i.hi), (x * cap, i.hi)], style),
+                ])
+                .map_err(e)?;
+                c.draw_series([Circle::new((x, i.median), 3, style.filled())]).map_err(e)?;
+            }
+        }
+        c.configure_series_labels()
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 13))
+            .position(SeriesLabelPosition::LowerLeft)
+            .draw()
+            .map_err(e)?;
+    }
     root.present().map_err(e)?;
     Ok(())
 }

@@ -3,9 +3,11 @@
 
 use std::fmt::Write as _;
 
+use super::cost::Cost;
 use super::env::{Access, Mode};
 use super::load::Workload;
-use super::results::{median, Point, Results, TcCost, TcRound, TC_CASES, TC_NEW_FLOW};
+use super::results::{median, paired, Point, Results, TcCost, TcRound, TC_CASES, TC_NEW_FLOW};
+use super::stats::{self, median_interval, Interval, Verdict, SEED};
 
 fn f0(v: f64) -> String {
     if v.is_finite() {
@@ -110,14 +112,22 @@ pub fn render(r: &Results, img: &str) -> String {
             m.load_start, m.load_end
         );
     }
+    if let Some(note) = &s.note {
+        let _ = writeln!(md, "{note}\n");
+    }
     md.push_str(
         "The machine is shared with other work and has 2 cores for the clients, the servers and \
-         the proxies together: every figure is a median over interleaved rounds, and the spread \
-         over the rounds is shown.\n\n",
+         the proxies together. Modes are therefore compared in pairs taken at the same time: every \
+         ratio is the median of per-round ratios between runs made back to back, with a \
+         bootstrap 95 % interval, and a target is met only when its interval clears it.\n\n",
     );
 
     render_method(&mut md, r);
     render_targets(&mut md, r);
+    let _ = writeln!(
+        md,
+        "![paired ratios to no proxy with their 95 % intervals]({img}/bench-paired.png)\n"
+    );
     for access in Access::ALL {
         render_datapath(&mut md, r, img, access);
     }
@@ -190,7 +200,15 @@ fn render_method(md: &mut String, r: &Results) {
          time: `kproxy-testpod http --count {}` (short: from `connect()` to the last byte of the \
          answer; kept alive: from send to the last byte). {} round(s); in each round every \
          (access, workload, target) runs every mode back to back, in an order rotated each \
-         round. Tables show medians over rounds.",
+         round. Rates and latencies are medians over the rounds' valid runs. **Paired \
+         statistics**: each round's run of a mode is divided by the run of no proxy (or of the \
+         other mode) made in the same block of back-to-back runs, and the median of these \
+         per-round ratios is reported with a percentile-bootstrap 95 % interval (4,000 \
+         resamples, a fixed seed: the same samples always render the same interval). A target \
+         is **met** when its interval lies on the right side of it, **missed** when it lies \
+         entirely on the wrong side, and **not resolved** otherwise; targets taken from one \
+         measurement (control plane, memory) say so. Stability over N compares the paired \
+         kproxy / no proxy medians at the two N, with an interval from resampling both.",
         s.wrk.threads,
         s.wrk.connections,
         s.wrk.seconds,
@@ -246,6 +264,27 @@ fn render_method(md: &mut String, r: &Results) {
         s.endpoint_changes
     );
     md.push_str(
+        "- **CPU time per request**: around every rate run, the CPU time of the mode's client \
+         cgroup (the node's client cgroup for ClusterIP; a cgroup of its own, with no program \
+         attached, for the external client) and of its servers' cgroup (`cpu.stat` \
+         `usage_usec`: exact scheduler time of every thread), of the kproxy agent's process \
+         (`/proc/PID/stat`; kube-proxy's own process is not on the data path and not run), and \
+         the machine's softirq time (`/proc/stat`), divided by the run's requests. Kernel work \
+         of the proxies (iptables/nftables rules, NAT and conntrack, kproxy's BPF programs) is \
+         done in these tasks' system calls or in softirq, so it is in this figure; another \
+         builder's load slows the rate but adds little to it. This kernel has no IRQ time \
+         accounting: softirq work done on a task's way out of a system call is charged to that \
+         task, and `/proc/stat`'s softirq is tick-sampled and machine-wide.\n",
+    );
+    md.push_str(
+        "- **Equal socket state**: every client namespace (the node's, for ClusterIP, and the \
+         external client's) has `net.ipv4.tcp_tw_reuse=1`, set in the namespaces the benchmark \
+         makes, so that the ports short connections leave in TIME_WAIT do not exhaust a client \
+         that goes to a single address (no proxy) sooner than one that a proxy spreads over many. \
+         wrk's connect errors are recorded per run, and a run with any error is not a valid \
+         sample: it is left out of the medians and ratios, and counted.\n",
+    );
+    md.push_str(
         "- **iptables back end**: the iptables mode's data path and its syncs use \
          `iptables-legacy` (x_tables), kube-proxy's classic set-up. This machine's default \
          `iptables` is the nf_tables back end, whose `iptables-nft-restore` needed about 25 s \
@@ -274,11 +313,12 @@ fn smallest(r: &Results) -> Option<&Point> {
     r.points.iter().min_by_key(|p| p.services)
 }
 
+/// The verdict of a single measurement (no interval): met or missed.
 fn verdict(ok: bool) -> &'static str {
     if ok {
-        "**met**"
+        "**met** (single measurement)"
     } else {
-        "**missed**"
+        "**missed** (single measurement)"
     }
 }
 
@@ -291,36 +331,32 @@ fn at_largest(big: &Point) -> String {
     }
 }
 
-/// The lowest kproxy / no proxy short-connection ratio over every N and service: (ratio, N,
-/// service).
-fn worst_vs_none(r: &Results, access: Access) -> (f64, usize, &'static str) {
-    let mut worst = (f64::INFINITY, 0, "");
-    for p in &r.points {
-        let none = rate(p, access, Mode::None, "pod", Workload::Short);
-        for t in ["first", "last"] {
-            let q = ratio(rate(p, access, Mode::Kproxy, t, Workload::Short), none);
-            if q < worst.0 {
-                worst = (q, p.services, t);
-            }
-        }
-    }
-    worst
+/// The per-round ratios of the rate of `a` to that of `b` at `p` (`b` = no proxy is measured
+/// at its pod), their median with its bootstrap interval, and the pairs left out.
+pub fn paired_rate(p: &Point, access: Access, workload: Workload, a: Mode, b: Mode, target: &str) -> (Interval, usize) {
+    let t = effective(p, target);
+    let tb = if b == Mode::None { "pod" } else { t };
+    let pr = paired(&p.samples, access, workload, (a, t), (b, tb), |s| s.wrk.rate);
+    (median_interval(&pr.ratios, SEED), pr.excluded)
 }
 
-/// Between the smallest and the largest N, over both services: the largest relative difference
-/// of kproxy's short-connection rate, the same for its ratio to no proxy (measured in the same
-/// rounds, so that a change of the machine between the points cancels), and no proxy's own
-/// change.
-fn spread_in_n(small: &Point, big: &Point, access: Access) -> (f64, f64, f64) {
-    let none = |p: &Point| rate(p, access, Mode::None, "pod", Workload::Short);
-    let (mut spread, mut relative): (f64, f64) = (0.0, 0.0);
-    for t in ["first", "last"] {
-        let a = rate(small, access, Mode::Kproxy, t, Workload::Short);
-        let b = rate(big, access, Mode::Kproxy, t, Workload::Short);
-        spread = spread.max((ratio(b, a) - 1.0).abs());
-        relative = relative.max((ratio(ratio(b, none(big)), ratio(a, none(small))) - 1.0).abs());
-    }
-    (spread, relative, ratio(none(big), none(small)) - 1.0)
+/// The median CPU time per request of (access, mode, target, workload) at `p`.
+fn cpu(p: &Point, access: Access, mode: Mode, target: &str, workload: Workload) -> Option<Cost> {
+    let target = if mode == Mode::None { "pod" } else { effective(p, target) };
+    p.summary(access, mode, target, workload)?.cpu_per_request
+}
+
+/// The per-round ratios of `mode`'s CPU time per request to no proxy's, with their interval.
+fn paired_cpu(p: &Point, access: Access, workload: Workload, mode: Mode, target: &str) -> Interval {
+    let t = effective(p, target);
+    let pr = paired(&p.samples, access, workload, (mode, t), (Mode::None, "pod"), |s| s.cpu_per_request());
+    median_interval(&pr.ratios, SEED)
+}
+
+/// The per-round kproxy / no proxy short-connection rate ratios at `p`.
+fn kproxy_vs_none(p: &Point, access: Access, target: &str) -> Vec<f64> {
+    let t = effective(p, target);
+    paired(&p.samples, access, Workload::Short, (Mode::Kproxy, t), (Mode::None, "pod"), |s| s.wrk.rate).ratios
 }
 
 /// Per-packet cost of every tc case relative to the empty program timed the same way, at one
@@ -378,96 +414,114 @@ fn render_targets(md: &mut String, r: &Results) {
             Access::ClusterIp => "ClusterIP",
             Access::NodePort => "NodePort",
         };
-        // 1. kproxy >= 0.95x no proxy at every N.
-        let worst = worst_vs_none(r, access);
-        let _ = writeln!(
-            md,
-            "| {what}: kproxy short-connection rate ≥ 0.95 × no proxy at every N | lowest ratio {} (N = {}, {} service) | {} |",
-            f3(worst.0),
-            worst.1,
-            worst.2,
-            verdict(worst.0 >= 0.95)
-        );
-        if worst.0 < 0.95 {
-            let cause = match access {
-                Access::ClusterIp => {
-                    "With one request per connection, the cgroup `connect4` hook and the \
-                     reverse-translation entry written per connection (for `getpeername4`/`recvmsg4`) \
-                     are the whole difference"
+        // 1. kproxy >= 0.95x no proxy at every N: every (N, service) interval clears 0.95.
+        let mut parts = Vec::new();
+        let mut lowest: Option<(Interval, usize, &str)> = None;
+        for p in &r.points {
+            for t in ["first", "last"] {
+                if p.services == 1 && t == "last" {
+                    continue;
                 }
-                Access::NodePort => {
-                    "Every packet of the connection passes kproxy's tc programs on the uplink \
-                     (conntrack lookup and address rewrite both ways, a backend choice and two \
-                     conntrack entries per connection), where no proxy only routes"
+                let (i, _) = paired_rate(p, access, Workload::Short, Mode::Kproxy, Mode::None, t);
+                parts.push(stats::at_least(&i, 0.95));
+                if lowest.as_ref().is_none_or(|l| i.median < l.0.median) {
+                    lowest = Some((i, p.services, t));
                 }
-            };
-            notes.push(format!(
-                "{what}: kproxy's lowest short-connection ratio to no proxy is {} (N = {}, {} service). \
-                 {cause}; at these rates a few µs per connection is a few per cent. Compare with the \
-                 min–max of the rounds in the rate table: on this shared 2-core machine a ratio \
-                 within that spread is not a measured loss.",
-                f3(worst.0),
-                worst.1,
-                worst.2
-            ));
+            }
         }
-        // 2. Within 5 % between N = 1 and the largest N.
-        let (spread, relative, none_change) = spread_in_n(small, big, access);
+        let v1 = Verdict::all(parts.iter().copied());
+        let not_met = parts.iter().filter(|v| **v != Verdict::Met).count();
+        if let Some((i, n, t)) = lowest {
+            let _ = writeln!(
+                md,
+                "| {what}: kproxy short-connection rate ≥ 0.95 × no proxy at every N | lowest {} (N = {n}, {t} service); {not_met} of {} (N, service) points not met | {} |",
+                i.show(3),
+                parts.len(),
+                v1.label()
+            );
+            if v1 != Verdict::Met {
+                let cause = match access {
+                    Access::ClusterIp => {
+                        "With one request per connection, the cgroup `connect4` hook and the \
+                         reverse-translation entry written per connection (for `getpeername4`/`recvmsg4`) \
+                         are the whole difference"
+                    }
+                    Access::NodePort => {
+                        "Every packet of the connection passes kproxy's tc programs on the uplink \
+                         (conntrack lookup and address rewrite both ways, a backend choice and two \
+                         conntrack entries per connection), where no proxy only routes"
+                    }
+                };
+                notes.push(format!(
+                    "{what}: kproxy's lowest paired short-connection ratio to no proxy is {} (N = {n}, \
+                     {t} service). {cause}; at these rates a few µs per connection is a few per cent \
+                     (see the CPU time per request).",
+                    i.show(3)
+                ));
+            }
+        }
+        // 2. Within 5 % between the smallest and the largest N: the ratio of the paired
+        // kproxy / no proxy medians at the two N (so that the machine's drift between the points
+        // cancels), with an interval from resampling both.
+        let mut parts = Vec::new();
+        let mut shown = Vec::new();
+        for t in ["first", "last"] {
+            let i = stats::ratio_of_medians_interval(
+                &kproxy_vs_none(big, access, t),
+                &kproxy_vs_none(small, access, t),
+                SEED,
+            );
+            parts.push(stats::within(&i, 0.95, 1.05));
+            shown.push(format!("{t} service {}", i.show(3)));
+        }
+        let v2 = Verdict::all(parts);
+        let none_change = ratio(
+            rate(big, access, Mode::None, "pod", Workload::Short),
+            rate(small, access, Mode::None, "pod", Workload::Short),
+        ) - 1.0;
         let _ = writeln!(
             md,
-            "| {what}: … and within 5 % between N = {} and {at} | largest difference {:.1} % (no proxy's own rate: {:+.1} %; kproxy's ratio to no proxy: {:.1} %) | {} |",
+            "| {what}: … and within 5 % between N = {} and {at} | (kproxy / no proxy at N = {}) ÷ (the same at N = {}): {} (no proxy's own median rate moved {:+.1} %) | {} |",
             small.services,
-            spread * 100.0,
+            big.services,
+            small.services,
+            shown.join("; "),
             none_change * 100.0,
-            relative * 100.0,
-            verdict(spread <= 0.05)
+            v2.label()
         );
-        if spread > 0.05 {
-            notes.push(format!(
-                "{what}: kproxy's short-connection rate differs by {:.1} % between N = {} and N = {}; \
-                 no proxy's rate, which does not depend on N, changed by {:+.1} % between the same \
-                 points, and kproxy's ratio to it by {:.1} %. The machine's speed changed between \
-                 the points (other work on the shared cores and host), which the verdict, taken on \
-                 the rates themselves, does not separate out; kproxy's lookups are hash-map \
-                 lookups, O(1) in N.",
-                spread * 100.0,
-                small.services,
-                big.services,
-                none_change * 100.0,
-                relative * 100.0
-            ));
-        }
-        // 3. 2x iptables, >= nftables, worst-placed service.
-        let kp = rate(big, access, Mode::Kproxy, "last", Workload::Short);
-        let ipt = ratio(kp, rate(big, access, Mode::Iptables, "last", Workload::Short));
-        let nft = ratio(kp, rate(big, access, Mode::Nftables, "last", Workload::Short));
+        // 3. 2x iptables, >= nftables, worst-placed service: paired in the same rounds.
+        let (ipt, _) = paired_rate(big, access, Workload::Short, Mode::Kproxy, Mode::Iptables, "last");
+        let (nft, _) = paired_rate(big, access, Workload::Short, Mode::Kproxy, Mode::Nftables, "last");
+        let (v3, v4) = (stats::at_least(&ipt, 2.0), stats::at_least(&nft, 1.0));
         let _ = writeln!(
             md,
             "| {what}: at {at}, last service, short connections: ≥ 2 × iptables | {}× | {} |",
-            f2(ipt),
-            verdict(ipt >= 2.0)
+            ipt.show(2),
+            v3.label()
         );
-        let _ = writeln!(md, "| {what}: … and no slower than nftables | {}× | {} |", f2(nft), verdict(nft >= 1.0));
-        if ipt < 2.0 && ipt.is_finite() {
+        let _ = writeln!(md, "| {what}: … and no slower than nftables | {}× | {} |", nft.show(2), v4.label());
+        if v3 != Verdict::Met && ipt.is_finite() {
             notes.push(format!(
                 "{what}: kproxy reaches {}× iptables mode at {at}. Walking the chains is a cost of \
                  the first packet of a connection only, and here it is small next to the rest of a \
                  short connection: the test server starts a thread per connection, and both TCP \
                  handshakes, the request and the teardown run on the same 2 shared cores as the \
-                 client. The ratios to no proxy are the fairer measure of each proxy's own cost.",
-                f2(ipt)
+                 client. The ratios to no proxy and the CPU time per request are the fairer \
+                 measures of each proxy's own cost.",
+                ipt.show(2)
             ));
         }
-        if nft < 1.0 && nft.is_finite() {
+        if v4 != Verdict::Met && nft.is_finite() {
             notes.push(format!(
                 "{what}: kproxy reaches {}× nftables mode for the last service at {at}. nftables' \
                  verdict-map lookup is O(1) too; what differs is per-connection work (conntrack and \
                  NAT for nftables; for kproxy the socket hooks and the reverse-translation map, or \
-                 the tc programs and their conntrack) and noise.",
-                f2(nft)
+                 the tc programs and their conntrack).",
+                nft.show(2)
             ));
         }
     }
+
 
     // Programming 10,000 x 10 from nothing within 1 s.
     let c = &big.control;
@@ -571,7 +625,7 @@ fn render_targets(md: &mut String, r: &Results) {
                 f2(new_flow),
                 flat_worst.1 * 100.0,
                 flat_worst.0,
-                verdict(ok)
+                if ok { "**met** (medians over the rounds, no interval)" } else { "**missed** (medians over the rounds, no interval)" }
             );
             if worst_n.0 > 2.0 {
                 let empty = tc.median(|r| r.empty_ns);
@@ -674,28 +728,74 @@ fn render_datapath(md: &mut String, r: &Results, img: &str, access: Access) {
             }
             let _ = writeln!(md, "{row}");
         }
-        let _ = writeln!(md, "\n### {} — ratios of the median rates\n", capital(workload.label()));
-        md.push_str("| N | service | kproxy / no proxy | iptables / no proxy | nftables / no proxy | kproxy / iptables | kproxy / nftables |\n");
-        md.push_str("| ---: | --- | ---: | ---: | ---: | ---: | ---: |\n");
+        let _ = writeln!(
+            md,
+            "\n### {} — paired ratios: median of the per-round ratios (bootstrap 95 % interval)\n",
+            capital(workload.label())
+        );
+        md.push_str(
+            "Each ratio is taken between runs of the same round made back to back; runs with \
+             errors are left out (counted in the last column).\n\n",
+        );
+        md.push_str("| N | service | kproxy / no proxy | iptables / no proxy | nftables / no proxy | kproxy / iptables | kproxy / nftables | pairs left out |\n");
+        md.push_str("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n");
         for p in &r.points {
-            let none = rate(p, access, Mode::None, "pod", workload);
             for t in ["first", "last"] {
                 if p.services == 1 && t == "last" {
                     continue;
                 }
-                let kp = rate(p, access, Mode::Kproxy, t, workload);
-                let ipt = rate(p, access, Mode::Iptables, t, workload);
-                let nft = rate(p, access, Mode::Nftables, t, workload);
-                let _ = writeln!(
-                    md,
-                    "| {} | {t} | {} | {} | {} | {} | {} |",
-                    p.services,
-                    f3(ratio(kp, none)),
-                    f3(ratio(ipt, none)),
-                    f3(ratio(nft, none)),
-                    f2(ratio(kp, ipt)),
-                    f2(ratio(kp, nft))
+                let cells = [
+                    (Mode::Kproxy, Mode::None, 3),
+                    (Mode::Iptables, Mode::None, 3),
+                    (Mode::Nftables, Mode::None, 3),
+                    (Mode::Kproxy, Mode::Iptables, 2),
+                    (Mode::Kproxy, Mode::Nftables, 2),
+                ];
+                let mut row = format!("| {} | {t} |", p.services);
+                let mut excluded = 0;
+                for (a, b, digits) in cells {
+                    let (i, x) = paired_rate(p, access, workload, a, b, t);
+                    excluded += x;
+                    let _ = write!(row, " {} |", i.show(digits));
+                }
+                let _ = writeln!(md, "{row} {excluded} |");
+            }
+        }
+        let _ = writeln!(
+            md,
+            "\n### {} — CPU time per request, µs (median over rounds), and its paired ratio to no proxy\n",
+            capital(workload.label())
+        );
+        md.push_str(
+            "Client + servers + agent + softirq during the rate run, divided by its requests (see \
+             Method); the parts of kproxy's figure are given as client / servers / agent / softirq.\n\n",
+        );
+        md.push_str("| N | service | no proxy | kproxy | iptables | nftables | kproxy (parts) | kproxy / no proxy | iptables / no proxy | nftables / no proxy |\n");
+        md.push_str("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+        for p in &r.points {
+            for t in ["first", "last"] {
+                if p.services == 1 && t == "last" {
+                    continue;
+                }
+                let mut row = format!("| {} | {t} |", p.services);
+                for mode in Mode::ALL {
+                    let _ = write!(row, " {} |", f1(cpu(p, access, mode, t, workload).map_or(f64::NAN, |c| c.total_us())));
+                }
+                let _ = write!(
+                    row,
+                    " {} |",
+                    cpu(p, access, Mode::Kproxy, t, workload).map_or("–".into(), |c| format!(
+                        "{} / {} / {} / {}",
+                        f1(c.client_us),
+                        f1(c.server_us),
+                        f2(c.agent_us),
+                        f1(c.softirq_us)
+                    ))
                 );
+                for mode in PROXIES {
+                    let _ = write!(row, " {} |", paired_cpu(p, access, workload, mode, t).show(3));
+                }
+                let _ = writeln!(md, "{row}");
             }
         }
         let _ = writeln!(md, "\n### {} — latency, ms (p50 / p99)\n", capital(workload.label()));
@@ -728,11 +828,27 @@ fn render_datapath(md: &mut String, r: &Results, img: &str, access: Access) {
         .filter(|s| s.access == access)
         .map(|s| s.errors)
         .sum();
-    let _ = writeln!(md, "Errors over all these runs (socket errors, non-2xx, failed requests): {errors}.\n");
+    let of = |f: fn(&super::results::Summary) -> u64| -> u64 {
+        r.points.iter().flat_map(|p| &p.summaries).filter(|s| s.access == access).map(f).sum()
+    };
+    let (connect, excluded, runs) = (of(|s| s.connect_errors), of(|s| s.excluded as u64), of(|s| (s.rounds + s.excluded) as u64));
+    let _ = writeln!(
+        md,
+        "Errors over all these runs (socket errors, non-2xx, failed requests): {errors}, of which wrk's \
+         connect errors: {connect}. Rate runs with errors, left out of the medians and ratios: \
+         {excluded} of {runs}. Every client namespace has `net.ipv4.tcp_tw_reuse=1` (see Method).\n"
+    );
 }
 
 fn cell_rate(p: &Point, access: Access, mode: Mode, target: &str, workload: Workload) -> String {
     match p.summary(access, mode, effective(p, target), workload) {
+        Some(s) if s.excluded > 0 => format!(
+            "{} ({}–{}; {} run(s) with errors left out)",
+            f0(s.rate),
+            f0(s.rate_min),
+            f0(s.rate_max),
+            s.excluded
+        ),
         Some(s) if s.rounds > 1 => format!("{} ({}–{})", f0(s.rate), f0(s.rate_min), f0(s.rate_max)),
         Some(s) => f0(s.rate),
         None => "–".into(),

@@ -6,6 +6,7 @@ use std::process::Command;
 use serde::{Deserialize, Serialize};
 
 use super::agent::{MapMemory, Rss};
+use super::cost::Cost;
 use super::env::{Access, Mode};
 use super::kubeproxy::{IptablesCounts, NftCounts};
 use super::load::{SeqResult, WrkResult, WrkSettings, Workload};
@@ -107,6 +108,9 @@ pub struct Settings {
     pub tc_rounds: usize,
     #[serde(default)]
     pub tc_runs: u32,
+    /// `--note`: what else ran on the machine, printed under the load averages.
+    #[serde(default)]
+    pub note: Option<String>,
 }
 
 /// One measurement of the data path.
@@ -121,8 +125,67 @@ pub struct Sample {
     /// "first" or "last" programmed service ("pod" for no proxy).
     pub target: String,
     pub workload: Workload,
+    /// The round's block of back-to-back runs this sample was taken in: 0 for the first
+    /// service's, 1 for the last's (no proxy runs in both). A ratio pairs samples of one block.
+    #[serde(default)]
+    pub slot: usize,
     pub wrk: WrkResult,
     pub seq: SeqResult,
+    /// CPU time used during the wrk run (totals, µs).
+    #[serde(default)]
+    pub cpu: Option<Cost>,
+}
+
+impl Sample {
+    /// CPU µs per request of the wrk run (NaN if not measured).
+    pub fn cpu_per_request(&self) -> f64 {
+        self.cpu.map_or(f64::NAN, |c| c.per_request(self.wrk.requests).total_us())
+    }
+
+    /// A run with errors (connect, read, write, timeout, non-2xx) is not a valid sample of the
+    /// rate: it is excluded from the medians and ratios, and counted.
+    pub fn valid(&self) -> bool {
+        self.wrk.errors == 0
+    }
+}
+
+/// Per-round ratios of one figure of (mode `a`, target `ta`) to the same figure of (mode `b`,
+/// target `tb`), each pair taken in the same block of back-to-back runs (same round, access,
+/// workload and slot).
+#[derive(Debug, Clone, Default)]
+pub struct Paired {
+    pub ratios: Vec<f64>,
+    /// Pairs left out because one of the two runs had errors.
+    pub excluded: usize,
+}
+
+/// See [`Paired`]; `metric` is the figure (e.g. the rate).
+pub fn paired(
+    samples: &[Sample],
+    access: Access,
+    workload: Workload,
+    (a, ta): (Mode, &str),
+    (b, tb): (Mode, &str),
+    metric: impl Fn(&Sample) -> f64,
+) -> Paired {
+    let mut out = Paired::default();
+    let pick = |s: &Sample, mode: Mode, target: &str| {
+        s.access == access && s.workload == workload && s.mode == mode && s.target == target
+    };
+    for sa in samples.iter().filter(|s| pick(s, a, ta)) {
+        let Some(sb) = samples
+            .iter()
+            .find(|s| pick(s, b, tb) && s.round == sa.round && s.slot == sa.slot)
+        else {
+            continue;
+        };
+        if !sa.valid() || !sb.valid() {
+            out.excluded += 1;
+            continue;
+        }
+        out.ratios.push(metric(sa) / metric(sb));
+    }
+    out
 }
 
 /// Medians over the rounds of one (access, mode, target, workload).
@@ -143,6 +206,15 @@ pub struct Summary {
     pub seq_p50_ms: f64,
     pub seq_p99_ms: f64,
     pub errors: u64,
+    /// wrk's connect errors over the rounds (part of `errors`).
+    #[serde(default)]
+    pub connect_errors: u64,
+    /// Runs with errors, left out of the medians (`rounds` counts the others).
+    #[serde(default)]
+    pub excluded: usize,
+    /// Median CPU time per request, µs: client, servers, agent, softirq (NaN if not measured).
+    #[serde(default)]
+    pub cpu_per_request: Option<Cost>,
 }
 
 /// How long programming took, in milliseconds.
@@ -297,19 +369,7 @@ pub struct Results {
     pub elapsed_s: f64,
 }
 
-pub fn median(values: &[f64]) -> f64 {
-    if values.is_empty() {
-        return f64::NAN;
-    }
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    let mid = v.len() / 2;
-    if v.len() % 2 == 1 {
-        v[mid]
-    } else {
-        (v[mid - 1] + v[mid]) / 2.0
-    }
-}
+pub use super::stats::median;
 
 /// The medians of `samples`, per (access, mode, target, workload).
 pub fn summarize(samples: &[Sample]) -> Vec<Summary> {
@@ -321,10 +381,11 @@ pub fn summarize(samples: &[Sample]) -> Vec<Summary> {
     keys.dedup();
     keys.into_iter()
         .map(|(access, mode, target, workload)| {
-            let group: Vec<&Sample> = samples
+            let all: Vec<&Sample> = samples
                 .iter()
                 .filter(|s| s.access == access && s.mode == mode && s.target == target && s.workload == workload)
                 .collect();
+            let group: Vec<&Sample> = all.iter().copied().filter(|s| s.valid()).collect();
             let m = |f: &dyn Fn(&Sample) -> f64| median(&group.iter().map(|s| f(s)).collect::<Vec<_>>());
             let rates: Vec<f64> = group.iter().map(|s| s.wrk.rate).collect();
             Summary {
@@ -340,7 +401,15 @@ pub fn summarize(samples: &[Sample]) -> Vec<Summary> {
                 wrk_p99_ms: m(&|s| s.wrk.p99_ms),
                 seq_p50_ms: m(&|s| s.seq.p50_ms),
                 seq_p99_ms: m(&|s| s.seq.p99_ms),
-                errors: group.iter().map(|s| s.wrk.errors + s.seq.errors).sum(),
+                errors: all.iter().map(|s| s.wrk.errors + s.seq.errors).sum(),
+                connect_errors: all.iter().map(|s| s.wrk.connect_errors).sum(),
+                excluded: all.len() - group.len(),
+                cpu_per_request: group.iter().all(|s| s.cpu.is_some()).then(|| Cost {
+                    client_us: m(&|s| s.cpu.unwrap_or_default().per_request(s.wrk.requests).client_us),
+                    server_us: m(&|s| s.cpu.unwrap_or_default().per_request(s.wrk.requests).server_us),
+                    agent_us: m(&|s| s.cpu.unwrap_or_default().per_request(s.wrk.requests).agent_us),
+                    softirq_us: m(&|s| s.cpu.unwrap_or_default().per_request(s.wrk.requests).softirq_us),
+                }),
             }
         })
         .collect()

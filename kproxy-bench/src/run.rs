@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 
 use super::agent::{self, Agent};
+use super::cost::Meter;
 use super::env::{self, Access, Mode, ModeEnv, BLOCK_SIZE, EXT_IP, POD_PORT, SERVICE_PORT};
 use super::kubeproxy::{self, Scope, Svc, NODE_ADDRESS};
 use super::load::{self, Workload, WrkSettings};
@@ -45,6 +46,8 @@ pub struct Config {
     /// `kproxy tc-cost`: rounds after each data-path round, and runs per case and round.
     pub tc_rounds: usize,
     pub tc_runs: u32,
+    /// `--note`, recorded in the results.
+    pub note: Option<String>,
 }
 
 /// Requests of the correctness probe before and after measuring.
@@ -139,7 +142,14 @@ fn kproxy_from_apiserver(
     let kubeconfig = work.join("kubeconfig");
     api.kubeconfig(&kubeconfig)?;
     let cgroup = Cgroup::new("bench-api")?;
-    let attach = agent::Attach { bpffs_dir: unique_bpffs_dir("kproxy-bench-api"), cgroup: cgroup.path(), tc: false, capacities };
+    let attach = agent::Attach {
+        bpffs_dir: unique_bpffs_dir("kproxy-bench-api"),
+        cgroup: cgroup.path(),
+        tc: false,
+        capacities,
+        healthz: None,
+        sync_period: agent::LONG_SYNC_PERIOD,
+    };
     let source = agent::Source::Apiserver { kubeconfig: &kubeconfig, node: API_NODE };
     let log = work.join(format!("agent-api-{}.log", services.len()));
     let t0 = Instant::now();
@@ -235,6 +245,7 @@ pub fn run(cfg: &Config) -> Result<Results> {
             iptables_nft_cap_s: cfg.iptables_nft_cap.as_secs(),
             tc_rounds: cfg.tc_rounds,
             tc_runs: cfg.tc_runs,
+            note: cfg.note.clone(),
         },
         kube_proxy_commit: kubeproxy::KUBE_PROXY_COMMIT.to_string(),
         points,
@@ -246,13 +257,13 @@ const EMPTY_TABLES: &str = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\
 *nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\nCOMMIT\n";
 
 /// iptables commands of one back end.
-struct Ipt {
+pub(crate) struct Ipt {
     restore: &'static str,
     save: &'static str,
 }
 
 /// The back end of the iptables mode's data path.
-const IPT: Ipt = Ipt {
+pub(crate) const IPT: Ipt = Ipt {
     restore: "iptables-legacy-restore",
     save: "iptables-legacy-save",
 };
@@ -275,7 +286,7 @@ impl Ipt {
     }
 
     /// [`Ipt::load_full`] into a fresh namespace, given up (`None`) after `cap`.
-    fn load_full_capped(&self, netns: &Netns, work: &Path, full: &Path, cap: Duration) -> Result<Option<f64>> {
+    pub(crate) fn load_full_capped(&self, netns: &Netns, work: &Path, full: &Path, cap: Duration) -> Result<Option<f64>> {
         self.reset(netns, work)?;
         let jumps = work.join("jumps.rules");
         fs::write(&jumps, kubeproxy::iptables_jumps().text)?;
@@ -419,6 +430,8 @@ fn measure_point(
         cgroup: kp_env.cgroup.path(),
         tc: true,
         capacities,
+        healthz: None,
+        sync_period: agent::LONG_SYNC_PERIOD,
     };
     let source = agent::Source::Manifests(&manifests);
     let mut agent = Agent::start(&cfg.kproxy, kp_env, source, attach, work.join(format!("agent-{n}.log")))?;
@@ -496,7 +509,22 @@ fn measure_point(
                     order.rotate_left(shift);
                     for (mode, target, addr) in order {
                         let env = &envs[mode];
-                        let wrk = load::wrk(env, *access, addr, workload, cfg.wrk)?;
+                        let meter = Meter {
+                            client: env.client_cgroup(*access).path(),
+                            server: env.server_cgroup.path(),
+                            agent: (*mode == Mode::Kproxy).then(|| agent.pid()),
+                        };
+                        let (wrk, cpu) = meter.measure(|| load::wrk(env, *access, addr, workload, cfg.wrk))?;
+                        if wrk.errors > 0 {
+                            print!(
+                                " [{} {} {}: {} errors, {} connect: run excluded]",
+                                access.name(),
+                                mode.name(),
+                                workload.name(),
+                                wrk.errors,
+                                wrk.connect_errors
+                            );
+                        }
                         let seq = load::sequential(env, *access, &cfg.testpod, addr, workload, cfg.sequential)?;
                         samples.push(Sample {
                             round,
@@ -504,8 +532,10 @@ fn measure_point(
                             mode: *mode,
                             target: target.clone(),
                             workload,
+                            slot: slot_index,
                             wrk,
                             seq,
+                            cpu: Some(cpu),
                         });
                     }
                 }

@@ -7,10 +7,13 @@
 //! prints them readably (`"address": [10,96,0,10]`).
 #![no_std]
 
+pub mod csum;
 pub mod ct;
+pub mod drops;
 pub mod lb;
 pub mod nat;
 pub mod sock;
+pub mod wire;
 
 /// `IPPROTO_TCP`, as stored in [`lb::ServiceKey::protocol`].
 pub const PROTO_TCP: u8 = 6;

@@ -1599,3 +1599,140 @@ fn kube_proxy_configuration_file_is_honoured_and_flags_win() {
     assert!(!log.contains("some-other-node"), "the flag's hostname wins:\n{log}");
     say(&format!("{test}: {full_syncs} full syncs in 7 s, oom_score_adj {}, warning: {}", oom.trim(), warnings[0]));
 }
+
+/// One probe of the agent's HTTP servers: when it was sent, how long the answer took, and
+/// what came back (the status, or why there was none).
+struct Probe {
+    path: &'static str,
+    sent: Instant,
+    took: Duration,
+    answer: Result<u16, String>,
+}
+
+/// Issue 14 item 2: `/healthz`, `/livez` and `/metrics` are answered while the first sync of
+/// many services runs (the sync runs on the proxier's own thread, not on the event loop that
+/// serves them). A prober sends one of the three every 20 ms, each with a 1 s timeout, from
+/// the agent's first answer until the agent reports its first complete sync; every probe must
+/// be answered, and some during the sync itself (its span taken from the agent's `synced`
+/// event). Latencies are printed, not asserted.
+#[test]
+fn probes_are_answered_during_the_first_sync() {
+    let test = "probes_are_answered_during_the_first_sync";
+    const SERVICES: usize = 30_000;
+    const PROBE_EVERY: Duration = Duration::from_millis(20);
+    const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+    let args = ["--max-services", "65536", "--sync-period", "10m"];
+    let Some(mut e) = env(test, &["pod-a", "pod-b"], &args) else {
+        return;
+    };
+    let (a, b) = (e.pod_ip("pod-a"), e.pod_ip("pod-b"));
+    let published = Instant::now();
+    e.api.atomically(|store| {
+        for i in 0..SERVICES {
+            let ip = Ipv4Addr::new(10, 100 + (i / 62_500) as u8, ((i / 250) % 250) as u8, (i % 250) as u8 + 1);
+            let spec = ServiceSpec::new(&format!("s-{i}"), ip, 80, "http", Protocol::Tcp, HTTP_PORT)
+                .endpoint("pod-a", a, true)
+                .endpoint("pod-b", b, true);
+            store.create(to_json(&k8s::service(&spec))).expect("creating a Service");
+            for slice in k8s::slices(&spec, 1) {
+                store.create(to_json(&slice)).expect("creating an EndpointSlice");
+            }
+        }
+    });
+    let publish_ms = published.elapsed().as_millis();
+    let node = e.h.topology.node.path();
+    let source = e.h.apiserver().expect("an apiserver source");
+    let (healthz, metrics) = (source.healthz, source.metrics);
+    let targets = [("/healthz", healthz), ("/livez", healthz), ("/metrics", metrics)];
+    let started = Instant::now();
+    e.start_agent();
+    // The servers are bound before anything else: probing starts with their first answer.
+    let first = loop {
+        if kproxy_e2e::http::get_in(&node, metrics, "/metrics", PROBE_TIMEOUT).is_ok() {
+            break started.elapsed();
+        }
+        assert!(started.elapsed() < CONVERGE, "the agent's servers never answered:\n{}", e.h.agent_log());
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let prober = {
+        let (stop, node) = (stop.clone(), node.clone());
+        std::thread::spawn(move || {
+            let mut probes = Vec::new();
+            // Bounded: 180 s of probes at most, whatever happens to the agent.
+            let deadline = Instant::now() + Duration::from_secs(180);
+            for (path, addr) in targets.iter().cycle() {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) || Instant::now() > deadline {
+                    break;
+                }
+                let sent = Instant::now();
+                let answer = kproxy_e2e::http::get_in(&node, *addr, path, PROBE_TIMEOUT)
+                    .map(|r| r.status)
+                    .map_err(|e| format!("{e:#}"));
+                probes.push(Probe { path, sent, took: sent.elapsed(), answer });
+                std::thread::sleep(PROBE_EVERY.saturating_sub(sent.elapsed()));
+            }
+            probes
+        })
+    };
+    // The first sync that programs every Service, and when the test saw it.
+    const POLL: Duration = Duration::from_millis(10);
+    let mut reader = kproxy_e2e::events::EventReader::new(&e.h.event_file());
+    let deadline = Instant::now() + Duration::from_secs(150);
+    let (synced, seen) = loop {
+        let found = reader.read_new().expect("reading the events").into_iter().find_map(|ev| match ev {
+            kproxy_api::event::Event::Synced(s) if s.frontends >= SERVICES => Some(s),
+            _ => None,
+        });
+        if let Some(s) = found {
+            break (s, Instant::now());
+        }
+        if Instant::now() > deadline || !e.h.agent_running() {
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            panic!("no sync of {SERVICES} services within 150 s; agent log:\n{}", e.h.agent_log());
+        }
+        std::thread::sleep(POLL);
+    };
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let probes = prober.join().expect("the prober panicked");
+    // The sync ran within [seen - total, seen]; the test saw its event at most a poll (and a
+    // read of the event file) after it ended, so [seen - total, seen - 100 ms] is inside it.
+    let total = Duration::from_secs_f64(synced.total_ms / 1e3);
+    let (from, to) = (seen - total, seen - Duration::from_millis(100));
+    let during: Vec<&Probe> = probes.iter().filter(|p| p.sent >= from && p.sent + p.took <= to).collect();
+    let mut ms: Vec<f64> = probes.iter().filter(|p| p.sent + p.took >= from && p.sent <= to).map(|p| p.took.as_secs_f64() * 1e3).collect();
+    ms.sort_by(f64::total_cmp);
+    let (median, max) = (ms.get(ms.len() / 2).copied().unwrap_or(f64::NAN), ms.last().copied().unwrap_or(f64::NAN));
+    say(&format!(
+        "{test}: {SERVICES} services x 2 endpoints published in {publish_ms} ms; servers answered {} ms after start, \
+         first complete sync ({} frontends, {} writes) ended {} ms after start and took {:.0} ms ({:.0} ms in the maps); \
+         {} probes in all, {} sent and answered during the sync (window {}..{} ms after start); \
+         probe latency during the sync: median {median:.1} ms, max {max:.1} ms",
+        first.as_millis(),
+        synced.frontends,
+        synced.writes,
+        (seen - started).as_millis(),
+        synced.total_ms,
+        synced.sync_ms,
+        probes.len(),
+        during.len(),
+        (from - started).as_millis(),
+        (to - started).as_millis(),
+    ));
+    let failed: Vec<String> = probes
+        .iter()
+        .filter(|p| p.answer.is_err())
+        .map(|p| format!("{} at {} ms: {}", p.path, (p.sent - started).as_millis(), p.answer.as_ref().unwrap_err()))
+        .collect();
+    assert!(failed.is_empty(), "{} of {} probes were not answered, e.g. {:?}", failed.len(), probes.len(), &failed[..failed.len().min(5)]);
+    for p in &probes {
+        let status = *p.answer.as_ref().expect("answered");
+        assert!(status == 200 || (p.path == "/healthz" && status == 503), "{} answered {status}", p.path);
+    }
+    assert!(
+        !during.is_empty(),
+        "no probe was answered during the first sync ({} ms long, {} probes in all)",
+        total.as_millis(),
+        probes.len()
+    );
+}

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 mod common;
 
-use common::{binaries, say, skip_unless_root};
+use common::{binaries, datapath_drops, say, skip_unless_root, tcp_segments_sent};
 use kproxy_e2e::harness::{unique_bpffs_dir, Harness, HTTP_PORT, UDP_PORT};
 use kproxy_e2e::report::Report;
 use kproxy_e2e::topology::{output_in, spawn_in, Netns};
@@ -104,8 +104,7 @@ impl NodePortSetup {
                 tc_attach,
                 "--healthz-bind-address",
                 "",
-                "--metrics-bind-address",
-                "",
+                // /metrics on the node's 127.0.0.1:10249 (the default), for the drop counters.
                 "--hostname-override",
                 "kproxy-node",
             ]);
@@ -421,17 +420,25 @@ fn external_traffic_policy_local_should_work_from_pods_on_a_node_without_local_e
         assert_eq!(s.in_cluster_backends, Some(vec![want]), "{test}: dump shows what in-cluster clients get: {s:?}");
     }
 
-    // From outside, through tc: dropped (no RST, no ICMP), at the NodePort and the LB IP.
+    // From outside, through tc: dropped (no RST, no ICMP), at the NodePort and the LB IP, and
+    // each SYN the client sent counted as a drop for want of a local endpoint.
+    let (drops_before, sent_before) = (datapath_drops(&setup.h), tcp_segments_sent(&setup.ext));
     for addr in [&node_port, &lb] {
         let report = setup.client(&["http", "--addr", addr, "--count", "3", "--timeout-ms", "500"]);
         assert_eq!((report.ok, report.errors.get("TimedOut")), (0, Some(&3)), "{test}: {addr} from outside: {report:?}");
     }
+    let syns = tcp_segments_sent(&setup.ext) - sent_before;
+    let mut want = drops_before.clone();
+    *want.get_mut("no_local_endpoints").unwrap() += syns;
+    assert!(syns >= 6, "{test}: at least one SYN per attempt, {syns} sent");
+    assert_eq!(datapath_drops(&setup.h), want, "{test}: {syns} SYNs dropped for want of a local endpoint");
     // The control: a NodePort with a local endpoint answers the same outside client.
     let report = setup.client(&["http", "--addr", &format!("{NODE_IP}:30092"), "--count", "10"]);
     assert_eq!((report.ok, report.backend("pod-a")), (10, 10), "{test}: control NodePort: {report:?}");
     say(&format!(
         "{test}: node process and pod reached the NodePort and LB IP of an ETP=Local service with only a remote endpoint \
-         (20/20 each, pod address kept, UDP 10/10); outside clients dropped (3/3 timed out) while the control answered"
+         (20/20 each, pod address kept, UDP 10/10); outside clients dropped (3/3 timed out, {syns} SYNs counted as \
+         no_local_endpoints) while the control answered"
     ));
 }
 

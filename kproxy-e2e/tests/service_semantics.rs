@@ -293,6 +293,13 @@ fn spawn_client_in_pod(h: &Harness, pod: &str, args: &[&str]) -> kproxy_e2e::top
 }
 
 /// Time from the start of `report`'s client to its first error, minus `change_ms`.
+/// How soon after the change a stale socket must be aborted: by the sync of the change (a
+/// manifest settle and one sync, some hundreds of ms), with room for a loaded 2-core machine
+/// (1.7 s seen with 5 builds running), and well inside the 6 s the clients run. Without
+/// termination the socket is never aborted at all (pod-a keeps answering), which the
+/// one-failure assertions catch; this bound only tells "at once" from "eventually".
+const ABORTED_WITHIN_MS: f64 = 3000.0;
+
 fn error_after_change(report: &kproxy_e2e::report::Report, change_ms: f64) -> f64 {
     report.first_error_ms.expect("an error") - change_ms
 }
@@ -313,10 +320,10 @@ fn should_abort_a_connected_udp_socket_whose_backend_is_deleted_for_a_cluster_ip
         return;
     }
     // Two clients, one in the node's namespace and one in a pod's (the agent's own namespace,
-    // and one it enters with setns): each a connected socket, a datagram every 50 ms for 3 s,
+    // and one it enters with setns): each a connected socket, a datagram every 50 ms for 6 s,
     // a new socket after an error.
     let args = [
-        "udp", "--addr", "10.96.0.7:53", "--connected", "--reconnect-on-error", "--count", "60", "--interval-ms", "50",
+        "udp", "--addr", "10.96.0.7:53", "--connected", "--reconnect-on-error", "--count", "120", "--interval-ms", "50",
         "--timeout-ms", "200",
     ];
     let started = std::time::Instant::now();
@@ -340,7 +347,7 @@ fn should_abort_a_connected_udp_socket_whose_backend_is_deleted_for_a_cluster_ip
         );
         // Client-relative times start a little after `started`: this slightly underestimates.
         let after = error_after_change(&report, change_ms);
-        assert!(after < 1000.0, "{where_}: the socket is aborted within 1 s of the change ({after:.0} ms): {report:?}\n{log}");
+        assert!(after < ABORTED_WITHIN_MS, "{where_}: the socket is aborted promptly after the change ({after:.0} ms): {report:?}\n{log}");
         assert!(report.backend("pod-a") >= 10, "{where_}: {report:?}");
         assert!(report.backend("pod-b") >= 25, "{where_}: the re-created socket reaches the new backend: {report:?}");
         lines.push(format!(
@@ -370,7 +377,7 @@ fn should_reset_an_established_tcp_connection_whose_backend_is_deleted_for_a_clu
     let client = spawn_client_in_pod(
         &h,
         "pod-c",
-        &["http", "--addr", "10.96.0.7:80", "--keepalive", "--count", "60", "--interval-ms", "50", "--timeout-ms", "500"],
+        &["http", "--addr", "10.96.0.7:80", "--keepalive", "--count", "120", "--interval-ms", "50", "--timeout-ms", "500"],
     );
     std::thread::sleep(Duration::from_secs(1));
     let change_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -384,7 +391,7 @@ fn should_reset_an_established_tcp_connection_whose_backend_is_deleted_for_a_clu
         "the connection is aborted, not timed out: {report:?}"
     );
     let after = error_after_change(&report, change_ms);
-    assert!(after < 1000.0, "the connection is aborted within 1 s of the change ({after:.0} ms): {report:?}\n{log}");
+    assert!(after < ABORTED_WITHIN_MS, "the connection is aborted promptly after the change ({after:.0} ms): {report:?}\n{log}");
     assert_eq!(report.peers.values().sum::<u64>(), 2, "one reconnection: {report:?}");
     assert!(report.backend("pod-a") >= 10, "{report:?}");
     assert!(report.backend("pod-b") >= 25, "the new connection reaches the new backend: {report:?}");

@@ -448,9 +448,10 @@ fn restart_without_disruption() {
     assert_eq!(after, before, "the restart changed the programmed state");
 }
 
-/// An agent started on the pins of a version that had no membership map, socket storage or
-/// socket counters (simulated by removing those pins) adopts the others, creates and pins the
-/// missing maps, and fills the membership map in its first sync; traffic never stops.
+/// An agent started on the pins of a version that had no membership map, socket storage,
+/// socket counters or drop counters (simulated by removing those pins) adopts the others,
+/// creates and pins the missing maps, and fills the membership map in its first sync; traffic
+/// never stops.
 #[test]
 fn restart_on_an_older_layout_creates_the_maps_it_lacks() {
     let Some(mut h) = harness("restart_on_an_older_layout_creates_the_maps_it_lacks", &["pod-a", "pod-b", "pod-c"]) else {
@@ -460,7 +461,7 @@ fn restart_on_an_older_layout_creates_the_maps_it_lacks() {
     start(&mut h, std::slice::from_ref(&web));
     h.stop_agent().expect("stopping the agent");
     let maps = h.bpffs_dir().join("maps");
-    let added = ["KP_SVC_MEMBERS", "KP_SOCK_LOCAL", "KP_SOCK_STATS"];
+    let added = ["KP_SVC_MEMBERS", "KP_SOCK_LOCAL", "KP_SOCK_STATS", "KP_DROPS"];
     for name in added {
         std::fs::remove_file(maps.join(name)).unwrap_or_else(|e| panic!("unpin {name}: {e}"));
     }
@@ -485,6 +486,13 @@ fn restart_on_an_older_layout_creates_the_maps_it_lacks() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(members.as_array().map(Vec::len), Some(3), "one membership entry per backend: {members}");
+    // The new drop counters dump as a per-CPU array, one entry per reason slot.
+    let mut bpftool = Command::new("bpftool");
+    bpftool.args(["map", "dump", "pinned"]).arg(maps.join("KP_DROPS")).arg("-j");
+    let drops: serde_json::Value = serde_json::from_str(&cmd::output(&mut bpftool).expect("bpftool map dump")).expect("JSON");
+    let slots = drops.as_array().map(Vec::len);
+    assert_eq!(slots, Some(32), "KP_DROPS has DROP_SLOTS (32) entries: {drops}");
+    assert!(drops[0]["values"].as_array().is_some_and(|v| !v.is_empty()), "per-CPU values: {}", drops[0]);
     let r = http(&h, WEB, 30, &[]);
     assert_all_ok(&r, 30);
     assert_eq!(r.peers, counts(&[(WEB, 30)]), "getpeername() through the new socket storage");

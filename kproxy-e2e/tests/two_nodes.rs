@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{binaries, say, skip_unless_root};
+use common::{binaries, datapath_drops, say, skip_unless_root, tcp_segments_sent};
 use kproxy_e2e::harness::{unique_bpffs_dir, Harness, HTTP_PORT, UDP_PORT};
 use kproxy_e2e::report::Report;
 use kproxy_e2e::topology::{output_in, spawn_in, Netns};
@@ -70,8 +70,7 @@ impl Cluster {
                     NODE_NAMES[i],
                     "--healthz-bind-address",
                     "",
-                    "--metrics-bind-address",
-                    "",
+                    // /metrics on the node's 127.0.0.1:10249 (the default), for the drop counters.
                 ])
         };
         let nodes = [node(0, &["pod-a", "pod-b"]), node(1, &["pod-c"])];
@@ -200,13 +199,20 @@ fn load_balancer_source_ranges_admit_only_their_clients() {
     let (code, body) = get(EXT_IP, &lb);
     assert_eq!(code, Some(0), "{body}");
     assert!(body.starts_with("pod-c\n") && body.ends_with("\n200"), "{body}");
-    // curl exit 28: timed out, the SYN was dropped (not refused: that would be exit 7).
+    // curl exit 28: timed out, the SYN was dropped (not refused: that would be exit 7), and
+    // node-1 counted each SYN (and retransmission) the client sent as a source-range drop.
+    let (drops_before, sent_before) = (datapath_drops(&c.nodes[0]), tcp_segments_sent(&c.ext));
     let (code, body) = get(OTHER_EXT_IP, &lb);
     assert_eq!(code, Some(28), "{OTHER_EXT_IP} is outside the source ranges: {body}");
+    let syns = tcp_segments_sent(&c.ext) - sent_before;
+    assert!(syns >= 1, "{test}: no SYN sent");
+    let mut want = drops_before.clone();
+    *want.get_mut("source_range").unwrap() += syns;
+    assert_eq!(datapath_drops(&c.nodes[0]), want, "{test}: {syns} SYNs from {OTHER_EXT_IP} dropped by source range");
     // The ranges guard the load-balancer IP only; the NodePort stays open, as in kube-proxy.
     let (code, body) = get(OTHER_EXT_IP, &format!("{}:30083", NODE_IPS[0]));
     assert_eq!(code, Some(0), "{body}");
-    say(&format!("{test}: {EXT_IP} admitted, {OTHER_EXT_IP} dropped at {LB_IP}, NodePort open to both"));
+    say(&format!("{test}: {EXT_IP} admitted, {OTHER_EXT_IP} dropped at {LB_IP} ({syns} SYNs counted), NodePort open to both"));
 }
 
 #[test]

@@ -1,4 +1,5 @@
-//! Connection tracking: find, refresh and create the entries of translated flows.
+//! Connection tracking: find, refresh and create the entries of translated flows. A found
+//! entry is an [`Entry`], whose pointer into the map never leaves this module.
 
 use kproxy_common::{
     ct::{
@@ -7,7 +8,7 @@ use kproxy_common::{
     },
     lb::ServiceKey,
     nat::{SNAT_PORT_MAX, SNAT_PORT_MIN, SNAT_PORT_TRIES},
-    PROTO_TCP, PROTO_UDP,
+    wire::{PROTO_TCP, PROTO_UDP, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 use aya_ebpf::{
@@ -18,7 +19,7 @@ use aya_ebpf::{
 use crate::{
     lb,
     maps::{KP_CT, KP_SERVICES},
-    packet::{Flow, TCP_FIN, TCP_RST, TCP_SYN},
+    packet::Flow,
 };
 
 /// The key of a packet's 5-tuple (addresses and ports in network order) in `direction`.
@@ -35,18 +36,38 @@ pub fn key(src: ([u8; 4], [u8; 2]), dst: ([u8; 4], [u8; 2]), protocol: u8, direc
     }
 }
 
-/// The entry for `key`, if it has not expired, and the time now (read only when there is an
-/// entry: most packets have none). The pointer is into the map value, for [`refresh`]; it
-/// stays valid for this program run (LRU maps preallocate).
+/// A live (unexpired) entry of `KP_CT`, found by [`lookup`], and the time it was found at
+/// (which [`refresh`] extends it from).
+///
+/// It holds a pointer into the map value, valid for this program run (LRU maps preallocate
+/// their values, and a value is not freed while a program that looked it up runs); other CPUs
+/// may write the same entry meanwhile, which is why it stays a pointer, read and written field
+/// by field, rather than a Rust reference.
+pub struct Entry {
+    value: *mut CtValue,
+    now: u64,
+}
+
+/// The entry for `key`, if it has not expired (the time is read only when there is an entry:
+/// most packets have none).
 #[inline(always)]
-pub fn lookup(key: &CtKey) -> Option<(*mut CtValue, u64)> {
-    let entry = KP_CT.get_ptr_mut(key)?;
+pub fn lookup(key: &CtKey) -> Option<Entry> {
+    let value = KP_CT.get_ptr_mut(key)?;
     let now = now();
     // SAFETY: a map value pointer from the helper, valid and aligned for CtValue.
-    if unsafe { (*entry).expires_ns } <= now {
+    if unsafe { (*value).expires_ns } <= now {
         return None;
     }
-    Some((entry, now))
+    Some(Entry { value, now })
+}
+
+impl Entry {
+    /// The address and port this entry writes into its packets (network order).
+    #[inline(always)]
+    pub fn nat(&self) -> ([u8; 4], [u8; 2]) {
+        // SAFETY: `value` is a live map value for this program run (see [`Entry`]).
+        unsafe { ((*self.value).nat_address, (*self.value).nat_port) }
+    }
 }
 
 /// Set by the agent at load time to 1 when the kernel has `bpf_ktime_get_coarse_ns` (Linux
@@ -104,8 +125,9 @@ fn advance(flow: &Flow, seen: u8) -> (u8, u64) {
 /// Writes only what changes: the state when this packet adds to it (the expiry then too, as
 /// the lifetime may shrink), the expiry when it would move by more than [`REFRESH_SLACK_NS`].
 #[inline(always)]
-pub fn refresh(entry: *mut CtValue, flow: &Flow, now: u64) {
-    // SAFETY: `entry` comes from `lookup` in this program run.
+pub fn refresh(entry: &Entry, flow: &Flow) {
+    let (entry, now) = (entry.value, entry.now);
+    // SAFETY: a live map value for this program run (see [`Entry`]).
     unsafe {
         let was = (*entry).seen;
         let (seen, lifetime) = advance(flow, was);
@@ -164,8 +186,9 @@ fn frontend_value(chosen: &Chosen, seen: u8, lifetime: u64, now: u64) -> CtValue
 /// left) keeps its flows, and the entry remembers the new slot. TCP flows keep their backend,
 /// as with kube-proxy. The fast path, a slot that still holds the backend, is one lookup.
 #[inline(always)]
-pub fn stale(entry: *mut CtValue, flow: &Flow) -> bool {
-    // SAFETY: `entry` comes from `lookup` in this program run.
+pub fn stale(entry: &Entry, flow: &Flow) -> bool {
+    let entry = entry.value;
+    // SAFETY: a live map value for this program run (see [`Entry`]).
     let (flags, backend_id, slot, service_id) =
         unsafe { ((*entry).flags, (*entry).backend_id, (*entry).slot, (*entry).service_id) };
     if flow.protocol != PROTO_UDP || flags & CT_FLAG_FRONTEND == 0 {

@@ -14,34 +14,22 @@
 //! The quoted IPv4 header checksum and the ICMP checksum are updated; the quoted TCP/UDP
 //! checksum is left alone (a quote is usually truncated, and receivers do not check it).
 
-use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    programs::TcContext,
-};
+use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use kproxy_common::{
     ct::{CT_EGRESS, CT_INGRESS},
-    PROTO_TCP, PROTO_UDP,
+    drops::DropReason,
+    wire::{
+        ETH_HLEN, ETH_P_IP, ETH_TYPE_OFF, ICMP_CSUM_OFF, ICMP_DEST_UNREACH, ICMP_ERROR_MIN_LEN, ICMP_TIME_EXCEEDED,
+        INNER_CSUM_OFF, INNER_DPORT_OFF, INNER_DST_OFF, INNER_OFF, INNER_PROTO_OFF, INNER_SPORT_OFF, INNER_SRC_OFF,
+        IP_CSUM_OFF, IP_DST_OFF, IP_FRAG_MASK, IP_FRAG_OFF, IP_PROTO_OFF, IP_SRC_OFF, IP_VERSION_IHL, L4_OFF, PROTO_ICMP,
+        PROTO_TCP, PROTO_UDP,
+    },
 };
 
 use crate::{
     conntrack,
-    packet::{Packet, ETH_HLEN, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, L4_OFF},
+    packet::{read, Packet},
 };
-
-const ETH_P_IP: u16 = 0x0800;
-const IPPROTO_ICMP: u8 = 1;
-const ICMP_DEST_UNREACH: u8 = 3;
-const ICMP_TIME_EXCEEDED: u8 = 11;
-
-const ICMP_CSUM_OFF: usize = L4_OFF + 2;
-/// The quoted IPv4 header (only option-less ones are translated) and its first 8 bytes.
-const INNER_OFF: usize = L4_OFF + 8;
-const INNER_CSUM_OFF: usize = INNER_OFF + 10;
-const INNER_SRC_OFF: usize = INNER_OFF + 12;
-const INNER_DST_OFF: usize = INNER_OFF + 16;
-const INNER_SPORT_OFF: usize = INNER_OFF + 20;
-const INNER_DPORT_OFF: usize = INNER_OFF + 22;
-const MIN_LEN: usize = INNER_OFF + 20 + 8;
 
 /// The hook the error is seen at.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -59,28 +47,18 @@ struct IcmpError {
     inner_protocol: u8,
 }
 
-/// Reads a `T` at `offset` of the packet.
-///
-/// # Safety
-/// `start + offset + size_of::<T>()` must not exceed the packet end checked by the caller.
-#[inline(always)]
-unsafe fn read<T: Copy>(start: usize, offset: usize) -> T {
-    // SAFETY: in bounds per the caller; unaligned read since packet data has no alignment.
-    unsafe { core::ptr::read_unaligned((start + offset) as *const T) }
-}
-
 #[inline(always)]
 fn parse<P: Packet>(ctx: &P) -> Option<IcmpError> {
     let (start, end) = (ctx.data(), ctx.data_end());
-    if start + MIN_LEN > end {
+    if start + ICMP_ERROR_MIN_LEN > end {
         return None;
     }
-    // SAFETY: every read ends below MIN_LEN, checked above.
+    // SAFETY: every read ends below ICMP_ERROR_MIN_LEN, checked above.
     unsafe {
-        if u16::from_be(read::<u16>(start, 12)) != ETH_P_IP
-            || read::<u8>(start, ETH_HLEN) != 0x45
-            || read::<u8>(start, ETH_HLEN + 9) != IPPROTO_ICMP
-            || u16::from_be(read::<u16>(start, ETH_HLEN + 6)) & 0x3fff != 0
+        if u16::from_be(read::<u16>(start, ETH_TYPE_OFF)) != ETH_P_IP
+            || read::<u8>(start, ETH_HLEN) != IP_VERSION_IHL
+            || read::<u8>(start, IP_PROTO_OFF) != PROTO_ICMP
+            || u16::from_be(read::<u16>(start, IP_FRAG_OFF)) & IP_FRAG_MASK != 0
         {
             return None;
         }
@@ -88,8 +66,8 @@ fn parse<P: Packet>(ctx: &P) -> Option<IcmpError> {
         if icmp_type != ICMP_DEST_UNREACH && icmp_type != ICMP_TIME_EXCEEDED {
             return None;
         }
-        let inner_protocol = read::<u8>(start, INNER_OFF + 9);
-        if read::<u8>(start, INNER_OFF) != 0x45 || (inner_protocol != PROTO_TCP && inner_protocol != PROTO_UDP) {
+        let inner_protocol = read::<u8>(start, INNER_PROTO_OFF);
+        if read::<u8>(start, INNER_OFF) != IP_VERSION_IHL || (inner_protocol != PROTO_TCP && inner_protocol != PROTO_UDP) {
             return None;
         }
         Some(IcmpError {
@@ -135,9 +113,8 @@ fn translate<P: Packet>(ctx: &mut P, hook: Hook) -> Result<(), i64> {
     // The entry a reply to the quoted packet would match at this hook.
     let direction = if hook == Hook::Ingress { CT_INGRESS } else { CT_EGRESS };
     let reply = conntrack::key(e.inner_dst, e.inner_src, e.inner_protocol, direction);
-    let Some((entry, _)) = conntrack::lookup(&reply) else { return Ok(()) };
-    // SAFETY: `entry` is a live map value pointer from `lookup`.
-    let to = unsafe { ((*entry).nat_address, (*entry).nat_port) };
+    let Some(entry) = conntrack::lookup(&reply) else { return Ok(()) };
+    let to = entry.nat();
     match hook {
         Hook::Ingress => {
             rewrite_quoted(ctx, true, e.inner_src, to)?;
@@ -146,10 +123,8 @@ fn translate<P: Packet>(ctx: &mut P, hook: Hook) -> Result<(), i64> {
             }
             // A source-translated flow: the backend knows its peer as the node's address.
             let snat = conntrack::key(e.inner_dst, to, e.inner_protocol, CT_EGRESS);
-            if let Some((entry, _)) = conntrack::lookup(&snat) {
-                // SAFETY: as above.
-                let node = unsafe { ((*entry).nat_address, (*entry).nat_port) };
-                rewrite_quoted(ctx, false, e.inner_dst, node)?;
+            if let Some(entry) = conntrack::lookup(&snat) {
+                rewrite_quoted(ctx, false, e.inner_dst, entry.nat())?;
             }
         }
         Hook::Egress => {
@@ -165,10 +140,10 @@ fn translate<P: Packet>(ctx: &mut P, hook: Hook) -> Result<(), i64> {
 /// The tc verdict for a packet that is not TCP or UDP: translated if it is an ICMP error
 /// about a tracked flow, else passed on untouched.
 #[inline(always)]
-pub fn on_other_packet(ctx: &mut TcContext, hook: Hook) -> i32 {
+pub fn on_other_packet(ctx: &mut TcContext, hook: Hook) -> Result<i32, DropReason> {
     match translate(ctx, hook) {
-        Ok(()) => TC_ACT_OK as i32,
+        Ok(()) => Ok(TC_ACT_OK as i32),
         // Half-translated: drop it (the sender's next packet brings another error).
-        Err(_) => TC_ACT_SHOT as i32,
+        Err(_) => Err(DropReason::IcmpRewriteFailed),
     }
 }

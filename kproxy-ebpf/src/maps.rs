@@ -7,6 +7,7 @@ use aya_ebpf::{
 };
 use kproxy_common::{
     ct::{CtKey, CtValue},
+    drops::DROP_SLOTS,
     lb::{AffinityKey, AffinityValue, Backend, MemberKey, MemberValue, ServiceKey, ServiceMeta, ServiceValue, SourceRangeKey},
     nat::Device,
     sock::{SockAffinityKey, SockAffinityValue, SockLocal, SockRevNatKey, SockRevNatValue, SOCK_STATS},
@@ -64,3 +65,16 @@ pub static KP_SRC_RANGES: LpmTrie<SourceRangeKey, u8, 1024> = LpmTrie::new();
 /// `kproxy_common::lb::AffinityKey`.
 #[btf_map]
 pub static KP_AFFINITY: LruHashMap<AffinityKey, AffinityValue, 1024> = LruHashMap::new();
+
+/// Drops of the tc programs, per CPU, indexed by `kproxy_common::drops::DropReason`.
+#[btf_map]
+pub static KP_DROPS: PerCpuArray<u64, { DROP_SLOTS as usize }> = PerCpuArray::new();
+
+/// Adds one to counter `index` of a per-CPU counter array (this CPU's copy: no atomics needed).
+#[inline(always)]
+pub fn count<const N: usize>(counters: &PerCpuArray<u64, N>, index: u32) {
+    if let Some(counter) = counters.get_ptr_mut(index) {
+        // SAFETY: a live per-CPU array value of this CPU, for this program run.
+        unsafe { *counter += 1 };
+    }
+}

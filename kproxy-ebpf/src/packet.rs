@@ -1,29 +1,12 @@
-//! Parsing of Ethernet + IPv4 + TCP/UDP headers, hook-independent: offsets and the fields
-//! translation needs, read with bounds-checked loads.
+//! Parsing of Ethernet + IPv4 + TCP/UDP headers, hook-independent: the fields translation
+//! needs, read with bounds-checked loads (the offsets are `kproxy_common::wire`'s).
 
 use aya_ebpf::programs::TcContext;
-use kproxy_common::{PROTO_TCP, PROTO_UDP};
-
-pub const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-pub const IP_CSUM_OFF: usize = ETH_HLEN + 10;
-pub const IP_SRC_OFF: usize = ETH_HLEN + 12;
-pub const IP_DST_OFF: usize = ETH_HLEN + 16;
-/// Where L4 starts: only option-less IPv4 headers are translated.
-pub const L4_OFF: usize = ETH_HLEN + 20;
-pub const L4_SRC_PORT_OFF: usize = L4_OFF;
-pub const L4_DST_PORT_OFF: usize = L4_OFF + 2;
-pub const TCP_SEQ_OFF: usize = L4_OFF + 4;
-pub const TCP_ACK_OFF: usize = L4_OFF + 8;
-pub const TCP_FLAGS_OFF: usize = L4_OFF + 13;
-pub const TCP_CSUM_OFF: usize = L4_OFF + 16;
-pub const UDP_CSUM_OFF: usize = L4_OFF + 6;
-const TCP_HLEN: usize = 20;
-const UDP_HLEN: usize = 8;
-
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
+use kproxy_common::wire::{
+    ETH_HLEN, ETH_P_IP, ETH_TYPE_OFF, IP_DST_OFF, IP_FRAG_MASK, IP_FRAG_OFF, IP_PROTO_OFF, IP_SRC_OFF, IP_TOT_LEN_OFF,
+    IP_VERSION_IHL, L4_DST_PORT_OFF, L4_OFF, L4_SRC_PORT_OFF, PROTO_TCP, PROTO_UDP, TCP_CSUM_OFF, TCP_FLAGS_OFF, TCP_HLEN,
+    UDP_CSUM_OFF, UDP_HLEN,
+};
 
 /// The parts of a TCP or UDP over IPv4 packet that translation uses. Addresses and ports are
 /// in network order, as on the wire.
@@ -137,25 +120,25 @@ pub fn parse<P: Packet>(ctx: &P) -> Option<Flow> {
     // Every read below ends within L4_OFF + UDP_HLEN, checked above, or within L4_OFF +
     // TCP_HLEN, checked before the TCP reads.
     // SAFETY: bytes 12..14, checked above.
-    let ethertype = u16::from_be(unsafe { read::<u16>(start, 12) });
+    let ethertype = u16::from_be(unsafe { read::<u16>(start, ETH_TYPE_OFF) });
     if ethertype != ETH_P_IP {
         return None;
     }
     // SAFETY: within the IP header, checked above.
-    if unsafe { read::<u8>(start, ETH_HLEN) } != 0x45 {
+    if unsafe { read::<u8>(start, ETH_HLEN) } != IP_VERSION_IHL {
         return None; // not IPv4, or IP options
     }
     // SAFETY: within the IP header, checked above.
-    if u16::from_be(unsafe { read::<u16>(start, ETH_HLEN + 6) }) & 0x3fff != 0 {
+    if u16::from_be(unsafe { read::<u16>(start, IP_FRAG_OFF) }) & IP_FRAG_MASK != 0 {
         return None; // a fragment (more fragments, or an offset)
     }
     // SAFETY: within the IP header, checked above.
-    let total_len = u16::from_be(unsafe { read::<u16>(start, ETH_HLEN + 2) }) as usize;
+    let total_len = u16::from_be(unsafe { read::<u16>(start, IP_TOT_LEN_OFF) }) as usize;
     if ctx.len() < ETH_HLEN + total_len {
         return None; // truncated: the IP layer drops it; nothing sensible to translate
     }
     // SAFETY: within the IP header, checked above.
-    let protocol = unsafe { read::<u8>(start, ETH_HLEN + 9) };
+    let protocol = unsafe { read::<u8>(start, IP_PROTO_OFF) };
     let (l4_csum_off, tcp_flags, no_l4_csum) = match protocol {
         PROTO_TCP => {
             if start + L4_OFF + TCP_HLEN > end {

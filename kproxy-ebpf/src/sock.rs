@@ -19,7 +19,7 @@ use kproxy_common::{
 
 use crate::{
     lb::{self, Client, Lookup, Origin, Sticky},
-    maps::{KP_SOCK_AFFIN, KP_SOCK_LOCAL, KP_SOCK_REVNAT, KP_SOCK_STATS},
+    maps::{self, KP_SOCK_AFFIN, KP_SOCK_LOCAL, KP_SOCK_REVNAT, KP_SOCK_STATS},
 };
 
 /// Verdicts of cgroup sock_addr programs.
@@ -47,13 +47,10 @@ fn sk_storage() -> bool {
     unsafe { core::ptr::read_volatile(&KP_HAS_SK_STORAGE) != 0 }
 }
 
-/// Adds one to counter `index` of `KP_SOCK_STATS` (per CPU: no atomics needed).
+/// Adds one to counter `index` of `KP_SOCK_STATS`.
 #[inline(always)]
 fn count(index: u32) {
-    if let Some(counter) = KP_SOCK_STATS.get_ptr_mut(index) {
-        // SAFETY: a live per-CPU array value of this CPU, for this program run.
-        unsafe { *counter += 1 };
-    }
+    maps::count(&KP_SOCK_STATS, index);
 }
 
 /// The socket's own translations, if it has storage for them (never without

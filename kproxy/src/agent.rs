@@ -1,40 +1,33 @@
-//! `kproxy run`: attach the datapath, follow a source, keep the maps equal to it, and report
-//! health and metrics.
+//! `kproxy run`: attach the datapath, start the HTTP servers and the sources, and hand the
+//! syncs to the proxier's thread ([`crate::proxier`]). This event loop serves `/healthz`,
+//! `/livez`, `/metrics`, the `healthCheckNodePort`s and the watches, and never waits for a
+//! sync.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    net::SocketAddr,
-    path::PathBuf,
-    sync::{Arc, Mutex},
-    time::{Instant, SystemTime},
-};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::{Context as _, Result};
-use kproxy_api::event::{Event, SocketTermination, SocketTerminationStatus, Synced};
-use kproxy_common::{
-    lb::{BACKENDS_MAP, MEMBERS_MAP, SERVICES_MAP, SERVICE_META_MAP},
-    sock::{SOCK_AFFINITY_MAP, SOCK_REVNAT_MAP, SOCK_STAT_AFFINITY_NEW, SOCK_STAT_LOCAL, SOCK_STAT_LOCAL_FULL, SOCK_STAT_REVNAT_NEW},
-};
+use kproxy_api::event::{Event, SocketTermination, SocketTerminationStatus};
 use tokio::sync::Notify;
 
 use crate::{
     dataplane::{
-        bpf::{BpfMaps, SocketMaps},
-        plan::{Limits, RefuseReason, Refused},
+        bpf::{BpfMaps, DropCounters, SocketMaps},
+        plan::Limits,
     },
     events::Events,
     health::{self, ProxyHealth},
     http,
     loader::{self, Capacities, PinLayout},
-    metrics::{follow, unix_seconds, InvalidLabels, MapLabel, Metrics, RefusedLabel},
-    model::{DesiredState, Frontend, InvalidObject},
-    runner::{self, RunKind, RunnerConfig},
+    metrics::Metrics,
+    proxier::Proxier,
+    runner::RunnerConfig,
     sockterm::SockTerm,
     sources::{
         apiserver::{self, Shared},
         manifests::ManifestSource,
+        update,
     },
-    sync::{SyncScope, Syncer},
+    sync::Syncer,
     sys::release_free_memory,
     tracker::ModelStore,
 };
@@ -75,55 +68,6 @@ pub struct AgentConfig {
     pub events: Events,
 }
 
-/// Logs each problem once, when it first appears, and counts each newly invalid object.
-#[derive(Default)]
-struct ProblemLog {
-    reported: BTreeSet<String>,
-    invalid: BTreeSet<InvalidObject>,
-}
-
-impl ProblemLog {
-    fn report(&mut self, problems: impl IntoIterator<Item = String>) {
-        let current: BTreeSet<String> = problems.into_iter().collect();
-        for p in current.difference(&self.reported) {
-            tracing::error!("{p}");
-        }
-        self.reported = current;
-    }
-
-    fn count_invalid(&mut self, current: BTreeSet<InvalidObject>, metrics: &Metrics) {
-        for e in current.difference(&self.invalid) {
-            let labels = InvalidLabels { kind: e.kind.to_string(), reason: e.code.as_str().to_string() };
-            metrics.invalid_objects_total.get_or_create(&labels).inc();
-        }
-        self.invalid = current;
-    }
-}
-
-/// Logs and counts each refused frontend once per reason, and says when it is programmed at
-/// last; the syncs in between refuse it again silently.
-#[derive(Default)]
-struct RefusedLog {
-    reported: BTreeMap<Frontend, RefuseReason>,
-}
-
-impl RefusedLog {
-    fn report(&mut self, refused: &[Refused], desired: &DesiredState, metrics: &Metrics) {
-        let current: BTreeMap<Frontend, RefuseReason> = refused.iter().map(|r| (r.frontend, r.reason)).collect();
-        for r in refused.iter().filter(|r| self.reported.get(&r.frontend) != Some(&r.reason)) {
-            tracing::error!(service = %r.name, frontend = %r.frontend, reason = r.reason.as_str(), "does not fit: {}", r.detail);
-            metrics.frontend_refusals_total.get_or_create(&RefusedLabel { reason: r.reason.as_str().into() }).inc();
-        }
-        for frontend in self.reported.keys().filter(|f| !current.contains_key(f)) {
-            if let Some(want) = desired.get(frontend) {
-                tracing::info!(service = %want.name, %frontend, "programmed: it fits now");
-            }
-        }
-        metrics.set_refused(refused);
-        self.reported = current;
-    }
-}
-
 pub async fn run(cfg: AgentConfig) -> Result<()> {
     raise_open_file_limit();
     let metrics = Arc::new(Metrics::new());
@@ -150,7 +94,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     events.emit(&Event::Attached(attached));
     let maps = BpfMaps::open(&cfg.layout.maps_dir()).context("open the pinned maps")?;
     // Optional: never a reason not to start.
-    let (mut sockterm, status, error) = if cfg.terminate_sockets {
+    let (sockterm, status, error) = if cfg.terminate_sockets {
         match SockTerm::load(&cfg.layout.maps_dir(), cfg.capacities.max_sock_entries) {
             Ok(t) => {
                 tracing::info!("stale-socket termination available: sockets connected to removed backends are destroyed");
@@ -174,159 +118,57 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         metrics.set_map(usage.name, usage.entries, usage.capacity);
     }
     // Only metrics come from these: never a reason not to start.
-    let mut socket_metrics = SocketMaps::open(&cfg.layout.maps_dir())
+    let socket_maps = SocketMaps::open(&cfg.layout.maps_dir())
         .inspect_err(|e| tracing::warn!("socket map metrics unavailable: {e:#}"))
-        .ok()
-        .map(|maps| SocketMetrics { maps, counted: None });
-    if let Some(m) = &mut socket_metrics {
-        m.update(&metrics, true);
+        .ok();
+    match DropCounters::open(&cfg.layout.maps_dir()) {
+        Ok(counters) => metrics.set_drop_counters(counters),
+        Err(e) => tracing::warn!("datapath drop metrics unavailable: {e:#}"),
     }
     let limits = Limits {
         max_services: cfg.capacities.max_services,
         max_backends: cfg.capacities.max_backends,
         max_service_entries: cfg.capacities.service_entries(),
     };
-    let mut syncer = Syncer::new(maps, limits);
+    let syncer = Syncer::new(maps, limits);
     let mut store = ModelStore::default();
     store.set_node_addresses(cfg.node_port_addresses.clone());
     store.set_node_name(Some(cfg.node_name.clone()));
-    let shared = Shared {
-        store: Arc::new(Mutex::new(store)),
-        health: health.clone(),
-        metrics: metrics.clone(),
-        changed: Arc::new(Notify::new()),
-    };
-    let mut manifests = None;
+    let proxier = Proxier::new(store, syncer, health.clone(), metrics.clone())
+        .with_health_check_servers(tokio::runtime::Handle::current())
+        .with_sockterm(sockterm)
+        .with_socket_metrics(socket_maps)
+        .with_events(events);
+    // Wakes the proxier: an update sent, a manifest file settled.
+    let wake = Arc::new(Notify::new());
     let mut _watcher = None;
     let mut _watches = Vec::new();
-    match &cfg.source {
+    let proxier = match &cfg.source {
         Source::Manifests(path) => {
             let source = ManifestSource::with_settle(path.clone(), cfg.manifests_settle);
-            _watcher = Some(source.watch(shared.changed.clone()).with_context(|| format!("watch {}", path.display()))?);
-            manifests = Some(source);
+            _watcher = Some(source.watch(wake.clone()).with_context(|| format!("watch {}", path.display()))?);
             tracing::info!(manifests = %path.display(), settle = ?cfg.manifests_settle, "watching manifests");
+            proxier.with_manifests(source)
         }
         Source::Apiserver { kubeconfig } => {
             let client = apiserver::client(kubeconfig.as_deref(), metrics.clone()).await?;
+            let (updates, received) = update::channel(wake.clone());
             tracing::info!(node = %cfg.node_name, "listing Services and EndpointSlices");
-            _watches = apiserver::start(client, &cfg.node_name, shared.clone()).await?;
-        }
-    }
-
-    let mut problems = ProblemLog::default();
-    let mut refusals = RefusedLog::default();
-    let mut service_health = health::ServiceHealthServers::default();
-    let trigger = shared.changed.clone();
-    let sync_once = move |kind: RunKind| -> bool {
-        let started = Instant::now();
-        let mut store = shared.store.lock().unwrap_or_else(|e| e.into_inner());
-        let mut source_problems = Vec::new();
-        let mut duplicates = Vec::new();
-        if let Some(source) = manifests.as_mut() {
-            // Only the files changed since the last sync are read (all of them the first time;
-            // a full sync also re-reads those whose stamp changed unseen).
-            match source.update(&mut store, kind == RunKind::Full) {
-                Ok(stats) => tracing::debug!(?stats, "manifests read"),
-                Err(e) => {
-                    problems.report([e]);
-                    return false;
-                }
-            }
-            source_problems = source.problems().cloned().collect();
-            duplicates = source.duplicates();
-        }
-        if manifests.is_some() && store.pending() != (0, 0) {
-            // With manifests, changes are only found here, at sync time.
-            metrics.last_queued_timestamp.set(unix_seconds(SystemTime::now()));
-        }
-        let changes = store.take_changes();
-        metrics.service_changes_pending.set(0);
-        metrics.endpoint_changes_pending.set(0);
-        metrics.service_changes_total.inc_by(changes.services as u64);
-        metrics.endpoint_changes_total.inc_by(changes.endpoints as u64);
-        let invalid: BTreeSet<InvalidObject> = store.invalid().cloned().chain(duplicates).collect();
-        problems.report(source_problems.into_iter().chain(invalid.iter().map(|e| format!("skipped invalid object: {e}"))));
-        problems.count_invalid(invalid, &metrics);
-        let scope = match kind {
-            RunKind::Full => SyncScope::Full,
-            RunKind::Changed => SyncScope::Changed(&changes.frontends),
-        };
-        match syncer.sync(store.desired(), scope) {
-            Ok(stats) => {
-                let now = SystemTime::now();
-                health.updated(now);
-                service_health.sync(&store.health_checks(), &health);
-                refusals.report(&stats.refused, store.desired(), &metrics);
-                if stats.sync_again {
-                    // Room this sync freed too late for it to use (see Syncer::sync).
-                    shared.changed.notify_one();
-                }
-                let seconds = stats.duration.as_secs_f64();
-                metrics.sync_duration.observe(seconds);
-                if stats.full { &metrics.sync_full_duration } else { &metrics.sync_partial_duration }.observe(seconds);
-                metrics.last_sync_timestamp.set(unix_seconds(now));
-                metrics.map_writes_total.inc_by(stats.ops as u64);
-                metrics.set_no_local_endpoints(store.no_local_endpoints());
-                for t in &changes.trigger_times {
-                    metrics.network_programming_duration.observe(now.duration_since(*t).unwrap_or_default().as_secs_f64());
-                }
-                if let (Some((services, backends, meta)), Some(members)) = (syncer.entries(), syncer.member_entries()) {
-                    for (name, entries) in
-                        [(SERVICES_MAP, services), (BACKENDS_MAP, backends), (SERVICE_META_MAP, meta), (MEMBERS_MAP, members)]
-                    {
-                        metrics.map_entries.get_or_create(&MapLabel { map: name.into() }).set(entries as i64);
-                    }
-                }
-                if let Some(m) = &mut socket_metrics {
-                    m.update(&metrics, stats.full);
-                }
-                let synced = Synced {
-                    full: stats.full,
-                    frontends: store.desired().len(),
-                    changed_frontends: changes.frontends.len(),
-                    writes: stats.ops,
-                    sync_ms: seconds * 1e3,
-                    total_ms: started.elapsed().as_secs_f64() * 1e3,
-                };
-                tracing::info!(
-                    full = synced.full,
-                    frontends = synced.frontends,
-                    changed_frontends = synced.changed_frontends,
-                    writes = synced.writes,
-                    sync_ms = format!("{:.3}", synced.sync_ms),
-                    total_ms = format!("{:.3}", synced.total_ms),
-                    "synced"
-                );
-                events.emit(&Event::Synced(synced));
-                let mut removed = stats.removed;
-                removed.extend(syncer.unlisted_keys(&changes.unlisted));
-                if let (Some(term), false) = (sockterm.as_mut(), removed.is_empty()) {
-                    match term.terminate(&removed) {
-                        Ok(t) => tracing::info!(
-                            removed_backends = removed.len(),
-                            namespaces = t.namespaces,
-                            udp_sockets = t.udp,
-                            tcp_sockets = t.tcp,
-                            ms = format!("{:.3}", t.duration.as_secs_f64() * 1e3),
-                            "destroyed sockets connected to removed backends"
-                        ),
-                        // The maps are right; only the stale sockets stay (as without it).
-                        Err(e) => tracing::error!("stale-socket termination failed: {e:#}"),
-                    }
-                }
-                if stats.ops >= TRIM_AFTER_WRITES {
-                    release_free_memory();
-                }
-                true
-            }
-            Err(e) => {
-                metrics.sync_failures_total.inc();
-                tracing::error!("sync failed, will retry: {:#}", anyhow::Error::from(e));
-                false
-            }
+            // Returns once everything is listed, so the first sync removes nothing by mistake.
+            _watches = apiserver::start(client, &cfg.node_name, Shared { updates, health: health.clone() }).await?;
+            proxier.with_updates(received)
         }
     };
-    runner::run(cfg.runner, trigger, shutdown_signal(), sync_once).await;
+    let mut proxier = proxier.spawn(cfg.runner, wake)?;
+    let ended = tokio::select! {
+        _ = shutdown_signal() => false,
+        _ = proxier.ended() => true,
+    };
+    if ended {
+        anyhow::bail!("the proxier thread stopped; the datapath stays attached and keeps serving");
+    }
+    // After the sync under way, if any: the servers answer until then.
+    proxier.stop().await;
     for server in servers {
         server.abort();
     }
@@ -357,50 +199,6 @@ fn raise_open_file_limit() {
     }
     tracing::info!(from = soft, to = hard, "raised the open-file limit (RLIMIT_NOFILE) to its hard limit");
 }
-
-/// The socket programs' counters and the use of the shared socket LRU maps, as metrics.
-struct SocketMetrics {
-    maps: SocketMaps,
-    /// The new-key counters of the LRU maps when their entries were last counted, and when.
-    counted: Option<([u64; 2], Instant)>,
-}
-
-/// How long an entry count of the socket LRU maps is reused while no new key was written.
-const RECOUNT_AFTER: std::time::Duration = std::time::Duration::from_secs(300);
-
-impl SocketMetrics {
-    /// Follows the counters, and on full syncs (`full`) counts the entries of the LRU maps (a
-    /// batched read of every entry, some 200 ms for a full map of 262,144): only when new keys
-    /// were written since the last count or that count is old, since entries come and go only
-    /// by inserts (and the evictions they cause).
-    fn update(&mut self, metrics: &Metrics, full: bool) {
-        let stats = match self.maps.stats() {
-            Ok(stats) => stats,
-            Err(e) => return tracing::debug!("socket counters: {e:#}"),
-        };
-        follow(&metrics.sock_storage_entries_total, stats[SOCK_STAT_LOCAL as usize]);
-        follow(&metrics.sock_storage_overflow_total, stats[SOCK_STAT_LOCAL_FULL as usize]);
-        for (map, index) in [(SOCK_REVNAT_MAP, SOCK_STAT_REVNAT_NEW), (SOCK_AFFINITY_MAP, SOCK_STAT_AFFINITY_NEW)] {
-            follow(&metrics.sock_lru_inserts_total.get_or_create(&MapLabel { map: map.into() }), stats[index as usize]);
-        }
-        let inserts = [stats[SOCK_STAT_REVNAT_NEW as usize], stats[SOCK_STAT_AFFINITY_NEW as usize]];
-        let fresh = self.counted.is_some_and(|(at, when)| at == inserts && when.elapsed() < RECOUNT_AFTER);
-        if !full || fresh {
-            return;
-        }
-        match self.maps.usage() {
-            Ok(usage) => {
-                usage.iter().for_each(|u| metrics.set_map(u.name, u.entries, u.capacity));
-                self.counted = Some((inserts, Instant::now()));
-            }
-            Err(e) => tracing::debug!("socket map use: {e:#}"),
-        }
-    }
-}
-
-/// After a sync this large (the first one, typically), the memory freed by planning and by
-/// reading the sources is handed back to the system.
-const TRIM_AFTER_WRITES: usize = 10_000;
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};

@@ -29,6 +29,7 @@ pub mod metrics;
 pub mod model;
 pub mod node;
 pub mod process_metrics;
+pub mod proxier;
 pub mod runner;
 pub mod sockterm;
 pub mod sources;

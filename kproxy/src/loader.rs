@@ -4,7 +4,7 @@
 //! ```text
 //! maps/KP_SERVICES  maps/KP_BACKENDS  maps/KP_SVC_META  maps/KP_SVC_MEMBERS  maps/KP_SOCK_LOCAL
 //! maps/KP_SOCK_REVNAT  maps/KP_SOCK_AFFIN  maps/KP_SOCK_STATS  maps/KP_CT  maps/KP_SRC_RANGES
-//! maps/KP_AFFINITY
+//! maps/KP_AFFINITY  maps/KP_DROPS
 //! links/kp_connect4 links/kp_sendmsg4 links/kp_recvmsg4 links/kp_getpeername4
 //! ```
 //! Pinned links keep the programs attached after the agent exits, and pinned maps keep their
@@ -39,6 +39,7 @@ use aya_obj::generated::bpf_attach_type;
 use kproxy_api::event::{Attached, TcAttachment};
 use kproxy_common::{
     ct::{CtKey, CtValue, CT_MAP},
+    drops::{DROPS_MAP, DROP_SLOTS},
     lb::{
         AffinityKey, AffinityValue, Backend, MemberKey, MemberValue, ServiceKey, ServiceMeta, ServiceValue,
         SourceRangeKey, AFFINITY_MAP, BACKENDS_MAP, DEFAULT_MAX_AFFINITY_ENTRIES, DEFAULT_MAX_SOURCE_RANGES,
@@ -253,7 +254,7 @@ pub fn load_object(maps_dir: Option<&Path>, caps: Capacities) -> Result<Ebpf> {
 /// `socket_storage` (which needs [`has_socket_storage`]), else in the shared LRU maps only.
 pub fn load_object_with(maps_dir: Option<&Path>, caps: Capacities, socket_storage: bool) -> Result<Ebpf> {
     // Capacity 0: socket storage has none (every socket carries its own).
-    let specs: [(&str, usize, usize, u32); 11] = [
+    let specs: [(&str, usize, usize, u32); 12] = [
         (SERVICES_MAP, size_of::<ServiceKey>(), size_of::<ServiceValue>(), caps.service_entries()),
         (BACKENDS_MAP, size_of::<u32>(), size_of::<Backend>(), caps.max_backends),
         (SERVICE_META_MAP, size_of::<u32>(), size_of::<ServiceMeta>(), caps.max_services),
@@ -265,6 +266,7 @@ pub fn load_object_with(maps_dir: Option<&Path>, caps: Capacities, socket_storag
         (CT_MAP, size_of::<CtKey>(), size_of::<CtValue>(), caps.max_ct_entries),
         (SOURCE_RANGES_MAP, size_of::<aya::maps::lpm_trie::Key<SourceRangeKey>>(), size_of::<u8>(), DEFAULT_MAX_SOURCE_RANGES),
         (AFFINITY_MAP, size_of::<AffinityKey>(), size_of::<AffinityValue>(), DEFAULT_MAX_AFFINITY_ENTRIES),
+        (DROPS_MAP, size_of::<u32>(), size_of::<u64>(), DROP_SLOTS),
     ];
     let set_retval = u8::from(has_set_retval());
     let coarse_clock = u8::from(has_coarse_clock());

@@ -11,9 +11,14 @@ use prometheus_client::{
     },
     registry::Registry,
 };
-use std::sync::atomic::AtomicU64;
+use std::sync::{atomic::AtomicU64, OnceLock};
 
-use crate::dataplane::plan::{RefuseReason, Refused};
+use kproxy_common::drops::DropReason;
+
+use crate::dataplane::{
+    bpf::DropCounters,
+    plan::{RefuseReason, Refused},
+};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CodeLabel {
@@ -61,6 +66,12 @@ pub struct RefusedLabel {
     pub reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DropLabel {
+    /// [`DropReason::as_str`].
+    pub reason: String,
+}
+
 type FloatGauge = Gauge<f64, AtomicU64>;
 
 /// client-go's buckets for `rest_client_request_duration_seconds`.
@@ -95,6 +106,9 @@ pub struct Metrics {
     pub sock_storage_entries_total: Counter,
     pub sock_storage_overflow_total: Counter,
     pub sock_lru_inserts_total: Family<MapLabel, Counter>,
+    pub datapath_drops_total: Family<DropLabel, Counter>,
+    /// Where `datapath_drops_total` is read from at each scrape, once the maps are loaded.
+    drop_counters: OnceLock<DropCounters>,
 }
 
 /// Sync durations: 1 ms to ~16 s, as kube-proxy's `sync_proxy_rules_duration_seconds`.
@@ -138,11 +152,16 @@ impl Metrics {
             sock_storage_entries_total: Counter::default(),
             sock_storage_overflow_total: Counter::default(),
             sock_lru_inserts_total: Family::default(),
+            datapath_drops_total: Family::default(),
+            drop_counters: OnceLock::new(),
         };
         // A closed set of reasons starts at 0, so that `rate()` and `increase()` see the first
         // refusal (a series that appears at 1 has no earlier sample to differ from).
         for reason in RefuseReason::ALL {
             let _ = m.frontend_refusals_total.get_or_create(&RefusedLabel { reason: reason.as_str().into() });
+        }
+        for reason in DropReason::ALL {
+            let _ = m.datapath_drops_total.get_or_create(&DropLabel { reason: reason.as_str().into() });
         }
         let r = &mut m.registry;
         r.register("kubeproxy_sync_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds", m.sync_duration.clone());
@@ -203,7 +222,32 @@ impl Metrics {
             "New entries written to a shared socket LRU map; nothing else removes entries, so this minus kproxy_bpf_map_entries of the map is how many it evicted",
             m.sock_lru_inserts_total.clone(),
         );
+        r.register(
+            "kproxy_datapath_drops",
+            "Packets the tc programs dropped, by reason (summed over the CPUs at each scrape)",
+            m.datapath_drops_total.clone(),
+        );
         m
+    }
+
+    /// Serves `kproxy_datapath_drops_total` from `counters` from now on (at each scrape).
+    pub fn set_drop_counters(&self, counters: DropCounters) {
+        if self.drop_counters.set(counters).is_err() {
+            tracing::debug!("drop counters already set");
+        }
+    }
+
+    /// Brings `kproxy_datapath_drops_total` up to the kernel's counters.
+    fn follow_drops(&self) {
+        let Some(counters) = self.drop_counters.get() else { return };
+        match counters.totals() {
+            Ok(totals) => {
+                for (reason, total) in DropReason::ALL.iter().zip(totals) {
+                    follow(&self.datapath_drops_total.get_or_create(&DropLabel { reason: reason.as_str().into() }), total);
+                }
+            }
+            Err(e) => tracing::debug!("drop counters: {e:#}"),
+        }
     }
 
     /// The Prometheus text exposition of every metric.
@@ -216,11 +260,14 @@ impl Metrics {
     /// The metrics server's answer to `path`: `/metrics` only.
     pub fn answer(&self, path: &str) -> crate::http::Answer {
         match path {
-            "/metrics" => crate::http::Answer {
-                status: hyper::StatusCode::OK,
-                content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                body: self.encode(),
-            },
+            "/metrics" => {
+                self.follow_drops();
+                crate::http::Answer {
+                    status: hyper::StatusCode::OK,
+                    content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    body: self.encode(),
+                }
+            }
             _ => crate::http::Answer::not_found(),
         }
     }

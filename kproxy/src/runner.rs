@@ -3,6 +3,10 @@
 //! uses 2), so an isolated change is applied at once while a storm of changes coalesces into at
 //! most one run per `min_interval`; a full run happens at least every `sync_period`; a failed
 //! run is retried after `retry_interval`. Uses tokio's clock, so tests pause time.
+//!
+//! Between runs, each wake-up of the trigger is an [`Step::Intake`]: the job takes in what
+//! arrived (the proxier applies the queued updates to its store) and says whether a run is
+//! wanted, so an update that changes nothing costs no run.
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -56,11 +60,34 @@ impl Bucket {
     }
 }
 
-/// Runs `run` until `shutdown` completes. The first run is a full one, at once. `run` returns
-/// whether it succeeded.
+/// What the runner asks of its job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// The trigger fired: take in what arrived; answer whether a run is wanted.
+    Intake,
+    /// Run; answer whether the run succeeded.
+    Run(RunKind),
+}
+
+/// Runs `run` until `shutdown` completes, a run for every wake-up of `trigger` (paced). The
+/// first run is a full one, at once. `run` returns whether it succeeded.
 pub async fn run<F, S>(cfg: RunnerConfig, trigger: Arc<Notify>, shutdown: S, mut run: F)
 where
     F: FnMut(RunKind) -> bool,
+    S: Future<Output = ()>,
+{
+    run_steps(cfg, trigger, shutdown, move |step| match step {
+        Step::Intake => true,
+        Step::Run(kind) => run(kind),
+    })
+    .await
+}
+
+/// [`run`] with an intake: each wake-up of `trigger` is first a `job(Step::Intake)`, and only
+/// one that answers true asks for a run.
+pub async fn run_steps<F, S>(cfg: RunnerConfig, trigger: Arc<Notify>, shutdown: S, mut job: F)
+where
+    F: FnMut(Step) -> bool,
     S: Future<Output = ()>,
 {
     tokio::pin!(shutdown);
@@ -83,7 +110,9 @@ where
                 biased;
                 _ = &mut shutdown => return,
                 _ = trigger.notified() => {
-                    pending = Some(pending.unwrap_or(RunKind::Changed));
+                    if job(Step::Intake) {
+                        pending = Some(pending.unwrap_or(RunKind::Changed));
+                    }
                 }
                 _ = tokio::time::sleep_until(wake) => {}
             }
@@ -94,7 +123,7 @@ where
         if kind == RunKind::Full {
             next_full = now + cfg.sync_period;
         }
-        if !run(kind) {
+        if !job(Step::Run(kind)) {
             // Retry as a full run (the maps may be off), no sooner than retry_interval.
             not_before = Instant::now() + cfg.retry_interval;
             pending = Some(RunKind::Full);
@@ -181,6 +210,33 @@ mod tests {
         tokio::time::sleep(secs(11.0)).await;
         let times: Vec<_> = log.lock().unwrap().iter().map(|(t, _)| t.as_secs()).collect();
         assert_eq!(times, vec![0, 5, 10]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_an_intake_that_wants_a_run_causes_one() {
+        let trigger = Arc::new(Notify::new());
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (l, t) = (log.clone(), trigger.clone());
+        let t0 = Instant::now();
+        let mut intakes = 0;
+        tokio::spawn(run_steps(CFG, t, std::future::pending(), move |step| {
+            l.lock().unwrap().push((t0.elapsed().as_millis(), step));
+            if step == Step::Intake {
+                intakes += 1;
+                return intakes % 2 == 0; // every second one wants a run
+            }
+            true
+        }));
+        for _ in 0..4 {
+            tokio::time::sleep(secs(2.0)).await;
+            trigger.notify_one();
+        }
+        tokio::time::sleep(secs(0.5)).await;
+        let (intake, run) = (Step::Intake, Step::Run(RunKind::Changed));
+        assert_eq!(
+            *log.lock().unwrap(),
+            vec![(0, Step::Run(RunKind::Full)), (2000, intake), (4000, intake), (4000, run), (6000, intake), (8000, intake), (8000, run)]
+        );
     }
 
     #[tokio::test(start_paused = true)]

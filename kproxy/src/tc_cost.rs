@@ -6,8 +6,8 @@
 //!
 //! A subcommand of the agent's binary rather than code in the benchmark (kproxy-bench): the
 //! tools do not link the agent, and this way the benchmark measures the very binary it runs as
-//! the agent, with the agent's own loader, model and sync code. Its JSON ([`Report`]) is
-//! kproxy-api's.
+//! the agent, with the agent's own loader and proxier (one full sync of [`Proxier::sync`]).
+//! Its JSON ([`Report`]) is kproxy-api's.
 //!
 //! Two ways of timing, both reported:
 //!
@@ -28,6 +28,8 @@
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
     path::PathBuf,
+    sync::Arc,
+    time::Duration,
 };
 
 use anyhow::{bail, ensure, Context as _, Result};
@@ -35,10 +37,14 @@ use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 
 use crate::{
     dataplane::{bpf::BpfMaps, plan::Limits},
+    health::ProxyHealth,
     loader::{self, Capacities},
+    metrics::Metrics,
     model::{Frontend, Protocol},
+    proxier::Proxier,
+    runner::RunKind,
     sources::manifests::ManifestSource,
-    sync::{SyncScope, Syncer},
+    sync::Syncer,
     tracker::ModelStore,
 };
 
@@ -71,23 +77,6 @@ pub fn run(cfg: &Config) -> Result<Report> {
     ensure!(cfg.rounds > 0 && cfg.runs > 0, "--rounds and --runs must be positive");
     let mut store = ModelStore::default();
     store.set_node_addresses(cfg.node_addresses.clone());
-    let mut source = ManifestSource::new(cfg.manifests.clone());
-    source.update(&mut store, false).map_err(anyhow::Error::msg)?;
-    if let Some(p) = source.problems().next() {
-        bail!("{} has problems: {p}", cfg.manifests.display());
-    }
-    store.take_changes();
-    let mut desired = store.desired().clone();
-    let frontends = desired.len();
-    let backends = desired.values().map(|d| d.backends.len()).sum();
-    let tcp = |a: SocketAddrV4| Frontend { address: *a.ip(), port: a.port(), protocol: Protocol::Tcp };
-    let mut self_mapped = desired
-        .get(&tcp(cfg.frontend))
-        .with_context(|| format!("{} is not a frontend of {}", cfg.frontend, cfg.manifests.display()))?
-        .clone();
-    self_mapped.backends = vec![SELF_MAPPED];
-    desired.insert(tcp(SELF_MAPPED), self_mapped);
-
     let caps = cfg.capacities;
     let mut ebpf = loader::load_object(None, caps)?;
     let maps = BpfMaps::from_ebpf(&mut ebpf).context("take the maps")?;
@@ -96,11 +85,30 @@ pub fn run(cfg: &Config) -> Result<Report> {
         max_backends: caps.max_backends,
         max_service_entries: caps.service_entries(),
     };
-    let mut syncer = Syncer::new(maps, limits);
-    let stats = syncer.sync(&desired, SyncScope::Full).context("program the services")?;
-    if let Some(r) = stats.refused.first() {
-        bail!("{} of {} frontends not programmed, e.g. {}: {}", stats.refused.len(), desired.len(), r.frontend, r.detail);
+    // The agent's proxier, on these private maps, for one full sync (no thread, no servers).
+    let health = Arc::new(ProxyHealth::new(Duration::MAX));
+    let mut proxier = Proxier::new(store, Syncer::new(maps, limits), health, Arc::new(Metrics::new()))
+        .with_manifests(ManifestSource::new(cfg.manifests.clone()));
+    let synced = proxier.sync(RunKind::Full);
+    if let Some(p) = proxier.source_problems().next() {
+        bail!("{} has problems: {p}", cfg.manifests.display());
     }
+    ensure!(synced, "programming the services of {} failed (see the log)", cfg.manifests.display());
+    let desired = proxier.desired();
+    if let Some(r) = proxier.refused().first() {
+        bail!("{} of {} frontends not programmed, e.g. {}: {}", proxier.refused().len(), desired.len(), r.frontend, r.detail);
+    }
+    let frontends = desired.len();
+    let backends = desired.values().map(|d| d.backends.len()).sum();
+    let tcp = |a: SocketAddrV4| Frontend { address: *a.ip(), port: a.port(), protocol: Protocol::Tcp };
+    let mut self_mapped = desired
+        .get(&tcp(cfg.frontend))
+        .with_context(|| format!("{} is not a frontend of {}", cfg.frontend, cfg.manifests.display()))?
+        .clone();
+    self_mapped.backends = vec![SELF_MAPPED];
+    let stats = proxier.program_extra(tcp(SELF_MAPPED), self_mapped).context("program the self-mapped service")?;
+    ensure!(stats.refused.is_empty(), "the self-mapped service was not programmed: {:?}", stats.refused);
+    // The proxier (its syncer) holds the maps the programs below are loaded with: it lives on.
     for name in ["kp_tc_ingress", "kp_tc_egress", "kp_tc_baseline"] {
         let program: &mut SchedClassifier = ebpf.program_mut(name).context(name)?.try_into()?;
         program.load().with_context(|| format!("load {name}"))?;

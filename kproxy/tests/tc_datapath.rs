@@ -20,6 +20,8 @@ use kproxy::{
     sync::{SyncScope, Syncer},
 };
 
+use kproxy_common::drops::DropReason;
+
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
 
@@ -120,6 +122,16 @@ impl Datapath {
         let result = prog.test_run(opts).unwrap_or_else(|e| panic!("test run of {program} with a context: {e:?}"));
         out.truncate(result.data_size_out as usize);
         (result.return_value, out)
+    }
+
+    /// The drop counters of `KP_DROPS`, summed over the CPUs, by reason name.
+    fn drops(&self) -> BTreeMap<&'static str, u64> {
+        let map: aya::maps::PerCpuArray<_, u64> =
+            aya::maps::PerCpuArray::try_from(self.ebpf.map("KP_DROPS").expect("KP_DROPS in the object")).expect("per-CPU array");
+        DropReason::ALL
+            .iter()
+            .map(|r| (r.as_str(), map.get(&r.index(), 0).expect("a counter").iter().sum()))
+            .collect()
     }
 
     /// Average ns per run over `repeat` runs.
@@ -557,10 +569,38 @@ fn flows_to_a_backend_behind_a_device_get_distinct_snat_ports_and_replies_find_t
     let remote: SocketAddrV4 = "10.244.2.10:8080".parse().unwrap();
     let mut dp = Datapath::new(&[service(frontend(NODE, NODE_PORT, Protocol::Tcp), &["10.244.2.10:8080"])].into_iter().collect());
     let front = SocketAddrV4::new(NODE, NODE_PORT);
-    // The FIB lookup runs in the namespace of the packet's device: a thread of this test
-    // enters a new network namespace holding a veth device with the node's address and a
-    // route to the remote pod subnet, and runs the programs "arriving on" that device. The
-    // namespace goes away with the thread.
+    on_a_device_towards_remote_pods(&mut dp, |dp, ctx| {
+        let run = |program: &str, frame: &[u8]| dp.run_on(program, frame, ctx);
+
+        let mut ports = BTreeSet::new();
+        for port in 44_000..44_200u16 {
+            let client = SocketAddrV4::new(CLIENT, port);
+            // Ingress: translated to the remote backend, the client's address kept...
+            let (verdict, out) = run("kp_tc_ingress", &tcp_frame(client, front, true, b""));
+            assert_eq!(verdict, TC_ACT_OK);
+            assert_eq!(check(&out).1, remote);
+            // ...and, routed out again, it leaves from the node with a port of its own.
+            let (_, out) = run("kp_tc_egress", &tcp_frame(client, remote, true, b""));
+            let (source, destination, _) = check(&out);
+            assert_eq!((*source.ip(), destination), (NODE, remote));
+            assert!((61_000..=65_535).contains(&source.port()), "{source}");
+            assert!(ports.insert(source.port()), "port {} given twice", source.port());
+            // The backend's reply to that port finds the client, and leaves as the frontend.
+            let (_, out) = run("kp_tc_ingress", &tcp_frame(remote, source, false, b"reply"));
+            assert_eq!(check(&out), (remote, client, b"reply".to_vec()));
+            let (_, out) = run("kp_tc_egress", &tcp_frame(remote, client, false, b"reply"));
+            assert_eq!(check(&out), (front, client, b"reply".to_vec()));
+        }
+        assert_eq!(ports.len(), 200);
+    });
+}
+
+/// Runs `f` with the programs "arriving on" a device that leads to the remote pod subnet
+/// 10.244.2.0/24 (`ctx`: the `__sk_buff` with its ifindex), registered with the node's
+/// address in `KP_DEVICES`. The FIB lookup runs in the namespace of the packet's device: a
+/// thread of this test enters a new network namespace holding a veth device with the node's
+/// address and a route to that subnet, and runs `f`; the namespace goes away with the thread.
+fn on_a_device_towards_remote_pods(dp: &mut Datapath, f: impl FnOnce(&Datapath, &[u8; SKB_SIZE]) + Send) {
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
@@ -581,32 +621,92 @@ fn flows_to_a_backend_behind_a_device_get_distinct_snat_ports_and_replies_find_t
                 devices.insert(ifindex, kproxy_common::nat::Device { snat_address: NODE.octets() }, 0).expect("device");
                 let mut ctx = [0u8; SKB_SIZE];
                 ctx[SKB_IFINDEX_OFF..SKB_IFINDEX_OFF + 4].copy_from_slice(&ifindex.to_ne_bytes());
-                let run = |program: &str, frame: &[u8]| dp.run_on(program, frame, &ctx);
-
-                let mut ports = BTreeSet::new();
-                for port in 44_000..44_200u16 {
-                    let client = SocketAddrV4::new(CLIENT, port);
-                    // Ingress: translated to the remote backend, the client's address kept...
-                    let (verdict, out) = run("kp_tc_ingress", &tcp_frame(client, front, true, b""));
-                    assert_eq!(verdict, TC_ACT_OK);
-                    assert_eq!(check(&out).1, remote);
-                    // ...and, routed out again, it leaves from the node with a port of its own.
-                    let (_, out) = run("kp_tc_egress", &tcp_frame(client, remote, true, b""));
-                    let (source, destination, _) = check(&out);
-                    assert_eq!((*source.ip(), destination), (NODE, remote));
-                    assert!((61_000..=65_535).contains(&source.port()), "{source}");
-                    assert!(ports.insert(source.port()), "port {} given twice", source.port());
-                    // The backend's reply to that port finds the client, and leaves as the frontend.
-                    let (_, out) = run("kp_tc_ingress", &tcp_frame(remote, source, false, b"reply"));
-                    assert_eq!(check(&out), (remote, client, b"reply".to_vec()));
-                    let (_, out) = run("kp_tc_egress", &tcp_frame(remote, client, false, b"reply"));
-                    assert_eq!(check(&out), (front, client, b"reply".to_vec()));
-                }
-                assert_eq!(ports.len(), 200);
+                f(dp, &ctx);
             })
             .join()
             .expect("the namespace thread");
     });
+}
+
+/// `want` drops by reason, every other reason at 0.
+fn expect_drops(want: &[(&str, u64)]) -> BTreeMap<&'static str, u64> {
+    DropReason::ALL
+        .iter()
+        .map(|r| (r.as_str(), want.iter().find(|(name, _)| *name == r.as_str()).map_or(0, |w| w.1)))
+        .collect()
+}
+
+#[test]
+fn every_drop_is_counted_once_by_its_reason() {
+    let test = "every_drop_is_counted_once_by_its_reason";
+    if skip_unless_root(test) {
+        return;
+    }
+    let lb_ip = Ipv4Addr::new(198, 51, 100, 10);
+    let (limited, mut limited_desired) = service(frontend(lb_ip, 80, Protocol::Tcp), &["10.244.1.10:8080"]);
+    limited_desired.frontend_type = FrontendKind::LoadBalancer;
+    limited_desired.source_ranges = vec!["203.0.113.0/28".parse().unwrap()];
+    let (unserved, mut unserved_desired) = service(frontend(NODE, 30091, Protocol::Tcp), &[]);
+    unserved_desired.drop_unserved = true;
+    let remote: SocketAddrV4 = "10.244.2.10:8080".parse().unwrap();
+    let state: DesiredState = [
+        (limited, limited_desired),
+        (unserved, unserved_desired),
+        service(frontend(NODE, 30099, Protocol::Tcp), &[]),
+        service(frontend(NODE, NODE_PORT, Protocol::Tcp), &["10.244.2.10:8080"]),
+    ]
+    .into_iter()
+    .collect();
+    let mut dp = Datapath::new(&state);
+    assert_eq!(dp.drops(), expect_drops(&[]), "nothing dropped yet");
+    // Translated, refused and passed packets are not drops.
+    let inside = SocketAddrV4::new(CLIENT, 40_020);
+    assert_eq!(dp.run("kp_tc_ingress", &tcp_frame(inside, SocketAddrV4::new(lb_ip, 80), true, b"")).0, TC_ACT_OK);
+    assert_eq!(dp.run("kp_tc_ingress", &tcp_frame(inside, SocketAddrV4::new(NODE, 30099), true, b"")).0, TC_ACT_REDIRECT);
+    assert_eq!(dp.run("kp_tc_ingress", &tcp_frame(inside, SocketAddrV4::new(NODE, 9), true, b"")).0, TC_ACT_OK);
+    assert_eq!(dp.drops(), expect_drops(&[]), "no drop among them");
+    // 5 SYNs from outside the source ranges, 3 to a frontend without local endpoints, 2 RSTs
+    // to a frontend without endpoints.
+    for port in 0..5 {
+        let frame = tcp_frame(SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 1), 41_000 + port), SocketAddrV4::new(lb_ip, 80), true, b"");
+        assert_eq!(dp.run("kp_tc_ingress", &frame).0, TC_ACT_SHOT);
+    }
+    for port in 0..3 {
+        let frame = tcp_frame(SocketAddrV4::new(CLIENT, 42_000 + port), SocketAddrV4::new(NODE, 30091), true, b"");
+        assert_eq!(dp.run("kp_tc_ingress", &frame).0, TC_ACT_SHOT);
+    }
+    for port in 0..2 {
+        let mut reset = tcp_frame(SocketAddrV4::new(CLIENT, 43_000 + port), SocketAddrV4::new(NODE, 30099), false, b"");
+        reset[14 + 20 + 13] = 0x04;
+        assert_eq!(dp.run("kp_tc_ingress", &reset).0, TC_ACT_SHOT);
+    }
+    let so_far = [("source_range", 5), ("no_local_endpoints", 3), ("no_endpoints", 2)];
+    assert_eq!(dp.drops(), expect_drops(&so_far));
+
+    // SNAT ports exhausted: every port of the node towards the remote backend is taken (the
+    // reply entries claiming them, written here), so a new flow to it is dropped.
+    let mut ct: aya::maps::HashMap<_, kproxy_common::ct::CtKey, kproxy_common::ct::CtValue> =
+        aya::maps::HashMap::try_from(dp.ebpf.map_mut("KP_CT").expect("KP_CT")).expect("conntrack map");
+    for port in kproxy_common::nat::SNAT_PORT_MIN..=kproxy_common::nat::SNAT_PORT_MAX {
+        let key = kproxy_common::ct::CtKey {
+            src_address: remote.ip().octets(),
+            dst_address: NODE.octets(),
+            src_port: remote.port().to_be_bytes(),
+            dst_port: port.to_be_bytes(),
+            protocol: 6,
+            direction: kproxy_common::ct::CT_INGRESS,
+            _pad: [0; 2],
+        };
+        let value = kproxy_common::ct::CtValue { expires_ns: u64::MAX, ..Default::default() };
+        ct.insert(key, value, 0).expect("claim a port");
+    }
+    on_a_device_towards_remote_pods(&mut dp, |dp, ctx| {
+        for port in 0..4 {
+            let frame = tcp_frame(SocketAddrV4::new(CLIENT, 44_000 + port), SocketAddrV4::new(NODE, NODE_PORT), true, b"");
+            assert_eq!(dp.run_on("kp_tc_ingress", &frame, ctx).0, TC_ACT_SHOT, "no port left");
+        }
+    });
+    assert_eq!(dp.drops(), expect_drops(&[so_far[0], so_far[1], so_far[2], ("snat_ports_exhausted", 4)]));
 }
 
 /// An ICMP error from `from` to `to` quoting the IP header and first 8 bytes of `about`.

@@ -40,3 +40,33 @@ pub fn binaries() -> Binaries {
         testpod: from_env("KPROXY_TESTPOD_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_kproxy-testpod").into()),
     }
 }
+
+/// `kproxy_datapath_drops_total` of `h`'s agent, by reason (a live scrape).
+#[allow(dead_code)] // not every test file uses every helper
+pub fn datapath_drops(h: &kproxy_e2e::harness::Harness) -> BTreeMap<String, u64> {
+    let metrics = h.metrics().unwrap_or_else(|e| panic!("scrape /metrics: {e:#}\n{}", h.agent_log()));
+    let drops: BTreeMap<String, u64> = metrics
+        .matching("kproxy_datapath_drops_total", &[])
+        .map(|s| (s.labels.get("reason").cloned().unwrap_or_default(), s.value as u64))
+        .collect();
+    assert!(drops.contains_key("source_range") && drops.contains_key("no_local_endpoints"), "every reason is served: {drops:?}");
+    drops
+}
+
+/// How many TCP segments the network namespace `ns` has sent, retransmissions included
+/// (`OutSegs` + `RetransSegs` of its `/proc/net/snmp`): the kernel's own count of what a
+/// client there sent, to compare with what the datapath saw.
+#[allow(dead_code)] // not every test file uses every helper
+pub fn tcp_segments_sent(ns: &kproxy_e2e::topology::Netns) -> u64 {
+    let mut cat = std::process::Command::new("cat");
+    cat.arg("/proc/net/snmp");
+    let out = kproxy_e2e::topology::output_in(ns, None, cat, std::time::Duration::from_secs(10)).expect("read /proc/net/snmp");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
+    let (Some(names), Some(values)) = (tcp.next(), tcp.next()) else { panic!("no Tcp lines in /proc/net/snmp: {text}") };
+    let field = |name: &str| -> u64 {
+        let at = names.split_whitespace().position(|n| n == name).unwrap_or_else(|| panic!("no {name} in {names}"));
+        values.split_whitespace().nth(at).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{name} in {values}"))
+    };
+    field("OutSegs") + field("RetransSegs")
+}

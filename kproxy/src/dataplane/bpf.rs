@@ -14,6 +14,7 @@ use kproxy_common::lb::{
     BACKENDS_MAP, MEMBERS_MAP, SERVICES_MAP, SERVICE_META_MAP, SOURCE_RANGES_MAP,
 };
 
+use kproxy_common::drops::{DROPS_MAP, DROP_REASONS};
 use kproxy_common::sock::{
     SockAffinityKey, SockAffinityValue, SockRevNatKey, SockRevNatValue, SOCK_AFFINITY_MAP, SOCK_REVNAT_MAP, SOCK_STATS,
     SOCK_STATS_MAP,
@@ -138,12 +139,7 @@ impl SocketMaps {
 
     /// The `SOCK_STAT_*` counters, summed over the CPUs.
     pub fn stats(&self) -> Result<[u64; SOCK_STATS as usize], DataplaneError> {
-        let mut out = [0u64; SOCK_STATS as usize];
-        for (index, total) in (0u32..).zip(out.iter_mut()) {
-            let per_cpu = self.stats.get(&index, 0).map_err(map_err(SOCK_STATS_MAP, "lookup"))?;
-            *total = per_cpu.iter().sum();
-        }
-        Ok(out)
+        sum_over_cpus(&self.stats, SOCK_STATS_MAP)
     }
 
     /// Entries and capacity of the shared LRU maps: read in batches, O(entries) (some 200 ms
@@ -191,6 +187,33 @@ impl FlowMaps {
             .map_err(DataplaneError::Clock)?;
         let now_ns = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
         Ok(FlowContents { ct, affinity, now_ns })
+    }
+}
+
+/// The first `N` counters of a per-CPU counter array, each summed over the CPUs.
+fn sum_over_cpus<const N: usize>(map: &PerCpuArray<MapData, u64>, name: &'static str) -> Result<[u64; N], DataplaneError> {
+    let mut out = [0u64; N];
+    for (index, total) in (0u32..).zip(out.iter_mut()) {
+        let per_cpu = map.get(&index, 0).map_err(map_err(name, "lookup"))?;
+        *total = per_cpu.iter().sum();
+    }
+    Ok(out)
+}
+
+/// The tc programs' drop counters (`kproxy_common::drops`), read for metrics.
+pub struct DropCounters {
+    map: PerCpuArray<MapData, u64>,
+}
+
+impl DropCounters {
+    /// Opens the map pinned in `maps_dir`.
+    pub fn open(maps_dir: &Path) -> Result<Self, DataplaneError> {
+        Ok(Self { map: open(maps_dir, DROPS_MAP)? })
+    }
+
+    /// The drops of every `DropReason`, by index, summed over the CPUs.
+    pub fn totals(&self) -> Result<[u64; DROP_REASONS as usize], DataplaneError> {
+        sum_over_cpus(&self.map, DROPS_MAP)
     }
 }
 

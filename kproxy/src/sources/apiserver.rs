@@ -22,11 +22,7 @@ pub const API_ACCESS: &[ApiAccess] = &[
     ApiAccess { group: "events.k8s.io", resource: "events", verbs: &["create", "patch", "update"] },
 ];
 
-use std::{
-    path::Path,
-    sync::{Arc, Mutex},
-    time::SystemTime,
-};
+use std::{path::Path, sync::Arc};
 
 use anyhow::{Context as _, Result};
 use futures::StreamExt as _;
@@ -38,9 +34,10 @@ use kube::{
     runtime::{watcher, WatchStreamExt as _},
     Api, Client, Resource, ResourceExt as _,
 };
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 
-use crate::{health::ProxyHealth, metrics::Metrics, tracker::ModelStore};
+use super::update::{Update, UpdateSender};
+use crate::{health::ProxyHealth, metrics::Metrics};
 
 /// kube-proxy's label selector for Services and EndpointSlices: skip objects that belong to
 /// another proxy, and headless ones.
@@ -69,69 +66,50 @@ pub async fn config(kubeconfig: Option<&Path>) -> Result<kube::Config> {
     })
 }
 
-/// An object kind the store tracks.
+/// An object kind the proxier tracks, and the updates its events become.
 trait Tracked: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static {
     const KIND: &'static str;
-    fn apply(store: &mut ModelStore, obj: &Self) -> Result<(), crate::model::InvalidObject>;
-    fn delete(store: &mut ModelStore, namespace: &str, name: &str);
-    fn replace(store: &mut ModelStore, objs: &[Self]);
+    fn apply(obj: Self) -> Update;
+    fn delete(namespace: String, name: String) -> Update;
+    fn replace(objs: Vec<Self>) -> Update;
 }
 
 impl Tracked for Service {
     const KIND: &'static str = "Service";
-    fn apply(store: &mut ModelStore, obj: &Self) -> Result<(), crate::model::InvalidObject> {
-        store.apply_service(obj)
+    fn apply(obj: Self) -> Update {
+        Update::ApplyService(Box::new(obj))
     }
-    fn delete(store: &mut ModelStore, namespace: &str, name: &str) {
-        store.delete_service(namespace, name)
+    fn delete(namespace: String, name: String) -> Update {
+        Update::DeleteService { namespace, name }
     }
-    fn replace(store: &mut ModelStore, objs: &[Self]) {
-        store.replace_services(objs)
+    fn replace(objs: Vec<Self>) -> Update {
+        Update::ReplaceServices(objs)
     }
 }
 
 impl Tracked for EndpointSlice {
     const KIND: &'static str = "EndpointSlice";
-    fn apply(store: &mut ModelStore, obj: &Self) -> Result<(), crate::model::InvalidObject> {
-        store.apply_slice(obj)
+    fn apply(obj: Self) -> Update {
+        Update::ApplySlice(Box::new(obj))
     }
-    fn delete(store: &mut ModelStore, namespace: &str, name: &str) {
-        store.delete_slice(namespace, name)
+    fn delete(namespace: String, name: String) -> Update {
+        Update::DeleteSlice { namespace, name }
     }
-    fn replace(store: &mut ModelStore, objs: &[Self]) {
-        store.replace_slices(objs)
+    fn replace(objs: Vec<Self>) -> Update {
+        Update::ReplaceSlices(objs)
     }
 }
 
-/// Shared with the sync side.
+/// What the watches need: where their updates go, and this node's eligibility (kube-proxy's
+/// `NodeEligibleHandler`, which follows the Node object directly rather than through a sync).
 #[derive(Clone)]
 pub struct Shared {
-    pub store: Arc<Mutex<ModelStore>>,
+    pub updates: UpdateSender,
     pub health: Arc<ProxyHealth>,
-    pub metrics: Arc<Metrics>,
-    pub changed: Arc<Notify>,
 }
 
-impl Shared {
-    fn with_store<T>(&self, f: impl FnOnce(&mut ModelStore) -> T) -> T {
-        let mut store = self.store.lock().unwrap_or_else(|e| e.into_inner());
-        let out = f(&mut store);
-        let (services, endpoints) = store.pending();
-        drop(store);
-        self.metrics.service_changes_pending.set(services as i64);
-        self.metrics.endpoint_changes_pending.set(endpoints as i64);
-        if services + endpoints > 0 {
-            let now = SystemTime::now();
-            self.health.queued_update(now);
-            self.metrics.last_queued_timestamp.set(crate::metrics::unix_seconds(now));
-            self.changed.notify_one();
-        }
-        out
-    }
-}
-
-/// Watches one kind into the store. A (re)list replaces that kind's objects atomically once
-/// complete, so a relist after `410 Gone` or a reconnect never makes a service flap; `listed`
+/// Watches one kind, sending each event to the proxier. A (re)list replaces that kind's
+/// objects atomically once complete, so a relist after `410 Gone` or a reconnect never makes a service flap; `listed`
 /// turns true after the first complete list.
 async fn follow<K: Tracked>(api: Api<K>, shared: Shared, listed: watch::Sender<bool>) {
     let config = watcher::Config::default().labels(LABEL_SELECTOR);
@@ -144,17 +122,13 @@ async fn follow<K: Tracked>(api: Api<K>, shared: Shared, listed: watch::Sender<b
             Ok(watcher::Event::InitDone) => {
                 let objs = relist.take().unwrap_or_default();
                 tracing::info!(kind = K::KIND, objects = objs.len(), "listed");
-                shared.with_store(|s| K::replace(s, &objs));
+                shared.updates.send(K::replace(objs));
                 listed.send_replace(true);
             }
-            Ok(watcher::Event::Apply(obj)) => {
-                if let Err(e) = shared.with_store(|s| K::apply(s, &obj)) {
-                    tracing::debug!(kind = K::KIND, "invalid update: {e}");
-                }
-            }
+            Ok(watcher::Event::Apply(obj)) => shared.updates.send(K::apply(obj)),
             Ok(watcher::Event::Delete(obj)) => {
                 let (ns, name) = (obj.namespace().unwrap_or_default(), obj.name_any());
-                shared.with_store(|s| K::delete(s, &ns, &name));
+                shared.updates.send(K::delete(ns, name));
             }
             Err(e) => tracing::warn!(kind = K::KIND, "watch failed, retrying with backoff: {e}"),
         }
@@ -173,7 +147,7 @@ async fn follow_node(api: Api<Node>, node_name: String, shared: Shared) {
             Ok(watcher::Event::Apply(node) | watcher::Event::InitApply(node)) => {
                 shared.health.sync_node(Some(&node));
                 let zone = node.labels().get(LABEL_TOPOLOGY_ZONE).cloned();
-                shared.with_store(|s| s.set_node_zone(zone));
+                shared.updates.send(Update::NodeZone(zone));
             }
             Ok(watcher::Event::Delete(_)) => shared.health.sync_node(None),
             Ok(_) => {}

@@ -18,10 +18,13 @@ use notify::{RecursiveMode, Watcher as _};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use super::settle::{Change, Settle};
+use super::{
+    settle::{Change, Settle},
+    update::{Sink, Update},
+};
 use crate::{
     model::{InvalidCode, InvalidObject},
-    tracker::{ModelStore, ObjectKey},
+    tracker::ObjectKey,
 };
 
 /// Where an object came from: file, document index, and list item if any.
@@ -341,8 +344,8 @@ const RETRY_FIRST: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// The manifest source, incremental: the watcher records which paths changed, and a read
-/// re-parses only those files and applies the objects they define now to the [`ModelStore`]
-/// (deleting those they no longer define).
+/// re-parses only those files and pushes the objects they define now into a [`Sink`] (the
+/// proxier's store), with a delete for each object they no longer define.
 ///
 /// - A changed file is read only once it is complete: closed by its writer or renamed into
 ///   place, then quiet for the settle time ([`super::settle`]). A file written in place is
@@ -358,8 +361,9 @@ const RETRY_MAX: Duration = Duration::from_secs(30);
 /// - When an object is defined twice, the first copy in file order is used and the others are
 ///   reported, as in a read of all files in order.
 ///
-/// The parsed objects are not kept: the store holds what is served, and the source only the
-/// keys each file defines, so memory does not hold the manifests twice.
+/// The parsed objects are not kept: they are moved into the updates, the store holds what is
+/// served, and the source only the keys each file defines, so memory does not hold the
+/// manifests twice.
 pub struct ManifestSource {
     path: PathBuf,
     files: BTreeMap<Arc<Path>, FileState>,
@@ -381,7 +385,9 @@ pub struct ManifestSource {
 pub struct UpdateStats {
     /// Files parsed (changed ones, plus files holding the copy of an object that now takes over).
     pub parsed: usize,
+    /// Objects pushed (the sink validates them: an invalid one is counted here too).
     pub applied: usize,
+    /// Deletes pushed.
     pub deleted: usize,
     /// Files and directories that could not be read (read again later).
     pub failed: usize,
@@ -434,12 +440,12 @@ impl ManifestSource {
         ManifestWatcher::new(&self.path, self.pending.clone(), changed)
     }
 
-    /// Brings `store` up to date with the files changed since the last update (every file the
-    /// first time) that have settled; the others wait for a later update. With `full`, also
+    /// Pushes into `sink` what changed in the files changed since the last update (every file
+    /// the first time) that have settled; the others wait for a later update. With `full`, also
     /// re-reads every file whose size, times or inode changed (a check that costs a `stat` per
     /// file, for changes the watcher missed). `Err` when the path itself is gone: an
     /// unreadable path must not look like "no services", so nothing changes then.
-    pub fn update(&mut self, store: &mut ModelStore, full: bool) -> Result<UpdateStats, String> {
+    pub fn update(&mut self, sink: &mut impl Sink, full: bool) -> Result<UpdateStats, String> {
         if !self.path.exists() {
             // Everything is read again once it is back.
             self.pending.lock().rescan = true;
@@ -499,7 +505,7 @@ impl ManifestSource {
                     defs.retain(|(f, _)| *f != file);
                 }
             }
-            let Some(m) = now else { continue };
+            let Some(mut m) = now else { continue };
             parsed.insert(file.clone());
             let new = &self.files[&file];
             for (kind, keys) in [(Kind::Service, &new.services), (Kind::EndpointSlice, &new.slices)] {
@@ -510,7 +516,7 @@ impl ManifestSource {
                     let at = defs.partition_point(|d| *d < def);
                     defs.insert(at, def);
                     if at == 0 {
-                        stats.applied += usize::from(apply(store, &m, kind, i));
+                        stats.applied += usize::from(push(sink, &mut m, kind, i));
                     }
                     if defs.len() > 1 {
                         self.duplicated.insert(k);
@@ -535,10 +541,11 @@ impl ManifestSource {
             match winner {
                 None => {
                     self.defs.remove(&(kind, key.clone()));
-                    match kind {
-                        Kind::Service => store.delete_service(&key.0, &key.1),
-                        Kind::EndpointSlice => store.delete_slice(&key.0, &key.1),
-                    }
+                    let (namespace, name) = key;
+                    sink.push(match kind {
+                        Kind::Service => Update::DeleteService { namespace, name },
+                        Kind::EndpointSlice => Update::DeleteSlice { namespace, name },
+                    });
                     stats.deleted += 1;
                 }
                 Some((file, _)) if parsed.contains(&file) => {} // applied when it was read
@@ -547,7 +554,7 @@ impl ManifestSource {
             }
         }
         for (file, wanted) in pull {
-            let m = match read_file(&file) {
+            let mut m = match read_file(&file) {
                 Ok(m) => m,
                 Err(e) => {
                     // Read whole again later: that applies every object it is the copy in force of.
@@ -564,7 +571,7 @@ impl ManifestSource {
                     Kind::EndpointSlice => m.slices.get(index).map(|s| key_of(&s.metadata)),
                 };
                 if same.as_ref() == Some(&key) {
-                    stats.applied += usize::from(apply(store, &m, kind, index));
+                    stats.applied += usize::from(push(sink, &mut m, kind, index));
                 }
             }
         }
@@ -783,12 +790,14 @@ fn read_file(file: &Path) -> std::io::Result<Manifests> {
     Ok(m)
 }
 
-/// Applies the `index`-th object of `kind` in `m`; false if it is invalid (the store lists it).
-fn apply(store: &mut ModelStore, m: &Manifests, kind: Kind, index: usize) -> bool {
-    match kind {
-        Kind::Service => m.services.get(index).is_some_and(|s| store.apply_service(s).is_ok()),
-        Kind::EndpointSlice => m.slices.get(index).is_some_and(|s| store.apply_slice(s).is_ok()),
-    }
+/// Pushes the `index`-th object of `kind` in `m` (moved out: each is pushed once); false if
+/// there is none.
+fn push(sink: &mut impl Sink, m: &mut Manifests, kind: Kind, index: usize) -> bool {
+    let update = match kind {
+        Kind::Service => m.services.get_mut(index).map(|s| Update::ApplyService(Box::new(std::mem::take(s)))),
+        Kind::EndpointSlice => m.slices.get_mut(index).map(|s| Update::ApplySlice(Box::new(std::mem::take(s)))),
+    };
+    update.map(|u| sink.push(u)).is_some()
 }
 
 /// The link kubelet's atomic writer replaces (by a rename) to update a ConfigMap or Secret
@@ -932,6 +941,7 @@ fn is_manifest_file(p: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tracker::ModelStore;
 
     fn parse(text: &str) -> Manifests {
         let mut out = Manifests::default();

@@ -1,7 +1,8 @@
 //! Sources turn outside objects into Kubernetes API objects; they know nothing of maps.
-//! Every source hands the same types to [`crate::model::Snapshot::build`].
+//! Every source pushes the same [`update::Update`]s, which the proxier applies to its store.
 
 pub mod apiserver;
 pub mod manifests;
 pub mod rest_metrics;
 pub mod settle;
+pub mod update;

@@ -1,8 +1,8 @@
 //! Change tracking, after kube-proxy's `ServiceChangeTracker` and `EndpointsChangeTracker`.
 //!
-//! Sources feed every object update into a [`ModelStore`]: it validates the object once, keeps
-//! the last valid version, drops updates that change nothing kproxy serves, and records which
-//! Services changed. A sync then calls [`ModelStore::take_changes`], which recomputes the
+//! The proxier applies every update the sources send to its [`ModelStore`]: the store
+//! validates the object once, keeps the last valid version, drops updates that change nothing
+//! kproxy serves, and records which Services changed. A sync then calls [`ModelStore::take_changes`], which recomputes the
 //! desired frontends of those Services only and returns the frontends that differ, so a sync
 //! costs O(changes), not O(services).
 //!
