@@ -195,7 +195,7 @@ mod tests {
     fn desired(protocol: Protocol, backends: &[u8], draining: &[u8]) -> DesiredState {
         let name = ServicePortName { namespace: "default".into(), name: "s".into(), port_name: "p".into(), protocol };
         let svc = DesiredService {
-            name,
+            name: name.into(),
             frontend_type: FrontendKind::ClusterIp,
             backends: backends.iter().map(|b| addr(*b)).collect(),
             internal_backends: None,
@@ -285,7 +285,7 @@ mod tests {
         let f = Frontend { address: Ipv4Addr::new(10, 96, 1, i), port: 80, protocol: Protocol::Tcp };
         let name = ServicePortName { namespace: "default".into(), name: format!("web{i}"), port_name: String::new(), protocol: Protocol::Tcp };
         let backends = backends.iter().map(|b| SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, *b), 8080)).collect();
-        (f, DesiredService { name, frontend_type: FrontendKind::ClusterIp, backends, internal_backends: None, draining: Vec::new(), drop_unserved: false, source_ranges: Vec::new(), affinity_timeout: 0 })
+        (f, DesiredService { name: name.into(), frontend_type: FrontendKind::ClusterIp, backends, internal_backends: None, draining: Vec::new(), drop_unserved: false, source_ranges: Vec::new(), affinity_timeout: 0 })
     }
 
     fn refused(stats: &SyncStats) -> Vec<(Frontend, RefuseReason)> {

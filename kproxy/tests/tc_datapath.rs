@@ -59,7 +59,7 @@ fn service(frontend: Frontend, backends: &[&str]) -> (Frontend, DesiredService) 
     };
     let backends = backends.iter().map(|b| b.parse().expect("backend address")).collect();
     let desired = DesiredService {
-        name,
+        name: name.into(),
         frontend_type: FrontendKind::ClusterIp,
         backends,
         internal_backends: None,

@@ -2,7 +2,11 @@
 //! keeps of it (its ports, and per endpoint the first address, conditions, node, zone and hints).
 //! The join with the Service is `super::frontends`'.
 
-use std::net::Ipv4Addr;
+use std::{
+    collections::HashSet,
+    net::Ipv4Addr,
+    sync::{Arc, Mutex},
+};
 
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 
@@ -14,7 +18,8 @@ use super::{
 /// Label that joins an EndpointSlice to its Service.
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 
-/// One endpoint of an EndpointSlice (its first address, as kube-proxy uses).
+/// One endpoint of an EndpointSlice (its first address, as kube-proxy uses). 16 bytes: the
+/// store keeps one per endpoint of every slice, and what names a node or a zone is shared.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointInfo {
     pub address: Ipv4Addr,
@@ -24,12 +29,64 @@ pub struct EndpointInfo {
     pub serving: bool,
     /// `conditions.terminating`, where unset means false.
     pub terminating: bool,
+    /// Its node, zone and hints; `None` when none is set. Interned: the endpoints on one node
+    /// (with the same zone and hints) share one value.
+    pub placement: Option<Arc<Placement>>,
+}
+
+/// Where an endpoint runs and which clients it is meant for.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Placement {
     pub node_name: Option<String>,
     pub zone: Option<String>,
     /// `hints.forZones[].name`: the zones whose nodes should use this endpoint.
     pub zone_hints: Vec<String>,
     /// `hints.forNodes[].name`: the nodes that should use this endpoint.
     pub node_hints: Vec<String>,
+}
+
+impl EndpointInfo {
+    pub fn node_name(&self) -> Option<&str> {
+        self.placement.as_ref().and_then(|p| p.node_name.as_deref())
+    }
+
+    pub fn zone(&self) -> Option<&str> {
+        self.placement.as_ref().and_then(|p| p.zone.as_deref())
+    }
+
+    pub fn zone_hints(&self) -> &[String] {
+        self.placement.as_ref().map_or(&[], |p| &p.zone_hints)
+    }
+
+    pub fn node_hints(&self) -> &[String] {
+        self.placement.as_ref().map_or(&[], |p| &p.node_hints)
+    }
+}
+
+/// The placements in use, so that equal ones are one allocation. Entries no endpoint holds
+/// any more are dropped when the set has doubled since the last such sweep.
+static PLACEMENTS: Mutex<Interned> = Mutex::new(Interned { set: None, swept_at: 0 });
+
+struct Interned {
+    set: Option<HashSet<Arc<Placement>>>,
+    /// The set's size after the last sweep.
+    swept_at: usize,
+}
+
+fn intern(placement: Placement) -> Arc<Placement> {
+    let mut interned = PLACEMENTS.lock().unwrap_or_else(|e| e.into_inner());
+    let Interned { set, swept_at } = &mut *interned;
+    let set = set.get_or_insert_with(HashSet::new);
+    if let Some(shared) = set.get(&placement) {
+        return shared.clone();
+    }
+    if set.len() >= 2 * *swept_at + 64 {
+        set.retain(|p| Arc::strong_count(p) > 1);
+        *swept_at = set.len();
+    }
+    let shared = Arc::new(placement);
+    set.insert(shared.clone());
+    shared
 }
 
 /// One port of an EndpointSlice.
@@ -111,15 +168,18 @@ fn endpoint(ep: &Endpoint, i: usize, object: &Object) -> Result<EndpointInfo, In
     })?;
     let conditions = ep.conditions.as_ref();
     let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+    let placement = Placement {
+        node_name: ep.node_name.clone(),
+        zone: ep.zone.clone(),
+        zone_hints: ep.hints.iter().flat_map(|h| h.for_zones.iter().flatten()).map(|z| z.name.clone()).collect(),
+        node_hints: ep.hints.iter().flat_map(|h| h.for_nodes.iter().flatten()).map(|n| n.name.clone()).collect(),
+    };
     Ok(EndpointInfo {
         address,
         ready,
         serving: conditions.and_then(|c| c.serving).unwrap_or(ready),
         terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
-        node_name: ep.node_name.clone(),
-        zone: ep.zone.clone(),
-        zone_hints: ep.hints.iter().flat_map(|h| h.for_zones.iter().flatten()).map(|z| z.name.clone()).collect(),
-        node_hints: ep.hints.iter().flat_map(|h| h.for_nodes.iter().flatten()).map(|n| n.name.clone()).collect(),
+        placement: (placement != Placement::default()).then(|| intern(placement)),
     })
 }
 
@@ -183,5 +243,27 @@ endpoints: [{addresses: [10.244.9.9]}]
         assert_eq!(dns.backends, addrs(&["10.244.1.1:5353"]));
         let dns_tcp = &s.desired[&fe("10.96.0.10", 53, Protocol::Tcp)];
         assert_eq!(dns_tcp.backends, addrs(&["10.244.1.1:5353", "10.244.2.1:5353"]));
+    }
+
+    #[test]
+    fn an_endpoint_is_16_bytes_and_endpoints_on_one_node_share_its_placement() {
+        // The store keeps one per endpoint: at 100,000 slices of 10, every byte is a MB.
+        assert!(std::mem::size_of::<super::EndpointInfo>() <= 16, "{} bytes", std::mem::size_of::<super::EndpointInfo>());
+        let (_, slices) = crate::sources::manifests::parse_objects(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: a, labels: {kubernetes.io/service-name: s}}\n\
+             addressType: IPv4\nports: [{port: 80}]\nendpoints:\n\
+             - {addresses: [10.244.1.1], nodeName: node-a, zone: z1}\n\
+             - {addresses: [10.244.1.2], nodeName: node-a, zone: z1}\n\
+             - {addresses: [10.244.2.1], nodeName: node-b, zone: z1, hints: {forZones: [{name: z1}]}}\n\
+             - {addresses: [10.244.3.1]}\n",
+        );
+        let info = super::SliceInfo::from_slice(&slices[0]).unwrap().unwrap();
+        let eps = &info.endpoints;
+        let (a1, a2, b) = (eps[0].placement.as_ref().unwrap(), eps[1].placement.as_ref().unwrap(), eps[2].placement.as_ref().unwrap());
+        assert!(std::sync::Arc::ptr_eq(a1, a2), "one node, one placement");
+        assert!(!std::sync::Arc::ptr_eq(a1, b));
+        assert_eq!((eps[0].node_name(), eps[0].zone(), eps[0].zone_hints()), (Some("node-a"), Some("z1"), &[][..]));
+        assert_eq!((eps[2].node_name(), eps[2].zone_hints()), (Some("node-b"), &["z1".to_string()][..]));
+        assert_eq!((eps[3].placement.is_none(), eps[3].node_name(), eps[3].node_hints()), (true, None, &[][..]));
     }
 }

@@ -6,6 +6,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddrV4},
+    sync::Arc,
 };
 
 use super::{
@@ -19,7 +20,8 @@ use crate::node::Cidr;
 /// What one frontend must translate to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredService {
-    pub name: ServicePortName,
+    /// Shared by every frontend of the service port (and its `ServicePortInfo`).
+    pub name: Arc<ServicePortName>,
     /// Kind of frontend: a ClusterIP frontend is `ClusterIp` whatever the Service's type.
     pub frontend_type: FrontendKind,
     /// Backends that receive new connections (ready endpoints), sorted and de-duplicated.

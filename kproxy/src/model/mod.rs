@@ -29,7 +29,7 @@ mod types;
 #[cfg(test)]
 pub(crate) mod test_support;
 
-pub use endpoints::{EndpointInfo, SliceInfo, SlicePort, LABEL_SERVICE_NAME};
+pub use endpoints::{EndpointInfo, Placement, SliceInfo, SlicePort, LABEL_SERVICE_NAME};
 pub use frontends::{service_frontends, DesiredService, DesiredState};
 pub use selection::NodeTopology;
 pub use service::{

@@ -50,7 +50,7 @@ pub(super) fn candidates<'a>(
                     backend: SocketAddrV4::new(ep.address, slice_port.port),
                     ready,
                     serving_terminating: !ready && ep.serving && ep.terminating,
-                    local: node.name.is_some() && ep.node_name.as_deref() == node.name,
+                    local: node.name.is_some() && ep.node_name() == node.name,
                     info: ep,
                 });
             }
@@ -75,12 +75,12 @@ fn topology_mode(candidates: &[Candidate<'_>], node: NodeTopology<'_>) -> Topolo
     if ready.is_empty() {
         return TopologyMode::All;
     }
-    let hinted = |hints: fn(&EndpointInfo) -> &Vec<String>, value: Option<&str>| {
+    let hinted = |hints: fn(&EndpointInfo) -> &[String], value: Option<&str>| {
         ready.iter().all(|ep| !hints(ep).is_empty()) && value.is_some_and(|v| ready.iter().any(|ep| hints(ep).iter().any(|h| h == v)))
     };
-    if hinted(|ep| &ep.node_hints, node.name) {
+    if hinted(EndpointInfo::node_hints, node.name) {
         TopologyMode::SameNode
-    } else if hinted(|ep| &ep.zone_hints, node.zone) {
+    } else if hinted(EndpointInfo::zone_hints, node.zone) {
         TopologyMode::SameZone
     } else {
         TopologyMode::All
@@ -104,8 +104,8 @@ pub(super) fn usable(candidates: &[Candidate<'_>], node: NodeTopology<'_>) -> Us
     let mode = topology_mode(candidates, node);
     let in_topology = |c: &Candidate<'_>| match mode {
         TopologyMode::All => true,
-        TopologyMode::SameNode => node.name.is_some_and(|n| c.info.node_hints.iter().any(|h| h == n)),
-        TopologyMode::SameZone => node.zone.is_some_and(|z| c.info.zone_hints.iter().any(|h| h == z)),
+        TopologyMode::SameNode => node.name.is_some_and(|n| c.info.node_hints().iter().any(|h| h == n)),
+        TopologyMode::SameZone => node.zone.is_some_and(|z| c.info.zone_hints().iter().any(|h| h == z)),
     };
     let pick = |f: &dyn Fn(&Candidate<'_>) -> bool| -> Vec<SocketAddrV4> {
         candidates.iter().filter(|c| f(c)).map(|c| c.backend).collect::<BTreeSet<_>>().into_iter().collect()

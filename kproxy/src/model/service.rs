@@ -2,7 +2,10 @@
 //! keeps): [`ServiceInfo::from_service`] checks every field kproxy uses, in the order below, and
 //! returns the first invalid one by name; Services kube-proxy leaves alone are [`Ignored`].
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    sync::Arc,
+};
 
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 
@@ -25,7 +28,8 @@ pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
 /// One served port of a Service.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServicePortInfo {
-    pub name: ServicePortName,
+    /// Shared with the [`DesiredService`](super::DesiredService) of each of its frontends.
+    pub name: Arc<ServicePortName>,
     pub port: u16,
     /// `spec.ports[].nodePort` of NodePort and LoadBalancer Services.
     pub node_port: Option<u16>,
@@ -190,11 +194,11 @@ fn service_ports(
             }
         };
         let name = ServicePortName { namespace: namespace.to_string(), name: name.to_string(), port_name, protocol };
-        if ports.iter().any(|q| q.name == name || (q.port == port && q.name.protocol == protocol)) {
+        if ports.iter().any(|q| *q.name == name || (q.port == port && q.name.protocol == protocol)) {
             return Err(object.invalid(InvalidCode::DuplicatePort, format!("spec.ports[{i}]"), "duplicate port"));
         }
         let node_port = node_port(p, i, svc_type, object)?;
-        ports.push(ServicePortInfo { name, port, node_port });
+        ports.push(ServicePortInfo { name: Arc::new(name), port, node_port });
     }
     Ok((ports, unsupported_ports))
 }

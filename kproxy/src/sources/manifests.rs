@@ -461,7 +461,7 @@ impl ManifestSource {
         // force of each key the file defines is known, and the file's objects are applied and
         // dropped before the next file is read.
         let changed: Vec<PathBuf> = self.take_changed(full, &mut stats, &mut retries).into_iter().collect();
-        let read = changed.chunks(PARSE_BATCH).flat_map(|batch| batch.iter().zip(read_files_parallel(batch)));
+        let read = parse_batches(&changed).flat_map(|batch| batch.iter().zip(read_files_parallel(batch)));
         for (file, outcome) in read {
             let (st, now) = match outcome {
                 Read::Failed(e) => {
@@ -719,8 +719,35 @@ impl ManifestSource {
 }
 
 /// Files parsed together by [`read_files_parallel`]: enough to keep every core busy, few enough
-/// that the parsed objects of one batch (not yet in the store) stay small.
+/// that the parsed objects of one batch (not yet in the store) stay small. A batch holds at
+/// most this many files and this many bytes of manifests (and at least one file): parsed
+/// objects take some ten times the size of their text, and what a batch parses is all in
+/// memory at once, so a large file is parsed and applied alone.
 const PARSE_BATCH: usize = 512;
+const PARSE_BATCH_BYTES: u64 = 1 << 20;
+
+/// `files` cut into parse batches, in order (see [`PARSE_BATCH_BYTES`]).
+fn parse_batches(files: &[PathBuf]) -> impl Iterator<Item = &[PathBuf]> {
+    let mut rest = files;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut bytes = 0;
+        let mut n = 0;
+        while n < rest.len().min(PARSE_BATCH) {
+            let size = std::fs::metadata(&rest[n]).map_or(0, |m| m.len());
+            if n > 0 && bytes + size > PARSE_BATCH_BYTES {
+                break;
+            }
+            bytes += size;
+            n += 1;
+        }
+        let (batch, tail) = rest.split_at(n);
+        rest = tail;
+        Some(batch)
+    })
+}
 
 /// Stamps, reads and parses `files` on every core, returned in the order of `files`. The
 /// stamp is taken first, so a write after it shows as a changed stamp on the next check.
@@ -1011,6 +1038,28 @@ kind: Service
         parse_into(Path::new("bad.json"), "{\"apiVersion\": \"v1\",", &mut m);
         assert_eq!(m.errors.len(), 1);
         assert!(m.errors[0].to_string().starts_with("bad.json: invalid JSON: EOF while parsing"), "{:?}", m.errors);
+    }
+
+    #[test]
+    fn a_large_file_is_parsed_alone_and_small_ones_together() {
+        // What a batch parses is in memory at once (some ten times its text): a full read of
+        // large files must not hold all of them (it did, 1.1 GB at 100,000 Services).
+        let dir = std::env::temp_dir().join(format!("kproxy-batches-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sizes = [(PARSE_BATCH_BYTES * 3 / 4) as usize, (PARSE_BATCH_BYTES / 2) as usize, 100, 100, 100];
+        let files: Vec<PathBuf> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let f = dir.join(format!("{i}.yaml"));
+                std::fs::write(&f, "#".repeat(*n)).unwrap();
+                f
+            })
+            .collect();
+        let batches: Vec<usize> = parse_batches(&files).map(<[PathBuf]>::len).collect();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(batches, [1, 4], "the second file joins the small ones, not the first");
+        assert_eq!(parse_batches(&[]).count(), 0);
     }
 
     #[test]

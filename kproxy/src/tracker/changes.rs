@@ -56,12 +56,12 @@ impl ModelStore {
             // Drop the old claims; re-claim what the current version serves.
             touched.extend(self.claims.release(key));
             let Some(frontends) = self.wanted_frontends(key) else { continue };
-            touched.extend(frontends.keys().copied());
-            self.claims.claim(key, frontends.keys().copied().collect());
+            touched.extend(frontends.iter().map(|(f, _)| *f));
+            self.claims.claim(key, frontends.iter().map(|(f, _)| *f).collect());
             wanted.insert(key.clone(), frontends);
         }
         for f in touched {
-            self.settle(f, &wanted, &mut changes);
+            self.settle(f, &mut wanted, &mut changes);
         }
         changes
     }

@@ -16,7 +16,7 @@ impl ModelStore {
             let local: BTreeSet<std::net::Ipv4Addr> = self
                 .slices_of(key)
                 .flat_map(|s| &s.endpoints)
-                .filter(|ep| ep.ready && self.node_name.is_some() && ep.node_name == self.node_name)
+                .filter(|ep| ep.ready && self.node_name.is_some() && ep.node_name() == self.node_name.as_deref())
                 .map(|ep| ep.address)
                 .collect();
             out.insert(

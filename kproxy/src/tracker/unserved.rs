@@ -2,7 +2,7 @@
 //! have some elsewhere (their traffic is dropped), counted as kube-proxy's
 //! `sync_proxy_rules_no_local_endpoints_total` counts them.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc};
 
 use super::ModelStore;
 use crate::model::{DesiredService, FrontendKind, ServicePortName};
@@ -10,7 +10,7 @@ use crate::model::{DesiredService, FrontendKind, ServicePortName};
 /// How many frontends of each service port are in that state, by service port and whether the
 /// policy is the external one (NodePort, external and load-balancer IPs) or the internal one.
 #[derive(Debug, Default)]
-pub(super) struct Unserved(HashMap<(ServicePortName, bool), usize>);
+pub(super) struct Unserved(HashMap<(Arc<ServicePortName>, bool), usize>);
 
 impl Unserved {
     /// Follows one frontend's desired entry going from `old` to `new`.

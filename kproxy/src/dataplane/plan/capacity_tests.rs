@@ -13,7 +13,7 @@ fn svc(i: u8, backends: impl IntoIterator<Item = u32>) -> (Frontend, DesiredServ
     let f = Frontend { address: Ipv4Addr::new(10, 96, 0, i), port: 80, protocol: Protocol::Tcp };
     let name = ServicePortName { namespace: "ns".into(), name: format!("s{i}"), port_name: "http".into(), protocol: Protocol::Tcp };
     let backends = backends.into_iter().map(|b| SocketAddrV4::new(Ipv4Addr::from(0x0af4_0000 + b), 8080)).collect();
-    (f, DesiredService { name, frontend_type: FrontendKind::ClusterIp, backends, internal_backends: None, draining: Vec::new(), drop_unserved: false, source_ranges: Vec::new(), affinity_timeout: 0 })
+    (f, DesiredService { name: name.into(), frontend_type: FrontendKind::ClusterIp, backends, internal_backends: None, draining: Vec::new(), drop_unserved: false, source_ranges: Vec::new(), affinity_timeout: 0 })
 }
 
 /// Applies a plan op by op, checking after each that no map holds more than its limit
@@ -23,7 +23,7 @@ fn apply_within(mirror: &mut Mirror, plan: &Plan, limits: &Limits) {
         mirror.apply(op);
         let c = mirror.contents();
         assert!(mirror.frontends <= limits.max_services as usize, "{} frontends after {op:?}", mirror.frontends);
-        assert!(c.meta.len() <= limits.max_services as usize, "{} metadata entries after {op:?}", c.meta.len());
+        assert!(mirror.meta.len() <= limits.max_services as usize, "{} metadata entries after {op:?}", mirror.meta.len());
         assert!(c.backends.len() <= limits.max_backends as usize, "{} backends after {op:?}", c.backends.len());
         assert!(c.services.len() <= limits.max_service_entries as usize, "{} service entries after {op:?}", c.services.len());
     }

@@ -115,7 +115,7 @@ impl Planner<'_> {
     fn write_meta(&mut self, frontend: Frontend, want: &DesiredService, service_id: u32) {
         let current = self.current;
         let meta = service_meta(frontend, &want.name, want.frontend_type);
-        if current.meta.get(&service_id) != Some(&meta) {
+        if !self.mirror.holds_meta(service_id, &meta) {
             self.ops.meta.push(Op::PutMeta(service_id, Box::new(meta)));
         }
         let wanted_ranges: BTreeSet<Cidr> = want.source_ranges.iter().copied().collect();

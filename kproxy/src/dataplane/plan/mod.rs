@@ -52,7 +52,10 @@ mod tests;
 #[cfg(test)]
 mod two_scope_tests;
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::{
+    collections::{BTreeSet, HashMap, HashSet},
+    sync::Arc,
+};
 
 use kproxy_common::lb::{Backend, MemberKey, ServiceKey};
 
@@ -119,7 +122,7 @@ impl RefuseReason {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Refused {
     pub frontend: Frontend,
-    pub name: ServicePortName,
+    pub name: Arc<ServicePortName>,
     pub reason: RefuseReason,
     /// What did not fit, with the numbers, and what became of the frontend.
     pub detail: String,
@@ -240,8 +243,8 @@ impl<'a> Planner<'a> {
 
     /// A service id no metadata entry uses and this plan has not handed out.
     fn new_service_id(&mut self) -> u32 {
-        let current = self.current;
-        self.service_ids.allocate(|id| current.meta.contains_key(&id))
+        let mirror = self.mirror;
+        self.service_ids.allocate(|id| mirror.has_meta(id))
     }
 }
 

@@ -31,7 +31,7 @@ impl Planner<'_> {
             for range in current.source_ranges.get(&v.service_id).into_iter().flatten() {
                 self.ops.freeing.push(Op::DeleteSourceRange(v.service_id, *range));
             }
-            if current.meta.contains_key(&v.service_id) {
+            if self.mirror.has_meta(v.service_id) {
                 self.ops.freeing.push(Op::DeleteMeta(v.service_id));
             }
         }

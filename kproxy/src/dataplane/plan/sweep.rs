@@ -73,7 +73,7 @@ impl Planner<'_> {
     fn sweep_meta_and_ranges(&mut self) {
         let current = self.current;
         let unwanted = |id: &u32| !self.keep.meta.contains(id) && !self.removed_ids.contains(id);
-        self.ops.meta_deletes.extend(current.meta.keys().filter(|id| unwanted(id)));
+        self.ops.meta_deletes.extend(self.mirror.meta.keys().filter(|id| unwanted(id)));
         let mut stray_ranges: Vec<(u32, Cidr)> = current
             .source_ranges
             .iter()

@@ -24,7 +24,7 @@ fn fe(s: &str) -> Frontend {
 
 fn svc(name: &str, backends: &[&str]) -> DesiredService {
     DesiredService {
-        name: ServicePortName { namespace: "default".into(), name: name.into(), port_name: "http".into(), protocol: Protocol::Tcp },
+        name: ServicePortName { namespace: "default".into(), name: name.into(), port_name: "http".into(), protocol: Protocol::Tcp }.into(),
         frontend_type: FrontendKind::ClusterIp,
         backends: backends.iter().map(|b| b.parse().unwrap()).collect(),
         internal_backends: None,

@@ -31,7 +31,7 @@ fn addrs(list: &[&str]) -> Vec<SocketAddrV4> {
 /// A NodePort frontend: `backends` for clients from outside, `internal` for those inside.
 fn node_port(backends: &[&str], internal: Option<&[&str]>) -> DesiredState {
     let svc = DesiredService {
-        name: ServicePortName { namespace: "default".into(), name: "np".into(), port_name: String::new(), protocol: Protocol::Tcp },
+        name: ServicePortName { namespace: "default".into(), name: "np".into(), port_name: String::new(), protocol: Protocol::Tcp }.into(),
         frontend_type: FrontendKind::NodePort,
         backends: addrs(backends),
         internal_backends: internal.map(addrs),
