@@ -16,7 +16,7 @@ use std::time::Duration;
 
 mod common;
 
-use common::{binaries, datapath_drops, say, skip_unless_root, tcp_segments_sent};
+use common::{binaries, datapath_drops, say, skip_unless_root, tcp_retransmissions};
 use kproxy_e2e::harness::{unique_bpffs_dir, Harness, HTTP_PORT, UDP_PORT};
 use kproxy_e2e::report::Report;
 use kproxy_e2e::topology::{output_in, spawn_in, Netns};
@@ -434,12 +434,13 @@ fn external_traffic_policy_local_should_work_from_pods_on_a_node_without_local_e
 
     // From outside, through tc: dropped (no RST, no ICMP), at the NodePort and the LB IP, and
     // each SYN the client sent counted as a drop for want of a local endpoint.
-    let (drops_before, sent_before) = (datapath_drops(&setup.h), tcp_segments_sent(&setup.ext));
+    let (drops_before, retrans_before) = (datapath_drops(&setup.h), tcp_retransmissions(&setup.ext));
     for addr in [&node_port, &lb] {
         let report = setup.client(&["http", "--addr", addr, "--count", "3", "--timeout-ms", "500"]);
         assert_eq!((report.ok, report.errors.get("TimedOut")), (0, Some(&3)), "{test}: {addr} from outside: {report:?}");
     }
-    let syns = tcp_segments_sent(&setup.ext) - sent_before;
+    // Six attempts (two addresses, three each), each a SYN and its retransmissions.
+    let syns = 6 + tcp_retransmissions(&setup.ext) - retrans_before;
     let mut want = drops_before.clone();
     *want.get_mut("no_local_endpoints").unwrap() += syns;
     assert!(syns >= 6, "{test}: at least one SYN per attempt, {syns} sent");
